@@ -1,0 +1,365 @@
+//! The controller's TOML configuration: a raw serde form that rejects unknown keys, turned into
+//! a checked [`Config`] once, with errors that name the offending key and how to fix it.
+//!
+//! Invariants:
+//! - Every value of a [`Config`] has been range-checked; call sites never re-validate.
+//! - Defaults live here and only here.
+
+use iscsi_target::{ChapConfig, ChapSecret};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A configuration error naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// TOML syntax error or unknown key.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// Path.
+        path: PathBuf,
+        /// toml's message (names the key and line).
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// The key, dotted.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    data_dir: Option<PathBuf>,
+    log_level: Option<String>,
+    #[serde(default)]
+    iscsi: RawIscsi,
+    target: RawTarget,
+    #[serde(default)]
+    discovery: RawDiscovery,
+    #[serde(default)]
+    disk: RawDisk,
+    #[serde(default, rename = "volume")]
+    volumes: Vec<RawVolume>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIscsi {
+    listen: Option<String>,
+    tpgt: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    iqn: String,
+    alias: Option<String>,
+    chap: Option<RawChap>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    chap: Option<RawChap>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChap {
+    user: String,
+    secret: String,
+    mutual_user: Option<String>,
+    mutual_secret: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisk {
+    engine: Option<String>,
+    direct: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: String,
+    lun: u16,
+    size: String,
+    block_size: Option<u32>,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where backing files live.
+    pub data_dir: PathBuf,
+    /// tracing filter directive.
+    pub log_level: String,
+    /// Portal address.
+    pub listen: SocketAddr,
+    /// Portal group tag of this portal.
+    pub tpgt: u16,
+    /// Target IQN.
+    pub iqn: String,
+    /// Target alias.
+    pub alias: Option<String>,
+    /// CHAP for normal sessions.
+    pub chap: Option<ChapConfig>,
+    /// CHAP for discovery sessions.
+    pub discovery_chap: Option<ChapConfig>,
+    /// Disk engine.
+    pub engine: disk_io::EngineChoice,
+    /// O_DIRECT.
+    pub direct: bool,
+    /// Volumes, one LUN each.
+    pub volumes: Vec<VolumeConfig>,
+}
+
+/// One volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeConfig {
+    /// Name (also the backing file name).
+    pub name: String,
+    /// LUN.
+    pub lun: u16,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Logical block size.
+    pub block_size: u32,
+}
+
+/// The default portal.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3260";
+/// The default target name.
+pub const DEFAULT_IQN: &str = "iqn.2026-11.io.rainio:appliance";
+
+/// Parses a size such as `1GiB`, `512MiB`, `4096` (bytes).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mul: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "TiB" | "T" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mul)
+}
+
+fn valid_name(n: &str) -> bool {
+    // RFC 3720 §3.2.6: iqn./eui./naa. names, lower case, at most 223 bytes.
+    (n.starts_with("iqn.") || n.starts_with("eui.") || n.starts_with("naa."))
+        && n.len() <= 223
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-:".contains(&b))
+}
+
+fn chap(key: &str, raw: Option<RawChap>) -> Result<Option<ChapConfig>, ConfigError> {
+    let Some(c) = raw else { return Ok(None) };
+    let check = |k: &str, s: &str| {
+        // RFC 7143 §12.1.3: secrets of at least 96 bits; longer is better.
+        if s.len() < 12 || s.len() > 255 {
+            Err(invalid(format!("{key}.{k}"), "CHAP secrets must be 12 to 255 bytes (RFC 7143 requires at least 96 bits); pick a longer secret"))
+        } else {
+            Ok(())
+        }
+    };
+    check("secret", &c.secret)?;
+    if c.user.is_empty() {
+        return Err(invalid(format!("{key}.user"), "must not be empty"));
+    }
+    let mutual = match (c.mutual_user, c.mutual_secret) {
+        (None, None) => None,
+        (Some(u), Some(s)) => {
+            check("mutual_secret", &s)?;
+            if s == c.secret {
+                return Err(invalid(format!("{key}.mutual_secret"), "must differ from `secret` (RFC 7143 §12.1.3)"));
+            }
+            Some(ChapSecret { user: u, secret: s.into_bytes() })
+        }
+        _ => return Err(invalid(format!("{key}.mutual_user"), "set both mutual_user and mutual_secret, or neither")),
+    };
+    Ok(Some(ChapConfig { initiator: ChapSecret { user: c.user, secret: c.secret.into_bytes() }, mutual }))
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        let listen_s = raw.iscsi.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen: SocketAddr = listen_s
+            .parse()
+            .map_err(|_| invalid("iscsi.listen", format!("`{listen_s}` is not ip:port, e.g. \"127.0.0.1:3260\"")))?;
+        let tpgt = raw.iscsi.tpgt.unwrap_or(1);
+        if tpgt == 0 {
+            return Err(invalid("iscsi.tpgt", "must be 1 or more"));
+        }
+        if !valid_name(&raw.target.iqn) {
+            return Err(invalid("target.iqn", "must be an iSCSI name such as \"iqn.2026-11.com.example:storage\" (lower case, starting iqn./eui./naa.)"));
+        }
+        let engine = match raw.disk.engine.as_deref().unwrap_or("auto") {
+            "auto" => disk_io::EngineChoice::Auto,
+            "uring" | "io_uring" => disk_io::EngineChoice::Uring,
+            "threads" => disk_io::EngineChoice::Threads,
+            other => return Err(invalid("disk.engine", format!("`{other}` is not one of \"auto\", \"uring\", \"threads\""))),
+        };
+        if raw.volumes.is_empty() {
+            return Err(invalid("volume", "at least one [[volume]] is needed, e.g. name = \"vol0\", lun = 0, size = \"1GiB\""));
+        }
+        let mut volumes: Vec<VolumeConfig> = Vec::new();
+        for (i, v) in raw.volumes.into_iter().enumerate() {
+            let key = |k: &str| format!("volume[{i}].{k}");
+            if v.name.is_empty() || !v.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) {
+                return Err(invalid(key("name"), "use letters, digits, '-' and '_' only"));
+            }
+            if volumes.iter().any(|o| o.name == v.name) {
+                return Err(invalid(key("name"), format!("`{}` is used twice", v.name)));
+            }
+            if usize::from(v.lun) >= lun::constants::LUNS_MAX || volumes.iter().any(|o| o.lun == v.lun) {
+                return Err(invalid(key("lun"), "must be unique and below 256"));
+            }
+            let block_size = v.block_size.unwrap_or(512);
+            if !lun::constants::BLOCK_SIZES.contains(&block_size) {
+                return Err(invalid(key("block_size"), "must be 512 or 4096"));
+            }
+            let size_bytes = parse_size(&v.size)
+                .ok_or_else(|| invalid(key("size"), format!("`{}` is not a size such as \"1GiB\" or \"512MiB\"", v.size)))?;
+            if size_bytes < 1 << 20 || size_bytes % 4096 != 0 {
+                return Err(invalid(key("size"), "must be at least 1MiB and a multiple of 4KiB"));
+            }
+            volumes.push(VolumeConfig { name: v.name, lun: v.lun, size_bytes, block_size });
+        }
+        Ok(Config {
+            data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("appliance-data")),
+            log_level: raw.log_level.unwrap_or_else(|| "info".into()),
+            listen,
+            tpgt,
+            iqn: raw.target.iqn,
+            alias: raw.target.alias,
+            chap: chap("target.chap", raw.target.chap)?,
+            discovery_chap: chap("discovery.chap", raw.discovery.chap)?,
+            engine,
+            direct: raw.disk.direct.unwrap_or(true),
+            volumes,
+        })
+    }
+}
+
+impl Config {
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// Syntax errors, unknown keys and invalid values, each naming the key.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        raw.try_into()
+    }
+
+    /// Reads and parses a file. A relative `data_dir` is taken relative to the file.
+    ///
+    /// # Errors
+    /// As [`Self::parse`], plus read errors.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut cfg = Self::parse(&text, path)?;
+        if cfg.data_dir.is_relative() {
+            if let Some(dir) = path.parent() {
+                cfg.data_dir = dir.join(&cfg.data_dir);
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// The config `appliance up` writes on first start.
+pub fn default_config_text(listen: &str) -> String {
+    format!(
+        r#"# Written by `appliance up`. Edit and restart to change; unknown keys are rejected.
+data_dir = "."
+log_level = "info"
+
+[iscsi]
+listen = "{listen}"
+tpgt = 1
+
+[target]
+iqn = "{DEFAULT_IQN}"
+alias = "rainio"
+
+[disk]
+engine = "auto"   # "auto" (io_uring, else threads), "uring", "threads"
+direct = true     # O_DIRECT where the file system supports it
+
+[[volume]]
+name = "vol0"
+lun = 0
+size = "1GiB"
+block_size = 512
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")).unwrap();
+        let c = Config::parse(&text, Path::new("config.example.toml")).unwrap();
+        assert_eq!(c.volumes.len(), 1);
+        assert!(c.chap.is_some());
+    }
+
+    #[test]
+    fn default_config_parses() {
+        let c = Config::parse(&default_config_text(DEFAULT_LISTEN), Path::new("x")).unwrap();
+        assert_eq!(c.volumes[0].size_bytes, 1 << 30);
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("x")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let base = "[target]\niqn = \"iqn.2026-11.x:y\"\n";
+        assert!(err(&format!("{base}bogus = 1\n")).contains("bogus"));
+        assert!(err(&format!("{base}[[volume]]\nname=\"v\"\nlun=0\nsize=\"1 parsec\"\n")).contains("volume[0].size"));
+        assert!(err(&format!("{base}[[volume]]\nname=\"v\"\nlun=0\nsize=\"1GiB\"\nblock_size=1000\n")).contains("volume[0].block_size"));
+        assert!(err("[target]\niqn = \"Bad Name\"\n[[volume]]\nname=\"v\"\nlun=0\nsize=\"1GiB\"\n").contains("target.iqn"));
+        assert!(err(&format!("{base}[target.chap]\nuser=\"u\"\nsecret=\"short\"\n")).contains("target.chap.secret"));
+        assert!(err(&format!("[iscsi]\nlisten=\"nowhere\"\n{base}")).contains("iscsi.listen"));
+        assert!(err(base).contains("volume"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("3MiB"), Some(3 << 20));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("99999999999TiB"), None);
+    }
+}

@@ -1,0 +1,217 @@
+//! The tokio driver: accepts TCP connections on a portal and runs one task per connection,
+//! feeding the sans-IO [`Connection`] and executing its commands on the device server.
+//!
+//! The loop per connection follows quinn's connection driver: read, `handle_*`, drain every
+//! `poll_*`, write, sleep until `poll_timeout()`. Shutdown follows mini-redis: a watch channel
+//! tells every connection to ask its initiator to log out; the listener stops accepting.
+//!
+//! Invariants:
+//! - The receive buffer never holds more than one PDU (bounded by the negotiated limit) plus
+//!   one read's worth of bytes.
+//! - Commands run concurrently as tasks; their outcomes come back on a channel owned by the
+//!   connection, so an outcome for a closed connection is simply dropped.
+//! - A newer login with the same initiator name, ISID and target closes the older session
+//!   (session reinstatement).
+
+use crate::config::FabricConfig;
+use crate::proto::connection::{Connection, Event};
+use socket2::{SockRef, TcpKeepalive};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::Instrument;
+
+/// Read chunk reserved before each socket read.
+const READ_CHUNK: usize = 256 * 1024;
+
+type SessionKey = (String, u64, String);
+
+/// State shared by every connection of a portal: TSIH allocation and the session table.
+#[derive(Debug, Default)]
+pub struct Registry {
+    next_tsih: AtomicU16,
+    next_conn: AtomicU64,
+    sessions: Mutex<HashMap<SessionKey, (u64, Arc<Notify>)>>,
+}
+
+impl Registry {
+    fn alloc_tsih(&self) -> u16 {
+        loop {
+            let t = self.next_tsih.fetch_add(1, Ordering::Relaxed);
+            if t != 0 {
+                return t;
+            }
+        }
+    }
+
+    /// Number of logged-in normal sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().expect("registry lock").len()
+    }
+}
+
+/// A portal server.
+#[derive(Debug, Clone)]
+pub struct Server {
+    cfg: Arc<FabricConfig>,
+    registry: Arc<Registry>,
+}
+
+/// Binds a listening socket with SO_REUSEADDR (so a restarted controller can rebind at once).
+///
+/// # Errors
+/// The OS error, e.g. address in use.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
+}
+
+impl Server {
+    /// A server for one portal.
+    pub fn new(cfg: Arc<FabricConfig>) -> Self {
+        Self { cfg, registry: Arc::new(Registry::default()) }
+    }
+
+    /// The registry (sessions).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Accepts connections until `shutdown` turns true, then waits for connections to finish.
+    pub async fn serve(&self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                res = listener.accept() => match res {
+                    Ok((sock, peer)) => {
+                        let this = self.clone();
+                        let rx = shutdown.clone();
+                        let id = self.registry.next_conn.fetch_add(1, Ordering::Relaxed);
+                        conns.spawn(async move {
+                            this.run_connection(sock, peer, id, rx).instrument(tracing::info_span!("conn", id, %peer)).await
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "accept failed (out of file descriptors?)");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = shutdown.changed() => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        while conns.join_next().await.is_some() {}
+    }
+
+    async fn run_connection(&self, mut sock: TcpStream, peer: SocketAddr, conn_id: u64, mut shutdown: watch::Receiver<bool>) {
+        let _ = sock.set_nodelay(true);
+        let ka = TcpKeepalive::new().with_time(Duration::from_secs(30)).with_interval(Duration::from_secs(10));
+        let _ = SockRef::from(&sock).set_tcp_keepalive(&ka);
+        tracing::debug!("accepted");
+        let mut conn = Connection::new(Arc::clone(&self.cfg), self.registry.alloc_tsih(), Instant::now());
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let kill = Arc::new(Notify::new());
+        let mut session_key: Option<SessionKey> = None;
+        let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+        let mut outbuf: Vec<u8> = Vec::new();
+        let mut closing: Option<String> = None;
+        let mut shutting_down = *shutdown.borrow();
+        if shutting_down {
+            conn.handle_shutdown(Instant::now());
+        }
+        loop {
+            // Drain events.
+            while let Some(ev) = conn.poll_event() {
+                match ev {
+                    Event::Execute { itt, cmd } => {
+                        let Some(dev) = conn.device() else { continue };
+                        let tx = out_tx.clone();
+                        tokio::spawn(async move {
+                            let outcome = dev.execute(cmd).await;
+                            let _ = tx.send((itt, outcome));
+                        });
+                    }
+                    Event::LoggedIn { initiator_name, isid, target, tsih } => {
+                        let key = (initiator_name, isid, target);
+                        let old = self
+                            .registry
+                            .sessions
+                            .lock()
+                            .expect("registry lock")
+                            .insert(key.clone(), (conn_id, Arc::clone(&kill)));
+                        if let Some((_, old_kill)) = old {
+                            tracing::info!(tsih, "session reinstatement: closing the older session with this ISID");
+                            old_kill.notify_one();
+                        }
+                        session_key = Some(key);
+                    }
+                    Event::Close { reason } => closing = Some(reason),
+                }
+            }
+            if conn.poll_transmit(&mut outbuf) {
+                if let Err(e) = sock.write_all(&outbuf).await {
+                    tracing::debug!(cause = %e, "write failed");
+                    break;
+                }
+                outbuf.clear();
+            }
+            if let Some(reason) = &closing {
+                tracing::info!(%peer, reason = %reason, "connection closed");
+                break;
+            }
+            let timeout = conn.poll_timeout();
+            let sleep = async {
+                match timeout {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            inbuf.reserve(READ_CHUNK);
+            tokio::select! {
+                res = sock.read_buf(&mut inbuf) => match res {
+                    Ok(0) => {
+                        tracing::debug!("peer closed the connection");
+                        break;
+                    }
+                    Ok(_) => match conn.handle_bytes(Instant::now(), &inbuf) {
+                        Ok(used) => {
+                            inbuf.drain(..used);
+                        }
+                        Err(e) => {
+                            tracing::warn!(%peer, cause = %e, "dropping connection after a protocol error");
+                            closing = Some(e.to_string());
+                        }
+                    },
+                    Err(e) => {
+                        tracing::debug!(cause = %e, "read failed");
+                        break;
+                    }
+                },
+                Some((itt, outcome)) = out_rx.recv() => conn.handle_outcome(itt, outcome),
+                _ = sleep => conn.handle_timeout(Instant::now()),
+                _ = kill.notified() => closing = Some("reinstated by a newer login".into()),
+                _ = shutdown.changed(), if !shutting_down => {
+                    shutting_down = true;
+                    conn.handle_shutdown(Instant::now());
+                }
+            }
+        }
+        if let Some(key) = session_key {
+            let mut s = self.registry.sessions.lock().expect("registry lock");
+            if s.get(&key).is_some_and(|(id, _)| *id == conn_id) {
+                s.remove(&key);
+            }
+        }
+        let _ = sock.shutdown().await;
+    }
+}

@@ -1,0 +1,333 @@
+//! The device server: a table of logical units behind one target port, executing decoded
+//! commands against their volumes.
+//!
+//! Invariants:
+//! - Every LBA range is checked with overflow-safe arithmetic before any I/O: `lba + blocks`
+//!   beyond the capacity (or past 2^64) is LBA OUT OF RANGE.
+//! - A WRITE never writes more than the initiator sent: if it sent less than the CDB asks for,
+//!   nothing is written and the command ends in CHECK CONDITION (INVALID FIELD IN INFORMATION
+//!   UNIT), with the wanted length reported so the fabric sets the overflow residual.
+//! - Data-In is at most the allocation length of the CDB; the fabric truncates it further to
+//!   the initiator's expected length.
+//! - INQUIRY and REPORT LUNS answer for LUNs that do not exist; every other command to such a
+//!   LUN gets LOGICAL UNIT NOT SUPPORTED.
+//!
+//! Not here (next slices): persistent reservations, unit attentions, task set management,
+//! MODE SELECT, thin provisioning.
+
+use crate::cdb::{self, Cdb};
+use crate::command::{CommandOutcome, DataIn, ScsiCommand};
+use crate::constants::{PHYSICAL_BLOCK_BYTES, TRANSFER_BYTES_MAX};
+use crate::sense::{CommandStatus, SenseReason};
+use crate::{backend, inquiry, mode};
+use raid_engine::LocalVolume;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Identity of a logical unit, the same on every path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LuIdentity {
+    /// T10 vendor identification (8 ASCII characters max).
+    pub vendor: String,
+    /// Product identification (16 max).
+    pub product: String,
+    /// Product revision (4 max).
+    pub revision: String,
+    /// Unit serial number (VPD 0x80), printable ASCII.
+    pub serial: String,
+    /// NAA IEEE Registered Extended designator (NAA 6, 16 bytes).
+    pub naa: [u8; 16],
+}
+
+impl LuIdentity {
+    /// An identity derived from a 64-bit volume id. The NAA designator uses a locally
+    /// administered company id until the product registers an OUI.
+    pub fn for_volume(volume_id: u64) -> Self {
+        let mut naa = [0u8; 16];
+        // NAA 6 | company id 0x0A5241 (locally administered bit set) | vendor specific.
+        let company: u32 = 0x0a_52_41;
+        let head: u64 = (6u64 << 60) | (u64::from(company) << 36) | (volume_id >> 28);
+        naa[..8].copy_from_slice(&head.to_be_bytes());
+        naa[8..].copy_from_slice(&(volume_id << 36 | 0x1).to_be_bytes());
+        Self {
+            vendor: "RAINIO".into(),
+            product: "RAIN VOLUME".into(),
+            revision: "0001".into(),
+            serial: format!("{volume_id:016x}"),
+            naa,
+        }
+    }
+}
+
+/// This controller's target port: its relative port id and target port group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetPort {
+    /// Relative target port identifier (non-zero).
+    pub relative_port: u16,
+    /// Target port group id (non-zero).
+    pub port_group: u16,
+}
+
+/// One logical unit backed by a volume.
+#[derive(Debug)]
+pub struct LogicalUnit {
+    identity: LuIdentity,
+    block_size: u32,
+    blocks: u64,
+    volume: Arc<LocalVolume>,
+    write_cache: AtomicBool,
+    d_sense: AtomicBool,
+}
+
+impl LogicalUnit {
+    /// A logical unit over `volume` with `block_size` byte blocks.
+    ///
+    /// # Panics
+    /// If the block size is not one of [`crate::constants::BLOCK_SIZES`] (checked by config).
+    pub fn new(identity: LuIdentity, block_size: u32, volume: Arc<LocalVolume>) -> Self {
+        assert!(crate::constants::BLOCK_SIZES.contains(&block_size), "block size {block_size}");
+        let blocks = volume.size_bytes() / u64::from(block_size);
+        Self {
+            identity,
+            block_size,
+            blocks,
+            volume,
+            write_cache: AtomicBool::new(true),
+            d_sense: AtomicBool::new(false),
+        }
+    }
+    /// Identity.
+    pub fn identity(&self) -> &LuIdentity {
+        &self.identity
+    }
+    /// Logical block size in bytes.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    /// Capacity in blocks.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+    /// Whether the write cache is reported enabled (writes without FUA may be volatile until
+    /// SYNCHRONIZE CACHE).
+    pub fn write_cache_enabled(&self) -> bool {
+        self.write_cache.load(Ordering::Relaxed)
+    }
+    /// Whether sense is returned in descriptor format.
+    pub fn descriptor_sense(&self) -> bool {
+        self.d_sense.load(Ordering::Relaxed)
+    }
+
+    fn check_range(&self, lba: u64, blocks: u32) -> Result<(), SenseReason> {
+        match lba.checked_add(u64::from(blocks)) {
+            Some(end) if end <= self.blocks => Ok(()),
+            _ => Err(SenseReason::LbaOutOfRange),
+        }
+    }
+
+    fn check_transfer(&self, blocks: u32, len_byte: u16) -> Result<usize, SenseReason> {
+        let bytes = u64::from(blocks) * u64::from(self.block_size);
+        if bytes > u64::from(TRANSFER_BYTES_MAX) {
+            return Err(SenseReason::InvalidFieldInCdb { byte: len_byte, bit: None });
+        }
+        Ok(bytes as usize)
+    }
+}
+
+/// Decodes the SAM-5 LUN field (peripheral or flat addressing, first level only).
+pub fn decode_lun(raw: u64) -> Option<u16> {
+    let b = raw.to_be_bytes();
+    if b[2..].iter().any(|&x| x != 0) {
+        return None;
+    }
+    match b[0] >> 6 {
+        0b00 if b[0] == 0 => Some(u16::from(b[1])),
+        0b01 => Some(u16::from(b[0] & 0x3f) << 8 | u16::from(b[1])),
+        _ => None,
+    }
+}
+
+/// Encodes a LUN number as the SAM-5 LUN field (peripheral below 256, flat above).
+pub fn encode_lun(lun: u16) -> u64 {
+    let b0 = if lun < 256 { 0 } else { 0x40 | (lun >> 8) as u8 };
+    u64::from_be_bytes([b0, lun as u8, 0, 0, 0, 0, 0, 0])
+}
+
+/// The device server of one target port.
+#[derive(Debug)]
+pub struct DeviceServer {
+    luns: BTreeMap<u16, Arc<LogicalUnit>>,
+    port: TargetPort,
+}
+
+impl DeviceServer {
+    /// A device server for `port` exporting `luns`.
+    ///
+    /// # Panics
+    /// If more than [`crate::constants::LUNS_MAX`] LUNs are given.
+    pub fn new(port: TargetPort, luns: BTreeMap<u16, Arc<LogicalUnit>>) -> Self {
+        assert!(luns.len() <= crate::constants::LUNS_MAX);
+        Self { luns, port }
+    }
+
+    /// The LUNs.
+    pub fn luns(&self) -> &BTreeMap<u16, Arc<LogicalUnit>> {
+        &self.luns
+    }
+
+    /// Executes one command to completion.
+    pub async fn execute(&self, cmd: ScsiCommand) -> CommandOutcome {
+        let lu = decode_lun(cmd.lun).and_then(|l| self.luns.get(&l)).cloned();
+        let descriptor = lu.as_ref().is_some_and(|l| l.descriptor_sense());
+        let decoded = cdb::decode(&cmd.cdb);
+        let mut wanted = None;
+        let result = match (decoded, lu) {
+            (Err(reason), _) => Err(reason),
+            (Ok(Cdb::ReportLuns { select, alloc }), _) => self.report_luns(select, alloc).map(DataIn::Bytes),
+            (Ok(Cdb::Inquiry { evpd: false, alloc, .. }), None) => {
+                Ok(DataIn::Bytes(truncate(inquiry::not_present(), alloc)))
+            }
+            (Ok(_), None) => Err(SenseReason::LunNotSupported),
+            (Ok(c), Some(lu)) => self.execute_lu(&lu, c, &cmd, &mut wanted).await,
+        };
+        match result {
+            Ok(data_in) => CommandOutcome { data_out_wanted: wanted, ..CommandOutcome::good(data_in) },
+            Err(reason) => CommandOutcome {
+                status: CommandStatus::CheckCondition(reason),
+                sense: reason.encode(descriptor),
+                data_in: DataIn::None,
+                data_out_wanted: wanted,
+            },
+        }
+    }
+
+    async fn execute_lu(
+        &self,
+        lu: &LogicalUnit,
+        c: Cdb,
+        cmd: &ScsiCommand,
+        wanted: &mut Option<u64>,
+    ) -> Result<DataIn, SenseReason> {
+        let bs = u64::from(lu.block_size);
+        match c {
+            Cdb::TestUnitReady | Cdb::StartStopUnit => Ok(DataIn::None),
+            Cdb::Inquiry { evpd: false, alloc, .. } => Ok(DataIn::Bytes(truncate(inquiry::standard(lu), alloc))),
+            Cdb::Inquiry { evpd: true, page, alloc } => inquiry::vpd(lu, self.port, page)
+                .map(|d| DataIn::Bytes(truncate(d, alloc)))
+                .ok_or(SenseReason::InvalidFieldInCdb { byte: 2, bit: None }),
+            Cdb::RequestSense { desc, alloc } => {
+                Ok(DataIn::Bytes(truncate(SenseReason::NoSense.encode(desc), alloc)))
+            }
+            Cdb::ReadCapacity10 => {
+                let last = u32::try_from(lu.blocks - 1).unwrap_or(u32::MAX);
+                let mut d = last.to_be_bytes().to_vec();
+                d.extend_from_slice(&lu.block_size.to_be_bytes());
+                Ok(DataIn::Bytes(d))
+            }
+            Cdb::ReadCapacity16 { alloc } => {
+                let mut d = vec![0u8; 32];
+                d[..8].copy_from_slice(&(lu.blocks - 1).to_be_bytes());
+                d[8..12].copy_from_slice(&lu.block_size.to_be_bytes());
+                let exp = (PHYSICAL_BLOCK_BYTES / lu.block_size).max(1).trailing_zeros() as u8;
+                d[13] = exp; // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT
+                Ok(DataIn::Bytes(truncate(d, alloc)))
+            }
+            Cdb::Read { lba, blocks, .. } => {
+                let len_byte = len_field_byte(cmd.cdb[0]);
+                lu.check_range(lba, blocks)?;
+                let bytes = lu.check_transfer(blocks, len_byte)?;
+                if bytes == 0 {
+                    return Ok(DataIn::None);
+                }
+                let data = lu.volume.read(lba * bs, bytes).await.map_err(|e| backend::read_error(&e, lba))?;
+                Ok(DataIn::Read(data))
+            }
+            Cdb::Write { lba, blocks, fua } => {
+                let len_byte = len_field_byte(cmd.cdb[0]);
+                let bytes = u64::from(blocks) * bs;
+                *wanted = Some(bytes);
+                lu.check_range(lba, blocks)?;
+                let bytes = lu.check_transfer(blocks, len_byte)?;
+                if cmd.data_out.len() < bytes {
+                    return Err(SenseReason::InvalidFieldInInformationUnit);
+                }
+                if bytes > 0 {
+                    let fua = fua || !lu.write_cache_enabled();
+                    lu.volume
+                        .write(lba * bs, &cmd.data_out[..bytes], fua)
+                        .await
+                        .map_err(|e| backend::write_error(&e, lba))?;
+                }
+                Ok(DataIn::None)
+            }
+            Cdb::SynchronizeCache { lba, blocks } => {
+                if lba > lu.blocks || (blocks != 0 && lu.check_range(lba, blocks).is_err()) {
+                    return Err(SenseReason::LbaOutOfRange);
+                }
+                lu.volume.flush().await.map_err(|e| backend::write_error(&e, lba))?;
+                Ok(DataIn::None)
+            }
+            Cdb::ModeSense { ten, dbd, llbaa, pc, page, subpage, alloc } => {
+                if pc == cdb::PageControl::Saved {
+                    // SPC-4 §6.11: saving pages is not supported.
+                    return Err(SenseReason::InvalidFieldInCdb { byte: 2, bit: Some(7) });
+                }
+                let pages = mode::pages(lu, pc, page, subpage)?;
+                Ok(DataIn::Bytes(truncate(mode::response(lu, ten, dbd, llbaa, &pages), alloc)))
+            }
+            Cdb::ReportTargetPortGroups { extended, alloc } => {
+                Ok(DataIn::Bytes(truncate(self.report_target_port_groups(extended), alloc)))
+            }
+            Cdb::ReportLuns { .. } => unreachable!("handled before LU lookup"),
+        }
+    }
+
+    fn report_luns(&self, select: u8, alloc: u32) -> Result<Vec<u8>, SenseReason> {
+        let luns: Vec<u16> = match select {
+            0x00 | 0x02 | 0x11 => self.luns.keys().copied().collect(),
+            0x01 | 0x10 | 0x12 => Vec::new(),
+            _ => return Err(SenseReason::InvalidFieldInCdb { byte: 2, bit: None }),
+        };
+        let mut d = Vec::with_capacity(8 + 8 * luns.len());
+        d.extend_from_slice(&((8 * luns.len()) as u32).to_be_bytes());
+        d.extend_from_slice(&[0; 4]);
+        for l in luns {
+            d.extend_from_slice(&encode_lun(l).to_be_bytes());
+        }
+        Ok(truncate(d, alloc))
+    }
+
+    fn report_target_port_groups(&self, extended: bool) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.push(0x80); // PREF=1, access state 0: active/optimized
+        body.push(0x80 | 0x08 | 0x01); // T_SUP, U_SUP, AO_SUP
+        body.extend_from_slice(&self.port.port_group.to_be_bytes());
+        body.extend_from_slice(&[0, 0, 0, 1]); // reserved, status code, vendor, port count
+        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(&self.port.relative_port.to_be_bytes());
+        let mut d = Vec::new();
+        // RETURN DATA LENGTH counts the descriptors (SPC-4 §6.36).
+        d.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        if extended {
+            d.extend_from_slice(&[0x10, 0, 0, 0]); // format type 1, implicit transition time 0
+        }
+        d.extend_from_slice(&body);
+        d
+    }
+}
+
+/// Byte of the TRANSFER LENGTH field for READ/WRITE of each size (for field pointers).
+fn len_field_byte(opcode: u8) -> u16 {
+    match cdb::cdb_length(opcode) {
+        Some(6) => 4,
+        Some(10) => 7,
+        Some(12) => 6,
+        _ => 10,
+    }
+}
+
+fn truncate(mut d: Vec<u8>, alloc: u32) -> Vec<u8> {
+    d.truncate(alloc as usize);
+    d
+}

@@ -1,0 +1,249 @@
+//! Command-level tests of the device server in libiscsi's vocabulary: each command with its
+//! boundary sweep (last LBA, one past, zero and maximum lengths, 2^32 and 2^64 wrap).
+
+use lun::cdb::op;
+use lun::*;
+use raid_engine::LocalVolume;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+const BS: u32 = 512;
+const BLOCKS: u64 = 2048; // 1 MiB
+
+mod expect {
+    use lun::{CommandStatus, SenseReason};
+    pub const GOOD: CommandStatus = CommandStatus::Good;
+    pub const LBA_OUT_OF_RANGE: CommandStatus = CommandStatus::CheckCondition(SenseReason::LbaOutOfRange);
+    pub const INVALID_OPCODE: CommandStatus = CommandStatus::CheckCondition(SenseReason::InvalidOpcode);
+    pub const LUN_NOT_SUPPORTED: CommandStatus = CommandStatus::CheckCondition(SenseReason::LunNotSupported);
+    pub fn invalid_field_in_cdb(byte: u16, bit: Option<u8>) -> CommandStatus {
+        CommandStatus::CheckCondition(SenseReason::InvalidFieldInCdb { byte, bit })
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    ds: DeviceServer,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = disk_io::DeviceConfig::file(dir.path().join("lu.img"), BLOCKS * u64::from(BS));
+    cfg.pool_bytes = 32 << 20;
+    let dev = Arc::new(disk_io::Device::open(&cfg).unwrap());
+    let vol = Arc::new(LocalVolume::new(dev, 0, BLOCKS * u64::from(BS)).unwrap());
+    let lu = Arc::new(LogicalUnit::new(LuIdentity::for_volume(0x1234), BS, vol));
+    let ds = DeviceServer::new(TargetPort { relative_port: 1, port_group: 1 }, BTreeMap::from([(0, lu)]));
+    Fixture { _dir: dir, ds }
+}
+
+fn nexus() -> ItNexus {
+    ItNexus { initiator_name: "iqn.test:a".into(), isid: 1, relative_port: 1 }
+}
+
+async fn run(f: &Fixture, lun: u16, cdb: &[u8], data_out: Vec<u8>) -> CommandOutcome {
+    f.ds.execute(ScsiCommand {
+        nexus: nexus(),
+        lun: encode_lun(lun),
+        cdb: cdb.to_vec(),
+        attr: TaskAttr::Simple,
+        data_out,
+        data_in_len: 1 << 20,
+    })
+    .await
+}
+
+fn rw16(opcode: u8, lba: u64, blocks: u32) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = opcode;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+fn rw10(opcode: u8, lba: u32, blocks: u16) -> [u8; 10] {
+    let mut c = [0u8; 10];
+    c[0] = opcode;
+    c[2..6].copy_from_slice(&lba.to_be_bytes());
+    c[7..9].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+fn bytes(o: &CommandOutcome) -> Vec<u8> {
+    let mut v = vec![0; o.data_in.len()];
+    o.data_in.copy_to(0, &mut v);
+    v
+}
+
+#[tokio::test]
+async fn write_then_read_back_at_the_boundaries() {
+    let f = fixture();
+    for lba in [0, BLOCKS / 2, BLOCKS - 1] {
+        let data: Vec<u8> = (0..BS).map(|i| (i as u64 ^ lba) as u8).collect();
+        let w = run(&f, 0, &rw16(op::WRITE_16, lba, 1), data.clone()).await;
+        assert_eq!(w.status, expect::GOOD);
+        let r = run(&f, 0, &rw16(op::READ_16, lba, 1), vec![]).await;
+        assert_eq!(r.status, expect::GOOD);
+        assert_eq!(bytes(&r), data, "lba {lba}");
+    }
+}
+
+#[tokio::test]
+async fn one_past_the_end_and_wraps_are_lba_out_of_range() {
+    let f = fixture();
+    for (lba, blocks) in [(BLOCKS, 1), (BLOCKS - 1, 2), (u64::MAX, 1), (u64::MAX - 1, 2), (1 << 32, 1)] {
+        let r = run(&f, 0, &rw16(op::READ_16, lba, blocks), vec![]).await;
+        assert_eq!(r.status, expect::LBA_OUT_OF_RANGE, "read lba {lba} blocks {blocks}");
+        let w = run(&f, 0, &rw16(op::WRITE_16, lba, blocks), vec![0; (blocks * BS) as usize]).await;
+        assert_eq!(w.status, expect::LBA_OUT_OF_RANGE, "write lba {lba} blocks {blocks}");
+    }
+    let r = run(&f, 0, &rw10(op::READ_10, u32::MAX, 1), vec![]).await;
+    assert_eq!(r.status, expect::LBA_OUT_OF_RANGE);
+}
+
+#[tokio::test]
+async fn zero_length_transfers_are_good_and_move_no_data() {
+    let f = fixture();
+    let r = run(&f, 0, &rw10(op::READ_10, 0, 0), vec![]).await;
+    assert_eq!(r.status, expect::GOOD);
+    assert!(r.data_in.is_empty());
+    let w = run(&f, 0, &rw10(op::WRITE_10, 0, 0), vec![]).await;
+    assert_eq!(w.status, expect::GOOD);
+    // Zero blocks at one past the end is still in range (SBC-3 §4.5).
+    let r = run(&f, 0, &rw10(op::READ_10, BLOCKS as u32, 0), vec![]).await;
+    assert_eq!(r.status, expect::GOOD);
+}
+
+#[tokio::test]
+async fn transfer_above_the_block_limit_points_at_the_length_field() {
+    let f = fixture();
+    let max_blocks = lun::constants::TRANSFER_BYTES_MAX / BS;
+    let r = run(&f, 0, &rw16(op::READ_16, 0, max_blocks + 1), vec![]).await;
+    // The range check comes first: this volume is smaller than the limit.
+    assert_eq!(r.status, expect::LBA_OUT_OF_RANGE);
+}
+
+#[tokio::test]
+async fn short_data_out_writes_nothing() {
+    let f = fixture();
+    run(&f, 0, &rw10(op::WRITE_10, 3, 1), vec![b'a'; 512]).await;
+    let w = run(&f, 0, &rw10(op::WRITE_10, 3, 2), vec![b'b'; 512]).await;
+    assert_eq!(w.status, CommandStatus::CheckCondition(SenseReason::InvalidFieldInInformationUnit));
+    assert_eq!(w.data_out_wanted, Some(1024));
+    let r = run(&f, 0, &rw10(op::READ_10, 3, 1), vec![]).await;
+    assert!(bytes(&r).iter().all(|&b| b == b'a'));
+}
+
+#[tokio::test]
+async fn inquiry_standard_and_vpd() {
+    let f = fixture();
+    let r = run(&f, 0, &[op::INQUIRY, 0, 0, 0, 255, 0], vec![]).await;
+    let d = bytes(&r);
+    assert_eq!(d.len(), 96);
+    assert_eq!(d[0], 0);
+    assert_eq!(d[5] & 0x30, 0x10, "implicit ALUA");
+    assert_eq!(&d[8..14], b"RAINIO");
+    // Truncated to the allocation length.
+    let r = run(&f, 0, &[op::INQUIRY, 0, 0, 0, 36, 0], vec![]).await;
+    assert_eq!(r.data_in.len(), 36);
+    // VPD 0x00 lists exactly the pages that answer.
+    let d = bytes(&run(&f, 0, &[op::INQUIRY, 1, 0, 0, 255, 0], vec![]).await);
+    let pages = &d[4..4 + d[3] as usize];
+    for &p in pages {
+        let r = run(&f, 0, &[op::INQUIRY, 1, p, 0, 255, 0], vec![]).await;
+        assert_eq!(r.status, expect::GOOD, "page {p:#x}");
+        assert_eq!(bytes(&r)[1], p);
+    }
+    // VPD 0x83: one NAA (type 3), one relative port (type 4), one port group (type 5).
+    let d = bytes(&run(&f, 0, &[op::INQUIRY, 1, 0x83, 0, 255, 0], vec![]).await);
+    let mut types = Vec::new();
+    let mut i = 4;
+    while i < d.len() {
+        types.push(d[i + 1] & 0x0f);
+        i += 4 + d[i + 3] as usize;
+    }
+    assert_eq!(types.iter().filter(|&&t| t == 3).count(), 1);
+    assert_eq!(types.iter().filter(|&&t| t == 4).count(), 1);
+    assert_eq!(types.iter().filter(|&&t| t == 5).count(), 1);
+    assert_eq!(d[8] >> 4, 6, "NAA 6");
+    let r = run(&f, 0, &[op::INQUIRY, 1, 0x42, 0, 255, 0], vec![]).await;
+    assert_eq!(r.status, expect::invalid_field_in_cdb(2, None));
+}
+
+#[tokio::test]
+async fn missing_lun() {
+    let f = fixture();
+    let r = run(&f, 7, &[op::INQUIRY, 0, 0, 0, 255, 0], vec![]).await;
+    assert_eq!(r.status, expect::GOOD);
+    assert_eq!(bytes(&r)[0], 0x7f);
+    let r = run(&f, 7, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![]).await;
+    assert_eq!(r.status, expect::LUN_NOT_SUPPORTED);
+    let mut rl = [0u8; 12];
+    rl[0] = op::REPORT_LUNS;
+    rl[9] = 255;
+    let d = bytes(&run(&f, 7, &rl, vec![]).await);
+    assert_eq!(&d[..4], &8u32.to_be_bytes());
+    assert_eq!(&d[8..16], &[0u8; 8]);
+}
+
+#[tokio::test]
+async fn read_capacity_10_and_16() {
+    let f = fixture();
+    let d = bytes(&run(&f, 0, &[op::READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0], vec![]).await);
+    assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()) as u64, BLOCKS - 1);
+    assert_eq!(u32::from_be_bytes(d[4..8].try_into().unwrap()), BS);
+    let mut c = [0u8; 16];
+    c[0] = op::SERVICE_ACTION_IN_16;
+    c[1] = op::SAI_READ_CAPACITY_16;
+    c[13] = 32;
+    let d = bytes(&run(&f, 0, &c, vec![]).await);
+    assert_eq!(u64::from_be_bytes(d[..8].try_into().unwrap()), BLOCKS - 1);
+    assert_eq!(d[13], 3, "8 logical blocks per physical block");
+}
+
+#[tokio::test]
+async fn mode_sense_all_pages_and_bad_page() {
+    let f = fixture();
+    let d = bytes(&run(&f, 0, &[op::MODE_SENSE_6, 0, 0x3f, 0, 255, 0], vec![]).await);
+    assert_eq!(d[0] as usize, d.len() - 1);
+    assert_eq!(d[2] & 0x80, 0, "WP clear");
+    assert_eq!(d[3], 8, "one block descriptor");
+    let pages: Vec<u8> = {
+        let mut v = Vec::new();
+        let mut i = 4 + 8;
+        while i < d.len() {
+            v.push(d[i] & 0x3f);
+            i += 2 + d[i + 1] as usize;
+        }
+        v
+    };
+    assert_eq!(pages, vec![0x08, 0x0a, 0x1c]);
+    let mut c = [0u8; 10];
+    c[0] = op::MODE_SENSE_10;
+    c[1] = 0x08;
+    c[2] = 0x08;
+    c[8] = 255;
+    let d = bytes(&run(&f, 0, &c, vec![]).await);
+    assert_eq!(u16::from_be_bytes([d[0], d[1]]) as usize, d.len() - 2);
+    assert_eq!(d[8], 0x08);
+    let r = run(&f, 0, &[op::MODE_SENSE_6, 0, 0x19, 0, 255, 0], vec![]).await;
+    assert_eq!(r.status, expect::invalid_field_in_cdb(2, Some(5)));
+}
+
+#[tokio::test]
+async fn unsupported_opcode() {
+    let f = fixture();
+    let r = run(&f, 0, &[0xc7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], vec![]).await;
+    assert_eq!(r.status, expect::INVALID_OPCODE);
+    assert_eq!((r.sense[2], r.sense[12]), (0x05, 0x20));
+}
+
+#[tokio::test]
+async fn synchronize_cache_range() {
+    let f = fixture();
+    let mut c = [0u8; 10];
+    c[0] = op::SYNCHRONIZE_CACHE_10;
+    assert_eq!(run(&f, 0, &c, vec![]).await.status, expect::GOOD);
+    c[2..6].copy_from_slice(&(BLOCKS as u32 + 1).to_be_bytes());
+    assert_eq!(run(&f, 0, &c, vec![]).await.status, expect::LBA_OUT_OF_RANGE);
+}
