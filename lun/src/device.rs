@@ -5,8 +5,8 @@
 //! - Every LBA range is checked with overflow-safe arithmetic before any I/O: `lba + blocks`
 //!   beyond the capacity (or past 2^64) is LBA OUT OF RANGE.
 //! - A WRITE never writes more than the initiator sent: if it sent less than the CDB asks for,
-//!   nothing is written and the command ends in CHECK CONDITION (INVALID FIELD IN INFORMATION
-//!   UNIT), with the wanted length reported so the fabric sets the overflow residual.
+//!   only the whole blocks received are written (FCP-4 §9.4.2 a), and the wanted length is
+//!   reported so the fabric sets the overflow residual.
 //! - Data-In is at most the allocation length of the CDB; the fabric truncates it further to
 //!   the initiator's expected length.
 //! - INQUIRY and REPORT LUNS answer for LUNs that do not exist; every other command to such a
@@ -249,9 +249,13 @@ impl DeviceServer {
                 *wanted = Some(bytes);
                 lu.check_range(lba, blocks)?;
                 let bytes = lu.check_transfer(blocks, len_byte)?;
-                if cmd.data_out.len() < bytes {
-                    return Err(SenseReason::InvalidFieldInInformationUnit);
-                }
+                // FCP-4 / SAM-5 overflow rule: the transport delivered fewer bytes than the CDB
+                // asks for; process the command on the whole blocks that did arrive.
+                let bytes = if cmd.data_out.len() < bytes {
+                    cmd.data_out.len() / lu.block_size as usize * lu.block_size as usize
+                } else {
+                    bytes
+                };
                 if bytes > 0 {
                     let fua = fua || !lu.write_cache_enabled();
                     lu.volume

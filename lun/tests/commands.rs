@@ -124,14 +124,20 @@ async fn transfer_above_the_block_limit_points_at_the_length_field() {
 }
 
 #[tokio::test]
-async fn short_data_out_writes_nothing() {
+async fn short_data_out_writes_only_the_whole_blocks_received() {
     let f = fixture();
-    run(&f, 0, &rw10(op::WRITE_10, 3, 1), vec![b'a'; 512]).await;
-    let w = run(&f, 0, &rw10(op::WRITE_10, 3, 2), vec![b'b'; 512]).await;
-    assert_eq!(w.status, CommandStatus::CheckCondition(SenseReason::InvalidFieldInInformationUnit));
+    run(&f, 0, &rw10(op::WRITE_10, 3, 2), vec![b'a'; 1024]).await;
+    let w = run(&f, 0, &rw10(op::WRITE_10, 3, 2), vec![b'b'; 512 + 200]).await;
+    assert_eq!(w.status, expect::GOOD);
     assert_eq!(w.data_out_wanted, Some(1024));
-    let r = run(&f, 0, &rw10(op::READ_10, 3, 1), vec![]).await;
-    assert!(bytes(&r).iter().all(|&b| b == b'a'));
+    let r = bytes(&run(&f, 0, &rw10(op::READ_10, 3, 2), vec![]).await);
+    assert!(r[..512].iter().all(|&b| b == b'b'));
+    assert!(r[512..].iter().all(|&b| b == b'a'), "the partial block is not written");
+    // Less than one block: nothing is written, still GOOD.
+    let w = run(&f, 0, &rw10(op::WRITE_10, 4, 1), vec![b'c'; 200]).await;
+    assert_eq!(w.status, expect::GOOD);
+    let r = bytes(&run(&f, 0, &rw10(op::READ_10, 4, 1), vec![]).await);
+    assert!(r.iter().all(|&b| b == b'a'));
 }
 
 #[tokio::test]

@@ -145,7 +145,10 @@ struct Task {
     cdb: Vec<u8>,
     attr: TaskAttr,
     edtl: u32,
+    /// Data-Out expected (W bit and a non-zero expected length).
     write: bool,
+    /// The W bit: residuals are computed against what the CDB wanted to write.
+    write_flag: bool,
     buf: Vec<u8>,
     /// Contiguous bytes received from offset 0.
     received: u32,
@@ -204,6 +207,9 @@ pub struct Connection {
     next_ttt: u32,
     text_cont: Option<TextContinuation>,
     text_accum: Vec<u8>,
+    /// ITTs of writes failed during their data phase: their remaining Data-Out is dropped
+    /// silently (bounded; oldest forgotten first).
+    discard_itts: VecDeque<u32>,
     nop: Option<(u32, Instant)>,
     last_rx: Instant,
     login_deadline: Instant,
@@ -247,6 +253,7 @@ impl Connection {
             next_ttt: 1,
             text_cont: None,
             text_accum: Vec::new(),
+            discard_itts: VecDeque::new(),
             nop: None,
             last_rx: now,
             login_deadline,
@@ -839,6 +846,7 @@ impl Connection {
             self.reject(reject::INVALID_PDU_FIELD, hdr);
             return Ok(());
         }
+        self.discard_itts.retain(|&i| i != c.itt);
         let mut cdb = c.cdb.to_vec();
         let mut bidi = false;
         let mut rest = ahs;
@@ -883,6 +891,7 @@ impl Connection {
             attr,
             edtl: c.edtl,
             write,
+            write_flag: c.write,
             buf: Vec::new(),
             received: 0,
             unsolicited_open: write && !c.final_ && !self.params.initial_r2t,
@@ -974,17 +983,22 @@ impl Connection {
 
     fn handle_data_out(&mut self, d: DataOut, data: &[u8], hdr: &[u8; BHS_LEN]) -> Result<(), ConnectionError> {
         let Some(task) = self.tasks.get_mut(&d.itt).filter(|t| matches!(t.state, TaskState::Receiving)) else {
+            if self.discard_itts.contains(&d.itt) {
+                return Ok(());
+            }
             // Data for a task we do not know (never issued, or already answered).
             self.reject(reject::INVALID_PDU_FIELD, hdr);
             return Ok(());
         };
+        tracing::trace!(itt = d.itt, ttt = d.ttt, data_sn = d.data_sn, offset = d.buffer_offset, len = data.len(), final_ = d.final_, "data-out");
         let len = data.len() as u32;
         let end = d.buffer_offset.checked_add(len).ok_or(ConnectionError::Protocol("buffer offset wraps"))?;
         if d.ttt == RESERVED_TAG {
             let limit = task.edtl.min(self.params.first_burst);
             if !task.unsolicited_open || d.buffer_offset != task.received || end > limit || d.data_sn != task.unsolicited_data_sn {
-                self.reject(reject::PROTOCOL_ERROR, hdr);
-                return Err(ConnectionError::Protocol("unsolicited Data-Out out of order or beyond FirstBurstLength"));
+                tracing::info!(itt = d.itt, data_sn = d.data_sn, offset = d.buffer_offset, "unsolicited Data-Out out of sequence: command failed");
+                self.fail_data_phase(d.itt);
+                return Ok(());
             }
             task.unsolicited_data_sn += 1;
             if task.early.is_none() {
@@ -1002,8 +1016,9 @@ impl Connection {
             };
             let r = &mut task.r2ts[i];
             if d.buffer_offset != r.offset + r.received || end > r.offset + r.len || d.data_sn != r.data_sn {
-                self.reject(reject::PROTOCOL_ERROR, hdr);
-                return Err(ConnectionError::Protocol("Data-Out does not match its R2T (offset, length or DataSN)"));
+                tracing::info!(itt = d.itt, data_sn = d.data_sn, offset = d.buffer_offset, "Data-Out does not match its R2T: command failed");
+                self.fail_data_phase(d.itt);
+                return Ok(());
             }
             r.received += len;
             r.data_sn += 1;
@@ -1027,6 +1042,25 @@ impl Connection {
             self.issue_r2ts(d.itt);
         }
         Ok(())
+    }
+
+    /// ERL 0 cannot ask for the data again: end the command with CHECK CONDITION (ABORTED
+    /// COMMAND, DATA PHASE ERROR) and drop the rest of its Data-Out, keeping the session.
+    fn fail_data_phase(&mut self, itt: u32) {
+        let Some(task) = self.tasks.remove(&itt) else { return };
+        let reason = lun::SenseReason::DataPhaseError;
+        let outcome = CommandOutcome {
+            status: lun::CommandStatus::CheckCondition(reason),
+            sense: reason.encode(false),
+            data_in: lun::DataIn::None,
+            data_out_wanted: None,
+        };
+        self.respond(itt, &task, outcome);
+        if self.discard_itts.len() == CMD_WINDOW_MAX as usize {
+            self.discard_itts.pop_front();
+        }
+        self.discard_itts.push_back(itt);
+        self.task_gone(itt);
     }
 
     fn execute(&mut self, itt: u32) {
@@ -1074,7 +1108,7 @@ impl Connection {
             }
         };
         let mut data_sn = 0u32;
-        if task.write {
+        if task.write_flag {
             if let Some(w) = outcome.data_out_wanted {
                 set_residual(w);
             }
@@ -1131,7 +1165,7 @@ impl Connection {
                 }
             }
         }
-        let exp_data_sn = if task.write { task.r2t_sn } else { data_sn };
+        let exp_data_sn = if task.write_flag { task.r2t_sn } else { data_sn };
         let mut data = Vec::new();
         if !outcome.sense.is_empty() {
             data.extend_from_slice(&(outcome.sense.len() as u16).to_be_bytes());
