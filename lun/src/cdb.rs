@@ -22,6 +22,9 @@ pub mod op {
     pub const MODE_SENSE_6: u8 = 0x1a;
     pub const START_STOP_UNIT: u8 = 0x1b;
     pub const READ_CAPACITY_10: u8 = 0x25;
+    pub const WRITE_AND_VERIFY_10: u8 = 0x2e;
+    pub const WRITE_AND_VERIFY_12: u8 = 0xae;
+    pub const WRITE_AND_VERIFY_16: u8 = 0x8e;
     pub const READ_10: u8 = 0x28;
     pub const WRITE_10: u8 = 0x2a;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
@@ -36,6 +39,8 @@ pub mod op {
     pub const WRITE_12: u8 = 0xaa;
     pub const SAI_READ_CAPACITY_16: u8 = 0x10;
     pub const MI_REPORT_TARGET_PORT_GROUPS: u8 = 0x0a;
+    pub const MI_REPORT_SUPPORTED_OPCODES: u8 = 0x0c;
+    pub const MI_REPORT_SUPPORTED_TMFS: u8 = 0x0d;
 }
 
 /// MODE SENSE page control (SPC-4 §6.11).
@@ -104,6 +109,15 @@ pub enum Cdb {
         /// Force unit access.
         fua: bool,
     },
+    /// WRITE AND VERIFY (10/12/16): write durably, then read back and, with BYTCHK, compare.
+    WriteAndVerify {
+        /// First block.
+        lba: u64,
+        /// Number of blocks.
+        blocks: u32,
+        /// Compare the written data with the medium.
+        bytchk: bool,
+    },
     /// SYNCHRONIZE CACHE (10/16).
     SynchronizeCache {
         /// First block.
@@ -130,6 +144,26 @@ pub enum Cdb {
     },
     /// START STOP UNIT (accepted; the medium is always ready).
     StartStopUnit,
+    /// REPORT SUPPORTED OPERATION CODES.
+    ReportSupportedOpcodes {
+        /// Return command timeouts descriptors.
+        rctd: bool,
+        /// REPORTING OPTIONS.
+        options: u8,
+        /// Requested operation code.
+        opcode: u8,
+        /// Requested service action.
+        service_action: u16,
+        /// Allocation length.
+        alloc: u32,
+    },
+    /// REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS.
+    ReportSupportedTmfs {
+        /// Extended parameter data (REPD).
+        extended: bool,
+        /// Allocation length.
+        alloc: u32,
+    },
     /// REPORT TARGET PORT GROUPS.
     ReportTargetPortGroups {
         /// Extended header format.
@@ -220,6 +254,20 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
                 }
                 Ok(Cdb::ReportTargetPortGroups { extended: format == 1, alloc: be32(&cdb[6..]) })
             }
+            op::MI_REPORT_SUPPORTED_OPCODES => Ok(Cdb::ReportSupportedOpcodes {
+                rctd: cdb[2] & 0x80 != 0,
+                options: cdb[2] & 0x07,
+                opcode: cdb[3],
+                service_action: be16(&cdb[4..]) as u16,
+                alloc: be32(&cdb[6..]),
+            }),
+            op::MI_REPORT_SUPPORTED_TMFS => {
+                let alloc = be32(&cdb[6..]);
+                if alloc < 4 {
+                    return invalid(6, None);
+                }
+                Ok(Cdb::ReportSupportedTmfs { extended: cdb[2] & 0x80 != 0, alloc })
+            }
             _ => invalid(1, Some(4)),
         },
         op::READ_6 | op::WRITE_6 => {
@@ -239,6 +287,22 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
         op::READ_16 | op::WRITE_16 => {
             check_rw_flags(cdb[1])?;
             Ok(rw(opcode == op::WRITE_16, be64(&cdb[2..]), be32(&cdb[10..]), cdb[1] & 0x08 != 0))
+        }
+        op::WRITE_AND_VERIFY_10 | op::WRITE_AND_VERIFY_12 | op::WRITE_AND_VERIFY_16 => {
+            check_rw_flags(cdb[1])?;
+            // SBC-3 BYTCHK is bit 1; SBC-4 widened it to bits 2-1 (10b reserved, 11b is
+            // "one block repeated", not offered).
+            let bytchk = match (cdb[1] >> 1) & 3 {
+                0 => false,
+                1 => true,
+                _ => return invalid(1, Some(2)),
+            };
+            let (lba, blocks) = match opcode {
+                op::WRITE_AND_VERIFY_10 => (u64::from(be32(&cdb[2..])), be16(&cdb[7..])),
+                op::WRITE_AND_VERIFY_12 => (u64::from(be32(&cdb[2..])), be32(&cdb[6..])),
+                _ => (be64(&cdb[2..]), be32(&cdb[10..])),
+            };
+            Ok(Cdb::WriteAndVerify { lba, blocks, bytchk })
         }
         op::SYNCHRONIZE_CACHE_10 => {
             Ok(Cdb::SynchronizeCache { lba: u64::from(be32(&cdb[2..])), blocks: be16(&cdb[7..]) })

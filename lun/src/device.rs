@@ -19,7 +19,7 @@ use crate::cdb::{self, Cdb};
 use crate::command::{CommandOutcome, DataIn, ScsiCommand};
 use crate::constants::{PHYSICAL_BLOCK_BYTES, TRANSFER_BYTES_MAX};
 use crate::sense::{CommandStatus, SenseReason};
-use crate::{backend, inquiry, mode};
+use crate::{backend, inquiry, mode, opcodes};
 use raid_engine::LocalVolume;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,6 +124,29 @@ impl LogicalUnit {
             Some(end) if end <= self.blocks => Ok(()),
             _ => Err(SenseReason::LbaOutOfRange),
         }
+    }
+
+    /// Writes the whole blocks the initiator sent (at most `blocks`); returns the bytes written.
+    async fn write_blocks(
+        &self,
+        cmd: &ScsiCommand,
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+        wanted: &mut Option<u64>,
+    ) -> Result<usize, SenseReason> {
+        let bs = u64::from(self.block_size);
+        *wanted = Some(u64::from(blocks) * bs);
+        self.check_range(lba, blocks)?;
+        let bytes = self.check_transfer(blocks, len_field_byte(cmd.cdb[0]))?;
+        // FCP-4 / SAM-5 overflow rule: the transport delivered fewer bytes than the CDB asks
+        // for; process the command on the whole blocks that did arrive.
+        let bytes = if cmd.data_out.len() < bytes { cmd.data_out.len() / bs as usize * bs as usize } else { bytes };
+        if bytes > 0 {
+            let fua = fua || !self.write_cache_enabled();
+            self.volume.write(lba * bs, &cmd.data_out[..bytes], fua).await.map_err(|e| backend::write_error(&e, lba))?;
+        }
+        Ok(bytes)
     }
 
     fn check_transfer(&self, blocks: u32, len_byte: u16) -> Result<usize, SenseReason> {
@@ -244,24 +267,19 @@ impl DeviceServer {
                 Ok(DataIn::Read(data))
             }
             Cdb::Write { lba, blocks, fua } => {
-                let len_byte = len_field_byte(cmd.cdb[0]);
-                let bytes = u64::from(blocks) * bs;
-                *wanted = Some(bytes);
-                lu.check_range(lba, blocks)?;
-                let bytes = lu.check_transfer(blocks, len_byte)?;
-                // FCP-4 / SAM-5 overflow rule: the transport delivered fewer bytes than the CDB
-                // asks for; process the command on the whole blocks that did arrive.
-                let bytes = if cmd.data_out.len() < bytes {
-                    cmd.data_out.len() / lu.block_size as usize * lu.block_size as usize
-                } else {
-                    bytes
-                };
-                if bytes > 0 {
-                    let fua = fua || !lu.write_cache_enabled();
-                    lu.volume
-                        .write(lba * bs, &cmd.data_out[..bytes], fua)
-                        .await
-                        .map_err(|e| backend::write_error(&e, lba))?;
+                lu.write_blocks(cmd, lba, blocks, fua, wanted).await?;
+                Ok(DataIn::None)
+            }
+            Cdb::WriteAndVerify { lba, blocks, bytchk } => {
+                let written = lu.write_blocks(cmd, lba, blocks, true, wanted).await?;
+                if written > 0 {
+                    let back = lu.volume.read(lba * bs, written).await.map_err(|e| backend::read_error(&e, lba))?;
+                    if bytchk {
+                        let back = back.to_vec();
+                        if let Some(i) = back.iter().zip(&cmd.data_out[..written]).position(|(a, b)| a != b) {
+                            return Err(SenseReason::Miscompare { offset: i as u64 });
+                        }
+                    }
                 }
                 Ok(DataIn::None)
             }
@@ -283,6 +301,10 @@ impl DeviceServer {
             Cdb::ReportTargetPortGroups { extended, alloc } => {
                 Ok(DataIn::Bytes(truncate(self.report_target_port_groups(extended), alloc)))
             }
+            Cdb::ReportSupportedOpcodes { rctd, options, opcode, service_action, alloc } => {
+                Ok(DataIn::Bytes(truncate(opcodes::report(rctd, options, opcode, service_action)?, alloc)))
+            }
+            Cdb::ReportSupportedTmfs { extended, alloc } => Ok(DataIn::Bytes(truncate(opcodes::report_tmfs(extended), alloc))),
             Cdb::ReportLuns { .. } => unreachable!("handled before LU lookup"),
         }
     }

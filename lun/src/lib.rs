@@ -17,6 +17,7 @@ pub mod constants;
 pub mod device;
 pub mod inquiry;
 pub mod mode;
+pub mod opcodes;
 pub mod sense;
 
 pub use command::{CommandOutcome, DataIn, ItNexus, ScsiCommand, TaskAttr};

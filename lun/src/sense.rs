@@ -73,6 +73,11 @@ pub enum SenseReason {
     DataPhaseError,
     /// Too much or too little data for the command.
     InvalidTransferLength,
+    /// Verification found different data; `offset` is the first differing byte.
+    Miscompare {
+        /// Byte offset of the first miscompare within the transferred data.
+        offset: u64,
+    },
     /// The transport delivered less data than the CDB asks for (iSCSI EDTL < SPDTL).
     InvalidFieldInInformationUnit,
 }
@@ -95,12 +100,14 @@ impl SenseReason {
             Self::DataPhaseError => (SenseKey::AbortedCommand, 0x4b, 0x00),
             Self::InvalidTransferLength => (SenseKey::IllegalRequest, 0x24, 0x00),
             Self::InvalidFieldInInformationUnit => (SenseKey::IllegalRequest, 0x0e, 0x03),
+            Self::Miscompare { .. } => (SenseKey::Miscompare, 0x1d, 0x00),
         }
     }
 
     fn information(self) -> Option<u64> {
         match self {
             Self::UnrecoveredReadError { lba } | Self::WriteError { lba } => Some(lba),
+            Self::Miscompare { offset } => Some(offset),
             _ => None,
         }
     }

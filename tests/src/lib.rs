@@ -1,1 +1,6 @@
-//! placeholder
+//! Cross-crate test support: a test initiator and helpers that start real appliance processes
+//! on loopback. Used by the integration tests in `tests/tests/` and the benchmarks.
+
+pub mod appliance;
+pub mod cunit;
+pub mod initiator;

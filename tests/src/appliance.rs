@@ -1,0 +1,138 @@
+//! Starts real `appliance` processes on loopback for integration tests.
+//!
+//! The binary is taken from `$APPLIANCE_BIN`, or from the workspace's `target/release` or
+//! `target/debug` (the test command builds it first). A missing binary fails the test loudly.
+//! Each process is stopped by PID when its handle is dropped.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The target IQN every test appliance serves.
+pub const IQN: &str = "iqn.2026-11.io.rainio:test";
+
+/// A running appliance process.
+#[derive(Debug)]
+pub struct Appliance {
+    child: Child,
+    /// Portal address.
+    pub addr: SocketAddr,
+    /// Its data dir (deleted on drop).
+    pub dir: tempfile::TempDir,
+}
+
+/// Path of the appliance binary.
+///
+/// # Panics
+/// If it has not been built.
+pub fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("APPLIANCE_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target");
+    for profile in ["release", "debug"] {
+        let p = root.join(profile).join("appliance");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("appliance binary not found: run `cargo build --release -p appliance` first (scripts/test.sh does) or set APPLIANCE_BIN");
+}
+
+/// A free loopback port (bound then released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind loopback").local_addr().expect("addr").port()
+}
+
+impl Appliance {
+    /// Starts an appliance with one 128 MiB volume (LUN 0) and `extra` TOML appended to the
+    /// `[target]` table (e.g. a `[target.chap]` table).
+    ///
+    /// # Panics
+    /// If it does not start listening within 20 s.
+    pub fn start(target_extra: &str) -> Self {
+        Self::start_with(target_extra, "128MiB", 512)
+    }
+
+    /// As [`Self::start`] with a volume size and block size.
+    ///
+    /// # Panics
+    /// If it does not start listening within 20 s.
+    pub fn start_with(target_extra: &str, size: &str, block_size: u32) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let cfg = format!(
+            "data_dir = \".\"\nlog_level = \"info\"\n[iscsi]\nlisten = \"{addr}\"\n[target]\niqn = \"{IQN}\"\n{target_extra}\n[[volume]]\nname = \"vol0\"\nlun = 0\nsize = \"{size}\"\nblock_size = {block_size}\n"
+        );
+        let cfg_path = dir.path().join("appliance.toml");
+        std::fs::write(&cfg_path, cfg).expect("write config");
+        let log = std::fs::File::create(dir.path().join("appliance.log")).expect("log file");
+        let child = Command::new(binary())
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn appliance");
+        let me = Self { child, addr, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "appliance did not listen on {addr}; log:\n{}", me.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        me
+    }
+
+    /// iSCSI URL of LUN `lun`, optionally with CHAP credentials.
+    pub fn url(&self, lun: u16, chap: Option<(&str, &str)>) -> String {
+        let cred = chap.map(|(u, p)| format!("{u}%{p}@")).unwrap_or_default();
+        format!("iscsi://{cred}{}/{IQN}/{lun}", self.addr)
+    }
+
+    /// The process log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("appliance.log")).unwrap_or_default()
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.child.wait().expect("wait")
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs a command, returning (success, stdout + stderr).
+///
+/// # Panics
+/// If the program is not installed (the test command installs it).
+pub fn run_tool(prog: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(prog).args(args).output().unwrap_or_else(|e| {
+        panic!("{prog} is not installed ({e}): run scripts/test.sh, which installs libiscsi-bin")
+    });
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), s)
+}
