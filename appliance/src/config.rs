@@ -40,7 +40,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,7 +174,8 @@ fn valid_name(n: &str) -> bool {
     // RFC 3720 §3.2.6: iqn./eui./naa. names, lower case, at most 223 bytes.
     (n.starts_with("iqn.") || n.starts_with("eui.") || n.starts_with("naa."))
         && n.len() <= 223
-        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-:".contains(&b))
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-:".contains(&b))
 }
 
 fn chap(key: &str, raw: Option<RawChap>) -> Result<Option<ChapConfig>, ConfigError> {
@@ -193,22 +197,42 @@ fn chap(key: &str, raw: Option<RawChap>) -> Result<Option<ChapConfig>, ConfigErr
         (Some(u), Some(s)) => {
             check("mutual_secret", &s)?;
             if s == c.secret {
-                return Err(invalid(format!("{key}.mutual_secret"), "must differ from `secret` (RFC 7143 §12.1.3)"));
+                return Err(invalid(
+                    format!("{key}.mutual_secret"),
+                    "must differ from `secret` (RFC 7143 §12.1.3)",
+                ));
             }
-            Some(ChapSecret { user: u, secret: s.into_bytes() })
+            Some(ChapSecret {
+                user: u,
+                secret: s.into_bytes(),
+            })
         }
-        _ => return Err(invalid(format!("{key}.mutual_user"), "set both mutual_user and mutual_secret, or neither")),
+        _ => {
+            return Err(invalid(
+                format!("{key}.mutual_user"),
+                "set both mutual_user and mutual_secret, or neither",
+            ))
+        }
     };
-    Ok(Some(ChapConfig { initiator: ChapSecret { user: c.user, secret: c.secret.into_bytes() }, mutual }))
+    Ok(Some(ChapConfig {
+        initiator: ChapSecret {
+            user: c.user,
+            secret: c.secret.into_bytes(),
+        },
+        mutual,
+    }))
 }
 
 impl TryFrom<RawConfig> for Config {
     type Error = ConfigError;
     fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
         let listen_s = raw.iscsi.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
-        let listen: SocketAddr = listen_s
-            .parse()
-            .map_err(|_| invalid("iscsi.listen", format!("`{listen_s}` is not ip:port, e.g. \"127.0.0.1:3260\"")))?;
+        let listen: SocketAddr = listen_s.parse().map_err(|_| {
+            invalid(
+                "iscsi.listen",
+                format!("`{listen_s}` is not ip:port, e.g. \"127.0.0.1:3260\""),
+            )
+        })?;
         let tpgt = raw.iscsi.tpgt.unwrap_or(1);
         if tpgt == 0 {
             return Err(invalid("iscsi.tpgt", "must be 1 or more"));
@@ -220,36 +244,68 @@ impl TryFrom<RawConfig> for Config {
             "auto" => disk_io::EngineChoice::Auto,
             "uring" | "io_uring" => disk_io::EngineChoice::Uring,
             "threads" => disk_io::EngineChoice::Threads,
-            other => return Err(invalid("disk.engine", format!("`{other}` is not one of \"auto\", \"uring\", \"threads\""))),
+            other => {
+                return Err(invalid(
+                    "disk.engine",
+                    format!("`{other}` is not one of \"auto\", \"uring\", \"threads\""),
+                ))
+            }
         };
         if raw.volumes.is_empty() {
-            return Err(invalid("volume", "at least one [[volume]] is needed, e.g. name = \"vol0\", lun = 0, size = \"1GiB\""));
+            return Err(invalid(
+                "volume",
+                "at least one [[volume]] is needed, e.g. name = \"vol0\", lun = 0, size = \"1GiB\"",
+            ));
         }
         let mut volumes: Vec<VolumeConfig> = Vec::new();
         for (i, v) in raw.volumes.into_iter().enumerate() {
             let key = |k: &str| format!("volume[{i}].{k}");
-            if v.name.is_empty() || !v.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)) {
-                return Err(invalid(key("name"), "use letters, digits, '-' and '_' only"));
+            if v.name.is_empty()
+                || !v
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+            {
+                return Err(invalid(
+                    key("name"),
+                    "use letters, digits, '-' and '_' only",
+                ));
             }
             if volumes.iter().any(|o| o.name == v.name) {
                 return Err(invalid(key("name"), format!("`{}` is used twice", v.name)));
             }
-            if usize::from(v.lun) >= lun::constants::LUNS_MAX || volumes.iter().any(|o| o.lun == v.lun) {
+            if usize::from(v.lun) >= lun::constants::LUNS_MAX
+                || volumes.iter().any(|o| o.lun == v.lun)
+            {
                 return Err(invalid(key("lun"), "must be unique and below 256"));
             }
             let block_size = v.block_size.unwrap_or(512);
             if !lun::constants::BLOCK_SIZES.contains(&block_size) {
                 return Err(invalid(key("block_size"), "must be 512 or 4096"));
             }
-            let size_bytes = parse_size(&v.size)
-                .ok_or_else(|| invalid(key("size"), format!("`{}` is not a size such as \"1GiB\" or \"512MiB\"", v.size)))?;
+            let size_bytes = parse_size(&v.size).ok_or_else(|| {
+                invalid(
+                    key("size"),
+                    format!("`{}` is not a size such as \"1GiB\" or \"512MiB\"", v.size),
+                )
+            })?;
             if size_bytes < 1 << 20 || size_bytes % 4096 != 0 {
-                return Err(invalid(key("size"), "must be at least 1MiB and a multiple of 4KiB"));
+                return Err(invalid(
+                    key("size"),
+                    "must be at least 1MiB and a multiple of 4KiB",
+                ));
             }
-            volumes.push(VolumeConfig { name: v.name, lun: v.lun, size_bytes, block_size });
+            volumes.push(VolumeConfig {
+                name: v.name,
+                lun: v.lun,
+                size_bytes,
+                block_size,
+            });
         }
         Ok(Config {
-            data_dir: raw.data_dir.unwrap_or_else(|| PathBuf::from("appliance-data")),
+            data_dir: raw
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("appliance-data")),
             log_level: raw.log_level.unwrap_or_else(|| "info".into()),
             listen,
             tpgt,
@@ -270,8 +326,10 @@ impl Config {
     /// # Errors
     /// Syntax errors, unknown keys and invalid values, each naming the key.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
         raw.try_into()
     }
 
@@ -280,7 +338,10 @@ impl Config {
     /// # Errors
     /// As [`Self::parse`], plus read errors.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let mut cfg = Self::parse(&text, path)?;
         if cfg.data_dir.is_relative() {
             if let Some(dir) = path.parent() {
@@ -325,7 +386,9 @@ mod tests {
 
     #[test]
     fn example_config_parses() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")).unwrap();
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+                .unwrap();
         let c = Config::parse(&text, Path::new("config.example.toml")).unwrap();
         assert_eq!(c.volumes.len(), 1);
         assert!(c.chap.is_some());
@@ -346,10 +409,22 @@ mod tests {
     fn errors_name_the_key() {
         let base = "[target]\niqn = \"iqn.2026-11.x:y\"\n";
         assert!(err(&format!("{base}bogus = 1\n")).contains("bogus"));
-        assert!(err(&format!("{base}[[volume]]\nname=\"v\"\nlun=0\nsize=\"1 parsec\"\n")).contains("volume[0].size"));
-        assert!(err(&format!("{base}[[volume]]\nname=\"v\"\nlun=0\nsize=\"1GiB\"\nblock_size=1000\n")).contains("volume[0].block_size"));
-        assert!(err("[target]\niqn = \"Bad Name\"\n[[volume]]\nname=\"v\"\nlun=0\nsize=\"1GiB\"\n").contains("target.iqn"));
-        assert!(err(&format!("{base}[target.chap]\nuser=\"u\"\nsecret=\"short\"\n")).contains("target.chap.secret"));
+        assert!(err(&format!(
+            "{base}[[volume]]\nname=\"v\"\nlun=0\nsize=\"1 parsec\"\n"
+        ))
+        .contains("volume[0].size"));
+        assert!(err(&format!(
+            "{base}[[volume]]\nname=\"v\"\nlun=0\nsize=\"1GiB\"\nblock_size=1000\n"
+        ))
+        .contains("volume[0].block_size"));
+        assert!(err(
+            "[target]\niqn = \"Bad Name\"\n[[volume]]\nname=\"v\"\nlun=0\nsize=\"1GiB\"\n"
+        )
+        .contains("target.iqn"));
+        assert!(err(&format!(
+            "{base}[target.chap]\nuser=\"u\"\nsecret=\"short\"\n"
+        ))
+        .contains("target.chap.secret"));
         assert!(err(&format!("[iscsi]\nlisten=\"nowhere\"\n{base}")).contains("iscsi.listen"));
         assert!(err(base).contains("volume"));
     }

@@ -19,7 +19,11 @@ use std::process::ExitCode;
 use tokio::sync::watch;
 
 #[derive(Parser, Debug)]
-#[command(name = "appliance", version, about = "Distributed iSCSI target appliance controller")]
+#[command(
+    name = "appliance",
+    version,
+    about = "Distributed iSCSI target appliance controller"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -52,7 +56,10 @@ enum Cmd {
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -83,21 +90,30 @@ fn main() -> ExitCode {
                 if let Err(e) = std::fs::create_dir_all(&data_dir)
                     .and_then(|_| std::fs::write(&path, config::default_config_text(&listen)))
                 {
-                    eprintln!("error: cannot create {}: {e} (check permissions or pass --data-dir)", path.display());
+                    eprintln!(
+                        "error: cannot create {}: {e} (check permissions or pass --data-dir)",
+                        path.display()
+                    );
                     return ExitCode::FAILURE;
                 }
             }
             match Config::load(&path) {
                 Ok(c) => (c, true),
                 Err(e) => {
-                    eprintln!("error: {e}\n(fix {} or delete it to start from the defaults)", path.display());
+                    eprintln!(
+                        "error: {e}\n(fix {} or delete it to start from the defaults)",
+                        path.display()
+                    );
                     return ExitCode::FAILURE;
                 }
             }
         }
     };
     init_logging(&cfg.log_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -117,10 +133,15 @@ fn main() -> ExitCode {
             println!("  target IQN : {}", cfg.iqn);
             println!("  portal     : {}", controller.listen);
             for v in &cfg.volumes {
-                println!("  LUN {:<7}: {} ({} bytes, {}-byte blocks)", v.lun, v.name, v.size_bytes, v.block_size);
+                println!(
+                    "  LUN {:<7}: {} ({} bytes, {}-byte blocks)",
+                    v.lun, v.name, v.size_bytes, v.block_size
+                );
             }
             println!("  data dir   : {}", cfg.data_dir.display());
-            println!("  console    : not built yet (the web console arrives with the operator issue)");
+            println!(
+                "  console    : not built yet (the web console arrives with the operator issue)"
+            );
             println!("  try        : iscsi-ls -s iscsi://{}", controller.listen);
             println!("Press Ctrl-C to stop.");
         }

@@ -40,12 +40,19 @@ impl Controller {
     /// # Errors
     /// A message naming the likely cause and the fix.
     pub fn start(cfg: &Config) -> Result<Self, String> {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .map_err(|e| format!("cannot create data dir {}: {e} (check permissions or pick another data_dir)", cfg.data_dir.display()))?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            format!(
+                "cannot create data dir {}: {e} (check permissions or pick another data_dir)",
+                cfg.data_dir.display()
+            )
+        })?;
         let mut luns = BTreeMap::new();
         let mut volumes = Vec::new();
         for v in &cfg.volumes {
-            let mut dc = disk_io::DeviceConfig::file(cfg.data_dir.join(format!("{}.img", v.name)), v.size_bytes);
+            let mut dc = disk_io::DeviceConfig::file(
+                cfg.data_dir.join(format!("{}.img", v.name)),
+                v.size_bytes,
+            );
             dc.engine = cfg.engine;
             dc.direct = cfg.direct;
             let dev = disk_io::Device::open(&dc).map_err(|e| e.to_string())?;
@@ -57,12 +64,21 @@ impl Controller {
                     v.size_bytes
                 ));
             }
-            let vol = Arc::new(LocalVolume::new(Arc::new(dev), 0, v.size_bytes).map_err(|e| e.to_string())?);
-            let lu = LogicalUnit::new(LuIdentity::for_volume(volume_id(&cfg.iqn, &v.name)), v.block_size, Arc::clone(&vol));
+            let vol = Arc::new(
+                LocalVolume::new(Arc::new(dev), 0, v.size_bytes).map_err(|e| e.to_string())?,
+            );
+            let lu = LogicalUnit::new(
+                LuIdentity::for_volume(volume_id(&cfg.iqn, &v.name)),
+                v.block_size,
+                Arc::clone(&vol),
+            );
             luns.insert(v.lun, Arc::new(lu));
             volumes.push(vol);
         }
-        let port = TargetPort { relative_port: cfg.tpgt, port_group: cfg.tpgt };
+        let port = TargetPort {
+            relative_port: cfg.tpgt,
+            port_group: cfg.tpgt,
+        };
         let device = Arc::new(DeviceServer::new(port, luns));
         let listener = iscsi_target::driver::bind(cfg.listen).map_err(|e| {
             format!("cannot listen on {}: {e} (another target such as tgtd or a second appliance may hold the port; stop it or set iscsi.listen)", cfg.listen)
@@ -73,7 +89,10 @@ impl Controller {
                 name: cfg.iqn.clone(),
                 alias: cfg.alias.clone(),
                 chap: cfg.chap.clone(),
-                portals: vec![Portal { address: listen.to_string(), tpgt: cfg.tpgt }],
+                portals: vec![Portal {
+                    address: listen.to_string(),
+                    tpgt: cfg.tpgt,
+                }],
                 device,
             }],
             discovery_chap: cfg.discovery_chap.clone(),

@@ -104,7 +104,10 @@ impl Drop for AlignedBuf {
 
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AlignedBuf").field("len", &self.len).field("cap", &self.cap).finish()
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .finish()
     }
 }
 
@@ -171,16 +174,29 @@ impl BufferPool {
     pub async fn take(&self, len: usize) -> PooledBuf {
         let class_cap = round_up(len.max(1), IO_ALIGN_BYTES).next_power_of_two();
         let pages = class_cap / IO_ALIGN_BYTES;
-        assert!(pages <= self.inner.max_pages, "buffer of {len} bytes exceeds pool");
+        assert!(
+            pages <= self.inner.max_pages,
+            "buffer of {len} bytes exceeds pool"
+        );
         let permit = Arc::clone(&self.inner.permits)
             .acquire_many_owned(u32::try_from(pages).expect("pages fit u32"))
             .await
             .expect("pool semaphore never closed");
         let class = class_cap.trailing_zeros() as usize;
-        let reused = self.inner.free.lock().expect("pool lock").get_mut(class).and_then(Vec::pop);
+        let reused = self
+            .inner
+            .free
+            .lock()
+            .expect("pool lock")
+            .get_mut(class)
+            .and_then(Vec::pop);
         let mut buf = reused.unwrap_or_else(|| AlignedBuf::zeroed(class_cap));
         buf.set_len(len);
-        PooledBuf { buf: Some(buf), _permit: permit, pool: Arc::clone(&self.inner) }
+        PooledBuf {
+            buf: Some(buf),
+            _permit: permit,
+            pool: Arc::clone(&self.inner),
+        }
     }
 
     /// Bytes currently available without waiting.

@@ -13,9 +13,7 @@
 //!   the caller's future is dropped.
 
 use crate::buf::{AlignedBuf, BufferPool, PooledBuf};
-use crate::constants::{
-    FALLBACK_THREADS, IO_ALIGN_BYTES, IO_SIZE_MAX_BYTES, QUEUE_DEPTH_DEFAULT,
-};
+use crate::constants::{FALLBACK_THREADS, IO_ALIGN_BYTES, IO_SIZE_MAX_BYTES, QUEUE_DEPTH_DEFAULT};
 use crate::error::{IoError, Result};
 use crate::{threads, uring};
 use std::fs::{File, OpenOptions};
@@ -77,8 +75,15 @@ impl DeviceConfig {
 }
 
 pub(crate) enum Op {
-    Read { buf: AlignedBuf, offset: u64 },
-    Write { buf: AlignedBuf, offset: u64, fua: bool },
+    Read {
+        buf: AlignedBuf,
+        offset: u64,
+    },
+    Write {
+        buf: AlignedBuf,
+        offset: u64,
+        fua: bool,
+    },
     Flush,
 }
 
@@ -124,7 +129,10 @@ impl Device {
     /// [`IoError::Open`] when the path cannot be opened, sized, or io_uring was required but
     /// is unavailable.
     pub fn open(cfg: &DeviceConfig) -> Result<Self> {
-        let open_err = |source| IoError::Open { path: cfg.path.clone(), source };
+        let open_err = |source| IoError::Open {
+            path: cfg.path.clone(),
+            source,
+        };
         if let Some(parent) = cfg.path.parent() {
             if !parent.as_os_str().is_empty() {
                 std::fs::create_dir_all(parent).map_err(open_err)?;
@@ -142,8 +150,12 @@ impl Device {
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         let size_bytes = size - size % IO_ALIGN_BYTES as u64;
         let engine = match cfg.engine {
-            EngineChoice::Threads => Engine::Threads(threads::ThreadEngine::start(file, FALLBACK_THREADS)),
-            EngineChoice::Uring => Engine::Uring(uring::UringEngine::start(file, cfg.queue_depth).map_err(|(_, e)| open_err(e))?),
+            EngineChoice::Threads => {
+                Engine::Threads(threads::ThreadEngine::start(file, FALLBACK_THREADS))
+            }
+            EngineChoice::Uring => Engine::Uring(
+                uring::UringEngine::start(file, cfg.queue_depth).map_err(|(_, e)| open_err(e))?,
+            ),
             EngineChoice::Auto => match uring::UringEngine::start(file, cfg.queue_depth) {
                 Ok(e) => Engine::Uring(e),
                 Err((file, e)) => {
@@ -192,11 +204,25 @@ impl Device {
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<()> {
-        if offset % IO_ALIGN_BYTES as u64 != 0 || len % IO_ALIGN_BYTES != 0 || len > IO_SIZE_MAX_BYTES {
-            return Err(IoError::Misaligned { offset, len, align: IO_ALIGN_BYTES });
+        if offset % IO_ALIGN_BYTES as u64 != 0
+            || len % IO_ALIGN_BYTES != 0
+            || len > IO_SIZE_MAX_BYTES
+        {
+            return Err(IoError::Misaligned {
+                offset,
+                len,
+                align: IO_ALIGN_BYTES,
+            });
         }
-        if offset.checked_add(len as u64).is_none_or(|end| end > self.size_bytes) {
-            return Err(IoError::OutOfRange { offset, len, size: self.size_bytes });
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.size_bytes)
+        {
+            return Err(IoError::OutOfRange {
+                offset,
+                len,
+                size: self.size_bytes,
+            });
         }
         Ok(())
     }
@@ -217,9 +243,18 @@ impl Device {
     /// Misaligned or out-of-range requests, and kernel errors.
     pub async fn read_into(&self, offset: u64, mut buf: PooledBuf) -> Result<PooledBuf> {
         self.check(offset, buf.len())?;
-        let c = self.submit(Op::Read { buf: buf.take_buf(), offset }).await?;
+        let c = self
+            .submit(Op::Read {
+                buf: buf.take_buf(),
+                offset,
+            })
+            .await?;
         buf.put_buf(c.buf.expect("engine returns the buffer"));
-        c.result.map_err(|source| IoError::Os { op: "read", offset, source })?;
+        c.result.map_err(|source| IoError::Os {
+            op: "read",
+            offset,
+            source,
+        })?;
         Ok(buf)
     }
 
@@ -227,11 +262,26 @@ impl Device {
     ///
     /// # Errors
     /// Misaligned or out-of-range requests, and kernel errors.
-    pub async fn write_from(&self, offset: u64, mut buf: PooledBuf, fua: bool) -> Result<PooledBuf> {
+    pub async fn write_from(
+        &self,
+        offset: u64,
+        mut buf: PooledBuf,
+        fua: bool,
+    ) -> Result<PooledBuf> {
         self.check(offset, buf.len())?;
-        let c = self.submit(Op::Write { buf: buf.take_buf(), offset, fua }).await?;
+        let c = self
+            .submit(Op::Write {
+                buf: buf.take_buf(),
+                offset,
+                fua,
+            })
+            .await?;
         buf.put_buf(c.buf.expect("engine returns the buffer"));
-        c.result.map_err(|source| IoError::Os { op: "write", offset, source })?;
+        c.result.map_err(|source| IoError::Os {
+            op: "write",
+            offset,
+            source,
+        })?;
         Ok(buf)
     }
 
@@ -241,7 +291,11 @@ impl Device {
     /// Kernel errors.
     pub async fn flush(&self) -> Result<()> {
         let c = self.submit(Op::Flush).await?;
-        c.result.map_err(|source| IoError::Os { op: "flush", offset: 0, source })
+        c.result.map_err(|source| IoError::Os {
+            op: "flush",
+            offset: 0,
+            source,
+        })
     }
 }
 
@@ -284,25 +338,37 @@ mod tests {
         let expect = w.as_slice().to_vec();
         dev.write_from(4096, w, true).await.unwrap();
         dev.flush().await.unwrap();
-        let r = dev.read_into(4096, dev.pool().take(8192).await).await.unwrap();
+        let r = dev
+            .read_into(4096, dev.pool().take(8192).await)
+            .await
+            .unwrap();
         assert_eq!(r.as_slice(), &expect[..]);
         // Misaligned and out-of-range requests never reach the kernel.
-        assert!(matches!(dev.read_into(100, dev.pool().take(4096).await).await, Err(IoError::Misaligned { .. })));
-        assert!(matches!(dev.read_into(1 << 20, dev.pool().take(4096).await).await, Err(IoError::OutOfRange { .. })));
+        assert!(matches!(
+            dev.read_into(100, dev.pool().take(4096).await).await,
+            Err(IoError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            dev.read_into(1 << 20, dev.pool().take(4096).await).await,
+            Err(IoError::OutOfRange { .. })
+        ));
         // Many concurrent requests complete.
         let futs: Vec<_> = (0..64u64)
             .map(|i| {
                 let dev = &dev;
                 async move {
-                let mut b = dev.pool().take(4096).await;
-                b.as_mut_slice().fill(i as u8);
-                dev.write_from(i * 4096, b, false).await.unwrap();
+                    let mut b = dev.pool().take(4096).await;
+                    b.as_mut_slice().fill(i as u8);
+                    dev.write_from(i * 4096, b, false).await.unwrap();
                 }
             })
             .collect();
         futures::future::join_all(futs).await;
         for i in 0..64u64 {
-            let r = dev.read_into(i * 4096, dev.pool().take(4096).await).await.unwrap();
+            let r = dev
+                .read_into(i * 4096, dev.pool().take(4096).await)
+                .await
+                .unwrap();
             assert!(r.as_slice().iter().all(|&b| b == i as u8));
         }
     }

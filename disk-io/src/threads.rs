@@ -31,11 +31,18 @@ impl ThreadEngine {
                     .expect("the OS lets us spawn disk threads")
             })
             .collect();
-        Self { tx: Some(tx), threads }
+        Self {
+            tx: Some(tx),
+            threads,
+        }
     }
 
     pub(crate) fn send(&self, req: Request) -> Result<()> {
-        self.tx.as_ref().ok_or(IoError::EngineStopped)?.send(req).map_err(|_| IoError::EngineStopped)
+        self.tx
+            .as_ref()
+            .ok_or(IoError::EngineStopped)?
+            .send(req)
+            .map_err(|_| IoError::EngineStopped)
     }
 }
 
@@ -57,16 +64,25 @@ fn worker(file: &File, rx: &Mutex<Receiver<Request>>) {
         let c = match req.op {
             Op::Read { mut buf, offset } => {
                 let result = file.read_exact_at(buf.as_mut_slice(), offset);
-                Completion { result, buf: Some(buf) }
+                Completion {
+                    result,
+                    buf: Some(buf),
+                }
             }
             Op::Write { buf, offset, fua } => {
                 let mut result = file.write_all_at(buf.as_slice(), offset);
                 if fua && result.is_ok() {
                     result = file.sync_data();
                 }
-                Completion { result, buf: Some(buf) }
+                Completion {
+                    result,
+                    buf: Some(buf),
+                }
             }
-            Op::Flush => Completion { result: file.sync_data(), buf: None },
+            Op::Flush => Completion {
+                result: file.sync_data(),
+                buf: None,
+            },
         };
         let _ = req.reply.send(c);
     }

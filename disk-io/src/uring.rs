@@ -45,7 +45,10 @@ pub(crate) struct UringEngine {
 
 impl UringEngine {
     /// Starts the ring thread, or gives the file back with the reason io_uring is unusable.
-    pub(crate) fn start(file: File, queue_depth: u32) -> std::result::Result<Self, (File, std::io::Error)> {
+    pub(crate) fn start(
+        file: File,
+        queue_depth: u32,
+    ) -> std::result::Result<Self, (File, std::io::Error)> {
         let qd = queue_depth.clamp(2, 4096);
         let mut ring = match IoUring::new((qd * 2).next_power_of_two()) {
             Ok(r) => r,
@@ -53,16 +56,25 @@ impl UringEngine {
         };
         // Probe: a NOP must complete (seccomp filters may allow setup but block enter).
         // SAFETY: a NOP references no memory.
-        let pushed = unsafe { ring.submission().push(&opcode::Nop::new().build().user_data(1)) };
+        let pushed = unsafe {
+            ring.submission()
+                .push(&opcode::Nop::new().build().user_data(1))
+        };
         if pushed.is_err() {
-            return Err((file, std::io::Error::other("submission queue full at probe")));
+            return Err((
+                file,
+                std::io::Error::other("submission queue full at probe"),
+            ));
         }
         if let Err(e) = ring.submit_and_wait(1) {
             return Err((file, e));
         }
         let probe = ring.completion().next().map(|c| c.result());
         if probe != Some(0) {
-            return Err((file, std::io::Error::other(format!("NOP probe returned {probe:?}"))));
+            return Err((
+                file,
+                std::io::Error::other(format!("NOP probe returned {probe:?}")),
+            ));
         }
         // SAFETY: eventfd returns a new fd or -1.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -71,18 +83,29 @@ impl UringEngine {
         }
         // SAFETY: raw is a freshly created fd that nothing else owns.
         let efd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let wake = Arc::new(Wake { efd, sleeping: AtomicBool::new(false) });
+        let wake = Arc::new(Wake {
+            efd,
+            sleeping: AtomicBool::new(false),
+        });
         let (tx, rx) = sync_channel(crate::constants::CHANNEL_DEPTH_MAX);
         let w = Arc::clone(&wake);
         let thread = std::thread::Builder::new()
             .name("disk-io-uring".into())
             .spawn(move || run(ring, file, rx, w, qd as usize))
             .expect("the OS lets us spawn the io_uring thread");
-        Ok(Self { tx: Some(tx), wake, thread: Some(thread) })
+        Ok(Self {
+            tx: Some(tx),
+            wake,
+            thread: Some(thread),
+        })
     }
 
     pub(crate) fn send(&self, req: Request) -> Result<()> {
-        self.tx.as_ref().ok_or(IoError::EngineStopped)?.send(req).map_err(|_| IoError::EngineStopped)?;
+        self.tx
+            .as_ref()
+            .ok_or(IoError::EngineStopped)?
+            .send(req)
+            .map_err(|_| IoError::EngineStopped)?;
         if self.wake.sleeping.swap(false, Ordering::SeqCst) {
             self.wake.notify();
         }
@@ -130,7 +153,11 @@ fn run(ring: IoUring, file: File, rx: Receiver<Request>, wake: Arc<Wake>, qd: us
                 .build()
                 .user_data(EVENTFD_TOKEN);
             // SAFETY: efd_buf is boxed and outlives the ring (declared before it).
-            unsafe { ring.submission().push(&e).expect("queue sized for depth + 1") };
+            unsafe {
+                ring.submission()
+                    .push(&e)
+                    .expect("queue sized for depth + 1")
+            };
             efd_armed = true;
         }
         while !closing && !free.is_empty() {
@@ -174,7 +201,10 @@ fn run(ring: IoUring, file: File, rx: Receiver<Request>, wake: Arc<Wake>, qd: us
             }
         }
         wake.sleeping.store(false, Ordering::SeqCst);
-        let cqes: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        let cqes: Vec<(u64, i32)> = ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
         for (ud, res) in cqes {
             if ud == EVENTFD_TOKEN {
                 efd_armed = false;
@@ -191,7 +221,10 @@ fn run(ring: IoUring, file: File, rx: Receiver<Request>, wake: Arc<Wake>, qd: us
                 if slot.op == SlotOp::Flush || slot.done >= total {
                     finish(slot, Ok(()));
                 } else if n == 0 {
-                    finish(slot, Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
+                    finish(
+                        slot,
+                        Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                    );
                 } else {
                     push(&mut ring, fd, idx, slot);
                     continue;
@@ -209,13 +242,21 @@ fn slot_from(req: Request) -> Slot {
         Op::Write { buf, offset, fua } => (SlotOp::Write { fua }, Some(buf), offset),
         Op::Flush => (SlotOp::Flush, None, 0),
     };
-    Slot { op, buf, offset, done: 0, reply: Some(req.reply) }
+    Slot {
+        op,
+        buf,
+        offset,
+        done: 0,
+        reply: Some(req.reply),
+    }
 }
 
 fn push(ring: &mut IoUring, fd: types::Fd, idx: usize, slot: &mut Slot) {
     let done = slot.done;
     let entry = match slot.op {
-        SlotOp::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+        SlotOp::Flush => opcode::Fsync::new(fd)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
         SlotOp::Read | SlotOp::Write { .. } => {
             let buf = slot.buf.as_mut().expect("data op has a buffer");
             let len = (buf.len() - done) as u32;
@@ -241,6 +282,9 @@ fn push(ring: &mut IoUring, fd: types::Fd, idx: usize, slot: &mut Slot) {
 
 fn finish(slot: &mut Slot, result: std::io::Result<()>) {
     if let Some(reply) = slot.reply.take() {
-        let _ = reply.send(Completion { result, buf: slot.buf.take() });
+        let _ = reply.send(Completion {
+            result,
+            buf: slot.buf.take(),
+        });
     }
 }

@@ -42,7 +42,11 @@ pub struct Timers {
 impl Default for Timers {
     fn default() -> Self {
         use crate::constants::*;
-        Self { login_timeout_ms: LOGIN_TIMEOUT_MS, nop_interval_ms: NOP_INTERVAL_MS, nop_timeout_ms: NOP_TIMEOUT_MS }
+        Self {
+            login_timeout_ms: LOGIN_TIMEOUT_MS,
+            nop_interval_ms: NOP_INTERVAL_MS,
+            nop_timeout_ms: NOP_TIMEOUT_MS,
+        }
     }
 }
 

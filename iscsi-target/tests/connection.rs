@@ -4,7 +4,9 @@
 
 use iscsi_target::proto::pdu::*;
 use iscsi_target::proto::text;
-use iscsi_target::{ChapConfig, ChapSecret, Connection, Event, FabricConfig, Portal, TargetInfo, Timers};
+use iscsi_target::{
+    ChapConfig, ChapSecret, Connection, Event, FabricConfig, Portal, TargetInfo, Timers,
+};
 use lun::{CommandOutcome, CommandStatus, DataIn as LunData, DeviceServer, TargetPort};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -14,19 +16,32 @@ use std::time::{Duration, Instant};
 const TARGET: &str = "iqn.2026-11.io.rainio:t";
 
 fn cfg(chap: Option<ChapConfig>) -> Arc<FabricConfig> {
-    let device = Arc::new(DeviceServer::new(TargetPort { relative_port: 1, port_group: 1 }, BTreeMap::new()));
+    let device = Arc::new(DeviceServer::new(
+        TargetPort {
+            relative_port: 1,
+            port_group: 1,
+        },
+        BTreeMap::new(),
+    ));
     Arc::new(FabricConfig {
         targets: vec![TargetInfo {
             name: TARGET.into(),
             alias: None,
             chap,
-            portals: vec![Portal { address: "127.0.0.1:3260".into(), tpgt: 1 }],
+            portals: vec![Portal {
+                address: "127.0.0.1:3260".into(),
+                tpgt: 1,
+            }],
             device,
         }],
         discovery_chap: None,
         tpgt: 1,
         relative_port: 1,
-        timers: Timers { login_timeout_ms: 1000, nop_interval_ms: 5000, nop_timeout_ms: 3000 },
+        timers: Timers {
+            login_timeout_ms: 1000,
+            nop_interval_ms: 5000,
+            nop_timeout_ms: 3000,
+        },
     })
 }
 
@@ -40,7 +55,12 @@ struct H {
 impl H {
     fn new(chap: Option<ChapConfig>) -> Self {
         let now = Instant::now();
-        Self { c: Connection::new(cfg(chap), 7, now), now, digests: Digests::default(), cmd_sn: 10 }
+        Self {
+            c: Connection::new(cfg(chap), 7, now),
+            now,
+            digests: Digests::default(),
+            cmd_sn: 10,
+        }
     }
 
     fn feed_raw(&mut self, bytes: &[u8]) -> Result<usize, iscsi_target::ConnectionError> {
@@ -62,8 +82,20 @@ impl H {
         let mut pos = 0;
         // Login responses never carry digests; after login, the negotiated ones apply.
         while pos < buf.len() {
-            let d = if buf[pos] & 0x3f == opcode::LOGIN_RESPONSE { Digests::default() } else { self.digests };
-            let info = frame_len(&buf[pos..], FrameLimits { digests: d, max_data_segment: 1 << 24 }).unwrap().unwrap();
+            let d = if buf[pos] & 0x3f == opcode::LOGIN_RESPONSE {
+                Digests::default()
+            } else {
+                self.digests
+            };
+            let info = frame_len(
+                &buf[pos..],
+                FrameLimits {
+                    digests: d,
+                    max_data_segment: 1 << 24,
+                },
+            )
+            .unwrap()
+            .unwrap();
             let p = parse_pdu(&buf[pos..pos + info.total], info, d).unwrap();
             pdus.push((p.bhs, p.data.to_vec()));
             pos += info.total;
@@ -93,19 +125,28 @@ impl H {
     }
 
     fn login(&mut self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-        let mut keys = vec![("InitiatorName", "iqn.x:i"), ("TargetName", TARGET), ("SessionType", "Normal")];
+        let mut keys = vec![
+            ("InitiatorName", "iqn.x:i"),
+            ("TargetName", TARGET),
+            ("SessionType", "Normal"),
+        ];
         keys.extend_from_slice(extra);
         let data = kv(&keys);
         self.feed(&self.login_pdu(1, 3, true), &data).unwrap();
         let out = self.out();
-        let (Bhs::LoginResponse(r), data) = &out[0] else { panic!("{out:?}") };
+        let (Bhs::LoginResponse(r), data) = &out[0] else {
+            panic!("{out:?}")
+        };
         assert_eq!((r.status_class, r.status_detail), (0, 0));
         assert!(r.transit && r.nsg == 3);
         assert_eq!(r.tsih, 7);
         assert!(self.c.is_full_feature());
         let keys = text::parse(data).unwrap();
         let get = |k: &str| keys.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        self.digests = Digests { header: get("HeaderDigest") == Some("CRC32C"), data: get("DataDigest") == Some("CRC32C") };
+        self.digests = Digests {
+            header: get("HeaderDigest") == Some("CRC32C"),
+            data: get("DataDigest") == Some("CRC32C"),
+        };
         keys
     }
 
@@ -155,14 +196,27 @@ fn good(data: Vec<u8>) -> CommandOutcome {
 #[test]
 fn login_answers_offered_keys_and_declares_mrdsl_once() {
     let mut h = H::new(None);
-    let keys = h.login(&[("HeaderDigest", "CRC32C,None"), ("MaxBurstLength", "65536"), ("X-foo", "1"), ("MaxRecvDataSegmentLength", "8192")]);
-    let get = |k: &str| keys.iter().filter(|(n, _)| n == k).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
+    let keys = h.login(&[
+        ("HeaderDigest", "CRC32C,None"),
+        ("MaxBurstLength", "65536"),
+        ("X-foo", "1"),
+        ("MaxRecvDataSegmentLength", "8192"),
+    ]);
+    let get = |k: &str| {
+        keys.iter()
+            .filter(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(get("HeaderDigest"), vec!["CRC32C"]);
     assert_eq!(get("MaxBurstLength"), vec!["65536"]);
     assert_eq!(get("X-foo"), vec!["NotUnderstood"]);
     assert_eq!(get("MaxRecvDataSegmentLength"), vec!["262144"]);
     assert_eq!(get("TargetPortalGroupTag"), vec!["1"]);
-    assert!(get("InitialR2T").is_empty(), "keys not offered are not answered");
+    assert!(
+        get("InitialR2T").is_empty(),
+        "keys not offered are not answered"
+    );
     assert_eq!(h.c.params().initiator_mrdsl, 8192);
     assert_eq!(h.events().len(), 1, "LoggedIn");
 }
@@ -172,12 +226,16 @@ fn login_keys_may_span_pdus_with_the_continue_bit() {
     let mut h = H::new(None);
     let all = kv(&[("InitiatorName", "iqn.x:i"), ("TargetName", TARGET)]);
     let (a, b) = all.split_at(10);
-    let Bhs::LoginRequest(mut first) = h.login_pdu(1, 3, true) else { unreachable!() };
+    let Bhs::LoginRequest(mut first) = h.login_pdu(1, 3, true) else {
+        unreachable!()
+    };
     first.cont = true;
     first.transit = false;
     h.feed(&Bhs::LoginRequest(first), a).unwrap();
     let out = h.out();
-    assert!(matches!(&out[0], (Bhs::LoginResponse(r), d) if r.status_class == 0 && !r.transit && d.is_empty()));
+    assert!(
+        matches!(&out[0], (Bhs::LoginResponse(r), d) if r.status_class == 0 && !r.transit && d.is_empty())
+    );
     h.feed(&h.login_pdu(1, 3, true), b).unwrap();
     let out = h.out();
     assert!(matches!(&out[0], (Bhs::LoginResponse(r), _) if r.status_class == 0 && r.transit));
@@ -186,46 +244,110 @@ fn login_keys_may_span_pdus_with_the_continue_bit() {
 #[test]
 fn login_failures_carry_the_right_status() {
     for (keys, status) in [
-        (vec![("TargetName", TARGET)], (2u8, 7u8)),                               // no InitiatorName
-        (vec![("InitiatorName", "iqn.x:i")], (2, 7)),                             // no TargetName
-        (vec![("InitiatorName", "iqn.x:i"), ("TargetName", "iqn.nope:x")], (2, 3)), // not found
-        (vec![("InitiatorName", "iqn.x:i"), ("TargetName", TARGET), ("SessionType", "Weird")], (2, 0)),
+        (vec![("TargetName", TARGET)], (2u8, 7u8)), // no InitiatorName
+        (vec![("InitiatorName", "iqn.x:i")], (2, 7)), // no TargetName
+        (
+            vec![("InitiatorName", "iqn.x:i"), ("TargetName", "iqn.nope:x")],
+            (2, 3),
+        ), // not found
+        (
+            vec![
+                ("InitiatorName", "iqn.x:i"),
+                ("TargetName", TARGET),
+                ("SessionType", "Weird"),
+            ],
+            (2, 0),
+        ),
     ] {
         let mut h = H::new(None);
         h.feed(&h.login_pdu(1, 3, true), &kv(&keys)).unwrap();
         let out = h.out();
-        let (Bhs::LoginResponse(r), _) = &out[0] else { panic!() };
+        let (Bhs::LoginResponse(r), _) = &out[0] else {
+            panic!()
+        };
         assert_eq!((r.status_class, r.status_detail), status, "{keys:?}");
         assert!(h.events().iter().any(|e| matches!(e, Event::Close { .. })));
     }
     // Malformed key text.
     let mut h = H::new(None);
-    h.feed(&h.login_pdu(1, 3, true), b"no equals sign\0").unwrap();
-    assert!(matches!(&h.out()[0], (Bhs::LoginResponse(r), _) if (r.status_class, r.status_detail) == (2, 0)));
+    h.feed(&h.login_pdu(1, 3, true), b"no equals sign\0")
+        .unwrap();
+    assert!(
+        matches!(&h.out()[0], (Bhs::LoginResponse(r), _) if (r.status_class, r.status_detail) == (2, 0))
+    );
 }
 
 #[test]
 fn chap_target_refuses_skipping_security_and_out_of_order_chap() {
-    let chap = ChapConfig { initiator: ChapSecret { user: "u".into(), secret: b"0123456789abcdef".to_vec() }, mutual: None };
+    let chap = ChapConfig {
+        initiator: ChapSecret {
+            user: "u".into(),
+            secret: b"0123456789abcdef".to_vec(),
+        },
+        mutual: None,
+    };
     // Straight to the operational stage.
     let mut h = H::new(Some(chap.clone()));
-    h.feed(&h.login_pdu(1, 3, true), &kv(&[("InitiatorName", "iqn.x:i"), ("TargetName", TARGET)])).unwrap();
-    assert!(matches!(&h.out()[0], (Bhs::LoginResponse(r), _) if (r.status_class, r.status_detail) == (2, 1)));
+    h.feed(
+        &h.login_pdu(1, 3, true),
+        &kv(&[("InitiatorName", "iqn.x:i"), ("TargetName", TARGET)]),
+    )
+    .unwrap();
+    assert!(
+        matches!(&h.out()[0], (Bhs::LoginResponse(r), _) if (r.status_class, r.status_detail) == (2, 1))
+    );
     // CHAP_R before any challenge.
     let mut h = H::new(Some(chap.clone()));
-    h.feed(&h.login_pdu(0, 1, false), &kv(&[("InitiatorName", "iqn.x:i"), ("TargetName", TARGET), ("AuthMethod", "CHAP")])).unwrap();
+    h.feed(
+        &h.login_pdu(0, 1, false),
+        &kv(&[
+            ("InitiatorName", "iqn.x:i"),
+            ("TargetName", TARGET),
+            ("AuthMethod", "CHAP"),
+        ]),
+    )
+    .unwrap();
     assert!(matches!(&h.out()[0], (Bhs::LoginResponse(r), _) if r.status_class == 0));
-    h.feed(&h.login_pdu(0, 1, true), &kv(&[("CHAP_N", "u"), ("CHAP_R", "0x00112233445566778899aabbccddeeff")])).unwrap();
-    assert!(matches!(&h.out()[0], (Bhs::LoginResponse(r), _) if (r.status_class, r.status_detail) == (2, 1)));
+    h.feed(
+        &h.login_pdu(0, 1, true),
+        &kv(&[
+            ("CHAP_N", "u"),
+            ("CHAP_R", "0x00112233445566778899aabbccddeeff"),
+        ]),
+    )
+    .unwrap();
+    assert!(
+        matches!(&h.out()[0], (Bhs::LoginResponse(r), _) if (r.status_class, r.status_detail) == (2, 1))
+    );
     // A reflected challenge (mutual CHAP with our own challenge) is refused.
-    let mutual = ChapConfig { mutual: Some(ChapSecret { user: "t".into(), secret: b"fedcba9876543210".to_vec() }), ..chap };
+    let mutual = ChapConfig {
+        mutual: Some(ChapSecret {
+            user: "t".into(),
+            secret: b"fedcba9876543210".to_vec(),
+        }),
+        ..chap
+    };
     let mut h = H::new(Some(mutual));
-    h.feed(&h.login_pdu(0, 1, false), &kv(&[("InitiatorName", "iqn.x:i"), ("TargetName", TARGET), ("AuthMethod", "CHAP")])).unwrap();
+    h.feed(
+        &h.login_pdu(0, 1, false),
+        &kv(&[
+            ("InitiatorName", "iqn.x:i"),
+            ("TargetName", TARGET),
+            ("AuthMethod", "CHAP"),
+        ]),
+    )
+    .unwrap();
     h.out();
-    h.feed(&h.login_pdu(0, 1, false), &kv(&[("CHAP_A", "5")])).unwrap();
+    h.feed(&h.login_pdu(0, 1, false), &kv(&[("CHAP_A", "5")]))
+        .unwrap();
     let out = h.out();
     let keys = text::parse(&out[0].1).unwrap();
-    let get = |k: &str| keys.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
+    let get = |k: &str| {
+        keys.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
     let id: u8 = get("CHAP_I").parse().unwrap();
     let c = iscsi_target::proto::chap::decode_binary(&get("CHAP_C")).unwrap();
     let r = iscsi_target::proto::chap::response(id, b"0123456789abcdef", &c);
@@ -236,7 +358,9 @@ fn chap_target_refuses_skipping_security_and_out_of_order_chap() {
         ("CHAP_C", &get("CHAP_C")),
     ]);
     h.feed(&h.login_pdu(0, 1, true), &resp).unwrap();
-    assert!(matches!(&h.out()[0], (Bhs::LoginResponse(r), _) if (r.status_class, r.status_detail) == (2, 1)));
+    assert!(
+        matches!(&h.out()[0], (Bhs::LoginResponse(r), _) if (r.status_class, r.status_detail) == (2, 1))
+    );
 }
 
 #[test]
@@ -256,7 +380,7 @@ fn cmdsn_window_across_the_wrap() {
     h.login(&[]);
     h.events();
     let base = h.cmd_sn; // u32::MAX - 1
-    // Send base+1 (= u32::MAX) first: queued.
+                         // Send base+1 (= u32::MAX) first: queued.
     h.cmd_sn = base.wrapping_add(1);
     h.scsi(2, 0x00, 0, false, true, &[]);
     assert!(h.executed().is_empty());
@@ -276,7 +400,10 @@ fn cmdsn_window_across_the_wrap() {
     for (b, _) in &out {
         let Bhs::ScsiResponse(r) = b else { panic!() };
         assert_eq!(r.exp_cmd_sn, 1, "ExpCmdSN wrapped to 1");
-        assert!(r.max_cmd_sn.wrapping_sub(last_max) < 1 << 31 || last_max == 0, "MaxCmdSN never decreases");
+        assert!(
+            r.max_cmd_sn.wrapping_sub(last_max) < 1 << 31 || last_max == 0,
+            "MaxCmdSN never decreases"
+        );
         last_max = r.max_cmd_sn;
     }
     // Far outside the window: ignored.
@@ -293,19 +420,53 @@ fn cmdsn_window_across_the_wrap() {
 #[test]
 fn write_uses_immediate_data_then_r2ts_within_max_burst() {
     let mut h = H::new(None);
-    h.login(&[("InitialR2T", "Yes"), ("MaxBurstLength", "16384"), ("FirstBurstLength", "8192"), ("MaxOutstandingR2T", "2")]);
+    h.login(&[
+        ("InitialR2T", "Yes"),
+        ("MaxBurstLength", "16384"),
+        ("FirstBurstLength", "8192"),
+        ("MaxOutstandingR2T", "2"),
+    ]);
     h.events();
     let edtl = 40_000u32;
     let data: Vec<u8> = (0..edtl).map(|i| (i % 253) as u8).collect();
     h.scsi(5, 0x2a, edtl, true, true, &data[..8192]);
-    let r2ts: Vec<R2t> = h.out().into_iter().map(|(b, _)| match b { Bhs::R2t(r) => r, o => panic!("{o:?}") }).collect();
+    let r2ts: Vec<R2t> = h
+        .out()
+        .into_iter()
+        .map(|(b, _)| match b {
+            Bhs::R2t(r) => r,
+            o => panic!("{o:?}"),
+        })
+        .collect();
     assert_eq!(r2ts.len(), 2, "MaxOutstandingR2T");
-    assert_eq!((r2ts[0].buffer_offset, r2ts[0].desired_length, r2ts[0].r2t_sn), (8192, 16384, 0));
-    assert_eq!((r2ts[1].buffer_offset, r2ts[1].desired_length, r2ts[1].r2t_sn), (24576, 15424, 1));
+    assert_eq!(
+        (
+            r2ts[0].buffer_offset,
+            r2ts[0].desired_length,
+            r2ts[0].r2t_sn
+        ),
+        (8192, 16384, 0)
+    );
+    assert_eq!(
+        (
+            r2ts[1].buffer_offset,
+            r2ts[1].desired_length,
+            r2ts[1].r2t_sn
+        ),
+        (24576, 15424, 1)
+    );
     for r in &r2ts {
         let off = r.buffer_offset as usize;
         let end = off + r.desired_length as usize;
-        let d = Bhs::DataOut(DataOut { final_: true, lun: 0, itt: 5, ttt: r.ttt, exp_stat_sn: 0, data_sn: 0, buffer_offset: r.buffer_offset });
+        let d = Bhs::DataOut(DataOut {
+            final_: true,
+            lun: 0,
+            itt: 5,
+            ttt: r.ttt,
+            exp_stat_sn: 0,
+            data_sn: 0,
+            buffer_offset: r.buffer_offset,
+        });
         h.feed(&d, &data[off..end]).unwrap();
     }
     let ex = h.executed();
@@ -322,10 +483,22 @@ fn data_in_is_split_by_the_initiators_limit_and_status_collapsed() {
     assert_eq!(h.executed().len(), 1);
     h.c.handle_outcome(8, good(vec![7u8; 12_000]));
     let out = h.out();
-    let ins: Vec<&DataIn> = out.iter().map(|(b, _)| match b { Bhs::DataIn(d) => d, o => panic!("{o:?}") }).collect();
+    let ins: Vec<&DataIn> = out
+        .iter()
+        .map(|(b, _)| match b {
+            Bhs::DataIn(d) => d,
+            o => panic!("{o:?}"),
+        })
+        .collect();
     assert_eq!(ins.len(), 3);
-    assert_eq!(out.iter().map(|(_, d)| d.len()).collect::<Vec<_>>(), vec![4096, 4096, 1808]);
-    assert_eq!(ins.iter().map(|d| d.data_sn).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(
+        out.iter().map(|(_, d)| d.len()).collect::<Vec<_>>(),
+        vec![4096, 4096, 1808]
+    );
+    assert_eq!(
+        ins.iter().map(|d| d.data_sn).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
     let last = ins[2];
     assert!(last.has_status && last.final_ && last.overflow && last.residual == 2000);
     assert!(!ins[0].has_status);
@@ -339,9 +512,19 @@ fn check_condition_carries_sense_and_underflow() {
     h.scsi(8, 0x28, 512, false, true, &[]);
     h.executed();
     let reason = lun::SenseReason::LbaOutOfRange;
-    h.c.handle_outcome(8, CommandOutcome { status: CommandStatus::CheckCondition(reason), sense: reason.encode(false), data_in: LunData::None, data_out_wanted: None });
+    h.c.handle_outcome(
+        8,
+        CommandOutcome {
+            status: CommandStatus::CheckCondition(reason),
+            sense: reason.encode(false),
+            data_in: LunData::None,
+            data_out_wanted: None,
+        },
+    );
     let out = h.out();
-    let (Bhs::ScsiResponse(r), d) = &out[0] else { panic!() };
+    let (Bhs::ScsiResponse(r), d) = &out[0] else {
+        panic!()
+    };
     assert_eq!(r.status, 2);
     assert_eq!(u16::from_be_bytes([d[0], d[1]]) as usize, d.len() - 2);
     assert_eq!(d[2 + 12], 0x21);
@@ -355,19 +538,52 @@ fn abort_task_answers_only_after_the_task_stopped() {
     h.events();
     h.scsi(8, 0x28, 512, false, true, &[]);
     h.executed();
-    let tmf = Bhs::TaskMgmtRequest(TaskMgmtRequest { immediate: true, function: 1, lun: 0, itt: 99, rtt: 8, cmd_sn: h.cmd_sn, exp_stat_sn: 0, ref_cmd_sn: h.cmd_sn - 1, exp_data_sn: 0 });
+    let tmf = Bhs::TaskMgmtRequest(TaskMgmtRequest {
+        immediate: true,
+        function: 1,
+        lun: 0,
+        itt: 99,
+        rtt: 8,
+        cmd_sn: h.cmd_sn,
+        exp_stat_sn: 0,
+        ref_cmd_sn: h.cmd_sn - 1,
+        exp_data_sn: 0,
+    });
     h.feed(&tmf, &[]).unwrap();
-    assert!(h.out().is_empty(), "no TMF response while the task still runs");
+    assert!(
+        h.out().is_empty(),
+        "no TMF response while the task still runs"
+    );
     h.c.handle_outcome(8, good(vec![1; 512]));
     let out = h.out();
     assert_eq!(out.len(), 1, "the aborted task is not answered");
     assert!(matches!(&out[0].0, Bhs::TaskMgmtResponse(r) if r.itt == 99 && r.response == 0));
     // Unknown task not yet received: "task does not exist".
-    let tmf = Bhs::TaskMgmtRequest(TaskMgmtRequest { immediate: true, function: 1, lun: 0, itt: 100, rtt: 1234, cmd_sn: h.cmd_sn, exp_stat_sn: 0, ref_cmd_sn: h.cmd_sn + 3, exp_data_sn: 0 });
+    let tmf = Bhs::TaskMgmtRequest(TaskMgmtRequest {
+        immediate: true,
+        function: 1,
+        lun: 0,
+        itt: 100,
+        rtt: 1234,
+        cmd_sn: h.cmd_sn,
+        exp_stat_sn: 0,
+        ref_cmd_sn: h.cmd_sn + 3,
+        exp_data_sn: 0,
+    });
     h.feed(&tmf, &[]).unwrap();
     assert!(matches!(&h.out()[0].0, Bhs::TaskMgmtResponse(r) if r.response == 1));
     // Unsupported function.
-    let tmf = Bhs::TaskMgmtRequest(TaskMgmtRequest { immediate: true, function: 3, lun: 0, itt: 101, rtt: 0, cmd_sn: h.cmd_sn, exp_stat_sn: 0, ref_cmd_sn: 0, exp_data_sn: 0 });
+    let tmf = Bhs::TaskMgmtRequest(TaskMgmtRequest {
+        immediate: true,
+        function: 3,
+        lun: 0,
+        itt: 101,
+        rtt: 0,
+        cmd_sn: h.cmd_sn,
+        exp_stat_sn: 0,
+        ref_cmd_sn: 0,
+        exp_data_sn: 0,
+    });
     h.feed(&tmf, &[]).unwrap();
     assert!(matches!(&h.out()[0].0, Bhs::TaskMgmtResponse(r) if r.response == 5));
 }
@@ -381,10 +597,19 @@ fn keepalive_pings_then_drops_a_silent_initiator() {
     assert_eq!(t - h.now, Duration::from_millis(5000));
     h.c.handle_timeout(t);
     let out = h.out();
-    let (Bhs::NopIn(n), _) = &out[0] else { panic!("{out:?}") };
+    let (Bhs::NopIn(n), _) = &out[0] else {
+        panic!("{out:?}")
+    };
     assert_eq!(n.itt, RESERVED_TAG);
     // Answered: no close.
-    let reply = Bhs::NopOut(NopOut { immediate: true, lun: 0, itt: RESERVED_TAG, ttt: n.ttt, cmd_sn: h.cmd_sn, exp_stat_sn: 0 });
+    let reply = Bhs::NopOut(NopOut {
+        immediate: true,
+        lun: 0,
+        itt: RESERVED_TAG,
+        ttt: n.ttt,
+        cmd_sn: h.cmd_sn,
+        exp_stat_sn: 0,
+    });
     h.now = t;
     h.feed(&reply, &[]).unwrap();
     assert!(h.out().is_empty());
@@ -412,20 +637,51 @@ fn malformed_pdus_get_reject_or_close_without_allocation() {
     assert_eq!(h.feed_raw(&raw).unwrap(), 48);
     assert!(matches!(&h.out()[0], (Bhs::Reject(r), d) if r.reason == 5 && d.len() == 48));
     // SNACK at ERL 0: Reject.
-    let snack = Bhs::SnackRequest(SnackRequest { kind: 0, lun: 0, itt: 1, ttt: RESERVED_TAG, exp_stat_sn: 0, beg_run: 0, run_length: 0 });
+    let snack = Bhs::SnackRequest(SnackRequest {
+        kind: 0,
+        lun: 0,
+        itt: 1,
+        ttt: RESERVED_TAG,
+        exp_stat_sn: 0,
+        beg_run: 0,
+        run_length: 0,
+    });
     h.feed(&snack, &[]).unwrap();
     assert!(matches!(&h.out()[0].0, Bhs::Reject(_)));
     // Data-Out for a task that was never issued: Reject.
-    let d = Bhs::DataOut(DataOut { final_: true, lun: 0, itt: 4242, ttt: 77, exp_stat_sn: 0, data_sn: 0, buffer_offset: 0 });
+    let d = Bhs::DataOut(DataOut {
+        final_: true,
+        lun: 0,
+        itt: 4242,
+        ttt: 77,
+        exp_stat_sn: 0,
+        data_sn: 0,
+        buffer_offset: 0,
+    });
     h.feed(&d, &[0; 512]).unwrap();
     assert!(matches!(&h.out()[0].0, Bhs::Reject(r) if r.reason == 9));
     // A NOP-Out answering a ping never sent: Reject.
-    let n = Bhs::NopOut(NopOut { immediate: true, lun: 0, itt: RESERVED_TAG, ttt: 31337, cmd_sn: h.cmd_sn, exp_stat_sn: 0 });
+    let n = Bhs::NopOut(NopOut {
+        immediate: true,
+        lun: 0,
+        itt: RESERVED_TAG,
+        ttt: 31337,
+        cmd_sn: h.cmd_sn,
+        exp_stat_sn: 0,
+    });
     h.feed(&n, &[]).unwrap();
     assert!(matches!(&h.out()[0].0, Bhs::Reject(_)));
     // A header announcing a data segment over our limit: refused from the header alone.
     let mut hdr = [0u8; 48];
-    Bhs::NopOut(NopOut { immediate: true, lun: 0, itt: 1, ttt: RESERVED_TAG, cmd_sn: 0, exp_stat_sn: 0 }).encode(&mut hdr, 0, 300_000);
+    Bhs::NopOut(NopOut {
+        immediate: true,
+        lun: 0,
+        itt: 1,
+        ttt: RESERVED_TAG,
+        cmd_sn: 0,
+        exp_stat_sn: 0,
+    })
+    .encode(&mut hdr, 0, 300_000);
     assert!(h.feed_raw(&hdr).is_err());
     assert!(matches!(&h.out()[0].0, Bhs::Reject(r) if r.reason == 4));
 }
@@ -435,7 +691,14 @@ fn bad_data_digest_is_rejected_and_closes() {
     let mut h = H::new(None);
     h.login(&[("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")]);
     h.events();
-    let nop = Bhs::NopOut(NopOut { immediate: true, lun: 0, itt: 3, ttt: RESERVED_TAG, cmd_sn: h.cmd_sn, exp_stat_sn: 0 });
+    let nop = Bhs::NopOut(NopOut {
+        immediate: true,
+        lun: 0,
+        itt: 3,
+        ttt: RESERVED_TAG,
+        cmd_sn: h.cmd_sn,
+        exp_stat_sn: 0,
+    });
     let mut w = Vec::new();
     encode_pdu(&mut w, &nop, &[], b"ping", h.digests);
     let n = w.len();
@@ -446,27 +709,69 @@ fn bad_data_digest_is_rejected_and_closes() {
 
 #[test]
 fn long_sendtargets_answers_are_split_with_the_continue_bit() {
-    let device = Arc::new(DeviceServer::new(TargetPort { relative_port: 1, port_group: 1 }, BTreeMap::new()));
+    let device = Arc::new(DeviceServer::new(
+        TargetPort {
+            relative_port: 1,
+            port_group: 1,
+        },
+        BTreeMap::new(),
+    ));
     let targets = (0..200)
         .map(|i| TargetInfo {
             name: format!("iqn.2026-11.io.rainio:target-with-a-long-name-{i:04}"),
             alias: None,
             chap: None,
-            portals: vec![Portal { address: "127.0.0.1:3260".into(), tpgt: 1 }],
+            portals: vec![Portal {
+                address: "127.0.0.1:3260".into(),
+                tpgt: 1,
+            }],
             device: Arc::clone(&device),
         })
         .collect();
-    let cfg = Arc::new(FabricConfig { targets, discovery_chap: None, tpgt: 1, relative_port: 1, timers: Timers::default() });
-    let mut h = H { c: Connection::new(cfg, 3, Instant::now()), now: Instant::now(), digests: Digests::default(), cmd_sn: 1 };
-    h.feed(&h.login_pdu(1, 3, true), &kv(&[("InitiatorName", "iqn.x:i"), ("SessionType", "Discovery"), ("MaxRecvDataSegmentLength", "4096")])).unwrap();
+    let cfg = Arc::new(FabricConfig {
+        targets,
+        discovery_chap: None,
+        tpgt: 1,
+        relative_port: 1,
+        timers: Timers::default(),
+    });
+    let mut h = H {
+        c: Connection::new(cfg, 3, Instant::now()),
+        now: Instant::now(),
+        digests: Digests::default(),
+        cmd_sn: 1,
+    };
+    h.feed(
+        &h.login_pdu(1, 3, true),
+        &kv(&[
+            ("InitiatorName", "iqn.x:i"),
+            ("SessionType", "Discovery"),
+            ("MaxRecvDataSegmentLength", "4096"),
+        ]),
+    )
+    .unwrap();
     h.out();
-    let req = |ttt| Bhs::TextRequest(TextRequest { immediate: true, final_: true, cont: false, lun: 0, itt: 4, ttt, cmd_sn: 1, exp_stat_sn: 0 });
-    h.feed(&req(RESERVED_TAG), &kv(&[("SendTargets", "All")])).unwrap();
+    let req = |ttt| {
+        Bhs::TextRequest(TextRequest {
+            immediate: true,
+            final_: true,
+            cont: false,
+            lun: 0,
+            itt: 4,
+            ttt,
+            cmd_sn: 1,
+            exp_stat_sn: 0,
+        })
+    };
+    h.feed(&req(RESERVED_TAG), &kv(&[("SendTargets", "All")]))
+        .unwrap();
     let mut all = Vec::new();
     let mut rounds = 0;
     loop {
         let out = h.out();
-        let (Bhs::TextResponse(r), d) = &out[0] else { panic!() };
+        let (Bhs::TextResponse(r), d) = &out[0] else {
+            panic!()
+        };
         assert!(d.len() <= 4096);
         all.extend_from_slice(d);
         rounds += 1;
@@ -478,9 +783,17 @@ fn long_sendtargets_answers_are_split_with_the_continue_bit() {
     }
     assert!(rounds > 3);
     // More pairs than our own receive limit, so count them directly.
-    let names = all.split(|&b| b == 0).filter(|kv| kv.starts_with(b"TargetName=")).count();
+    let names = all
+        .split(|&b| b == 0)
+        .filter(|kv| kv.starts_with(b"TargetName="))
+        .count();
     assert_eq!(names, 200);
-    assert!(all.split(|&b| b == 0).filter(|kv| !kv.is_empty()).all(|kv| kv.starts_with(b"TargetName=") || kv.starts_with(b"TargetAddress=")), "no pair was cut at a PDU boundary");
+    assert!(
+        all.split(|&b| b == 0)
+            .filter(|kv| !kv.is_empty())
+            .all(|kv| kv.starts_with(b"TargetName=") || kv.starts_with(b"TargetAddress=")),
+        "no pair was cut at a PDU boundary"
+    );
 }
 
 proptest! {

@@ -217,7 +217,10 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
     let invalid = |byte: u16, bit: Option<u8>| Err(SenseReason::InvalidFieldInCdb { byte, bit });
     match opcode {
         op::TEST_UNIT_READY => Ok(Cdb::TestUnitReady),
-        op::REQUEST_SENSE => Ok(Cdb::RequestSense { desc: cdb[1] & 1 != 0, alloc: u32::from(cdb[4]) }),
+        op::REQUEST_SENSE => Ok(Cdb::RequestSense {
+            desc: cdb[1] & 1 != 0,
+            alloc: u32::from(cdb[4]),
+        }),
         op::INQUIRY => {
             let evpd = cdb[1] & 1 != 0;
             if cdb[1] & 0xfe != 0 {
@@ -226,14 +229,21 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
             if !evpd && cdb[2] != 0 {
                 return invalid(2, None);
             }
-            Ok(Cdb::Inquiry { evpd, page: cdb[2], alloc: be16(&cdb[3..]) })
+            Ok(Cdb::Inquiry {
+                evpd,
+                page: cdb[2],
+                alloc: be16(&cdb[3..]),
+            })
         }
         op::REPORT_LUNS => {
             let alloc = be32(&cdb[6..]);
             if alloc < 16 {
                 return invalid(6, None);
             }
-            Ok(Cdb::ReportLuns { select: cdb[2], alloc })
+            Ok(Cdb::ReportLuns {
+                select: cdb[2],
+                alloc,
+            })
         }
         op::READ_CAPACITY_10 => {
             // PMI (byte 8 bit 0) is obsolete in SBC-3; LBA must be zero without it.
@@ -243,7 +253,9 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
             Ok(Cdb::ReadCapacity10)
         }
         op::SERVICE_ACTION_IN_16 => match cdb[1] & 0x1f {
-            op::SAI_READ_CAPACITY_16 => Ok(Cdb::ReadCapacity16 { alloc: be32(&cdb[10..]) }),
+            op::SAI_READ_CAPACITY_16 => Ok(Cdb::ReadCapacity16 {
+                alloc: be32(&cdb[10..]),
+            }),
             _ => invalid(1, Some(4)),
         },
         op::MAINTENANCE_IN => match cdb[1] & 0x1f {
@@ -252,7 +264,10 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
                 if format > 1 {
                     return invalid(1, Some(7));
                 }
-                Ok(Cdb::ReportTargetPortGroups { extended: format == 1, alloc: be32(&cdb[6..]) })
+                Ok(Cdb::ReportTargetPortGroups {
+                    extended: format == 1,
+                    alloc: be32(&cdb[6..]),
+                })
             }
             op::MI_REPORT_SUPPORTED_OPCODES => Ok(Cdb::ReportSupportedOpcodes {
                 rctd: cdb[2] & 0x80 != 0,
@@ -266,7 +281,10 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
                 if alloc < 4 {
                     return invalid(6, None);
                 }
-                Ok(Cdb::ReportSupportedTmfs { extended: cdb[2] & 0x80 != 0, alloc })
+                Ok(Cdb::ReportSupportedTmfs {
+                    extended: cdb[2] & 0x80 != 0,
+                    alloc,
+                })
             }
             _ => invalid(1, Some(4)),
         },
@@ -278,15 +296,30 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
         }
         op::READ_10 | op::WRITE_10 => {
             check_rw_flags(cdb[1])?;
-            Ok(rw(opcode == op::WRITE_10, u64::from(be32(&cdb[2..])), be16(&cdb[7..]), cdb[1] & 0x08 != 0))
+            Ok(rw(
+                opcode == op::WRITE_10,
+                u64::from(be32(&cdb[2..])),
+                be16(&cdb[7..]),
+                cdb[1] & 0x08 != 0,
+            ))
         }
         op::READ_12 | op::WRITE_12 => {
             check_rw_flags(cdb[1])?;
-            Ok(rw(opcode == op::WRITE_12, u64::from(be32(&cdb[2..])), be32(&cdb[6..]), cdb[1] & 0x08 != 0))
+            Ok(rw(
+                opcode == op::WRITE_12,
+                u64::from(be32(&cdb[2..])),
+                be32(&cdb[6..]),
+                cdb[1] & 0x08 != 0,
+            ))
         }
         op::READ_16 | op::WRITE_16 => {
             check_rw_flags(cdb[1])?;
-            Ok(rw(opcode == op::WRITE_16, be64(&cdb[2..]), be32(&cdb[10..]), cdb[1] & 0x08 != 0))
+            Ok(rw(
+                opcode == op::WRITE_16,
+                be64(&cdb[2..]),
+                be32(&cdb[10..]),
+                cdb[1] & 0x08 != 0,
+            ))
         }
         op::WRITE_AND_VERIFY_10 | op::WRITE_AND_VERIFY_12 | op::WRITE_AND_VERIFY_16 => {
             check_rw_flags(cdb[1])?;
@@ -302,12 +335,20 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
                 op::WRITE_AND_VERIFY_12 => (u64::from(be32(&cdb[2..])), be32(&cdb[6..])),
                 _ => (be64(&cdb[2..]), be32(&cdb[10..])),
             };
-            Ok(Cdb::WriteAndVerify { lba, blocks, bytchk })
+            Ok(Cdb::WriteAndVerify {
+                lba,
+                blocks,
+                bytchk,
+            })
         }
-        op::SYNCHRONIZE_CACHE_10 => {
-            Ok(Cdb::SynchronizeCache { lba: u64::from(be32(&cdb[2..])), blocks: be16(&cdb[7..]) })
-        }
-        op::SYNCHRONIZE_CACHE_16 => Ok(Cdb::SynchronizeCache { lba: be64(&cdb[2..]), blocks: be32(&cdb[10..]) }),
+        op::SYNCHRONIZE_CACHE_10 => Ok(Cdb::SynchronizeCache {
+            lba: u64::from(be32(&cdb[2..])),
+            blocks: be16(&cdb[7..]),
+        }),
+        op::SYNCHRONIZE_CACHE_16 => Ok(Cdb::SynchronizeCache {
+            lba: be64(&cdb[2..]),
+            blocks: be32(&cdb[10..]),
+        }),
         op::MODE_SENSE_6 | op::MODE_SENSE_10 => {
             let ten = opcode == op::MODE_SENSE_10;
             let pc = match cdb[2] >> 6 {
@@ -316,7 +357,11 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
                 2 => PageControl::Default,
                 _ => PageControl::Saved,
             };
-            let alloc = if ten { be16(&cdb[7..]) } else { u32::from(cdb[4]) };
+            let alloc = if ten {
+                be16(&cdb[7..])
+            } else {
+                u32::from(cdb[4])
+            };
             Ok(Cdb::ModeSense {
                 ten,
                 dbd: cdb[1] & 0x08 != 0,
@@ -335,7 +380,10 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
 /// RDPROTECT/WRPROTECT (bits 7-5) must be zero: the LU has no protection information.
 fn check_rw_flags(b1: u8) -> Result<(), SenseReason> {
     if b1 & 0xe0 != 0 {
-        return Err(SenseReason::InvalidFieldInCdb { byte: 1, bit: Some(7) });
+        return Err(SenseReason::InvalidFieldInCdb {
+            byte: 1,
+            bit: Some(7),
+        });
     }
     Ok(())
 }
@@ -360,13 +408,27 @@ mod tests {
         c[1] = 0x08;
         c[2..10].copy_from_slice(&u64::MAX.to_be_bytes());
         c[10..14].copy_from_slice(&7u32.to_be_bytes());
-        assert_eq!(decode(&c), Ok(Cdb::Read { lba: u64::MAX, blocks: 7, fua: true }));
+        assert_eq!(
+            decode(&c),
+            Ok(Cdb::Read {
+                lba: u64::MAX,
+                blocks: 7,
+                fua: true
+            })
+        );
     }
 
     #[test]
     fn rw6_zero_means_256() {
         let c = [op::READ_6, 0x1f, 0xff, 0xff, 0, 0];
-        assert_eq!(decode(&c), Ok(Cdb::Read { lba: 0x1f_ffff, blocks: 256, fua: false }));
+        assert_eq!(
+            decode(&c),
+            Ok(Cdb::Read {
+                lba: 0x1f_ffff,
+                blocks: 256,
+                fua: false
+            })
+        );
     }
 
     #[test]
@@ -374,7 +436,13 @@ mod tests {
         let mut c = [0u8; 10];
         c[0] = op::WRITE_10;
         c[1] = 0x20;
-        assert_eq!(decode(&c), Err(SenseReason::InvalidFieldInCdb { byte: 1, bit: Some(7) }));
+        assert_eq!(
+            decode(&c),
+            Err(SenseReason::InvalidFieldInCdb {
+                byte: 1,
+                bit: Some(7)
+            })
+        );
     }
 
     #[test]
@@ -390,7 +458,10 @@ mod tests {
         let mut c = [0u8; 12];
         c[0] = op::REPORT_LUNS;
         c[9] = 15;
-        assert_eq!(decode(&c), Err(SenseReason::InvalidFieldInCdb { byte: 6, bit: None }));
+        assert_eq!(
+            decode(&c),
+            Err(SenseReason::InvalidFieldInCdb { byte: 6, bit: None })
+        );
     }
 
     #[test]
@@ -401,7 +472,10 @@ mod tests {
 
     #[test]
     fn short_cdb_is_refused() {
-        assert_eq!(decode(&[op::READ_16, 0, 0]), Err(SenseReason::InvalidFieldInCdb { byte: 0, bit: None }));
+        assert_eq!(
+            decode(&[op::READ_16, 0, 0]),
+            Err(SenseReason::InvalidFieldInCdb { byte: 0, bit: None })
+        );
     }
 
     proptest! {

@@ -107,6 +107,11 @@ pub struct CommandOutcome {
 impl CommandOutcome {
     /// GOOD with optional data.
     pub fn good(data_in: DataIn) -> Self {
-        Self { status: CommandStatus::Good, sense: Vec::new(), data_in, data_out_wanted: None }
+        Self {
+            status: CommandStatus::Good,
+            sense: Vec::new(),
+            data_in,
+            data_out_wanted: None,
+        }
     }
 }

@@ -86,7 +86,10 @@ impl LogicalUnit {
     /// # Panics
     /// If the block size is not one of [`crate::constants::BLOCK_SIZES`] (checked by config).
     pub fn new(identity: LuIdentity, block_size: u32, volume: Arc<LocalVolume>) -> Self {
-        assert!(crate::constants::BLOCK_SIZES.contains(&block_size), "block size {block_size}");
+        assert!(
+            crate::constants::BLOCK_SIZES.contains(&block_size),
+            "block size {block_size}"
+        );
         let blocks = volume.size_bytes() / u64::from(block_size);
         Self {
             identity,
@@ -141,10 +144,17 @@ impl LogicalUnit {
         let bytes = self.check_transfer(blocks, len_field_byte(cmd.cdb[0]))?;
         // FCP-4 / SAM-5 overflow rule: the transport delivered fewer bytes than the CDB asks
         // for; process the command on the whole blocks that did arrive.
-        let bytes = if cmd.data_out.len() < bytes { cmd.data_out.len() / bs as usize * bs as usize } else { bytes };
+        let bytes = if cmd.data_out.len() < bytes {
+            cmd.data_out.len() / bs as usize * bs as usize
+        } else {
+            bytes
+        };
         if bytes > 0 {
             let fua = fua || !self.write_cache_enabled();
-            self.volume.write(lba * bs, &cmd.data_out[..bytes], fua).await.map_err(|e| backend::write_error(&e, lba))?;
+            self.volume
+                .write(lba * bs, &cmd.data_out[..bytes], fua)
+                .await
+                .map_err(|e| backend::write_error(&e, lba))?;
         }
         Ok(bytes)
     }
@@ -152,7 +162,10 @@ impl LogicalUnit {
     fn check_transfer(&self, blocks: u32, len_byte: u16) -> Result<usize, SenseReason> {
         let bytes = u64::from(blocks) * u64::from(self.block_size);
         if bytes > u64::from(TRANSFER_BYTES_MAX) {
-            return Err(SenseReason::InvalidFieldInCdb { byte: len_byte, bit: None });
+            return Err(SenseReason::InvalidFieldInCdb {
+                byte: len_byte,
+                bit: None,
+            });
         }
         Ok(bytes as usize)
     }
@@ -173,7 +186,11 @@ pub fn decode_lun(raw: u64) -> Option<u16> {
 
 /// Encodes a LUN number as the SAM-5 LUN field (peripheral below 256, flat above).
 pub fn encode_lun(lun: u16) -> u64 {
-    let b0 = if lun < 256 { 0 } else { 0x40 | (lun >> 8) as u8 };
+    let b0 = if lun < 256 {
+        0
+    } else {
+        0x40 | (lun >> 8) as u8
+    };
     u64::from_be_bytes([b0, lun as u8, 0, 0, 0, 0, 0, 0])
 }
 
@@ -207,15 +224,23 @@ impl DeviceServer {
         let mut wanted = None;
         let result = match (decoded, lu) {
             (Err(reason), _) => Err(reason),
-            (Ok(Cdb::ReportLuns { select, alloc }), _) => self.report_luns(select, alloc).map(DataIn::Bytes),
-            (Ok(Cdb::Inquiry { evpd: false, alloc, .. }), None) => {
-                Ok(DataIn::Bytes(truncate(inquiry::not_present(), alloc)))
+            (Ok(Cdb::ReportLuns { select, alloc }), _) => {
+                self.report_luns(select, alloc).map(DataIn::Bytes)
             }
+            (
+                Ok(Cdb::Inquiry {
+                    evpd: false, alloc, ..
+                }),
+                None,
+            ) => Ok(DataIn::Bytes(truncate(inquiry::not_present(), alloc))),
             (Ok(_), None) => Err(SenseReason::LunNotSupported),
             (Ok(c), Some(lu)) => self.execute_lu(&lu, c, &cmd, &mut wanted).await,
         };
         match result {
-            Ok(data_in) => CommandOutcome { data_out_wanted: wanted, ..CommandOutcome::good(data_in) },
+            Ok(data_in) => CommandOutcome {
+                data_out_wanted: wanted,
+                ..CommandOutcome::good(data_in)
+            },
             Err(reason) => CommandOutcome {
                 status: CommandStatus::CheckCondition(reason),
                 sense: reason.encode(descriptor),
@@ -235,13 +260,20 @@ impl DeviceServer {
         let bs = u64::from(lu.block_size);
         match c {
             Cdb::TestUnitReady | Cdb::StartStopUnit => Ok(DataIn::None),
-            Cdb::Inquiry { evpd: false, alloc, .. } => Ok(DataIn::Bytes(truncate(inquiry::standard(lu), alloc))),
-            Cdb::Inquiry { evpd: true, page, alloc } => inquiry::vpd(lu, self.port, page)
+            Cdb::Inquiry {
+                evpd: false, alloc, ..
+            } => Ok(DataIn::Bytes(truncate(inquiry::standard(lu), alloc))),
+            Cdb::Inquiry {
+                evpd: true,
+                page,
+                alloc,
+            } => inquiry::vpd(lu, self.port, page)
                 .map(|d| DataIn::Bytes(truncate(d, alloc)))
                 .ok_or(SenseReason::InvalidFieldInCdb { byte: 2, bit: None }),
-            Cdb::RequestSense { desc, alloc } => {
-                Ok(DataIn::Bytes(truncate(SenseReason::NoSense.encode(desc), alloc)))
-            }
+            Cdb::RequestSense { desc, alloc } => Ok(DataIn::Bytes(truncate(
+                SenseReason::NoSense.encode(desc),
+                alloc,
+            ))),
             Cdb::ReadCapacity10 => {
                 let last = u32::try_from(lu.blocks - 1).unwrap_or(u32::MAX);
                 let mut d = last.to_be_bytes().to_vec();
@@ -252,7 +284,9 @@ impl DeviceServer {
                 let mut d = vec![0u8; 32];
                 d[..8].copy_from_slice(&(lu.blocks - 1).to_be_bytes());
                 d[8..12].copy_from_slice(&lu.block_size.to_be_bytes());
-                let exp = (PHYSICAL_BLOCK_BYTES / lu.block_size).max(1).trailing_zeros() as u8;
+                let exp = (PHYSICAL_BLOCK_BYTES / lu.block_size)
+                    .max(1)
+                    .trailing_zeros() as u8;
                 d[13] = exp; // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT
                 Ok(DataIn::Bytes(truncate(d, alloc)))
             }
@@ -263,20 +297,36 @@ impl DeviceServer {
                 if bytes == 0 {
                     return Ok(DataIn::None);
                 }
-                let data = lu.volume.read(lba * bs, bytes).await.map_err(|e| backend::read_error(&e, lba))?;
+                let data = lu
+                    .volume
+                    .read(lba * bs, bytes)
+                    .await
+                    .map_err(|e| backend::read_error(&e, lba))?;
                 Ok(DataIn::Read(data))
             }
             Cdb::Write { lba, blocks, fua } => {
                 lu.write_blocks(cmd, lba, blocks, fua, wanted).await?;
                 Ok(DataIn::None)
             }
-            Cdb::WriteAndVerify { lba, blocks, bytchk } => {
+            Cdb::WriteAndVerify {
+                lba,
+                blocks,
+                bytchk,
+            } => {
                 let written = lu.write_blocks(cmd, lba, blocks, true, wanted).await?;
                 if written > 0 {
-                    let back = lu.volume.read(lba * bs, written).await.map_err(|e| backend::read_error(&e, lba))?;
+                    let back = lu
+                        .volume
+                        .read(lba * bs, written)
+                        .await
+                        .map_err(|e| backend::read_error(&e, lba))?;
                     if bytchk {
                         let back = back.to_vec();
-                        if let Some(i) = back.iter().zip(&cmd.data_out[..written]).position(|(a, b)| a != b) {
+                        if let Some(i) = back
+                            .iter()
+                            .zip(&cmd.data_out[..written])
+                            .position(|(a, b)| a != b)
+                        {
                             return Err(SenseReason::Miscompare { offset: i as u64 });
                         }
                     }
@@ -287,24 +337,52 @@ impl DeviceServer {
                 if lba > lu.blocks || (blocks != 0 && lu.check_range(lba, blocks).is_err()) {
                     return Err(SenseReason::LbaOutOfRange);
                 }
-                lu.volume.flush().await.map_err(|e| backend::write_error(&e, lba))?;
+                lu.volume
+                    .flush()
+                    .await
+                    .map_err(|e| backend::write_error(&e, lba))?;
                 Ok(DataIn::None)
             }
-            Cdb::ModeSense { ten, dbd, llbaa, pc, page, subpage, alloc } => {
+            Cdb::ModeSense {
+                ten,
+                dbd,
+                llbaa,
+                pc,
+                page,
+                subpage,
+                alloc,
+            } => {
                 if pc == cdb::PageControl::Saved {
                     // SPC-4 §6.11: saving pages is not supported.
-                    return Err(SenseReason::InvalidFieldInCdb { byte: 2, bit: Some(7) });
+                    return Err(SenseReason::InvalidFieldInCdb {
+                        byte: 2,
+                        bit: Some(7),
+                    });
                 }
                 let pages = mode::pages(lu, pc, page, subpage)?;
-                Ok(DataIn::Bytes(truncate(mode::response(lu, ten, dbd, llbaa, &pages), alloc)))
+                Ok(DataIn::Bytes(truncate(
+                    mode::response(lu, ten, dbd, llbaa, &pages),
+                    alloc,
+                )))
             }
-            Cdb::ReportTargetPortGroups { extended, alloc } => {
-                Ok(DataIn::Bytes(truncate(self.report_target_port_groups(extended), alloc)))
-            }
-            Cdb::ReportSupportedOpcodes { rctd, options, opcode, service_action, alloc } => {
-                Ok(DataIn::Bytes(truncate(opcodes::report(rctd, options, opcode, service_action)?, alloc)))
-            }
-            Cdb::ReportSupportedTmfs { extended, alloc } => Ok(DataIn::Bytes(truncate(opcodes::report_tmfs(extended), alloc))),
+            Cdb::ReportTargetPortGroups { extended, alloc } => Ok(DataIn::Bytes(truncate(
+                self.report_target_port_groups(extended),
+                alloc,
+            ))),
+            Cdb::ReportSupportedOpcodes {
+                rctd,
+                options,
+                opcode,
+                service_action,
+                alloc,
+            } => Ok(DataIn::Bytes(truncate(
+                opcodes::report(rctd, options, opcode, service_action)?,
+                alloc,
+            ))),
+            Cdb::ReportSupportedTmfs { extended, alloc } => Ok(DataIn::Bytes(truncate(
+                opcodes::report_tmfs(extended),
+                alloc,
+            ))),
             Cdb::ReportLuns { .. } => unreachable!("handled before LU lookup"),
         }
     }

@@ -14,7 +14,12 @@ use crate::sense::SenseReason;
 ///
 /// # Errors
 /// `InvalidFieldInCdb` for an unsupported page or subpage.
-pub fn pages(lu: &LogicalUnit, pc: PageControl, page: u8, subpage: u8) -> Result<Vec<u8>, SenseReason> {
+pub fn pages(
+    lu: &LogicalUnit,
+    pc: PageControl,
+    page: u8,
+    subpage: u8,
+) -> Result<Vec<u8>, SenseReason> {
     let all = page == 0x3f;
     if subpage != 0 && !(subpage == 0xff && all) {
         return Err(SenseReason::InvalidFieldInCdb { byte: 3, bit: None });
@@ -30,7 +35,10 @@ pub fn pages(lu: &LogicalUnit, pc: PageControl, page: u8, subpage: u8) -> Result
         out.extend_from_slice(&informational_exceptions(pc));
     }
     if out.is_empty() {
-        return Err(SenseReason::InvalidFieldInCdb { byte: 2, bit: Some(5) });
+        return Err(SenseReason::InvalidFieldInCdb {
+            byte: 2,
+            bit: Some(5),
+        });
     }
     Ok(out)
 }

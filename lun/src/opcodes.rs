@@ -19,47 +19,268 @@ const FF: u8 = 0xff;
 
 /// Supported commands in opcode order.
 const TABLE: &[Entry] = &[
-    Entry { opcode: op::TEST_UNIT_READY, service_action: None, usage: &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0] },
-    Entry { opcode: op::REQUEST_SENSE, service_action: None, usage: &[op::REQUEST_SENSE, 0x01, 0, 0, FF, 0] },
-    Entry { opcode: op::READ_6, service_action: None, usage: &[op::READ_6, 0x1f, FF, FF, FF, 0] },
-    Entry { opcode: op::WRITE_6, service_action: None, usage: &[op::WRITE_6, 0x1f, FF, FF, FF, 0] },
-    Entry { opcode: op::INQUIRY, service_action: None, usage: &[op::INQUIRY, 0x01, FF, FF, FF, 0] },
-    Entry { opcode: op::MODE_SENSE_6, service_action: None, usage: &[op::MODE_SENSE_6, 0x08, FF, FF, FF, 0] },
-    Entry { opcode: op::START_STOP_UNIT, service_action: None, usage: &[op::START_STOP_UNIT, 0, 0, 0, 0, 0] },
-    Entry { opcode: op::READ_CAPACITY_10, service_action: None, usage: &[op::READ_CAPACITY_10, 0, FF, FF, FF, FF, 0, 0, 0x01, 0] },
-    Entry { opcode: op::READ_10, service_action: None, usage: &[op::READ_10, 0xf8, FF, FF, FF, FF, 0, FF, FF, 0] },
-    Entry { opcode: op::WRITE_10, service_action: None, usage: &[op::WRITE_10, 0xf8, FF, FF, FF, FF, 0, FF, FF, 0] },
-    Entry { opcode: op::WRITE_AND_VERIFY_10, service_action: None, usage: &[op::WRITE_AND_VERIFY_10, 0xf2, FF, FF, FF, FF, 0, FF, FF, 0] },
-    Entry { opcode: op::SYNCHRONIZE_CACHE_10, service_action: None, usage: &[op::SYNCHRONIZE_CACHE_10, 0, FF, FF, FF, FF, 0, FF, FF, 0] },
-    Entry { opcode: op::MODE_SENSE_10, service_action: None, usage: &[op::MODE_SENSE_10, 0x18, FF, FF, 0, 0, 0, FF, FF, 0] },
-    Entry { opcode: op::READ_16, service_action: None, usage: &[op::READ_16, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0] },
-    Entry { opcode: op::WRITE_16, service_action: None, usage: &[op::WRITE_16, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0] },
-    Entry { opcode: op::WRITE_AND_VERIFY_16, service_action: None, usage: &[op::WRITE_AND_VERIFY_16, 0xf2, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0] },
-    Entry { opcode: op::SYNCHRONIZE_CACHE_16, service_action: None, usage: &[op::SYNCHRONIZE_CACHE_16, 0, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0] },
+    Entry {
+        opcode: op::TEST_UNIT_READY,
+        service_action: None,
+        usage: &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0],
+    },
+    Entry {
+        opcode: op::REQUEST_SENSE,
+        service_action: None,
+        usage: &[op::REQUEST_SENSE, 0x01, 0, 0, FF, 0],
+    },
+    Entry {
+        opcode: op::READ_6,
+        service_action: None,
+        usage: &[op::READ_6, 0x1f, FF, FF, FF, 0],
+    },
+    Entry {
+        opcode: op::WRITE_6,
+        service_action: None,
+        usage: &[op::WRITE_6, 0x1f, FF, FF, FF, 0],
+    },
+    Entry {
+        opcode: op::INQUIRY,
+        service_action: None,
+        usage: &[op::INQUIRY, 0x01, FF, FF, FF, 0],
+    },
+    Entry {
+        opcode: op::MODE_SENSE_6,
+        service_action: None,
+        usage: &[op::MODE_SENSE_6, 0x08, FF, FF, FF, 0],
+    },
+    Entry {
+        opcode: op::START_STOP_UNIT,
+        service_action: None,
+        usage: &[op::START_STOP_UNIT, 0, 0, 0, 0, 0],
+    },
+    Entry {
+        opcode: op::READ_CAPACITY_10,
+        service_action: None,
+        usage: &[op::READ_CAPACITY_10, 0, FF, FF, FF, FF, 0, 0, 0x01, 0],
+    },
+    Entry {
+        opcode: op::READ_10,
+        service_action: None,
+        usage: &[op::READ_10, 0xf8, FF, FF, FF, FF, 0, FF, FF, 0],
+    },
+    Entry {
+        opcode: op::WRITE_10,
+        service_action: None,
+        usage: &[op::WRITE_10, 0xf8, FF, FF, FF, FF, 0, FF, FF, 0],
+    },
+    Entry {
+        opcode: op::WRITE_AND_VERIFY_10,
+        service_action: None,
+        usage: &[op::WRITE_AND_VERIFY_10, 0xf2, FF, FF, FF, FF, 0, FF, FF, 0],
+    },
+    Entry {
+        opcode: op::SYNCHRONIZE_CACHE_10,
+        service_action: None,
+        usage: &[op::SYNCHRONIZE_CACHE_10, 0, FF, FF, FF, FF, 0, FF, FF, 0],
+    },
+    Entry {
+        opcode: op::MODE_SENSE_10,
+        service_action: None,
+        usage: &[op::MODE_SENSE_10, 0x18, FF, FF, 0, 0, 0, FF, FF, 0],
+    },
+    Entry {
+        opcode: op::READ_16,
+        service_action: None,
+        usage: &[
+            op::READ_16,
+            0xf8,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            0,
+        ],
+    },
+    Entry {
+        opcode: op::WRITE_16,
+        service_action: None,
+        usage: &[
+            op::WRITE_16,
+            0xf8,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            0,
+        ],
+    },
+    Entry {
+        opcode: op::WRITE_AND_VERIFY_16,
+        service_action: None,
+        usage: &[
+            op::WRITE_AND_VERIFY_16,
+            0xf2,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            0,
+        ],
+    },
+    Entry {
+        opcode: op::SYNCHRONIZE_CACHE_16,
+        service_action: None,
+        usage: &[
+            op::SYNCHRONIZE_CACHE_16,
+            0,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            0,
+        ],
+    },
     Entry {
         opcode: op::SERVICE_ACTION_IN_16,
         service_action: Some(op::SAI_READ_CAPACITY_16 as u16),
-        usage: &[op::SERVICE_ACTION_IN_16, op::SAI_READ_CAPACITY_16, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+        usage: &[
+            op::SERVICE_ACTION_IN_16,
+            op::SAI_READ_CAPACITY_16,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            0,
+        ],
     },
-    Entry { opcode: op::REPORT_LUNS, service_action: None, usage: &[op::REPORT_LUNS, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, 0] },
+    Entry {
+        opcode: op::REPORT_LUNS,
+        service_action: None,
+        usage: &[op::REPORT_LUNS, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+    },
     Entry {
         opcode: op::MAINTENANCE_IN,
         service_action: Some(op::MI_REPORT_TARGET_PORT_GROUPS as u16),
-        usage: &[op::MAINTENANCE_IN, 0xe0 | op::MI_REPORT_TARGET_PORT_GROUPS, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+        usage: &[
+            op::MAINTENANCE_IN,
+            0xe0 | op::MI_REPORT_TARGET_PORT_GROUPS,
+            0,
+            0,
+            0,
+            0,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            0,
+        ],
     },
     Entry {
         opcode: op::MAINTENANCE_IN,
         service_action: Some(op::MI_REPORT_SUPPORTED_OPCODES as u16),
-        usage: &[op::MAINTENANCE_IN, op::MI_REPORT_SUPPORTED_OPCODES, 0x87, FF, FF, FF, FF, FF, FF, FF, 0, 0],
+        usage: &[
+            op::MAINTENANCE_IN,
+            op::MI_REPORT_SUPPORTED_OPCODES,
+            0x87,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            0,
+        ],
     },
     Entry {
         opcode: op::MAINTENANCE_IN,
         service_action: Some(op::MI_REPORT_SUPPORTED_TMFS as u16),
-        usage: &[op::MAINTENANCE_IN, op::MI_REPORT_SUPPORTED_TMFS, 0x80, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+        usage: &[
+            op::MAINTENANCE_IN,
+            op::MI_REPORT_SUPPORTED_TMFS,
+            0x80,
+            0,
+            0,
+            0,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            0,
+        ],
     },
-    Entry { opcode: op::READ_12, service_action: None, usage: &[op::READ_12, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0] },
-    Entry { opcode: op::WRITE_12, service_action: None, usage: &[op::WRITE_12, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0] },
-    Entry { opcode: op::WRITE_AND_VERIFY_12, service_action: None, usage: &[op::WRITE_AND_VERIFY_12, 0xf2, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0] },
+    Entry {
+        opcode: op::READ_12,
+        service_action: None,
+        usage: &[op::READ_12, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0],
+    },
+    Entry {
+        opcode: op::WRITE_12,
+        service_action: None,
+        usage: &[op::WRITE_12, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0],
+    },
+    Entry {
+        opcode: op::WRITE_AND_VERIFY_12,
+        service_action: None,
+        usage: &[
+            op::WRITE_AND_VERIFY_12,
+            0xf2,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            0,
+        ],
+    },
 ];
 
 /// Nominal and recommended command timeouts reported with RCTD, in seconds.
@@ -75,7 +296,9 @@ fn timeouts() -> [u8; 12] {
 }
 
 fn has_service_actions(opcode: u8) -> bool {
-    TABLE.iter().any(|e| e.opcode == opcode && e.service_action.is_some())
+    TABLE
+        .iter()
+        .any(|e| e.opcode == opcode && e.service_action.is_some())
 }
 
 /// Builds the REPORT SUPPORTED OPERATION CODES parameter data.
@@ -83,8 +306,16 @@ fn has_service_actions(opcode: u8) -> bool {
 /// # Errors
 /// `InvalidFieldInCdb` for reserved reporting options or a mismatch between the options and
 /// whether the requested opcode has service actions.
-pub fn report(rctd: bool, options: u8, opcode: u8, service_action: u16) -> Result<Vec<u8>, SenseReason> {
-    let invalid = Err(SenseReason::InvalidFieldInCdb { byte: 2, bit: Some(2) });
+pub fn report(
+    rctd: bool,
+    options: u8,
+    opcode: u8,
+    service_action: u16,
+) -> Result<Vec<u8>, SenseReason> {
+    let invalid = Err(SenseReason::InvalidFieldInCdb {
+        byte: 2,
+        bit: Some(2),
+    });
     match options {
         0 => {
             let mut body = Vec::new();
@@ -105,11 +336,14 @@ pub fn report(rctd: bool, options: u8, opcode: u8, service_action: u16) -> Resul
         }
         1..=3 => {
             let sa_cmd = has_service_actions(opcode);
-            if (options == 1 && sa_cmd) || (options == 2 && !sa_cmd && TABLE.iter().any(|e| e.opcode == opcode)) {
+            if (options == 1 && sa_cmd)
+                || (options == 2 && !sa_cmd && TABLE.iter().any(|e| e.opcode == opcode))
+            {
                 return invalid;
             }
             let entry = TABLE.iter().find(|e| {
-                e.opcode == opcode && (options == 1 || !sa_cmd || e.service_action == Some(service_action))
+                e.opcode == opcode
+                    && (options == 1 || !sa_cmd || e.service_action == Some(service_action))
             });
             let mut d = vec![0u8; 4];
             match entry {
@@ -154,7 +388,11 @@ mod tests {
             if e.opcode == op::REPORT_LUNS || e.opcode == op::MAINTENANCE_IN {
                 cdb[9] = 16;
             }
-            assert!(crate::cdb::decode(&cdb).is_ok(), "opcode {:#x} listed but not decoded", e.opcode);
+            assert!(
+                crate::cdb::decode(&cdb).is_ok(),
+                "opcode {:#x} listed but not decoded",
+                e.opcode
+            );
             assert_eq!(e.usage[0], e.opcode);
             assert_eq!(Some(e.usage.len()), crate::cdb::cdb_length(e.opcode));
         }
@@ -169,7 +407,13 @@ mod tests {
         assert_eq!(report(false, 1, 0xc0, 0).unwrap()[1] & 0x07, 0x01);
         assert!(report(false, 1, op::MAINTENANCE_IN, 0).is_err());
         assert!(report(false, 2, op::READ_10, 0).is_err());
-        let d = report(true, 2, op::SERVICE_ACTION_IN_16, op::SAI_READ_CAPACITY_16.into()).unwrap();
+        let d = report(
+            true,
+            2,
+            op::SERVICE_ACTION_IN_16,
+            op::SAI_READ_CAPACITY_16.into(),
+        )
+        .unwrap();
         assert_eq!(d.len(), 4 + 16 + 12);
         assert!(report(false, 7, 0, 0).is_err());
     }
@@ -177,7 +421,10 @@ mod tests {
     #[test]
     fn all_commands() {
         let d = report(true, 0, 0, 0).unwrap();
-        assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()) as usize, d.len() - 4);
+        assert_eq!(
+            u32::from_be_bytes(d[..4].try_into().unwrap()) as usize,
+            d.len() - 4
+        );
         assert_eq!((d.len() - 4) / 20, TABLE.len());
     }
 }

@@ -197,7 +197,11 @@ mod tests {
 
     #[test]
     fn fixed_format_field_pointer() {
-        let s = SenseReason::InvalidFieldInCdb { byte: 2, bit: Some(1) }.encode(false);
+        let s = SenseReason::InvalidFieldInCdb {
+            byte: 2,
+            bit: Some(1),
+        }
+        .encode(false);
         assert_eq!(s.len(), 18);
         assert_eq!((s[0], s[2], s[12], s[13]), (0x70, 0x05, 0x24, 0x00));
         assert_eq!(&s[15..18], &[0x80 | 0x40 | 0x08 | 1, 0, 2]);
@@ -215,6 +219,9 @@ mod tests {
     #[test]
     fn status_bytes() {
         assert_eq!(CommandStatus::ReservationConflict.status_byte(), 0x18);
-        assert_eq!(CommandStatus::CheckCondition(SenseReason::LbaOutOfRange).status_byte(), 2);
+        assert_eq!(
+            CommandStatus::CheckCondition(SenseReason::LbaOutOfRange).status_byte(),
+            2
+        );
     }
 }

@@ -13,9 +13,12 @@ const BLOCKS: u64 = 2048; // 1 MiB
 mod expect {
     use lun::{CommandStatus, SenseReason};
     pub const GOOD: CommandStatus = CommandStatus::Good;
-    pub const LBA_OUT_OF_RANGE: CommandStatus = CommandStatus::CheckCondition(SenseReason::LbaOutOfRange);
-    pub const INVALID_OPCODE: CommandStatus = CommandStatus::CheckCondition(SenseReason::InvalidOpcode);
-    pub const LUN_NOT_SUPPORTED: CommandStatus = CommandStatus::CheckCondition(SenseReason::LunNotSupported);
+    pub const LBA_OUT_OF_RANGE: CommandStatus =
+        CommandStatus::CheckCondition(SenseReason::LbaOutOfRange);
+    pub const INVALID_OPCODE: CommandStatus =
+        CommandStatus::CheckCondition(SenseReason::InvalidOpcode);
+    pub const LUN_NOT_SUPPORTED: CommandStatus =
+        CommandStatus::CheckCondition(SenseReason::LunNotSupported);
     pub fn invalid_field_in_cdb(byte: u16, bit: Option<u8>) -> CommandStatus {
         CommandStatus::CheckCondition(SenseReason::InvalidFieldInCdb { byte, bit })
     }
@@ -33,12 +36,22 @@ fn fixture() -> Fixture {
     let dev = Arc::new(disk_io::Device::open(&cfg).unwrap());
     let vol = Arc::new(LocalVolume::new(dev, 0, BLOCKS * u64::from(BS)).unwrap());
     let lu = Arc::new(LogicalUnit::new(LuIdentity::for_volume(0x1234), BS, vol));
-    let ds = DeviceServer::new(TargetPort { relative_port: 1, port_group: 1 }, BTreeMap::from([(0, lu)]));
+    let ds = DeviceServer::new(
+        TargetPort {
+            relative_port: 1,
+            port_group: 1,
+        },
+        BTreeMap::from([(0, lu)]),
+    );
     Fixture { _dir: dir, ds }
 }
 
 fn nexus() -> ItNexus {
-    ItNexus { initiator_name: "iqn.test:a".into(), isid: 1, relative_port: 1 }
+    ItNexus {
+        initiator_name: "iqn.test:a".into(),
+        isid: 1,
+        relative_port: 1,
+    }
 }
 
 async fn run(f: &Fixture, lun: u16, cdb: &[u8], data_out: Vec<u8>) -> CommandOutcome {
@@ -91,11 +104,31 @@ async fn write_then_read_back_at_the_boundaries() {
 #[tokio::test]
 async fn one_past_the_end_and_wraps_are_lba_out_of_range() {
     let f = fixture();
-    for (lba, blocks) in [(BLOCKS, 1), (BLOCKS - 1, 2), (u64::MAX, 1), (u64::MAX - 1, 2), (1 << 32, 1)] {
+    for (lba, blocks) in [
+        (BLOCKS, 1),
+        (BLOCKS - 1, 2),
+        (u64::MAX, 1),
+        (u64::MAX - 1, 2),
+        (1 << 32, 1),
+    ] {
         let r = run(&f, 0, &rw16(op::READ_16, lba, blocks), vec![]).await;
-        assert_eq!(r.status, expect::LBA_OUT_OF_RANGE, "read lba {lba} blocks {blocks}");
-        let w = run(&f, 0, &rw16(op::WRITE_16, lba, blocks), vec![0; (blocks * BS) as usize]).await;
-        assert_eq!(w.status, expect::LBA_OUT_OF_RANGE, "write lba {lba} blocks {blocks}");
+        assert_eq!(
+            r.status,
+            expect::LBA_OUT_OF_RANGE,
+            "read lba {lba} blocks {blocks}"
+        );
+        let w = run(
+            &f,
+            0,
+            &rw16(op::WRITE_16, lba, blocks),
+            vec![0; (blocks * BS) as usize],
+        )
+        .await;
+        assert_eq!(
+            w.status,
+            expect::LBA_OUT_OF_RANGE,
+            "write lba {lba} blocks {blocks}"
+        );
     }
     let r = run(&f, 0, &rw10(op::READ_10, u32::MAX, 1), vec![]).await;
     assert_eq!(r.status, expect::LBA_OUT_OF_RANGE);
@@ -132,7 +165,10 @@ async fn short_data_out_writes_only_the_whole_blocks_received() {
     assert_eq!(w.data_out_wanted, Some(1024));
     let r = bytes(&run(&f, 0, &rw10(op::READ_10, 3, 2), vec![]).await);
     assert!(r[..512].iter().all(|&b| b == b'b'));
-    assert!(r[512..].iter().all(|&b| b == b'a'), "the partial block is not written");
+    assert!(
+        r[512..].iter().all(|&b| b == b'a'),
+        "the partial block is not written"
+    );
     // Less than one block: nothing is written, still GOOD.
     let w = run(&f, 0, &rw10(op::WRITE_10, 4, 1), vec![b'c'; 200]).await;
     assert_eq!(w.status, expect::GOOD);
@@ -195,8 +231,19 @@ async fn missing_lun() {
 #[tokio::test]
 async fn read_capacity_10_and_16() {
     let f = fixture();
-    let d = bytes(&run(&f, 0, &[op::READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0], vec![]).await);
-    assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()) as u64, BLOCKS - 1);
+    let d = bytes(
+        &run(
+            &f,
+            0,
+            &[op::READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            vec![],
+        )
+        .await,
+    );
+    assert_eq!(
+        u32::from_be_bytes(d[..4].try_into().unwrap()) as u64,
+        BLOCKS - 1
+    );
     assert_eq!(u32::from_be_bytes(d[4..8].try_into().unwrap()), BS);
     let mut c = [0u8; 16];
     c[0] = op::SERVICE_ACTION_IN_16;
@@ -239,7 +286,13 @@ async fn mode_sense_all_pages_and_bad_page() {
 #[tokio::test]
 async fn unsupported_opcode() {
     let f = fixture();
-    let r = run(&f, 0, &[0xc7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], vec![]).await;
+    let r = run(
+        &f,
+        0,
+        &[0xc7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        vec![],
+    )
+    .await;
     assert_eq!(r.status, expect::INVALID_OPCODE);
     assert_eq!((r.sense[2], r.sense[12]), (0x05, 0x20));
 }
@@ -251,5 +304,8 @@ async fn synchronize_cache_range() {
     c[0] = op::SYNCHRONIZE_CACHE_10;
     assert_eq!(run(&f, 0, &c, vec![]).await.status, expect::GOOD);
     c[2..6].copy_from_slice(&(BLOCKS as u32 + 1).to_be_bytes());
-    assert_eq!(run(&f, 0, &c, vec![]).await.status, expect::LBA_OUT_OF_RANGE);
+    assert_eq!(
+        run(&f, 0, &c, vec![]).await.status,
+        expect::LBA_OUT_OF_RANGE
+    );
 }

@@ -105,11 +105,22 @@ impl LocalVolume {
     /// # Errors
     /// [`Error::OutOfRange`] when the volume does not fit on the device or `base` is unaligned.
     pub fn new(dev: Arc<Device>, base: u64, size_bytes: u64) -> Result<Self> {
-        let fits = base.checked_add(size_bytes).is_some_and(|end| end <= dev.size_bytes());
+        let fits = base
+            .checked_add(size_bytes)
+            .is_some_and(|end| end <= dev.size_bytes());
         if !fits || base % IO_ALIGN_BYTES as u64 != 0 {
-            return Err(Error::OutOfRange { offset: base, len: size_bytes, size: dev.size_bytes() });
+            return Err(Error::OutOfRange {
+                offset: base,
+                len: size_bytes,
+                size: dev.size_bytes(),
+            });
         }
-        Ok(Self { dev, base, size_bytes, locks: RangeLock::default() })
+        Ok(Self {
+            dev,
+            base,
+            size_bytes,
+            locks: RangeLock::default(),
+        })
     }
 
     /// Size in bytes.
@@ -119,7 +130,11 @@ impl LocalVolume {
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|e| e > self.size_bytes) {
-            return Err(Error::OutOfRange { offset, len, size: self.size_bytes });
+            return Err(Error::OutOfRange {
+                offset,
+                len,
+                size: self.size_bytes,
+            });
         }
         Ok(())
     }
@@ -140,7 +155,11 @@ impl LocalVolume {
             bufs.push(self.dev.read_into(self.base + pos, b).await?);
             pos += n as u64;
         }
-        Ok(ReadData { bufs, start: (offset - a0) as usize, len })
+        Ok(ReadData {
+            bufs,
+            start: (offset - a0) as usize,
+            len,
+        })
     }
 
     /// Writes `data` at `offset`; with `fua` it is on stable storage on return.
@@ -164,12 +183,21 @@ impl LocalVolume {
             let chunk_end = pos + n as u64;
             // Partial first or last page: fetch the current contents first.
             if offset > pos {
-                let head = self.dev.read_into(self.base + pos, self.dev.pool().take(IO_ALIGN_BYTES).await).await?;
+                let head = self
+                    .dev
+                    .read_into(self.base + pos, self.dev.pool().take(IO_ALIGN_BYTES).await)
+                    .await?;
                 b.as_mut_slice()[..IO_ALIGN_BYTES].copy_from_slice(head.as_slice());
             }
             if end < chunk_end {
                 let tail_at = chunk_end - align;
-                let tail = self.dev.read_into(self.base + tail_at, self.dev.pool().take(IO_ALIGN_BYTES).await).await?;
+                let tail = self
+                    .dev
+                    .read_into(
+                        self.base + tail_at,
+                        self.dev.pool().take(IO_ALIGN_BYTES).await,
+                    )
+                    .await?;
                 b.as_mut_slice()[n - IO_ALIGN_BYTES..].copy_from_slice(tail.as_slice());
             }
             let src_from = pos.max(offset);
@@ -208,8 +236,14 @@ mod tests {
     async fn out_of_range_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let v = volume(&dir, 1 << 20);
-        assert!(matches!(v.read((1 << 20) - 511, 512).await, Err(Error::OutOfRange { .. })));
-        assert!(matches!(v.write(u64::MAX - 10, &[0; 512], false).await, Err(Error::OutOfRange { .. })));
+        assert!(matches!(
+            v.read((1 << 20) - 511, 512).await,
+            Err(Error::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            v.write(u64::MAX - 10, &[0; 512], false).await,
+            Err(Error::OutOfRange { .. })
+        ));
     }
 
     #[tokio::test]
@@ -223,7 +257,12 @@ mod tests {
         futures::future::join_all(futs).await;
         let got = v.read(0, 4096).await.unwrap().to_vec();
         for i in 0..8 {
-            assert!(got[i * 512..(i + 1) * 512].iter().all(|&b| b == i as u8 + 1), "sector {i}");
+            assert!(
+                got[i * 512..(i + 1) * 512]
+                    .iter()
+                    .all(|&b| b == i as u8 + 1),
+                "sector {i}"
+            );
         }
     }
 

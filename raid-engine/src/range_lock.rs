@@ -39,7 +39,10 @@ impl RangeLock {
                 let mut held = self.held.lock().expect("range lock table");
                 if held.iter().all(|&(s, e)| e <= start || end <= s) {
                     held.push((start, end));
-                    return RangeGuard { lock: self, range: (start, end) };
+                    return RangeGuard {
+                        lock: self,
+                        range: (start, end),
+                    };
                 }
             }
             notified.await;
@@ -55,7 +58,10 @@ impl RangeLock {
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         let mut held = self.lock.held.lock().expect("range lock table");
-        let i = held.iter().position(|&r| r == self.range).expect("guard's range is held");
+        let i = held
+            .iter()
+            .position(|&r| r == self.range)
+            .expect("guard's range is held");
         held.swap_remove(i);
         drop(held);
         self.lock.released.notify_waiters();

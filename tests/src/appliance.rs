@@ -30,19 +30,33 @@ pub fn binary() -> PathBuf {
     if let Ok(p) = std::env::var("APPLIANCE_BIN") {
         return PathBuf::from(p);
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target");
-    for profile in ["release", "debug"] {
-        let p = root.join(profile).join("appliance");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("appliance binary not found: run `cargo build --release -p appliance` first (scripts/test.sh does) or set APPLIANCE_BIN");
+    // The binary of the same profile as these tests, so a stale build of the other profile is
+    // never picked up. `cargo test --workspace` builds it.
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join(profile)
+        .join("appliance");
+    assert!(
+        p.exists(),
+        "appliance binary not found at {}: run the tests with `cargo test --workspace` (scripts/test.sh does) or set APPLIANCE_BIN",
+        p.display()
+    );
+    p
 }
 
 /// A free loopback port (bound then released; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind loopback").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind loopback")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 impl Appliance {
@@ -81,7 +95,11 @@ impl Appliance {
         let me = Self { child, addr, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "appliance did not listen on {addr}; log:\n{}", me.log());
+            assert!(
+                Instant::now() < deadline,
+                "appliance did not listen on {addr}; log:\n{}",
+                me.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         me
@@ -105,7 +123,10 @@ impl Appliance {
 
     /// Sends SIGTERM and waits for a clean exit; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         self.child.wait().expect("wait")
     }
 

@@ -59,7 +59,10 @@ pub fn parse(output: &str) -> Vec<TestResult> {
                 } else {
                     Outcome::Pass
                 };
-                results.push(TestResult { name: format!("{suite}.{name}"), outcome });
+                results.push(TestResult {
+                    name: format!("{suite}.{name}"),
+                    outcome,
+                });
                 rest = &after[end..];
             }
             _ => break,
@@ -79,7 +82,9 @@ pub fn parse_expected(text: &str) -> Result<Vec<(String, String)>, String> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (name, reason) = line.split_once(char::is_whitespace).ok_or_else(|| format!("line {}: `{line}` has no reason", i + 1))?;
+        let (name, reason) = line
+            .split_once(char::is_whitespace)
+            .ok_or_else(|| format!("line {}: `{line}` has no reason", i + 1))?;
         if reason.trim().is_empty() {
             return Err(format!("line {}: `{name}` has no reason", i + 1));
         }
@@ -115,7 +120,10 @@ Suite: Read10\n  Test: Simple ...    [FAILED] READ10 command failed\nFAILED\n   
 
     #[test]
     fn expected_file_needs_reasons() {
-        assert_eq!(parse_expected("# c\nA.B  because\n").unwrap(), vec![("A.B".into(), "because".into())]);
+        assert_eq!(
+            parse_expected("# c\nA.B  because\n").unwrap(),
+            vec![("A.B".into(), "because".into())]
+        );
         assert!(parse_expected("A.B\n").is_err());
     }
 }

@@ -65,7 +65,10 @@ impl LoginOptions {
     }
     /// A discovery session.
     pub fn discovery() -> Self {
-        Self { target_name: None, ..Self::normal("") }
+        Self {
+            target_name: None,
+            ..Self::normal("")
+        }
     }
 }
 
@@ -148,7 +151,14 @@ impl Initiator {
         })
     }
 
-    async fn login_exchange(&mut self, opts: &LoginOptions, csg: u8, nsg: u8, transit: bool, keys: &[(String, String)]) -> Result<(LoginResponse, Vec<(String, String)>), InitiatorError> {
+    async fn login_exchange(
+        &mut self,
+        opts: &LoginOptions,
+        csg: u8,
+        nsg: u8,
+        transit: bool,
+        keys: &[(String, String)],
+    ) -> Result<(LoginResponse, Vec<(String, String)>), InitiatorError> {
         let req = Bhs::LoginRequest(LoginRequest {
             transit,
             cont: false,
@@ -166,7 +176,9 @@ impl Initiator {
         self.send(&req, &text::encode(keys)).await?;
         let (bhs, data) = self.recv().await?;
         let Bhs::LoginResponse(r) = bhs else {
-            return Err(InitiatorError::Protocol(format!("expected a login response, got {bhs:?}")));
+            return Err(InitiatorError::Protocol(format!(
+                "expected a login response, got {bhs:?}"
+            )));
         };
         self.exp_stat_sn = r.stat_sn.wrapping_add(1);
         if r.status_class != 0 {
@@ -187,18 +199,41 @@ impl Initiator {
             }
             None => first.push(kv("SessionType", "Discovery")),
         }
-        first.push(kv("AuthMethod", if opts.chap.is_some() { "CHAP,None" } else { "None" }));
-        let get = |keys: &[(String, String)], k: &str| keys.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        first.push(kv(
+            "AuthMethod",
+            if opts.chap.is_some() {
+                "CHAP,None"
+            } else {
+                "None"
+            },
+        ));
+        let get = |keys: &[(String, String)], k: &str| {
+            keys.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        };
         if let Some((user, secret)) = &opts.chap {
             let (_, keys) = self.login_exchange(opts, 0, 1, false, &first).await?;
             self.tpgt_in_first_response = get(&keys, "TargetPortalGroupTag").is_some();
             if get(&keys, "AuthMethod").as_deref() != Some("CHAP") {
-                return Err(InitiatorError::Protocol("target did not choose CHAP".into()));
+                return Err(InitiatorError::Protocol(
+                    "target did not choose CHAP".into(),
+                ));
             }
-            let (_, keys) = self.login_exchange(opts, 0, 1, false, &[kv("CHAP_A", "5")]).await?;
-            let id: u8 = get(&keys, "CHAP_I").and_then(|v| v.parse().ok()).ok_or_else(|| InitiatorError::Protocol("no CHAP_I".into()))?;
-            let challenge = get(&keys, "CHAP_C").and_then(|v| chap::decode_binary(&v)).ok_or_else(|| InitiatorError::Protocol("no CHAP_C".into()))?;
-            let mut resp = vec![kv("CHAP_N", user), kv("CHAP_R", &chap::encode_hex(&chap::response(id, secret, &challenge)))];
+            let (_, keys) = self
+                .login_exchange(opts, 0, 1, false, &[kv("CHAP_A", "5")])
+                .await?;
+            let id: u8 = get(&keys, "CHAP_I")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| InitiatorError::Protocol("no CHAP_I".into()))?;
+            let challenge = get(&keys, "CHAP_C")
+                .and_then(|v| chap::decode_binary(&v))
+                .ok_or_else(|| InitiatorError::Protocol("no CHAP_C".into()))?;
+            let mut resp = vec![
+                kv("CHAP_N", user),
+                kv(
+                    "CHAP_R",
+                    &chap::encode_hex(&chap::response(id, secret, &challenge)),
+                ),
+            ];
             let my_challenge = chap::random_bytes::<16>();
             let my_id = 7u8;
             if opts.mutual.is_some() {
@@ -208,13 +243,17 @@ impl Initiator {
             let (r, keys) = self.login_exchange(opts, 0, 1, true, &resp).await?;
             if let Some((tuser, tsecret)) = &opts.mutual {
                 let ok = get(&keys, "CHAP_N").as_deref() == Some(tuser.as_str())
-                    && get(&keys, "CHAP_R").and_then(|v| chap::decode_binary(&v)).is_some_and(|r| chap::verify(my_id, tsecret, &my_challenge, &r));
+                    && get(&keys, "CHAP_R")
+                        .and_then(|v| chap::decode_binary(&v))
+                        .is_some_and(|r| chap::verify(my_id, tsecret, &my_challenge, &r));
                 if !ok {
                     return Err(InitiatorError::TargetAuth);
                 }
             }
             if !r.transit {
-                return Err(InitiatorError::Protocol("target did not leave the security stage".into()));
+                return Err(InitiatorError::Protocol(
+                    "target did not leave the security stage".into(),
+                ));
             }
         } else {
             let (_, keys) = self.login_exchange(opts, 0, 1, true, &first).await?;
@@ -239,7 +278,9 @@ impl Initiator {
         }
         let (r, keys) = self.login_exchange(opts, 1, 3, true, &op).await?;
         if !r.transit || r.nsg != 3 {
-            return Err(InitiatorError::Protocol("target did not enter full feature phase".into()));
+            return Err(InitiatorError::Protocol(
+                "target did not enter full feature phase".into(),
+            ));
         }
         if let Some(v) = get(&keys, "MaxRecvDataSegmentLength").and_then(|v| v.parse().ok()) {
             self.target_mrdsl = v;
@@ -270,20 +311,27 @@ impl Initiator {
 
     /// Receives one PDU (10 s timeout).
     pub async fn recv(&mut self) -> Result<(Bhs, Vec<u8>), InitiatorError> {
-        let limits = FrameLimits { digests: self.digests, max_data_segment: 16 << 20 };
+        let limits = FrameLimits {
+            digests: self.digests,
+            max_data_segment: 16 << 20,
+        };
         loop {
-            if let Some(info) = frame_len(&self.rbuf, limits).map_err(|e| InitiatorError::Protocol(e.to_string()))? {
+            if let Some(info) = frame_len(&self.rbuf, limits)
+                .map_err(|e| InitiatorError::Protocol(e.to_string()))?
+            {
                 if self.rbuf.len() >= info.total {
-                    let p = parse_pdu(&self.rbuf[..info.total], info, self.digests).map_err(|e| InitiatorError::Protocol(e.to_string()))?;
+                    let p = parse_pdu(&self.rbuf[..info.total], info, self.digests)
+                        .map_err(|e| InitiatorError::Protocol(e.to_string()))?;
                     let out = (p.bhs, p.data.to_vec());
                     self.rbuf.drain(..info.total);
                     return Ok(out);
                 }
             }
             self.rbuf.reserve(256 * 1024);
-            let n = tokio::time::timeout(Duration::from_secs(10), self.sock.read_buf(&mut self.rbuf))
-                .await
-                .map_err(|_| InitiatorError::Timeout)??;
+            let n =
+                tokio::time::timeout(Duration::from_secs(10), self.sock.read_buf(&mut self.rbuf))
+                    .await
+                    .map_err(|_| InitiatorError::Timeout)??;
             if n == 0 {
                 return Err(InitiatorError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
@@ -311,12 +359,21 @@ impl Initiator {
     ///
     /// # Errors
     /// Socket and protocol errors.
-    pub async fn command(&mut self, lun: u64, cdb: &[u8], data_out: &[u8], edtl: u32) -> Result<ScsiResult, InitiatorError> {
+    pub async fn command(
+        &mut self,
+        lun: u64,
+        cdb: &[u8],
+        data_out: &[u8],
+        edtl: u32,
+    ) -> Result<ScsiResult, InitiatorError> {
         let itt = self.next_itt();
         let mut c16 = [0u8; 16];
         c16[..cdb.len().min(16)].copy_from_slice(&cdb[..cdb.len().min(16)]);
         let write = !data_out.is_empty();
-        let imm = data_out.len().min(self.first_burst as usize).min(self.target_mrdsl as usize);
+        let imm = data_out
+            .len()
+            .min(self.first_burst as usize)
+            .min(self.target_mrdsl as usize);
         let bhs = Bhs::ScsiCommand(ScsiCommandPdu {
             immediate: false,
             final_: true,
@@ -385,10 +442,21 @@ impl Initiator {
                     return Ok(result);
                 }
                 Bhs::NopIn(n) if n.ttt != RESERVED_TAG => {
-                    let reply = Bhs::NopOut(NopOut { immediate: true, lun: 0, itt: RESERVED_TAG, ttt: n.ttt, cmd_sn: self.cmd_sn, exp_stat_sn: self.exp_stat_sn });
+                    let reply = Bhs::NopOut(NopOut {
+                        immediate: true,
+                        lun: 0,
+                        itt: RESERVED_TAG,
+                        ttt: n.ttt,
+                        cmd_sn: self.cmd_sn,
+                        exp_stat_sn: self.exp_stat_sn,
+                    });
                     self.send(&reply, &[]).await?;
                 }
-                other => return Err(InitiatorError::Protocol(format!("unexpected PDU {other:?}"))),
+                other => {
+                    return Err(InitiatorError::Protocol(format!(
+                        "unexpected PDU {other:?}"
+                    )))
+                }
             }
         }
     }
@@ -396,20 +464,40 @@ impl Initiator {
     /// SendTargets=All in a discovery session: (TargetName, TargetAddress) pairs.
     pub async fn send_targets(&mut self) -> Result<Vec<(String, String)>, InitiatorError> {
         let itt = self.next_itt();
-        let bhs = Bhs::TextRequest(TextRequest { immediate: true, final_: true, cont: false, lun: 0, itt, ttt: RESERVED_TAG, cmd_sn: self.cmd_sn, exp_stat_sn: self.exp_stat_sn });
+        let bhs = Bhs::TextRequest(TextRequest {
+            immediate: true,
+            final_: true,
+            cont: false,
+            lun: 0,
+            itt,
+            ttt: RESERVED_TAG,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+        });
         let mut body = Vec::new();
         text::push(&mut body, "SendTargets", "All");
         self.send(&bhs, &body).await?;
         let mut all = Vec::new();
         loop {
             let (bhs, data) = self.recv().await?;
-            let Bhs::TextResponse(r) = bhs else { return Err(InitiatorError::Protocol("expected a text response".into())) };
+            let Bhs::TextResponse(r) = bhs else {
+                return Err(InitiatorError::Protocol("expected a text response".into()));
+            };
             self.exp_stat_sn = r.stat_sn.wrapping_add(1);
             all.extend_from_slice(&data);
             if r.final_ {
                 break;
             }
-            let more = Bhs::TextRequest(TextRequest { immediate: true, final_: true, cont: false, lun: 0, itt, ttt: r.ttt, cmd_sn: self.cmd_sn, exp_stat_sn: self.exp_stat_sn });
+            let more = Bhs::TextRequest(TextRequest {
+                immediate: true,
+                final_: true,
+                cont: false,
+                lun: 0,
+                itt,
+                ttt: r.ttt,
+                cmd_sn: self.cmd_sn,
+                exp_stat_sn: self.exp_stat_sn,
+            });
             self.send(&more, &[]).await?;
         }
         text::parse(&all).map_err(|e| InitiatorError::Protocol(e.to_string()))
@@ -418,11 +506,20 @@ impl Initiator {
     /// Logs out (close session).
     pub async fn logout(mut self) -> Result<(), InitiatorError> {
         let itt = self.next_itt();
-        let bhs = Bhs::LogoutRequest(LogoutRequest { immediate: true, reason: 0, itt, cid: 0, cmd_sn: self.cmd_sn, exp_stat_sn: self.exp_stat_sn });
+        let bhs = Bhs::LogoutRequest(LogoutRequest {
+            immediate: true,
+            reason: 0,
+            itt,
+            cid: 0,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+        });
         self.send(&bhs, &[]).await?;
         match self.recv().await? {
             (Bhs::LogoutResponse(r), _) if r.response == 0 => Ok(()),
-            other => Err(InitiatorError::Protocol(format!("bad logout answer {other:?}"))),
+            other => Err(InitiatorError::Protocol(format!(
+                "bad logout answer {other:?}"
+            ))),
         }
     }
 

@@ -8,11 +8,17 @@ use tests::initiator::{read16, write16, Initiator, InitiatorError, LoginOptions}
 const CHAP: &str = "[target.chap]\nuser = \"host1\"\nsecret = \"host1-secret-0123\"\nmutual_user = \"rainio\"\nmutual_secret = \"target-secret-4567\"\n";
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn with_chap(secret: &[u8]) -> LoginOptions {
-    LoginOptions { chap: Some(("host1".into(), secret.to_vec())), ..LoginOptions::normal(IQN) }
+    LoginOptions {
+        chap: Some(("host1".into(), secret.to_vec())),
+        ..LoginOptions::normal(IQN)
+    }
 }
 
 #[test]
@@ -31,7 +37,9 @@ fn wrong_chap_secret_gets_authentication_failure_status() {
         // Right secret, mutual CHAP: the target proves itself too.
         let mut opts = with_chap(b"host1-secret-0123");
         opts.mutual = Some(("rainio".into(), b"target-secret-4567".to_vec()));
-        let mut i = Initiator::login(app.addr, &opts).await.expect("mutual CHAP login");
+        let mut i = Initiator::login(app.addr, &opts)
+            .await
+            .expect("mutual CHAP login");
         let r = i.command(0, &[0, 0, 0, 0, 0, 0], &[], 0).await.unwrap();
         assert_eq!(r.status, 0, "TEST UNIT READY");
         i.logout().await.unwrap();
@@ -39,7 +47,10 @@ fn wrong_chap_secret_gets_authentication_failure_status() {
         // mutual secret rejects it.
         let mut opts = with_chap(b"host1-secret-0123");
         opts.mutual = Some(("rainio".into(), b"some-other-secret".to_vec()));
-        assert!(matches!(Initiator::login(app.addr, &opts).await, Err(InitiatorError::TargetAuth)));
+        assert!(matches!(
+            Initiator::login(app.addr, &opts).await,
+            Err(InitiatorError::TargetAuth)
+        ));
     });
 }
 
@@ -47,10 +58,20 @@ fn wrong_chap_secret_gets_authentication_failure_status() {
 fn normal_login_reports_tpgt_first_and_unknown_target_is_not_found() {
     let app = Appliance::start("");
     rt().block_on(async {
-        let i = Initiator::login(app.addr, &LoginOptions::normal(IQN)).await.unwrap();
-        assert!(i.tpgt_in_first_response, "TargetPortalGroupTag must be in the first login response");
+        let i = Initiator::login(app.addr, &LoginOptions::normal(IQN))
+            .await
+            .unwrap();
+        assert!(
+            i.tpgt_in_first_response,
+            "TargetPortalGroupTag must be in the first login response"
+        );
         i.logout().await.unwrap();
-        match Initiator::login(app.addr, &LoginOptions::normal("iqn.2026-11.io.rainio:nope")).await {
+        match Initiator::login(
+            app.addr,
+            &LoginOptions::normal("iqn.2026-11.io.rainio:nope"),
+        )
+        .await
+        {
             Err(InitiatorError::LoginStatus(2, 3)) => {}
             other => panic!("expected 0x0203 target not found, got {other:?}"),
         }
@@ -61,9 +82,17 @@ fn normal_login_reports_tpgt_first_and_unknown_target_is_not_found() {
 fn discovery_lists_target_with_address_and_tpgt() {
     let app = Appliance::start("");
     rt().block_on(async {
-        let mut d = Initiator::login(app.addr, &LoginOptions::discovery()).await.unwrap();
+        let mut d = Initiator::login(app.addr, &LoginOptions::discovery())
+            .await
+            .unwrap();
         let keys = d.send_targets().await.unwrap();
-        assert_eq!(keys, vec![("TargetName".to_string(), IQN.to_string()), ("TargetAddress".to_string(), format!("{},1", app.addr))]);
+        assert_eq!(
+            keys,
+            vec![
+                ("TargetName".to_string(), IQN.to_string()),
+                ("TargetAddress".to_string(), format!("{},1", app.addr))
+            ]
+        );
         d.logout().await.unwrap();
     });
 }
@@ -78,13 +107,22 @@ fn data_round_trips_with_digests_and_r2t() {
         assert!(i.digests().header && i.digests().data);
         // 1 MiB: beyond FirstBurstLength, so R2Ts carry most of it.
         let data: Vec<u8> = (0..1 << 20).map(|x: u32| (x * 7 % 251) as u8).collect();
-        let w = i.command(0, &write16(100, 2048), &data, 1 << 20).await.unwrap();
+        let w = i
+            .command(0, &write16(100, 2048), &data, 1 << 20)
+            .await
+            .unwrap();
         assert_eq!(w.status, 0);
-        let r = i.command(0, &read16(100, 2048), &[], 1 << 20).await.unwrap();
+        let r = i
+            .command(0, &read16(100, 2048), &[], 1 << 20)
+            .await
+            .unwrap();
         assert_eq!(r.status, 0);
         assert!(r.data == data, "read back differs");
         // A read past the end: CHECK CONDITION, ILLEGAL REQUEST, LBA OUT OF RANGE.
-        let r = i.command(0, &read16(128 * 2048, 1), &[], 512).await.unwrap();
+        let r = i
+            .command(0, &read16(128 * 2048, 1), &[], 512)
+            .await
+            .unwrap();
         assert_eq!(r.status, 2);
         assert_eq!((r.sense[2] & 0x0f, r.sense[12]), (0x05, 0x21));
         i.logout().await.unwrap();
@@ -97,7 +135,9 @@ fn hostile_pdus_are_rejected_and_the_target_survives() {
     let app = Appliance::start("");
     rt().block_on(async {
         // An undefined opcode in full feature phase: Reject (command not supported), session lives.
-        let mut i = Initiator::login(app.addr, &LoginOptions::normal(IQN)).await.unwrap();
+        let mut i = Initiator::login(app.addr, &LoginOptions::normal(IQN))
+            .await
+            .unwrap();
         let mut raw = [0u8; 48];
         raw[0] = 0x1c;
         i.send_raw(&raw).await.unwrap();
@@ -114,7 +154,14 @@ fn hostile_pdus_are_rejected_and_the_target_survives() {
         // A data segment longer than we declared: Reject, then the connection is dropped
         // without the target buffering the body.
         let mut hdr = [0u8; 48];
-        let bhs = Bhs::NopOut(NopOut { immediate: true, lun: 0, itt: 9, ttt: RESERVED_TAG, cmd_sn: i.cmd_sn(), exp_stat_sn: 0 });
+        let bhs = Bhs::NopOut(NopOut {
+            immediate: true,
+            lun: 0,
+            itt: 9,
+            ttt: RESERVED_TAG,
+            cmd_sn: i.cmd_sn(),
+            exp_stat_sn: 0,
+        });
         bhs.encode(&mut hdr, 0, (1 << 24) - 1);
         i.send_raw(&hdr).await.unwrap();
         match i.recv().await {
@@ -139,15 +186,39 @@ fn hostile_pdus_are_rejected_and_the_target_survives() {
         opts.isid = 0x80_0000_0000_02;
         let mut d = Initiator::login(app.addr, &opts).await.unwrap();
         let mut wire = Vec::new();
-        let nop = Bhs::NopOut(NopOut { immediate: true, lun: 0, itt: 5, ttt: RESERVED_TAG, cmd_sn: d.cmd_sn(), exp_stat_sn: 0 });
-        encode_pdu(&mut wire, &nop, &[], &[], Digests { header: true, data: true });
+        let nop = Bhs::NopOut(NopOut {
+            immediate: true,
+            lun: 0,
+            itt: 5,
+            ttt: RESERVED_TAG,
+            cmd_sn: d.cmd_sn(),
+            exp_stat_sn: 0,
+        });
+        encode_pdu(
+            &mut wire,
+            &nop,
+            &[],
+            &[],
+            Digests {
+                header: true,
+                data: true,
+            },
+        );
         wire[48] ^= 0xff;
         d.send_raw(&wire).await.unwrap();
         d.expect_closed().await.unwrap();
 
         // The target still serves a well-behaved host.
-        let mut ok = Initiator::login(app.addr, &LoginOptions::normal(IQN)).await.unwrap();
-        assert_eq!(ok.command(0, &[0, 0, 0, 0, 0, 0], &[], 0).await.unwrap().status, 0);
+        let mut ok = Initiator::login(app.addr, &LoginOptions::normal(IQN))
+            .await
+            .unwrap();
+        assert_eq!(
+            ok.command(0, &[0, 0, 0, 0, 0, 0], &[], 0)
+                .await
+                .unwrap()
+                .status,
+            0
+        );
         ok.logout().await.unwrap();
     });
     assert!(!app.log().contains("panicked"), "{}", app.log());
@@ -158,8 +229,12 @@ fn hostile_pdus_are_rejected_and_the_target_survives() {
 fn session_reinstatement_closes_the_old_session() {
     let app = Appliance::start("");
     rt().block_on(async {
-        let mut first = Initiator::login(app.addr, &LoginOptions::normal(IQN)).await.unwrap();
-        let second = Initiator::login(app.addr, &LoginOptions::normal(IQN)).await.unwrap();
+        let mut first = Initiator::login(app.addr, &LoginOptions::normal(IQN))
+            .await
+            .unwrap();
+        let second = Initiator::login(app.addr, &LoginOptions::normal(IQN))
+            .await
+            .unwrap();
         first.expect_closed().await.unwrap();
         second.logout().await.unwrap();
     });
@@ -170,11 +245,19 @@ fn session_reinstatement_closes_the_old_session() {
 fn sigterm_asks_initiators_to_log_out_and_exits_cleanly() {
     let mut app = Appliance::start("");
     let rt = rt();
-    let mut i = rt.block_on(Initiator::login(app.addr, &LoginOptions::normal(IQN))).unwrap();
+    let mut i = rt
+        .block_on(Initiator::login(app.addr, &LoginOptions::normal(IQN)))
+        .unwrap();
     let pid = app.pid().to_string();
-    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
     let msg = rt.block_on(i.recv()).unwrap();
-    assert!(matches!(msg.0, Bhs::AsyncMessage(AsyncMessage { event: 1, .. })), "expected an Async logout request, got {msg:?}");
+    assert!(
+        matches!(msg.0, Bhs::AsyncMessage(AsyncMessage { event: 1, .. })),
+        "expected an Async logout request, got {msg:?}"
+    );
     let status = app.terminate();
     assert!(status.success(), "exit status {status:?}\n{}", app.log());
 }

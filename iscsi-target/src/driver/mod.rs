@@ -67,7 +67,11 @@ pub struct Server {
 /// # Errors
 /// The OS error, e.g. address in use.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
     let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     sock.set_nonblocking(true)?;
@@ -79,7 +83,10 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 impl Server {
     /// A server for one portal.
     pub fn new(cfg: Arc<FabricConfig>) -> Self {
-        Self { cfg, registry: Arc::new(Registry::default()) }
+        Self {
+            cfg,
+            registry: Arc::new(Registry::default()),
+        }
     }
 
     /// The registry (sessions).
@@ -113,12 +120,24 @@ impl Server {
         while conns.join_next().await.is_some() {}
     }
 
-    async fn run_connection(&self, mut sock: TcpStream, peer: SocketAddr, conn_id: u64, mut shutdown: watch::Receiver<bool>) {
+    async fn run_connection(
+        &self,
+        mut sock: TcpStream,
+        peer: SocketAddr,
+        conn_id: u64,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let _ = sock.set_nodelay(true);
-        let ka = TcpKeepalive::new().with_time(Duration::from_secs(30)).with_interval(Duration::from_secs(10));
+        let ka = TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10));
         let _ = SockRef::from(&sock).set_tcp_keepalive(&ka);
         tracing::debug!("accepted");
-        let mut conn = Connection::new(Arc::clone(&self.cfg), self.registry.alloc_tsih(), Instant::now());
+        let mut conn = Connection::new(
+            Arc::clone(&self.cfg),
+            self.registry.alloc_tsih(),
+            Instant::now(),
+        );
         let (out_tx, mut out_rx) = mpsc::unbounded_channel();
         let kill = Arc::new(Notify::new());
         let mut session_key: Option<SessionKey> = None;
@@ -141,7 +160,12 @@ impl Server {
                             let _ = tx.send((itt, outcome));
                         });
                     }
-                    Event::LoggedIn { initiator_name, isid, target, tsih } => {
+                    Event::LoggedIn {
+                        initiator_name,
+                        isid,
+                        target,
+                        tsih,
+                    } => {
                         let key = (initiator_name, isid, target);
                         let old = self
                             .registry
@@ -150,7 +174,10 @@ impl Server {
                             .expect("registry lock")
                             .insert(key.clone(), (conn_id, Arc::clone(&kill)));
                         if let Some((_, old_kill)) = old {
-                            tracing::info!(tsih, "session reinstatement: closing the older session with this ISID");
+                            tracing::info!(
+                                tsih,
+                                "session reinstatement: closing the older session with this ISID"
+                            );
                             old_kill.notify_one();
                         }
                         session_key = Some(key);

@@ -21,7 +21,10 @@ pub struct ChapSecret {
 
 impl std::fmt::Debug for ChapSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChapSecret").field("user", &self.user).field("secret", &"<redacted>").finish()
+        f.debug_struct("ChapSecret")
+            .field("user", &self.user)
+            .field("secret", &"<redacted>")
+            .finish()
     }
 }
 
@@ -83,7 +86,11 @@ pub fn decode_binary(s: &str) -> Option<Vec<u8>> {
                 return None;
             }
             // An odd number of digits has an implied leading zero.
-            let padded = if body.len() % 2 == 1 { format!("0{body}") } else { body.to_owned() };
+            let padded = if body.len() % 2 == 1 {
+                format!("0{body}")
+            } else {
+                body.to_owned()
+            };
             (0..padded.len())
                 .step_by(2)
                 .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).ok())

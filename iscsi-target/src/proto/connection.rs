@@ -105,7 +105,10 @@ enum Auth {
     /// AuthMethod=CHAP agreed; waiting for CHAP_A.
     ChapMethod,
     /// Challenge sent.
-    ChapChallenged { id: u8, challenge: [u8; chap::CHALLENGE_LEN] },
+    ChapChallenged {
+        id: u8,
+        challenge: [u8; chap::CHALLENGE_LEN],
+    },
     /// Authenticated.
     Done,
 }
@@ -284,8 +287,15 @@ impl Connection {
     }
 
     fn limits(&self) -> FrameLimits {
-        let max = if self.phase == Phase::Login { LOGIN_RECV_DSL } else { self.params.target_mrdsl };
-        FrameLimits { digests: self.digests, max_data_segment: max }
+        let max = if self.phase == Phase::Login {
+            LOGIN_RECV_DSL
+        } else {
+            self.params.target_mrdsl
+        };
+        FrameLimits {
+            digests: self.digests,
+            max_data_segment: max,
+        }
     }
 
     /// Consumes complete PDUs from `input`; returns the bytes consumed. Leftover bytes (a
@@ -397,7 +407,8 @@ impl Connection {
                                 max_cmd_sn: self.window_max().0,
                             });
                             self.send(&nop, &[]);
-                            let deadline = now + Duration::from_millis(self.cfg.timers.nop_timeout_ms);
+                            let deadline =
+                                now + Duration::from_millis(self.cfg.timers.nop_timeout_ms);
                             self.nop = Some((ttt, deadline));
                         }
                     }
@@ -431,7 +442,9 @@ impl Connection {
     fn close(&mut self, reason: &str) {
         if self.phase != Phase::Closing {
             self.phase = Phase::Closing;
-            self.events.push_back(Event::Close { reason: reason.to_owned() });
+            self.events.push_back(Event::Close {
+                reason: reason.to_owned(),
+            });
         }
     }
 
@@ -477,7 +490,12 @@ impl Connection {
         self.send(&bhs, &hdr);
     }
 
-    fn handle_pdu(&mut self, now: Instant, p: PduRef<'_>, hdr: &[u8; BHS_LEN]) -> Result<(), ConnectionError> {
+    fn handle_pdu(
+        &mut self,
+        now: Instant,
+        p: PduRef<'_>,
+        hdr: &[u8; BHS_LEN],
+    ) -> Result<(), ConnectionError> {
         match self.phase {
             Phase::Login => match p.bhs {
                 Bhs::LoginRequest(req) => {
@@ -498,7 +516,14 @@ impl Connection {
     // -----------------------------------------------------------------------------------------
     // Login (RFC 7143 §6).
 
-    fn login_response(&mut self, req: &LoginRequest, transit: bool, nsg: u8, status: (u8, u8), data: &[u8]) {
+    fn login_response(
+        &mut self,
+        req: &LoginRequest,
+        transit: bool,
+        nsg: u8,
+        status: (u8, u8),
+        data: &[u8],
+    ) {
         let exp = Sn(req.cmd_sn);
         self.exp_cmd_sn = exp;
         let bhs = Bhs::LoginResponse(LoginResponse {
@@ -509,7 +534,11 @@ impl Connection {
             version_max: 0,
             version_active: 0,
             isid: req.isid,
-            tsih: if transit && nsg == 3 { self.tsih } else { req.tsih },
+            tsih: if transit && nsg == 3 {
+                self.tsih
+            } else {
+                req.tsih
+            },
             itt: req.itt,
             stat_sn: self.take_stat_sn(),
             exp_cmd_sn: exp.0,
@@ -543,10 +572,18 @@ impl Connection {
 
     fn handle_login(&mut self, req: LoginRequest, data: &[u8]) {
         if req.version_min > 0 {
-            return self.fail_login(req.itt, status::UNSUPPORTED_VERSION, "unsupported iSCSI version");
+            return self.fail_login(
+                req.itt,
+                status::UNSUPPORTED_VERSION,
+                "unsupported iSCSI version",
+            );
         }
         if self.login.started && (req.isid != self.login.isid || req.cid != self.login.cid) {
-            return self.fail_login(req.itt, status::INITIATOR_ERROR, "ISID or CID changed during login");
+            return self.fail_login(
+                req.itt,
+                status::INITIATOR_ERROR,
+                "ISID or CID changed during login",
+            );
         }
         if self.login.pending.len() + data.len() > TEXT_ACCUMULATED_MAX {
             return self.fail_login(req.itt, status::INITIATOR_ERROR, "login text too long");
@@ -570,23 +607,37 @@ impl Connection {
             self.login.isid = req.isid;
             self.login.cid = req.cid;
             let Some(name) = get("InitiatorName").filter(|n| !n.is_empty()) else {
-                return self.fail_login(req.itt, status::MISSING_PARAMETER, "InitiatorName missing");
+                return self.fail_login(
+                    req.itt,
+                    status::MISSING_PARAMETER,
+                    "InitiatorName missing",
+                );
             };
             self.initiator_name = name.to_owned();
             let discovery = match get("SessionType").unwrap_or("Normal") {
                 "Normal" => false,
                 "Discovery" => true,
-                _ => return self.fail_login(req.itt, status::INITIATOR_ERROR, "invalid SessionType"),
+                _ => {
+                    return self.fail_login(req.itt, status::INITIATOR_ERROR, "invalid SessionType")
+                }
             };
             self.login.discovery = discovery;
             if req.tsih != 0 {
-                return self.fail_login(req.itt, status::SESSION_DOES_NOT_EXIST, "adding connections to a session is not supported (MaxConnections=1)");
+                return self.fail_login(
+                    req.itt,
+                    status::SESSION_DOES_NOT_EXIST,
+                    "adding connections to a session is not supported (MaxConnections=1)",
+                );
             }
             if discovery {
                 self.login.chap = self.cfg.discovery_chap.clone();
             } else {
                 let Some(tname) = get("TargetName") else {
-                    return self.fail_login(req.itt, status::MISSING_PARAMETER, "TargetName missing");
+                    return self.fail_login(
+                        req.itt,
+                        status::MISSING_PARAMETER,
+                        "TargetName missing",
+                    );
                 };
                 let Some(idx) = self.cfg.targets.iter().position(|t| t.name == tname) else {
                     return self.fail_login(req.itt, status::NOT_FOUND, "no such target");
@@ -613,18 +664,36 @@ impl Connection {
             }
             1 => {
                 if !sec.is_empty() {
-                    return self.fail_login(req.itt, status::INITIATOR_ERROR, "security keys in the operational stage");
+                    return self.fail_login(
+                        req.itt,
+                        status::INITIATOR_ERROR,
+                        "security keys in the operational stage",
+                    );
                 }
                 if !matches!(self.login.auth, Auth::Open | Auth::Done) {
-                    return self.fail_login(req.itt, status::AUTH_FAILURE, "authentication required");
+                    return self.fail_login(
+                        req.itt,
+                        status::AUTH_FAILURE,
+                        "authentication required",
+                    );
                 }
             }
             _ => return self.fail_login(req.itt, status::INITIATOR_ERROR, "invalid current stage"),
         }
         let authenticated = matches!(self.login.auth, Auth::Open | Auth::Done);
         let transit = req.transit && authenticated;
-        if req.transit && !authenticated && !matches!(self.login.auth, Auth::ChapMethod | Auth::ChapChallenged { .. }) {
-            return self.fail_login(req.itt, status::AUTH_FAILURE, "authentication not completed");
+        if req.transit
+            && !authenticated
+            && !matches!(
+                self.login.auth,
+                Auth::ChapMethod | Auth::ChapChallenged { .. }
+            )
+        {
+            return self.fail_login(
+                req.itt,
+                status::AUTH_FAILURE,
+                "authentication not completed",
+            );
         }
         if transit && (req.nsg <= req.csg || req.nsg == 2) {
             return self.fail_login(req.itt, status::INITIATOR_ERROR, "invalid next stage");
@@ -636,7 +705,11 @@ impl Connection {
         resp.extend(params::negotiate(&mut self.params, &op, discovery, declare));
         let data = text::encode(&resp);
         if data.len() > LOGIN_RECV_DSL as usize {
-            return self.fail_login(req.itt, status::INITIATOR_ERROR, "login response would exceed 8192 bytes");
+            return self.fail_login(
+                req.itt,
+                status::INITIATOR_ERROR,
+                "login response would exceed 8192 bytes",
+            );
         }
         self.login_response(&req, transit, req.nsg, (0, 0), &data);
         if transit && req.nsg == 3 {
@@ -644,14 +717,20 @@ impl Connection {
         }
     }
 
-    fn security_keys(&mut self, keys: &[(String, String)], resp: &mut Vec<(String, String)>) -> Result<(), &'static str> {
+    fn security_keys(
+        &mut self,
+        keys: &[(String, String)],
+        resp: &mut Vec<(String, String)>,
+    ) -> Result<(), &'static str> {
         let get = |k: &str| keys.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         if let Some(methods) = get("AuthMethod") {
             let offered: Vec<&str> = methods.split(',').collect();
             match self.login.auth {
                 Auth::Open => {
                     if !offered.contains(&"None") {
-                        return Err("initiator requires authentication the target does not have configured");
+                        return Err(
+                            "initiator requires authentication the target does not have configured",
+                        );
                     }
                     resp.push(("AuthMethod".into(), "None".into()));
                 }
@@ -694,14 +773,22 @@ impl Connection {
             }
             match (get("CHAP_I"), get("CHAP_C")) {
                 (Some(i), Some(c)) => {
-                    let mutual = cfg.mutual.as_ref().ok_or("mutual CHAP requested but not configured")?;
-                    let i: u8 = params::parse_number(i).and_then(|v| u8::try_from(v).ok()).ok_or("CHAP_I malformed")?;
+                    let mutual = cfg
+                        .mutual
+                        .as_ref()
+                        .ok_or("mutual CHAP requested but not configured")?;
+                    let i: u8 = params::parse_number(i)
+                        .and_then(|v| u8::try_from(v).ok())
+                        .ok_or("CHAP_I malformed")?;
                     let c = chap::decode_binary(c).ok_or("CHAP_C malformed")?;
                     if c == challenge {
                         return Err("initiator reflected the target's challenge");
                     }
                     resp.push(("CHAP_N".into(), mutual.user.clone()));
-                    resp.push(("CHAP_R".into(), chap::encode_hex(&chap::response(i, &mutual.secret, &c))));
+                    resp.push((
+                        "CHAP_R".into(),
+                        chap::encode_hex(&chap::response(i, &mutual.secret, &c)),
+                    ));
                 }
                 (None, None) => {}
                 _ => return Err("CHAP_I and CHAP_C must come together"),
@@ -713,7 +800,10 @@ impl Connection {
 
     fn enter_full_feature(&mut self, cmd_sn: u32) {
         self.phase = Phase::FullFeature;
-        self.digests = Digests { header: self.params.header_digest, data: self.params.data_digest };
+        self.digests = Digests {
+            header: self.params.header_digest,
+            data: self.params.data_digest,
+        };
         self.exp_cmd_sn = Sn(cmd_sn);
         self.max_cmd_sn = Sn(cmd_sn).add(CMD_WINDOW_MAX - 1);
         tracing::info!(
@@ -736,7 +826,12 @@ impl Connection {
     // -----------------------------------------------------------------------------------------
     // Full feature phase.
 
-    fn handle_ffp(&mut self, now: Instant, p: PduRef<'_>, hdr: &[u8; BHS_LEN]) -> Result<(), ConnectionError> {
+    fn handle_ffp(
+        &mut self,
+        now: Instant,
+        p: PduRef<'_>,
+        hdr: &[u8; BHS_LEN],
+    ) -> Result<(), ConnectionError> {
         let (cmd_sn, immediate) = match &p.bhs {
             Bhs::ScsiCommand(c) => (c.cmd_sn, c.immediate),
             Bhs::NopOut(n) => (n.cmd_sn, n.immediate || n.itt == RESERVED_TAG),
@@ -770,10 +865,22 @@ impl Connection {
             self.drain_queued(now)?;
         } else if sn.in_window(self.exp_cmd_sn, max) {
             if self.queued.len() < CMD_WINDOW_MAX as usize && !self.queued.contains_key(&cmd_sn) {
-                self.queued.insert(cmd_sn, Queued { bhs: p.bhs, ahs: p.ahs.to_vec(), data: p.data.to_vec() });
+                self.queued.insert(
+                    cmd_sn,
+                    Queued {
+                        bhs: p.bhs,
+                        ahs: p.ahs.to_vec(),
+                        data: p.data.to_vec(),
+                    },
+                );
             }
         } else {
-            tracing::debug!(cmd_sn, exp = self.exp_cmd_sn.0, max = max.0, "command outside the CmdSN window ignored");
+            tracing::debug!(
+                cmd_sn,
+                exp = self.exp_cmd_sn.0,
+                max = max.0,
+                "command outside the CmdSN window ignored"
+            );
         }
         Ok(())
     }
@@ -782,13 +889,21 @@ impl Connection {
         while let Some(q) = self.queued.remove(&self.exp_cmd_sn.0) {
             self.exp_cmd_sn = self.exp_cmd_sn.add(1);
             let mut hdr = [0u8; BHS_LEN];
-            q.bhs.encode(&mut hdr, (q.ahs.len() / 4) as u8, q.data.len() as u32);
+            q.bhs
+                .encode(&mut hdr, (q.ahs.len() / 4) as u8, q.data.len() as u32);
             self.execute_ordered(now, q.bhs, &q.ahs, &q.data, &hdr)?;
         }
         Ok(())
     }
 
-    fn execute_ordered(&mut self, now: Instant, bhs: Bhs, ahs: &[u8], data: &[u8], hdr: &[u8; BHS_LEN]) -> Result<(), ConnectionError> {
+    fn execute_ordered(
+        &mut self,
+        now: Instant,
+        bhs: Bhs,
+        ahs: &[u8],
+        data: &[u8],
+        hdr: &[u8; BHS_LEN],
+    ) -> Result<(), ConnectionError> {
         match bhs {
             Bhs::ScsiCommand(c) => self.start_command(c, ahs, data, hdr),
             Bhs::NopOut(n) => {
@@ -837,7 +952,13 @@ impl Connection {
         self.send(&bhs, &data[..echo_len]);
     }
 
-    fn start_command(&mut self, c: ScsiCommandPdu, ahs: &[u8], data: &[u8], hdr: &[u8; BHS_LEN]) -> Result<(), ConnectionError> {
+    fn start_command(
+        &mut self,
+        c: ScsiCommandPdu,
+        ahs: &[u8],
+        data: &[u8],
+        hdr: &[u8; BHS_LEN],
+    ) -> Result<(), ConnectionError> {
         if self.login.discovery {
             self.reject(reject::COMMAND_NOT_SUPPORTED, hdr);
             return Ok(());
@@ -881,9 +1002,16 @@ impl Connection {
             _ => TaskAttr::Aca,
         };
         let write = c.write && c.edtl > 0;
-        if !data.is_empty() && (!c.write || !self.params.immediate_data || data.len() > c.edtl as usize || data.len() > self.params.first_burst as usize) {
+        if !data.is_empty()
+            && (!c.write
+                || !self.params.immediate_data
+                || data.len() > c.edtl as usize
+                || data.len() > self.params.first_burst as usize)
+        {
             self.reject(reject::PROTOCOL_ERROR, hdr);
-            return Err(ConnectionError::Protocol("immediate data not allowed or longer than expected"));
+            return Err(ConnectionError::Protocol(
+                "immediate data not allowed or longer than expected",
+            ));
         }
         let mut task = Task {
             lun: c.lun,
@@ -965,7 +1093,17 @@ impl Connection {
             task.r2t_sn += 1;
             let lun = task.lun;
             let ttt = self.alloc_ttt();
-            self.tasks.get_mut(&itt).expect("task exists").r2ts.push(R2tState { ttt, offset, len, received: 0, data_sn: 0 });
+            self.tasks
+                .get_mut(&itt)
+                .expect("task exists")
+                .r2ts
+                .push(R2tState {
+                    ttt,
+                    offset,
+                    len,
+                    received: 0,
+                    data_sn: 0,
+                });
             let bhs = Bhs::R2t(R2t {
                 lun,
                 itt,
@@ -981,8 +1119,17 @@ impl Connection {
         }
     }
 
-    fn handle_data_out(&mut self, d: DataOut, data: &[u8], hdr: &[u8; BHS_LEN]) -> Result<(), ConnectionError> {
-        let Some(task) = self.tasks.get_mut(&d.itt).filter(|t| matches!(t.state, TaskState::Receiving)) else {
+    fn handle_data_out(
+        &mut self,
+        d: DataOut,
+        data: &[u8],
+        hdr: &[u8; BHS_LEN],
+    ) -> Result<(), ConnectionError> {
+        let Some(task) = self
+            .tasks
+            .get_mut(&d.itt)
+            .filter(|t| matches!(t.state, TaskState::Receiving))
+        else {
             if self.discard_itts.contains(&d.itt) {
                 return Ok(());
             }
@@ -990,13 +1137,33 @@ impl Connection {
             self.reject(reject::INVALID_PDU_FIELD, hdr);
             return Ok(());
         };
-        tracing::trace!(itt = d.itt, ttt = d.ttt, data_sn = d.data_sn, offset = d.buffer_offset, len = data.len(), final_ = d.final_, "data-out");
+        tracing::trace!(
+            itt = d.itt,
+            ttt = d.ttt,
+            data_sn = d.data_sn,
+            offset = d.buffer_offset,
+            len = data.len(),
+            final_ = d.final_,
+            "data-out"
+        );
         let len = data.len() as u32;
-        let end = d.buffer_offset.checked_add(len).ok_or(ConnectionError::Protocol("buffer offset wraps"))?;
+        let end = d
+            .buffer_offset
+            .checked_add(len)
+            .ok_or(ConnectionError::Protocol("buffer offset wraps"))?;
         if d.ttt == RESERVED_TAG {
             let limit = task.edtl.min(self.params.first_burst);
-            if !task.unsolicited_open || d.buffer_offset != task.received || end > limit || d.data_sn != task.unsolicited_data_sn {
-                tracing::info!(itt = d.itt, data_sn = d.data_sn, offset = d.buffer_offset, "unsolicited Data-Out out of sequence: command failed");
+            if !task.unsolicited_open
+                || d.buffer_offset != task.received
+                || end > limit
+                || d.data_sn != task.unsolicited_data_sn
+            {
+                tracing::info!(
+                    itt = d.itt,
+                    data_sn = d.data_sn,
+                    offset = d.buffer_offset,
+                    "unsolicited Data-Out out of sequence: command failed"
+                );
                 self.fail_data_phase(d.itt);
                 return Ok(());
             }
@@ -1015,8 +1182,16 @@ impl Connection {
                 return Ok(());
             };
             let r = &mut task.r2ts[i];
-            if d.buffer_offset != r.offset + r.received || end > r.offset + r.len || d.data_sn != r.data_sn {
-                tracing::info!(itt = d.itt, data_sn = d.data_sn, offset = d.buffer_offset, "Data-Out does not match its R2T: command failed");
+            if d.buffer_offset != r.offset + r.received
+                || end > r.offset + r.len
+                || d.data_sn != r.data_sn
+            {
+                tracing::info!(
+                    itt = d.itt,
+                    data_sn = d.data_sn,
+                    offset = d.buffer_offset,
+                    "Data-Out does not match its R2T: command failed"
+                );
                 self.fail_data_phase(d.itt);
                 return Ok(());
             }
@@ -1047,7 +1222,9 @@ impl Connection {
     /// ERL 0 cannot ask for the data again: end the command with CHECK CONDITION (ABORTED
     /// COMMAND, DATA PHASE ERROR) and drop the rest of its Data-Out, keeping the session.
     fn fail_data_phase(&mut self, itt: u32) {
-        let Some(task) = self.tasks.remove(&itt) else { return };
+        let Some(task) = self.tasks.remove(&itt) else {
+            return;
+        };
         let reason = lun::SenseReason::DataPhaseError;
         let outcome = CommandOutcome {
             status: lun::CommandStatus::CheckCondition(reason),
@@ -1165,7 +1342,11 @@ impl Connection {
                 }
             }
         }
-        let exp_data_sn = if task.write_flag { task.r2t_sn } else { data_sn };
+        let exp_data_sn = if task.write_flag {
+            task.r2t_sn
+        } else {
+            data_sn
+        };
         let mut data = Vec::new();
         if !outcome.sense.is_empty() {
             data.extend_from_slice(&(outcome.sense.len() as u16).to_be_bytes());
@@ -1234,8 +1415,13 @@ impl Connection {
                     vec![t.rtt]
                 } else {
                     // Not found: complete if the command was already received and answered.
-                    let resp = if Sn(t.ref_cmd_sn).lt(self.exp_cmd_sn) { COMPLETE } else { NO_TASK };
-                    self.queued.retain(|_, q| !matches!(&q.bhs, Bhs::ScsiCommand(c) if c.itt == t.rtt));
+                    let resp = if Sn(t.ref_cmd_sn).lt(self.exp_cmd_sn) {
+                        COMPLETE
+                    } else {
+                        NO_TASK
+                    };
+                    self.queued
+                        .retain(|_, q| !matches!(&q.bhs, Bhs::ScsiCommand(c) if c.itt == t.rtt));
                     return self.send_tmf_response(t.itt, resp);
                 }
             }
@@ -1243,13 +1429,21 @@ impl Connection {
                 if !lun_exists {
                     return self.send_tmf_response(t.itt, NO_LUN);
                 }
-                self.tasks.iter().filter(|(_, task)| task.lun == t.lun).map(|(&i, _)| i).collect()
+                self.tasks
+                    .iter()
+                    .filter(|(_, task)| task.lun == t.lun)
+                    .map(|(&i, _)| i)
+                    .collect()
             }
             6 | 7 => self.tasks.keys().copied().collect(),
             8 => return self.send_tmf_response(t.itt, NO_REASSIGN),
             _ => return self.send_tmf_response(t.itt, NOT_SUPPORTED),
         };
-        tracing::info!(function = t.function, tasks = victims.len(), "task management");
+        tracing::info!(
+            function = t.function,
+            tasks = victims.len(),
+            "task management"
+        );
         let mut waiting = HashSet::new();
         for itt in victims {
             let task = self.tasks.get_mut(&itt).expect("victim exists");
@@ -1270,13 +1464,22 @@ impl Connection {
                 self.close("target cold reset");
             }
         } else {
-            self.tmfs.push(PendingTmf { itt: t.itt, waiting, response: COMPLETE, close_after });
+            self.tmfs.push(PendingTmf {
+                itt: t.itt,
+                waiting,
+                response: COMPLETE,
+                close_after,
+            });
         }
     }
 
     fn handle_text(&mut self, t: TextRequest, data: &[u8], hdr: &[u8; BHS_LEN]) {
         if t.ttt != RESERVED_TAG {
-            let Some(cont) = self.text_cont.take().filter(|c| c.ttt == t.ttt && c.itt == t.itt) else {
+            let Some(cont) = self
+                .text_cont
+                .take()
+                .filter(|c| c.ttt == t.ttt && c.itt == t.itt)
+            else {
                 return self.reject(reject::INVALID_PDU_FIELD, hdr);
             };
             return self.send_text(t.itt, t.lun, cont.rest);
@@ -1336,7 +1539,11 @@ impl Connection {
     /// Sends a text response, split by the initiator's MaxRecvDataSegmentLength with the C bit.
     fn send_text(&mut self, itt: u32, lun: u64, mut body: Vec<u8>) {
         let max = self.params.initiator_mrdsl as usize;
-        let rest = if body.len() > max { body.split_off(max) } else { Vec::new() };
+        let rest = if body.len() > max {
+            body.split_off(max)
+        } else {
+            Vec::new()
+        };
         let more = !rest.is_empty();
         let ttt = if more { self.alloc_ttt() } else { RESERVED_TAG };
         if more {

@@ -72,8 +72,14 @@ impl Default for SessionParams {
 #[derive(Clone, Copy)]
 enum Kind {
     Digest,
-    Numeric { min: u32, max: u32, session_only: bool },
-    Bool { session_only: bool },
+    Numeric {
+        min: u32,
+        max: u32,
+        session_only: bool,
+    },
+    Bool {
+        session_only: bool,
+    },
     Declarative,
     TargetOnly,
     Marker,
@@ -87,14 +93,44 @@ fn kind(key: &str) -> Option<Kind> {
     const N24: u32 = (1 << 24) - 1;
     Some(match key {
         "HeaderDigest" | "DataDigest" => Digest,
-        "MaxConnections" => Numeric { min: 1, max: 65535, session_only: true },
-        "InitialR2T" | "ImmediateData" | "DataPDUInOrder" | "DataSequenceInOrder" => Bool { session_only: true },
-        "MaxRecvDataSegmentLength" => Numeric { min: 512, max: N24, session_only: false },
-        "MaxBurstLength" | "FirstBurstLength" => Numeric { min: 512, max: N24, session_only: true },
-        "DefaultTime2Wait" | "DefaultTime2Retain" => Numeric { min: 0, max: 3600, session_only: false },
-        "MaxOutstandingR2T" => Numeric { min: 1, max: 65535, session_only: true },
-        "ErrorRecoveryLevel" => Numeric { min: 0, max: 2, session_only: false },
-        "iSCSIProtocolLevel" => Numeric { min: 0, max: 31, session_only: false },
+        "MaxConnections" => Numeric {
+            min: 1,
+            max: 65535,
+            session_only: true,
+        },
+        "InitialR2T" | "ImmediateData" | "DataPDUInOrder" | "DataSequenceInOrder" => {
+            Bool { session_only: true }
+        }
+        "MaxRecvDataSegmentLength" => Numeric {
+            min: 512,
+            max: N24,
+            session_only: false,
+        },
+        "MaxBurstLength" | "FirstBurstLength" => Numeric {
+            min: 512,
+            max: N24,
+            session_only: true,
+        },
+        "DefaultTime2Wait" | "DefaultTime2Retain" => Numeric {
+            min: 0,
+            max: 3600,
+            session_only: false,
+        },
+        "MaxOutstandingR2T" => Numeric {
+            min: 1,
+            max: 65535,
+            session_only: true,
+        },
+        "ErrorRecoveryLevel" => Numeric {
+            min: 0,
+            max: 2,
+            session_only: false,
+        },
+        "iSCSIProtocolLevel" => Numeric {
+            min: 0,
+            max: 31,
+            session_only: false,
+        },
         "InitiatorName" | "InitiatorAlias" | "SessionType" | "TargetName" => Declarative,
         "TargetAlias" | "TargetAddress" | "TargetPortalGroupTag" => TargetOnly,
         "OFMarker" | "IFMarker" => Marker,
@@ -190,7 +226,11 @@ pub fn negotiate(
                     Some(String::new())
                 }
             },
-            Some(Kind::Numeric { min, max, session_only }) => match parse_number(value) {
+            Some(Kind::Numeric {
+                min,
+                max,
+                session_only,
+            }) => match parse_number(value) {
                 Some(n) if n >= u64::from(min) && n <= u64::from(max) => {
                     if discovery && session_only {
                         Some("Irrelevant".to_owned())
@@ -276,7 +316,10 @@ mod tests {
     use super::*;
 
     fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn answer<'a>(out: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -320,7 +363,12 @@ mod tests {
     #[test]
     fn first_burst_clamped_to_max_burst() {
         let mut p = SessionParams::default();
-        let out = negotiate(&mut p, &kv(&[("FirstBurstLength", "262144"), ("MaxBurstLength", "4096")]), false, false);
+        let out = negotiate(
+            &mut p,
+            &kv(&[("FirstBurstLength", "262144"), ("MaxBurstLength", "4096")]),
+            false,
+            false,
+        );
         assert_eq!(answer(&out, "FirstBurstLength"), Some("4096"));
         assert_eq!(answer(&out, "MaxBurstLength"), Some("4096"));
     }
@@ -330,7 +378,12 @@ mod tests {
         let mut p = SessionParams::default();
         let out = negotiate(
             &mut p,
-            &kv(&[("InitialR2T", "Yes"), ("ImmediateData", "No"), ("DataPDUInOrder", "No"), ("DefaultTime2Wait", "5")]),
+            &kv(&[
+                ("InitialR2T", "Yes"),
+                ("ImmediateData", "No"),
+                ("DataPDUInOrder", "No"),
+                ("DefaultTime2Wait", "5"),
+            ]),
             false,
             false,
         );
@@ -365,7 +418,12 @@ mod tests {
         assert_eq!(answer(&out, "TargetPortalGroupTag"), Some("Irrelevant"));
         assert_eq!(answer(&out, "IFMarker"), Some("No"));
         let mut p = SessionParams::default();
-        let out = negotiate(&mut p, &kv(&[("MaxBurstLength", "65536"), ("HeaderDigest", "CRC32C,None")]), true, false);
+        let out = negotiate(
+            &mut p,
+            &kv(&[("MaxBurstLength", "65536"), ("HeaderDigest", "CRC32C,None")]),
+            true,
+            false,
+        );
         assert_eq!(answer(&out, "MaxBurstLength"), Some("Irrelevant"));
         assert_eq!(answer(&out, "HeaderDigest"), Some("CRC32C"));
         assert!(p.header_digest);
@@ -374,7 +432,15 @@ mod tests {
     #[test]
     fn declaratives_get_no_answer() {
         let mut p = SessionParams::default();
-        let out = negotiate(&mut p, &kv(&[("InitiatorName", "iqn.x"), ("MaxRecvDataSegmentLength", "32768")]), false, false);
+        let out = negotiate(
+            &mut p,
+            &kv(&[
+                ("InitiatorName", "iqn.x"),
+                ("MaxRecvDataSegmentLength", "32768"),
+            ]),
+            false,
+            false,
+        );
         assert!(out.is_empty());
         assert_eq!(p.initiator_mrdsl, 32768);
     }

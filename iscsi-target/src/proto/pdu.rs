@@ -113,7 +113,10 @@ pub fn frame_len(buf: &[u8], limits: FrameLimits) -> Result<Option<FrameInfo>, P
     let ahs_len = usize::from(buf[4]) * 4;
     let data_len = (u32::from(buf[5]) << 16) | (u32::from(buf[6]) << 8) | u32::from(buf[7]);
     if data_len > limits.max_data_segment {
-        return Err(PduError::DataSegmentTooLarge { len: data_len, max: limits.max_data_segment });
+        return Err(PduError::DataSegmentTooLarge {
+            len: data_len,
+            max: limits.max_data_segment,
+        });
     }
     debug_assert!(ahs_len <= AHS_LEN_MAX);
     let data_len = data_len as usize;
@@ -124,7 +127,11 @@ pub fn frame_len(buf: &[u8], limits: FrameLimits) -> Result<Option<FrameInfo>, P
     if limits.digests.data && data_len > 0 {
         total += 4;
     }
-    Ok(Some(FrameInfo { ahs_len, data_len, total }))
+    Ok(Some(FrameInfo {
+        ahs_len,
+        data_len,
+        total,
+    }))
 }
 
 /// A decoded PDU borrowing its AHS and data from the receive buffer.
@@ -142,7 +149,11 @@ pub struct PduRef<'a> {
 ///
 /// # Errors
 /// Digest mismatches and invalid headers.
-pub fn parse_pdu<'a>(buf: &'a [u8], info: FrameInfo, digests: Digests) -> Result<PduRef<'a>, PduError> {
+pub fn parse_pdu<'a>(
+    buf: &'a [u8],
+    info: FrameInfo,
+    digests: Digests,
+) -> Result<PduRef<'a>, PduError> {
     let hdr_end = BHS_LEN + info.ahs_len;
     let mut pos = hdr_end;
     if digests.header {
@@ -161,7 +172,11 @@ pub fn parse_pdu<'a>(buf: &'a [u8], info: FrameInfo, digests: Digests) -> Result
         }
     }
     let bhs = Bhs::parse(buf[..BHS_LEN].try_into().expect("48 bytes"))?;
-    Ok(PduRef { bhs, ahs: &buf[BHS_LEN..hdr_end], data })
+    Ok(PduRef {
+        bhs,
+        ahs: &buf[BHS_LEN..hdr_end],
+        data,
+    })
 }
 
 /// Appends a whole PDU (header, AHS, padded data, digests) to `out`.
@@ -481,9 +496,19 @@ struct Raw {
 type NomErr<'a> = nom::error::Error<&'a [u8]>;
 
 fn raw(b: &[u8; BHS_LEN]) -> Raw {
-    let parsed: nom::IResult<&[u8], _, NomErr<'_>> =
-        (be_u8, be_u8, be_u8, be_u8, be_u8, be_u24, take(8usize), be_u32).parse(&b[..]);
-    let (rest, (op, f1, b2, b3, _ahs, _dlen, b8, itt)) = parsed.expect("48 bytes always hold the fixed fields");
+    let parsed: nom::IResult<&[u8], _, NomErr<'_>> = (
+        be_u8,
+        be_u8,
+        be_u8,
+        be_u8,
+        be_u8,
+        be_u24,
+        take(8usize),
+        be_u32,
+    )
+        .parse(&b[..]);
+    let (rest, (op, f1, b2, b3, _ahs, _dlen, b8, itt)) =
+        parsed.expect("48 bytes always hold the fixed fields");
     let words: nom::IResult<&[u8], _, NomErr<'_>> =
         (be_u32, be_u32, be_u32, be_u32, be_u32, be_u32, be_u32).parse(rest);
     let (_, (w0, w1, w2, w3, w4, w5, w6)) = words.expect("28 bytes remain");
@@ -750,7 +775,8 @@ impl Bhs {
     pub fn encode(&self, out: &mut [u8; BHS_LEN], ahs_words: u8, data_len: u32) {
         out.fill(0);
         let mut w = [0u32; 7];
-        let (mut immediate, mut f1, mut b2, mut b3, mut b8, mut itt) = (false, 0x80u8, 0u8, 0u8, 0u64, RESERVED_TAG);
+        let (mut immediate, mut f1, mut b2, mut b3, mut b8, mut itt) =
+            (false, 0x80u8, 0u8, 0u8, 0u64, RESERVED_TAG);
         let flag = |c: bool, m: u8| if c { m } else { 0 };
         match self {
             Bhs::NopOut(p) => {
@@ -769,7 +795,13 @@ impl Bhs {
                 immediate = p.immediate;
                 f1 = 0x80 | (p.function & 0x7f);
                 (b8, itt) = (p.lun, p.itt);
-                w[..5].copy_from_slice(&[p.rtt, p.cmd_sn, p.exp_stat_sn, p.ref_cmd_sn, p.exp_data_sn]);
+                w[..5].copy_from_slice(&[
+                    p.rtt,
+                    p.cmd_sn,
+                    p.exp_stat_sn,
+                    p.ref_cmd_sn,
+                    p.exp_data_sn,
+                ]);
             }
             Bhs::LoginRequest(p) => {
                 immediate = true;
@@ -812,7 +844,15 @@ impl Bhs {
                     | flag(p.overflow, 0x04)
                     | flag(p.underflow, 0x02);
                 (b2, b3, itt) = (p.response, p.status, p.itt);
-                w = [p.snack_tag, p.stat_sn, p.exp_cmd_sn, p.max_cmd_sn, p.exp_data_sn, p.bidi_residual, p.residual];
+                w = [
+                    p.snack_tag,
+                    p.stat_sn,
+                    p.exp_cmd_sn,
+                    p.max_cmd_sn,
+                    p.exp_data_sn,
+                    p.bidi_residual,
+                    p.residual,
+                ];
             }
             Bhs::TaskMgmtResponse(p) => {
                 (b2, itt) = (p.response, p.itt);
@@ -839,7 +879,15 @@ impl Bhs {
                     | flag(p.has_status, 0x01);
                 b3 = p.status;
                 (b8, itt) = (p.lun, p.itt);
-                w = [p.ttt, p.stat_sn, p.exp_cmd_sn, p.max_cmd_sn, p.data_sn, p.buffer_offset, p.residual];
+                w = [
+                    p.ttt,
+                    p.stat_sn,
+                    p.exp_cmd_sn,
+                    p.max_cmd_sn,
+                    p.data_sn,
+                    p.buffer_offset,
+                    p.residual,
+                ];
             }
             Bhs::LogoutResponse(p) => {
                 (b2, itt) = (p.response, p.itt);
@@ -848,7 +896,15 @@ impl Bhs {
             }
             Bhs::R2t(p) => {
                 (b8, itt) = (p.lun, p.itt);
-                w = [p.ttt, p.stat_sn, p.exp_cmd_sn, p.max_cmd_sn, p.r2t_sn, p.buffer_offset, p.desired_length];
+                w = [
+                    p.ttt,
+                    p.stat_sn,
+                    p.exp_cmd_sn,
+                    p.max_cmd_sn,
+                    p.r2t_sn,
+                    p.buffer_offset,
+                    p.desired_length,
+                ];
             }
             Bhs::AsyncMessage(p) => {
                 b8 = p.lun;
@@ -869,7 +925,11 @@ impl Bhs {
         out[5..8].copy_from_slice(&data_len.to_be_bytes()[1..]);
         out[8..16].copy_from_slice(&b8.to_be_bytes());
         out[16..20].copy_from_slice(&itt.to_be_bytes());
-        let words_end = if matches!(self, Bhs::ScsiCommand(_)) { 3 } else { 7 };
+        let words_end = if matches!(self, Bhs::ScsiCommand(_)) {
+            3
+        } else {
+            7
+        };
         for (i, v) in w.iter().enumerate().take(words_end) {
             out[20 + 4 * i..24 + 4 * i].copy_from_slice(&v.to_be_bytes());
         }
@@ -889,24 +949,267 @@ pub(crate) mod tests {
     pub(crate) fn any_bhs() -> impl Strategy<Value = Bhs> {
         let u = any::<u32>;
         prop_oneof![
-            (any::<bool>(), any::<u64>(), u(), u(), u(), u()).prop_map(|(i, l, a, b, c, d)| Bhs::NopOut(NopOut { immediate: i, lun: l, itt: a, ttt: b, cmd_sn: c, exp_stat_sn: d })),
-            (any::<[bool; 4]>(), 0u8..8, any::<u64>(), u(), u(), u(), u(), any::<[u8; 16]>()).prop_map(|(f, attr, lun, itt, e, c, s, cdb)| Bhs::ScsiCommand(ScsiCommandPdu { immediate: f[0], final_: f[1], read: f[2], write: f[3], attr, lun, itt, edtl: e, cmd_sn: c, exp_stat_sn: s, cdb })),
-            (any::<bool>(), 0u8..128, any::<u64>(), any::<[u32; 6]>()).prop_map(|(i, f, lun, w)| Bhs::TaskMgmtRequest(TaskMgmtRequest { immediate: i, function: f, lun, itt: w[0], rtt: w[1], cmd_sn: w[2], exp_stat_sn: w[3], ref_cmd_sn: w[4], exp_data_sn: w[5] })),
-            (any::<[bool; 2]>(), 0u8..4, 0u8..4, any::<[u8; 2]>(), isid(), any::<u16>(), any::<u16>(), any::<[u32; 3]>()).prop_map(|(f, csg, nsg, v, isid, tsih, cid, w)| Bhs::LoginRequest(LoginRequest { transit: f[0], cont: f[1], csg, nsg, version_max: v[0], version_min: v[1], isid, tsih, itt: w[0], cid, cmd_sn: w[1], exp_stat_sn: w[2] })),
-            (any::<[bool; 3]>(), any::<u64>(), any::<[u32; 4]>()).prop_map(|(f, lun, w)| Bhs::TextRequest(TextRequest { immediate: f[0], final_: f[1], cont: f[2], lun, itt: w[0], ttt: w[1], cmd_sn: w[2], exp_stat_sn: w[3] })),
-            (any::<bool>(), any::<u64>(), any::<[u32; 5]>()).prop_map(|(f, lun, w)| Bhs::DataOut(DataOut { final_: f, lun, itt: w[0], ttt: w[1], exp_stat_sn: w[2], data_sn: w[3], buffer_offset: w[4] })),
-            (any::<bool>(), 0u8..128, any::<u16>(), any::<[u32; 3]>()).prop_map(|(i, r, cid, w)| Bhs::LogoutRequest(LogoutRequest { immediate: i, reason: r, itt: w[0], cid, cmd_sn: w[1], exp_stat_sn: w[2] })),
-            (0u8..16, any::<u64>(), any::<[u32; 5]>()).prop_map(|(k, lun, w)| Bhs::SnackRequest(SnackRequest { kind: k, lun, itt: w[0], ttt: w[1], exp_stat_sn: w[2], beg_run: w[3], run_length: w[4] })),
-            (any::<u64>(), any::<[u32; 5]>()).prop_map(|(lun, w)| Bhs::NopIn(NopIn { lun, itt: w[0], ttt: w[1], stat_sn: w[2], exp_cmd_sn: w[3], max_cmd_sn: w[4] })),
-            (any::<[bool; 4]>(), any::<[u8; 2]>(), any::<[u32; 8]>()).prop_map(|(f, b, w)| Bhs::ScsiResponse(ScsiResponse { bidi_overflow: f[0], bidi_underflow: f[1], overflow: f[2], underflow: f[3], response: b[0], status: b[1], itt: w[0], snack_tag: w[1], stat_sn: w[2], exp_cmd_sn: w[3], max_cmd_sn: w[4], exp_data_sn: w[5], bidi_residual: w[6], residual: w[7] })),
-            (any::<u8>(), any::<[u32; 4]>()).prop_map(|(r, w)| Bhs::TaskMgmtResponse(TaskMgmtResponse { response: r, itt: w[0], stat_sn: w[1], exp_cmd_sn: w[2], max_cmd_sn: w[3] })),
-            (any::<[bool; 2]>(), 0u8..4, 0u8..4, any::<[u8; 4]>(), isid(), any::<u16>(), any::<[u32; 4]>()).prop_map(|(f, csg, nsg, b, isid, tsih, w)| Bhs::LoginResponse(LoginResponse { transit: f[0], cont: f[1], csg, nsg, version_max: b[0], version_active: b[1], isid, tsih, itt: w[0], stat_sn: w[1], exp_cmd_sn: w[2], max_cmd_sn: w[3], status_class: b[2], status_detail: b[3] })),
-            (any::<[bool; 2]>(), any::<u64>(), any::<[u32; 5]>()).prop_map(|(f, lun, w)| Bhs::TextResponse(TextResponse { final_: f[0], cont: f[1], lun, itt: w[0], ttt: w[1], stat_sn: w[2], exp_cmd_sn: w[3], max_cmd_sn: w[4] })),
-            (any::<[bool; 5]>(), any::<u8>(), any::<u64>(), any::<[u32; 9]>()).prop_map(|(f, s, lun, w)| Bhs::DataIn(DataIn { final_: f[0], ack: f[1], overflow: f[2], underflow: f[3], has_status: f[4], status: s, lun, itt: w[0], ttt: w[1], stat_sn: w[2], exp_cmd_sn: w[3], max_cmd_sn: w[4], data_sn: w[5], buffer_offset: w[6], residual: w[7] })),
-            (any::<u8>(), any::<[u32; 4]>(), any::<[u16; 2]>()).prop_map(|(r, w, t)| Bhs::LogoutResponse(LogoutResponse { response: r, itt: w[0], stat_sn: w[1], exp_cmd_sn: w[2], max_cmd_sn: w[3], time2wait: t[0], time2retain: t[1] })),
-            (any::<u64>(), any::<[u32; 8]>()).prop_map(|(lun, w)| Bhs::R2t(R2t { lun, itt: w[0], ttt: w[1], stat_sn: w[2], exp_cmd_sn: w[3], max_cmd_sn: w[4], r2t_sn: w[5], buffer_offset: w[6], desired_length: w[7] })),
-            (any::<u64>(), any::<[u32; 3]>(), any::<[u8; 2]>(), any::<[u16; 3]>()).prop_map(|(lun, w, e, p)| Bhs::AsyncMessage(AsyncMessage { lun, stat_sn: w[0], exp_cmd_sn: w[1], max_cmd_sn: w[2], event: e[0], vcode: e[1], param1: p[0], param2: p[1], param3: p[2] })),
-            (any::<u8>(), any::<[u32; 4]>()).prop_map(|(r, w)| Bhs::Reject(Reject { reason: r, stat_sn: w[0], exp_cmd_sn: w[1], max_cmd_sn: w[2], data_sn: w[3] })),
+            (any::<bool>(), any::<u64>(), u(), u(), u(), u()).prop_map(|(i, l, a, b, c, d)| {
+                Bhs::NopOut(NopOut {
+                    immediate: i,
+                    lun: l,
+                    itt: a,
+                    ttt: b,
+                    cmd_sn: c,
+                    exp_stat_sn: d,
+                })
+            }),
+            (
+                any::<[bool; 4]>(),
+                0u8..8,
+                any::<u64>(),
+                u(),
+                u(),
+                u(),
+                u(),
+                any::<[u8; 16]>()
+            )
+                .prop_map(|(f, attr, lun, itt, e, c, s, cdb)| Bhs::ScsiCommand(
+                    ScsiCommandPdu {
+                        immediate: f[0],
+                        final_: f[1],
+                        read: f[2],
+                        write: f[3],
+                        attr,
+                        lun,
+                        itt,
+                        edtl: e,
+                        cmd_sn: c,
+                        exp_stat_sn: s,
+                        cdb
+                    }
+                )),
+            (any::<bool>(), 0u8..128, any::<u64>(), any::<[u32; 6]>()).prop_map(
+                |(i, f, lun, w)| Bhs::TaskMgmtRequest(TaskMgmtRequest {
+                    immediate: i,
+                    function: f,
+                    lun,
+                    itt: w[0],
+                    rtt: w[1],
+                    cmd_sn: w[2],
+                    exp_stat_sn: w[3],
+                    ref_cmd_sn: w[4],
+                    exp_data_sn: w[5]
+                })
+            ),
+            (
+                any::<[bool; 2]>(),
+                0u8..4,
+                0u8..4,
+                any::<[u8; 2]>(),
+                isid(),
+                any::<u16>(),
+                any::<u16>(),
+                any::<[u32; 3]>()
+            )
+                .prop_map(|(f, csg, nsg, v, isid, tsih, cid, w)| Bhs::LoginRequest(
+                    LoginRequest {
+                        transit: f[0],
+                        cont: f[1],
+                        csg,
+                        nsg,
+                        version_max: v[0],
+                        version_min: v[1],
+                        isid,
+                        tsih,
+                        itt: w[0],
+                        cid,
+                        cmd_sn: w[1],
+                        exp_stat_sn: w[2]
+                    }
+                )),
+            (any::<[bool; 3]>(), any::<u64>(), any::<[u32; 4]>()).prop_map(|(f, lun, w)| {
+                Bhs::TextRequest(TextRequest {
+                    immediate: f[0],
+                    final_: f[1],
+                    cont: f[2],
+                    lun,
+                    itt: w[0],
+                    ttt: w[1],
+                    cmd_sn: w[2],
+                    exp_stat_sn: w[3],
+                })
+            }),
+            (any::<bool>(), any::<u64>(), any::<[u32; 5]>()).prop_map(|(f, lun, w)| Bhs::DataOut(
+                DataOut {
+                    final_: f,
+                    lun,
+                    itt: w[0],
+                    ttt: w[1],
+                    exp_stat_sn: w[2],
+                    data_sn: w[3],
+                    buffer_offset: w[4]
+                }
+            )),
+            (any::<bool>(), 0u8..128, any::<u16>(), any::<[u32; 3]>()).prop_map(
+                |(i, r, cid, w)| Bhs::LogoutRequest(LogoutRequest {
+                    immediate: i,
+                    reason: r,
+                    itt: w[0],
+                    cid,
+                    cmd_sn: w[1],
+                    exp_stat_sn: w[2]
+                })
+            ),
+            (0u8..16, any::<u64>(), any::<[u32; 5]>()).prop_map(|(k, lun, w)| Bhs::SnackRequest(
+                SnackRequest {
+                    kind: k,
+                    lun,
+                    itt: w[0],
+                    ttt: w[1],
+                    exp_stat_sn: w[2],
+                    beg_run: w[3],
+                    run_length: w[4]
+                }
+            )),
+            (any::<u64>(), any::<[u32; 5]>()).prop_map(|(lun, w)| Bhs::NopIn(NopIn {
+                lun,
+                itt: w[0],
+                ttt: w[1],
+                stat_sn: w[2],
+                exp_cmd_sn: w[3],
+                max_cmd_sn: w[4]
+            })),
+            (any::<[bool; 4]>(), any::<[u8; 2]>(), any::<[u32; 8]>()).prop_map(|(f, b, w)| {
+                Bhs::ScsiResponse(ScsiResponse {
+                    bidi_overflow: f[0],
+                    bidi_underflow: f[1],
+                    overflow: f[2],
+                    underflow: f[3],
+                    response: b[0],
+                    status: b[1],
+                    itt: w[0],
+                    snack_tag: w[1],
+                    stat_sn: w[2],
+                    exp_cmd_sn: w[3],
+                    max_cmd_sn: w[4],
+                    exp_data_sn: w[5],
+                    bidi_residual: w[6],
+                    residual: w[7],
+                })
+            }),
+            (any::<u8>(), any::<[u32; 4]>()).prop_map(|(r, w)| Bhs::TaskMgmtResponse(
+                TaskMgmtResponse {
+                    response: r,
+                    itt: w[0],
+                    stat_sn: w[1],
+                    exp_cmd_sn: w[2],
+                    max_cmd_sn: w[3]
+                }
+            )),
+            (
+                any::<[bool; 2]>(),
+                0u8..4,
+                0u8..4,
+                any::<[u8; 4]>(),
+                isid(),
+                any::<u16>(),
+                any::<[u32; 4]>()
+            )
+                .prop_map(|(f, csg, nsg, b, isid, tsih, w)| Bhs::LoginResponse(
+                    LoginResponse {
+                        transit: f[0],
+                        cont: f[1],
+                        csg,
+                        nsg,
+                        version_max: b[0],
+                        version_active: b[1],
+                        isid,
+                        tsih,
+                        itt: w[0],
+                        stat_sn: w[1],
+                        exp_cmd_sn: w[2],
+                        max_cmd_sn: w[3],
+                        status_class: b[2],
+                        status_detail: b[3]
+                    }
+                )),
+            (any::<[bool; 2]>(), any::<u64>(), any::<[u32; 5]>()).prop_map(|(f, lun, w)| {
+                Bhs::TextResponse(TextResponse {
+                    final_: f[0],
+                    cont: f[1],
+                    lun,
+                    itt: w[0],
+                    ttt: w[1],
+                    stat_sn: w[2],
+                    exp_cmd_sn: w[3],
+                    max_cmd_sn: w[4],
+                })
+            }),
+            (
+                any::<[bool; 5]>(),
+                any::<u8>(),
+                any::<u64>(),
+                any::<[u32; 9]>()
+            )
+                .prop_map(|(f, s, lun, w)| Bhs::DataIn(DataIn {
+                    final_: f[0],
+                    ack: f[1],
+                    overflow: f[2],
+                    underflow: f[3],
+                    has_status: f[4],
+                    status: s,
+                    lun,
+                    itt: w[0],
+                    ttt: w[1],
+                    stat_sn: w[2],
+                    exp_cmd_sn: w[3],
+                    max_cmd_sn: w[4],
+                    data_sn: w[5],
+                    buffer_offset: w[6],
+                    residual: w[7]
+                })),
+            (any::<u8>(), any::<[u32; 4]>(), any::<[u16; 2]>()).prop_map(|(r, w, t)| {
+                Bhs::LogoutResponse(LogoutResponse {
+                    response: r,
+                    itt: w[0],
+                    stat_sn: w[1],
+                    exp_cmd_sn: w[2],
+                    max_cmd_sn: w[3],
+                    time2wait: t[0],
+                    time2retain: t[1],
+                })
+            }),
+            (any::<u64>(), any::<[u32; 8]>()).prop_map(|(lun, w)| Bhs::R2t(R2t {
+                lun,
+                itt: w[0],
+                ttt: w[1],
+                stat_sn: w[2],
+                exp_cmd_sn: w[3],
+                max_cmd_sn: w[4],
+                r2t_sn: w[5],
+                buffer_offset: w[6],
+                desired_length: w[7]
+            })),
+            (
+                any::<u64>(),
+                any::<[u32; 3]>(),
+                any::<[u8; 2]>(),
+                any::<[u16; 3]>()
+            )
+                .prop_map(|(lun, w, e, p)| Bhs::AsyncMessage(AsyncMessage {
+                    lun,
+                    stat_sn: w[0],
+                    exp_cmd_sn: w[1],
+                    max_cmd_sn: w[2],
+                    event: e[0],
+                    vcode: e[1],
+                    param1: p[0],
+                    param2: p[1],
+                    param3: p[2]
+                })),
+            (any::<u8>(), any::<[u32; 4]>()).prop_map(|(r, w)| Bhs::Reject(Reject {
+                reason: r,
+                stat_sn: w[0],
+                exp_cmd_sn: w[1],
+                max_cmd_sn: w[2],
+                data_sn: w[3]
+            })),
         ]
     }
 
@@ -942,19 +1245,53 @@ pub(crate) mod tests {
     #[test]
     fn oversized_data_segment_is_refused_from_the_header_alone() {
         let mut wire = Vec::new();
-        let bhs = Bhs::NopOut(NopOut { immediate: true, lun: 0, itt: 1, ttt: RESERVED_TAG, cmd_sn: 0, exp_stat_sn: 0 });
+        let bhs = Bhs::NopOut(NopOut {
+            immediate: true,
+            lun: 0,
+            itt: 1,
+            ttt: RESERVED_TAG,
+            cmd_sn: 0,
+            exp_stat_sn: 0,
+        });
         encode_pdu(&mut wire, &bhs, &[], &[0u8; 9000], Digests::default());
-        let limits = FrameLimits { digests: Digests::default(), max_data_segment: 8192 };
-        assert_eq!(frame_len(&wire[..48], limits), Err(PduError::DataSegmentTooLarge { len: 9000, max: 8192 }));
+        let limits = FrameLimits {
+            digests: Digests::default(),
+            max_data_segment: 8192,
+        };
+        assert_eq!(
+            frame_len(&wire[..48], limits),
+            Err(PduError::DataSegmentTooLarge {
+                len: 9000,
+                max: 8192
+            })
+        );
     }
 
     #[test]
     fn digest_mismatch_is_detected() {
-        let bhs = Bhs::NopOut(NopOut { immediate: true, lun: 0, itt: 1, ttt: RESERVED_TAG, cmd_sn: 0, exp_stat_sn: 0 });
-        let d = Digests { header: true, data: true };
+        let bhs = Bhs::NopOut(NopOut {
+            immediate: true,
+            lun: 0,
+            itt: 1,
+            ttt: RESERVED_TAG,
+            cmd_sn: 0,
+            exp_stat_sn: 0,
+        });
+        let d = Digests {
+            header: true,
+            data: true,
+        };
         let mut wire = Vec::new();
         encode_pdu(&mut wire, &bhs, &[], b"ping", d);
-        let info = frame_len(&wire, FrameLimits { digests: d, max_data_segment: 100 }).unwrap().unwrap();
+        let info = frame_len(
+            &wire,
+            FrameLimits {
+                digests: d,
+                max_data_segment: 100,
+            },
+        )
+        .unwrap()
+        .unwrap();
         let mut bad = wire.clone();
         bad[20] ^= 1;
         assert_eq!(parse_pdu(&bad, info, d), Err(PduError::HeaderDigest));

@@ -31,7 +31,10 @@ impl Sn {
 
     /// `self <= other` in serial arithmetic.
     pub fn le(self, other: Self) -> bool {
-        matches!(self.cmp_serial(other), Some(Ordering::Less | Ordering::Equal))
+        matches!(
+            self.cmp_serial(other),
+            Some(Ordering::Less | Ordering::Equal)
+        )
     }
 
     /// Whether `self` lies in the window `[lo, hi]` (serial).

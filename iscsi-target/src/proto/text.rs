@@ -38,7 +38,12 @@ type NomErr<'a> = nom::error::Error<&'a [u8]>;
 
 /// Parses one `name=value` (without its terminating NUL).
 fn pair(input: &[u8]) -> nom::IResult<&[u8], (&[u8], &[u8]), NomErr<'_>> {
-    let (rest, (name, _, value)) = (take_while1(is_key_char), tag(&b"="[..]), take_while(|c| c != 0)).parse(input)?;
+    let (rest, (name, _, value)) = (
+        take_while1(is_key_char),
+        tag(&b"="[..]),
+        take_while(|c| c != 0),
+    )
+        .parse(input)?;
     Ok((rest, (name, value)))
 }
 
@@ -65,8 +70,12 @@ pub fn parse(data: &[u8]) -> Result<Vec<(String, String)>, TextError> {
         if value.len() > KEY_VALUE_LEN_MAX {
             return Err(TextError::ValueTooLong);
         }
-        let name = std::str::from_utf8(name).expect("key chars are ASCII").to_owned();
-        let value = std::str::from_utf8(value).map_err(|_| TextError::NotUtf8)?.to_owned();
+        let name = std::str::from_utf8(name)
+            .expect("key chars are ASCII")
+            .to_owned();
+        let value = std::str::from_utf8(value)
+            .map_err(|_| TextError::NotUtf8)?
+            .to_owned();
         out.push((name, value));
     }
     Ok(out)
@@ -97,7 +106,13 @@ mod tests {
     #[test]
     fn parses_pairs_and_tolerates_missing_final_nul() {
         let v = parse(b"InitiatorName=iqn.x:y\0SessionType=Normal").unwrap();
-        assert_eq!(v, vec![("InitiatorName".into(), "iqn.x:y".into()), ("SessionType".into(), "Normal".into())]);
+        assert_eq!(
+            v,
+            vec![
+                ("InitiatorName".into(), "iqn.x:y".into()),
+                ("SessionType".into(), "Normal".into())
+            ]
+        );
         assert_eq!(parse(b"A=\0").unwrap(), vec![("A".into(), String::new())]);
         assert_eq!(parse(b"A=1=2\0").unwrap(), vec![("A".into(), "1=2".into())]);
     }
@@ -109,7 +124,9 @@ mod tests {
         assert_eq!(parse(b"Bad Key=1\0"), Err(TextError::Syntax));
         let long = format!("{}=1", "K".repeat(64));
         assert_eq!(parse(long.as_bytes()), Err(TextError::NameTooLong));
-        let many: Vec<u8> = (0..300).flat_map(|i| format!("X-k{i}=v\0").into_bytes()).collect();
+        let many: Vec<u8> = (0..300)
+            .flat_map(|i| format!("X-k{i}=v\0").into_bytes())
+            .collect();
         assert_eq!(parse(&many), Err(TextError::TooManyKeys));
         assert_eq!(parse(b"A=\xff\0"), Err(TextError::NotUtf8));
     }

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need, then runs every test.
+#
+#   scripts/test.sh                 # everything (lint, fuzz smoke, unit, property, integration, conformance)
+#   FUZZ_SECONDS=300 scripts/test.sh   # longer fuzzing
+#
+# It ends with cargo test's summary so a run that executed nothing is visible.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# System packages: libiscsi-bin gives iscsi-test-cu, iscsi-ls, iscsi-inq, iscsi-readcapacity16.
+missing=()
+command -v iscsi-test-cu >/dev/null 2>&1 || missing+=(libiscsi-bin)
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+for tool in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is still missing after installing libiscsi-bin" >&2; exit 1; }
+done
+
+# cargo-fuzz, for the fuzz smoke (stable toolchain: --sanitizer none).
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  log "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked --quiet
+fi
+
+log "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+log "fuzz smoke (${FUZZ_SECONDS:-5}s per target)"
+(
+  cd fuzz
+  cargo fuzz build --sanitizer none 2>&1 | tail -1
+  for t in $(cargo fuzz list); do
+    mkdir -p "corpus/$t"
+    out=$(cargo fuzz run --sanitizer none "$t" -- -max_total_time="${FUZZ_SECONDS:-5}" 2>&1) || { echo "$out" | tail -40; echo "fuzz target $t failed" >&2; exit 1; }
+    echo "$t: $(echo "$out" | grep -E '^Done [0-9]+ runs' | tail -1)"
+  done
+)
+
+log "unit, property, integration and conformance tests"
+cargo test --workspace 2>&1
