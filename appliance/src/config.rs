@@ -422,7 +422,7 @@ mod tests {
         )
         .contains("target.iqn"));
         assert!(err(&format!(
-            "{base}[target.chap]\nuser=\"u\"\nsecret=\"short\"\n"
+            "{base}[target.chap]\nuser=\"u\"\nsecret=\"short\"\n[[volume]]\nname=\"v\"\nlun=0\nsize=\"1GiB\"\n"
         ))
         .contains("target.chap.secret"));
         assert!(err(&format!("[iscsi]\nlisten=\"nowhere\"\n{base}")).contains("iscsi.listen"));

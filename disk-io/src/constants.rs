@@ -22,5 +22,5 @@ pub const FALLBACK_THREADS: usize = 4;
 pub const POOL_FREE_PER_CLASS_MAX: usize = 64;
 
 const _: () = assert!(IO_ALIGN_BYTES.is_power_of_two());
-const _: () = assert!(IO_SIZE_MAX_BYTES % IO_ALIGN_BYTES == 0);
+const _: () = assert!(IO_SIZE_MAX_BYTES.is_multiple_of(IO_ALIGN_BYTES));
 const _: () = assert!(QUEUE_DEPTH_DEFAULT as usize <= CHANNEL_DEPTH_MAX);

@@ -204,8 +204,8 @@ impl Device {
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<()> {
-        if offset % IO_ALIGN_BYTES as u64 != 0
-            || len % IO_ALIGN_BYTES != 0
+        if !offset.is_multiple_of(IO_ALIGN_BYTES as u64)
+            || !len.is_multiple_of(IO_ALIGN_BYTES)
             || len > IO_SIZE_MAX_BYTES
         {
             return Err(IoError::Misaligned {

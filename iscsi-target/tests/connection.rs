@@ -115,7 +115,7 @@ impl H {
             nsg,
             version_max: 0,
             version_min: 0,
-            isid: 0x80_0000_0000_01,
+            isid: 0x8000_0000_0001,
             tsih: 0,
             itt: 1,
             cid: 0,

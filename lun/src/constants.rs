@@ -12,5 +12,5 @@ pub const BLOCK_SIZES: [u32; 2] = [512, 4096];
 /// Physical block size reported for every volume (the shard store's page size).
 pub const PHYSICAL_BLOCK_BYTES: u32 = 4096;
 
-const _: () = assert!(TRANSFER_BYTES_MAX % PHYSICAL_BLOCK_BYTES == 0);
+const _: () = assert!(TRANSFER_BYTES_MAX.is_multiple_of(PHYSICAL_BLOCK_BYTES));
 const _: () = assert!(TRANSFER_BYTES_MAX as usize <= disk_io::IO_SIZE_MAX_BYTES);

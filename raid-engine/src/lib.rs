@@ -108,7 +108,7 @@ impl LocalVolume {
         let fits = base
             .checked_add(size_bytes)
             .is_some_and(|end| end <= dev.size_bytes());
-        if !fits || base % IO_ALIGN_BYTES as u64 != 0 {
+        if !fits || !base.is_multiple_of(IO_ALIGN_BYTES as u64) {
             return Err(Error::OutOfRange {
                 offset: base,
                 len: size_bytes,

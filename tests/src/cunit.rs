@@ -97,11 +97,17 @@ pub fn parse_expected(text: &str) -> Result<Vec<(String, String)>, String> {
 mod tests {
     use super::*;
 
-    const SAMPLE: &str = "    [SKIPPED] PERSISTENT RESERVE IN is not implemented.\n\
-Suite: Prefetch10\n  Test: Simple ...    [SKIPPED] PREFETCH10 is not implemented.\npassed\n\
-  Test: BeyondEol ...passed    [SKIPPED] PERSISTENT RESERVE IN is not implemented.\n\
-Suite: Read10\n  Test: Simple ...    [FAILED] READ10 command failed\nFAILED\n    1. x.c:1 - CU_ASSERT\n\
-  Test: Other ...passed\n";
+    const SAMPLE: &str = r"    [SKIPPED] PERSISTENT RESERVE IN is not implemented.
+Suite: Prefetch10
+  Test: Simple ...    [SKIPPED] PREFETCH10 is not implemented.
+passed
+  Test: BeyondEol ...passed    [SKIPPED] PERSISTENT RESERVE IN is not implemented.
+Suite: Read10
+  Test: Simple ...    [FAILED] READ10 command failed
+FAILED
+    1. x.c:1 - CU_ASSERT
+  Test: Other ...passed
+";
 
     #[test]
     fn outcomes() {

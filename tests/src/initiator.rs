@@ -59,7 +59,7 @@ impl LoginOptions {
             target_name: Some(target.into()),
             chap: None,
             mutual: None,
-            isid: 0x80_1234_5678_00,
+            isid: 0x8012_3456_7800,
             digests: false,
         }
     }

@@ -183,7 +183,7 @@ fn hostile_pdus_are_rejected_and_the_target_survives() {
         // A bad header digest: the connection is dropped.
         let mut opts = LoginOptions::normal(IQN);
         opts.digests = true;
-        opts.isid = 0x80_0000_0000_02;
+        opts.isid = 0x8000_0000_0002;
         let mut d = Initiator::login(app.addr, &opts).await.unwrap();
         let mut wire = Vec::new();
         let nop = Bhs::NopOut(NopOut {

@@ -103,7 +103,7 @@ pub fn decode_binary(s: &str) -> Option<Vec<u8>> {
 }
 
 fn decode_base64(s: &str) -> Option<Vec<u8>> {
-    if s.len() > 4 * VALUE_LEN_MAX / 3 + 4 || s.len() % 4 != 0 {
+    if s.len() > 4 * VALUE_LEN_MAX / 3 + 4 || !s.len().is_multiple_of(4) {
         return None;
     }
     let val = |c: u8| -> Option<u32> {

@@ -470,7 +470,7 @@ impl Connection {
     /// MaxCmdSN: the window shrinks by the tasks outstanding and never moves backwards.
     fn window_max(&mut self) -> Sn {
         let open = CMD_WINDOW_MAX.saturating_sub(self.tasks.len() as u32);
-        let candidate = self.exp_cmd_sn.add(open).add(u32::MAX); // exp + open - 1
+        let candidate = self.exp_cmd_sn.plus(open).plus(u32::MAX); // exp + open - 1
         if self.max_cmd_sn.lt(candidate) {
             self.max_cmd_sn = candidate;
         }
@@ -542,7 +542,7 @@ impl Connection {
             itt: req.itt,
             stat_sn: self.take_stat_sn(),
             exp_cmd_sn: exp.0,
-            max_cmd_sn: exp.add(CMD_WINDOW_MAX - 1).0,
+            max_cmd_sn: exp.plus(CMD_WINDOW_MAX - 1).0,
             status_class: status.0,
             status_detail: status.1,
         });
@@ -805,7 +805,7 @@ impl Connection {
             data: self.params.data_digest,
         };
         self.exp_cmd_sn = Sn(cmd_sn);
-        self.max_cmd_sn = Sn(cmd_sn).add(CMD_WINDOW_MAX - 1);
+        self.max_cmd_sn = Sn(cmd_sn).plus(CMD_WINDOW_MAX - 1);
         tracing::info!(
             initiator = %self.initiator_name,
             isid = format_args!("{:012x}", self.login.isid),
@@ -860,7 +860,7 @@ impl Connection {
         let sn = Sn(cmd_sn);
         let max = self.window_max();
         if sn == self.exp_cmd_sn {
-            self.exp_cmd_sn = self.exp_cmd_sn.add(1);
+            self.exp_cmd_sn = self.exp_cmd_sn.plus(1);
             self.execute_ordered(now, p.bhs, p.ahs, p.data, hdr)?;
             self.drain_queued(now)?;
         } else if sn.in_window(self.exp_cmd_sn, max) {
@@ -887,7 +887,7 @@ impl Connection {
 
     fn drain_queued(&mut self, now: Instant) -> Result<(), ConnectionError> {
         while let Some(q) = self.queued.remove(&self.exp_cmd_sn.0) {
-            self.exp_cmd_sn = self.exp_cmd_sn.add(1);
+            self.exp_cmd_sn = self.exp_cmd_sn.plus(1);
             let mut hdr = [0u8; BHS_LEN];
             q.bhs
                 .encode(&mut hdr, (q.ahs.len() / 4) as u8, q.data.len() as u32);
@@ -1031,9 +1031,9 @@ impl Connection {
             aborted: false,
             early: None,
         };
-        let early_reason = if bidi || (c.read && c.write) {
-            Some(lun::SenseReason::InvalidFieldInCdb { byte: 0, bit: None })
-        } else if write && c.edtl > WRITE_EDTL_MAX {
+        // Bidirectional commands are not offered, and a write longer than the buffer limit
+        // cannot be taken in.
+        let early_reason = if bidi || (c.read && c.write) || (write && c.edtl > WRITE_EDTL_MAX) {
             Some(lun::SenseReason::InvalidFieldInCdb { byte: 0, bit: None })
         } else {
             None
@@ -1299,7 +1299,7 @@ impl Connection {
                 while off < send_len {
                     let n = seg.min(send_len - off).min(burst - off % burst);
                     let last = off + n == send_len;
-                    let end_of_burst = (off + n) % burst == 0;
+                    let end_of_burst = (off + n).is_multiple_of(burst);
                     let with_status = last && good;
                     let bhs = Bhs::DataIn(pdu::DataIn {
                         final_: last || end_of_burst,

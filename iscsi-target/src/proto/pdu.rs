@@ -181,7 +181,7 @@ pub fn parse_pdu<'a>(
 
 /// Appends a whole PDU (header, AHS, padded data, digests) to `out`.
 pub fn encode_pdu(out: &mut Vec<u8>, bhs: &Bhs, ahs: &[u8], data: &[u8], digests: Digests) {
-    assert!(ahs.len() % 4 == 0 && ahs.len() <= AHS_LEN_MAX);
+    assert!(ahs.len().is_multiple_of(4) && ahs.len() <= AHS_LEN_MAX);
     assert!(data.len() < 1 << 24);
     let start = out.len();
     let mut hdr = [0u8; BHS_LEN];

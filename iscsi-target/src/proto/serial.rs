@@ -9,7 +9,7 @@ pub struct Sn(pub u32);
 
 impl Sn {
     /// `self + n` modulo 2^32.
-    pub fn add(self, n: u32) -> Self {
+    pub fn plus(self, n: u32) -> Self {
         Self(self.0.wrapping_add(n))
     }
 
@@ -62,15 +62,15 @@ mod tests {
         /// For any base and offsets within half the space, serial order equals offset order.
         #[test]
         fn order_matches_offsets(base in any::<u32>(), a in 0u32..0x7fff_ffff, b in 0u32..0x7fff_ffff) {
-            let (x, y) = (Sn(base).add(a), Sn(base).add(b));
+            let (x, y) = (Sn(base).plus(a), Sn(base).plus(b));
             prop_assert_eq!(x.cmp_serial(y), Some(a.cmp(&b)));
         }
 
         /// A window of 128 starting anywhere contains exactly its 128 members.
         #[test]
         fn window_membership(lo in any::<u32>(), off in 0u32..1000) {
-            let hi = Sn(lo).add(127);
-            prop_assert_eq!(Sn(lo).add(off).in_window(Sn(lo), hi), off < 128);
+            let hi = Sn(lo).plus(127);
+            prop_assert_eq!(Sn(lo).plus(off).in_window(Sn(lo), hi), off < 128);
         }
     }
 }
