@@ -9,7 +9,12 @@ fuzz_target!(|data: &[u8]| {
         let encoded = text::encode(&pairs);
         assert_eq!(text::parse(&encoded).unwrap(), pairs);
         let mut p = params::SessionParams::default();
-        let _ = params::negotiate(&mut p, &pairs, data.first().is_some_and(|b| b & 1 == 1), true);
+        let _ = params::negotiate(
+            &mut p,
+            &pairs,
+            data.first().is_some_and(|b| b & 1 == 1),
+            true,
+        );
         assert!(p.first_burst <= p.max_burst);
     }
 });

@@ -14,13 +14,22 @@ use std::time::{Duration, Instant};
 fn cfg() -> Arc<FabricConfig> {
     static CFG: OnceLock<Arc<FabricConfig>> = OnceLock::new();
     Arc::clone(CFG.get_or_init(|| {
-        let device = Arc::new(lun::DeviceServer::new(lun::TargetPort { relative_port: 1, port_group: 1 }, BTreeMap::new()));
+        let device = Arc::new(lun::DeviceServer::new(
+            lun::TargetPort {
+                relative_port: 1,
+                port_group: 1,
+            },
+            BTreeMap::new(),
+        ));
         Arc::new(FabricConfig {
             targets: vec![TargetInfo {
                 name: "iqn.2026-11.io.rainio:t".into(),
                 alias: None,
                 chap: None,
-                portals: vec![Portal { address: "127.0.0.1:3260".into(), tpgt: 1 }],
+                portals: vec![Portal {
+                    address: "127.0.0.1:3260".into(),
+                    tpgt: 1,
+                }],
                 device,
             }],
             discovery_chap: None,
@@ -32,7 +41,9 @@ fn cfg() -> Arc<FabricConfig> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     let now = Instant::now();
     let mut c = Connection::new(cfg(), 1, now);
     if mode & 1 == 1 {
@@ -40,8 +51,25 @@ fuzz_target!(|data: &[u8]| {
         let mut keys = Vec::new();
         text::push(&mut keys, "InitiatorName", "iqn.x:fuzz");
         text::push(&mut keys, "TargetName", "iqn.2026-11.io.rainio:t");
-        text::push(&mut keys, "InitialR2T", if mode & 2 == 0 { "No" } else { "Yes" });
-        let req = Bhs::LoginRequest(LoginRequest { transit: true, cont: false, csg: 1, nsg: 3, version_max: 0, version_min: 0, isid: 1, tsih: 0, itt: 0, cid: 0, cmd_sn: 0, exp_stat_sn: 0 });
+        text::push(
+            &mut keys,
+            "InitialR2T",
+            if mode & 2 == 0 { "No" } else { "Yes" },
+        );
+        let req = Bhs::LoginRequest(LoginRequest {
+            transit: true,
+            cont: false,
+            csg: 1,
+            nsg: 3,
+            version_max: 0,
+            version_min: 0,
+            isid: 1,
+            tsih: 0,
+            itt: 0,
+            cid: 0,
+            cmd_sn: 0,
+            exp_stat_sn: 0,
+        });
         let mut w = Vec::new();
         encode_pdu(&mut w, &req, &[], &keys, Digests::default());
         c.handle_bytes(now, &w).unwrap();
@@ -60,7 +88,10 @@ fuzz_target!(|data: &[u8]| {
         while let Some(ev) = c.poll_event() {
             if let Event::Execute { itt, cmd } = ev {
                 let n = cmd.data_in_len.min(70_000) as usize;
-                c.handle_outcome(itt, lun::CommandOutcome::good(lun::DataIn::Bytes(vec![0xab; n / 2])));
+                c.handle_outcome(
+                    itt,
+                    lun::CommandOutcome::good(lun::DataIn::Bytes(vec![0xab; n / 2])),
+                );
             }
         }
         c.poll_transmit(&mut sink);

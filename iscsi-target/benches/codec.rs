@@ -28,7 +28,9 @@ fn bench_bhs(c: &mut Criterion) {
     scsi_command().encode(&mut hdr, 0, 0);
     let mut g = c.benchmark_group("bhs");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("parse_scsi_command", |b| b.iter(|| Bhs::parse(black_box(&hdr)).unwrap()));
+    g.bench_function("parse_scsi_command", |b| {
+        b.iter(|| Bhs::parse(black_box(&hdr)).unwrap())
+    });
     g.bench_function("encode_scsi_command", |b| {
         let bhs = scsi_command();
         let mut out = [0u8; 48];
@@ -36,9 +38,15 @@ fn bench_bhs(c: &mut Criterion) {
     });
     let mut wire = Vec::new();
     let data = vec![0x5au8; 4096];
-    let d = Digests { header: true, data: true };
+    let d = Digests {
+        header: true,
+        data: true,
+    };
     encode_pdu(&mut wire, &scsi_command(), &[], &data, d);
-    let limits = FrameLimits { digests: d, max_data_segment: 262_144 };
+    let limits = FrameLimits {
+        digests: d,
+        max_data_segment: 262_144,
+    };
     g.bench_function("frame_and_parse_4k_with_digests", |b| {
         b.iter(|| {
             let info = frame_len(black_box(&wire), limits).unwrap().unwrap();
@@ -53,7 +61,9 @@ fn bench_crc(c: &mut Criterion) {
     for size in [4096usize, 65_536, 1 << 20] {
         let buf = vec![0xa5u8; size];
         g.throughput(Throughput::Bytes(size as u64));
-        g.bench_with_input(BenchmarkId::from_parameter(size), &buf, |b, buf| b.iter(|| digest::crc32c(black_box(buf))));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &buf, |b, buf| {
+            b.iter(|| digest::crc32c(black_box(buf)))
+        });
     }
     g.finish();
 }

@@ -14,6 +14,8 @@
 //!
 //! Not here: SCSI (that is `lun`); extents, placement and parity (later slices).
 
+#![forbid(unsafe_code)]
+
 pub mod range_lock;
 
 use disk_io::{round_up, Device, PooledBuf, IO_ALIGN_BYTES, IO_SIZE_MAX_BYTES};
