@@ -46,4 +46,6 @@ log "fuzz smoke (${FUZZ_SECONDS:-5}s per target)"
 )
 
 log "unit, property, integration and conformance tests"
+# Integration tests start the appliance binary of the same (debug) profile.
+cargo build -p appliance --quiet
 cargo test --workspace 2>&1
