@@ -48,4 +48,9 @@ log "fuzz smoke (${FUZZ_SECONDS:-5}s per target)"
 log "unit, property, integration and conformance tests"
 # Integration tests start the appliance binary of the same (debug) profile.
 cargo build -p appliance --quiet
-cargo test --workspace 2>&1
+mkdir -p target
+status=0
+cargo test --workspace 2>&1 | tee target/test-output.log || status=$?
+# One closing line over every cargo test binary (the last binaries are doc tests with 0 tests).
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "\ntotal: %d passed, %d failed, %d ignored\n", p, f, i }' target/test-output.log
+exit "$status"
