@@ -18,8 +18,10 @@ use crate::error::{IoError, Result};
 use crate::{threads, uring};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 /// Which engine to use.
@@ -85,7 +87,15 @@ pub(crate) enum Op {
         fua: bool,
     },
     Flush,
+    /// Deallocate (punch a hole); reads of the range return zeros afterwards.
+    Discard {
+        offset: u64,
+        len: u64,
+    },
 }
+
+/// `fallocate` mode that deallocates a range and keeps the file size.
+pub(crate) const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 
 pub(crate) struct Request {
     pub(crate) op: Op,
@@ -105,6 +115,8 @@ enum Engine {
 /// An open backing device.
 pub struct Device {
     engine: Engine,
+    file: Arc<File>,
+    regular_file: bool,
     size_bytes: u64,
     path: PathBuf,
     direct: bool,
@@ -149,28 +161,38 @@ impl Device {
         }
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         let size_bytes = size - size % IO_ALIGN_BYTES as u64;
+        let regular_file = meta.is_file();
+        let file = Arc::new(file);
         let engine = match cfg.engine {
-            EngineChoice::Threads => {
-                Engine::Threads(threads::ThreadEngine::start(file, FALLBACK_THREADS))
-            }
+            EngineChoice::Threads => Engine::Threads(threads::ThreadEngine::start(
+                Arc::clone(&file),
+                FALLBACK_THREADS,
+            )),
             EngineChoice::Uring => Engine::Uring(
-                uring::UringEngine::start(file, cfg.queue_depth).map_err(|(_, e)| open_err(e))?,
+                uring::UringEngine::start(Arc::clone(&file), cfg.queue_depth).map_err(open_err)?,
             ),
-            EngineChoice::Auto => match uring::UringEngine::start(file, cfg.queue_depth) {
-                Ok(e) => Engine::Uring(e),
-                Err((file, e)) => {
-                    tracing::warn!(
-                        path = %cfg.path.display(),
-                        cause = %e,
-                        "io_uring is unavailable; using the thread-pool fallback. Likely cause: a kernel older than 5.6, \
-                         io_uring disabled (sysctl kernel.io_uring_disabled), or a container seccomp profile that blocks it"
-                    );
-                    Engine::Threads(threads::ThreadEngine::start(file, FALLBACK_THREADS))
+            EngineChoice::Auto => {
+                match uring::UringEngine::start(Arc::clone(&file), cfg.queue_depth) {
+                    Ok(e) => Engine::Uring(e),
+                    Err(e) => {
+                        tracing::warn!(
+                            path = %cfg.path.display(),
+                            cause = %e,
+                            "io_uring is unavailable; using the thread-pool fallback. Likely cause: a kernel older than 5.6, \
+                             io_uring disabled (sysctl kernel.io_uring_disabled), or a container seccomp profile that blocks it"
+                        );
+                        Engine::Threads(threads::ThreadEngine::start(
+                            Arc::clone(&file),
+                            FALLBACK_THREADS,
+                        ))
+                    }
                 }
-            },
+            }
         };
         let dev = Self {
             engine,
+            file,
+            regular_file,
             size_bytes,
             path: cfg.path.clone(),
             direct,
@@ -285,6 +307,91 @@ impl Device {
         Ok(buf)
     }
 
+    /// Whether [`Self::discard`] deallocates space (regular files: punch hole). Block devices
+    /// report false until discard is wired to `BLKDISCARD`.
+    pub fn supports_discard(&self) -> bool {
+        self.regular_file
+    }
+
+    /// Deallocates `[offset, offset + len)`: later reads return zeros.
+    ///
+    /// # Errors
+    /// Misaligned or out-of-range requests, and kernel errors (e.g. a file system without
+    /// hole punching).
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if offset % IO_ALIGN_BYTES as u64 != 0 || len % IO_ALIGN_BYTES as u64 != 0 {
+            return Err(IoError::Misaligned {
+                offset,
+                len: len as usize,
+                align: IO_ALIGN_BYTES,
+            });
+        }
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.size_bytes)
+        {
+            return Err(IoError::OutOfRange {
+                offset,
+                len: len as usize,
+                size: self.size_bytes,
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let c = self.submit(Op::Discard { offset, len }).await?;
+        c.result.map_err(|source| IoError::Os {
+            op: "discard",
+            offset,
+            source,
+        })
+    }
+
+    /// Allocation map of `[offset, offset + len)`: runs of `(start, len, allocated)` from
+    /// `SEEK_DATA`/`SEEK_HOLE`, in order, covering the range. Devices without holes report
+    /// one allocated run.
+    ///
+    /// # Errors
+    /// Kernel errors.
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        let end = offset.saturating_add(len).min(self.size_bytes);
+        if !self.regular_file || offset >= end {
+            return Ok(vec![(offset, end.saturating_sub(offset), true)]);
+        }
+        let fd = self.file.as_raw_fd();
+        let seek = |pos: u64, whence: i32| -> Result<Option<u64>> {
+            // SAFETY: lseek on a file descriptor we own (kept alive by self.file); it reads no
+            // memory of ours.
+            let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    return Ok(None); // no more data (or hole) after pos
+                }
+                return Err(IoError::Os {
+                    op: "lseek",
+                    offset: pos,
+                    source: e,
+                });
+            }
+            Ok(Some(r as u64))
+        };
+        let mut runs = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let data = seek(pos, libc::SEEK_DATA)?.unwrap_or(end).min(end);
+            if data > pos {
+                runs.push((pos, data - pos, false));
+                pos = data;
+                continue;
+            }
+            let hole = seek(pos, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            runs.push((pos, hole - pos, true));
+            pos = hole;
+        }
+        Ok(runs)
+    }
+
     /// Makes every completed write durable (`fdatasync`).
     ///
     /// # Errors
@@ -371,6 +478,53 @@ mod tests {
                 .unwrap();
             assert!(r.as_slice().iter().all(|&b| b == i as u8));
         }
+    }
+
+    async fn discard_reads_zero(engine: EngineChoice) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = DeviceConfig::file(dir.path().join("d.img"), 1 << 20);
+        cfg.engine = engine;
+        cfg.pool_bytes = 1 << 20;
+        let dev = Device::open(&cfg).unwrap();
+        assert!(dev.supports_discard());
+        let mut w = dev.pool().take(64 << 10).await;
+        w.as_mut_slice().fill(0xee);
+        dev.write_from(0, w, true).await.unwrap();
+        assert_eq!(
+            dev.allocation(0, 64 << 10).unwrap(),
+            vec![(0, 64 << 10, true)]
+        );
+        dev.discard(16 << 10, 32 << 10).await.unwrap();
+        let r = dev
+            .read_into(0, dev.pool().take(64 << 10).await)
+            .await
+            .unwrap();
+        assert!(r.as_slice()[..16 << 10].iter().all(|&b| b == 0xee));
+        assert!(r.as_slice()[16 << 10..48 << 10].iter().all(|&b| b == 0));
+        assert!(r.as_slice()[48 << 10..].iter().all(|&b| b == 0xee));
+        let map = dev.allocation(0, 64 << 10).unwrap();
+        assert_eq!(
+            map,
+            vec![
+                (0, 16 << 10, true),
+                (16 << 10, 32 << 10, false),
+                (48 << 10, 16 << 10, true)
+            ]
+        );
+        assert!(matches!(
+            dev.discard(100, 4096).await,
+            Err(IoError::Misaligned { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn discard_threads() {
+        discard_reads_zero(EngineChoice::Threads).await;
+    }
+
+    #[tokio::test]
+    async fn discard_uring() {
+        discard_reads_zero(EngineChoice::Uring).await;
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@
 use crate::device::{Completion, Op, Request};
 use crate::error::{IoError, Result};
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -17,10 +18,9 @@ pub(crate) struct ThreadEngine {
 }
 
 impl ThreadEngine {
-    pub(crate) fn start(file: File, threads: usize) -> Self {
+    pub(crate) fn start(file: Arc<File>, threads: usize) -> Self {
         let (tx, rx) = sync_channel::<Request>(crate::constants::CHANNEL_DEPTH_MAX);
         let rx = Arc::new(Mutex::new(rx));
-        let file = Arc::new(file);
         let threads = (0..threads.max(1))
             .map(|i| {
                 let rx = Arc::clone(&rx);
@@ -83,6 +83,23 @@ fn worker(file: &File, rx: &Mutex<Receiver<Request>>) {
                 result: file.sync_data(),
                 buf: None,
             },
+            Op::Discard { offset, len } => {
+                // SAFETY: fallocate on a descriptor we own; it reads no memory of ours.
+                let r = unsafe {
+                    libc::fallocate(
+                        file.as_raw_fd(),
+                        crate::device::PUNCH_HOLE,
+                        offset as libc::off_t,
+                        len as libc::off_t,
+                    )
+                };
+                let result = if r == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                };
+                Completion { result, buf: None }
+            }
         };
         let _ = req.reply.send(c);
     }

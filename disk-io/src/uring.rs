@@ -45,15 +45,9 @@ pub(crate) struct UringEngine {
 
 impl UringEngine {
     /// Starts the ring thread, or gives the file back with the reason io_uring is unusable.
-    pub(crate) fn start(
-        file: File,
-        queue_depth: u32,
-    ) -> std::result::Result<Self, (File, std::io::Error)> {
+    pub(crate) fn start(file: Arc<File>, queue_depth: u32) -> std::io::Result<Self> {
         let qd = queue_depth.clamp(2, 4096);
-        let mut ring = match IoUring::new((qd * 2).next_power_of_two()) {
-            Ok(r) => r,
-            Err(e) => return Err((file, e)),
-        };
+        let mut ring = IoUring::new((qd * 2).next_power_of_two())?;
         // Probe: a NOP must complete (seccomp filters may allow setup but block enter).
         // SAFETY: a NOP references no memory.
         let pushed = unsafe {
@@ -61,25 +55,19 @@ impl UringEngine {
                 .push(&opcode::Nop::new().build().user_data(1))
         };
         if pushed.is_err() {
-            return Err((
-                file,
-                std::io::Error::other("submission queue full at probe"),
-            ));
+            return Err(std::io::Error::other("submission queue full at probe"));
         }
-        if let Err(e) = ring.submit_and_wait(1) {
-            return Err((file, e));
-        }
+        ring.submit_and_wait(1)?;
         let probe = ring.completion().next().map(|c| c.result());
         if probe != Some(0) {
-            return Err((
-                file,
-                std::io::Error::other(format!("NOP probe returned {probe:?}")),
-            ));
+            return Err(std::io::Error::other(format!(
+                "NOP probe returned {probe:?}"
+            )));
         }
         // SAFETY: eventfd returns a new fd or -1.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if raw < 0 {
-            return Err((file, std::io::Error::last_os_error()));
+            return Err(std::io::Error::last_os_error());
         }
         // SAFETY: raw is a freshly created fd that nothing else owns.
         let efd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -136,9 +124,10 @@ enum SlotOp {
     Read,
     Write { fua: bool },
     Flush,
+    Discard { len: u64 },
 }
 
-fn run(ring: IoUring, file: File, rx: Receiver<Request>, wake: Arc<Wake>, qd: usize) {
+fn run(ring: IoUring, file: Arc<File>, rx: Receiver<Request>, wake: Arc<Wake>, qd: usize) {
     // Declared before the ring so they are dropped after it.
     let mut efd_buf: Box<[u8; 8]> = Box::new([0; 8]);
     let mut slots: Vec<Option<Slot>> = (0..qd).map(|_| None).collect();
@@ -218,7 +207,7 @@ fn run(ring: IoUring, file: File, rx: Receiver<Request>, wake: Arc<Wake>, qd: us
                 let n = res as usize;
                 let total = slot.buf.as_ref().map_or(0, |b| b.len());
                 slot.done += n;
-                if slot.op == SlotOp::Flush || slot.done >= total {
+                if matches!(slot.op, SlotOp::Flush | SlotOp::Discard { .. }) || slot.done >= total {
                     finish(slot, Ok(()));
                 } else if n == 0 {
                     finish(
@@ -241,6 +230,7 @@ fn slot_from(req: Request) -> Slot {
         Op::Read { buf, offset } => (SlotOp::Read, Some(buf), offset),
         Op::Write { buf, offset, fua } => (SlotOp::Write { fua }, Some(buf), offset),
         Op::Flush => (SlotOp::Flush, None, 0),
+        Op::Discard { offset, len } => (SlotOp::Discard { len }, None, offset),
     };
     Slot {
         op,
@@ -257,6 +247,10 @@ fn push(ring: &mut IoUring, fd: types::Fd, idx: usize, slot: &mut Slot) {
         SlotOp::Flush => opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build(),
+        SlotOp::Discard { len } => opcode::Fallocate::new(fd, len)
+            .offset(slot.offset)
+            .mode(crate::device::PUNCH_HOLE)
+            .build(),
         SlotOp::Read | SlotOp::Write { .. } => {
             let buf = slot.buf.as_mut().expect("data op has a buffer");
             let len = (buf.len() - done) as u32;
@@ -269,7 +263,7 @@ fn push(ring: &mut IoUring, fd: types::Fd, idx: usize, slot: &mut Slot) {
                     .offset(off)
                     .rw_flags(if fua { libc::RWF_DSYNC } else { 0 } as _)
                     .build(),
-                SlotOp::Flush => unreachable!(),
+                SlotOp::Flush | SlotOp::Discard { .. } => unreachable!(),
             }
         }
     };

@@ -164,6 +164,13 @@ impl LocalVolume {
         })
     }
 
+    fn aligned_span(offset: u64, len: u64) -> (u64, u64) {
+        let align = IO_ALIGN_BYTES as u64;
+        let a0 = offset - offset % align;
+        let a1 = (offset + len).div_ceil(align) * align;
+        (a0, a1)
+    }
+
     /// Writes `data` at `offset`; with `fua` it is on stable storage on return.
     ///
     /// # Errors
@@ -173,11 +180,16 @@ impl LocalVolume {
         if data.is_empty() {
             return Ok(());
         }
+        let (a0, a1) = Self::aligned_span(offset, data.len() as u64);
+        let _guard = self.locks.lock(a0, a1).await;
+        self.write_locked(offset, data, fua).await
+    }
+
+    /// The write itself; the caller holds the range lock over the aligned span.
+    async fn write_locked(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let align = IO_ALIGN_BYTES as u64;
         let end = offset + data.len() as u64;
-        let a0 = offset - offset % align;
-        let a1 = round_up(end as usize, IO_ALIGN_BYTES) as u64;
-        let _guard = self.locks.lock(a0, a1).await;
+        let (a0, a1) = Self::aligned_span(offset, data.len() as u64);
         let mut pos = a0;
         while pos < a1 {
             let n = ((a1 - pos) as usize).min(IO_SIZE_MAX_BYTES);
@@ -212,6 +224,98 @@ impl LocalVolume {
         Ok(())
     }
 
+    /// Reads `verify.len()` bytes at `offset` and, only if they equal `verify`, writes `data`
+    /// there, atomically with respect to every other write through this volume (the range
+    /// lock is held from the read to the end of the write). Returns the offset of the first
+    /// differing byte when the compare fails (nothing written).
+    ///
+    /// # Errors
+    /// Out-of-range requests and device errors.
+    ///
+    /// # Panics
+    /// If `verify` and `data` differ in length.
+    pub async fn compare_and_write(
+        &self,
+        offset: u64,
+        verify: &[u8],
+        data: &[u8],
+        fua: bool,
+    ) -> Result<Option<usize>> {
+        assert_eq!(verify.len(), data.len());
+        self.check(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(None);
+        }
+        let (a0, a1) = Self::aligned_span(offset, data.len() as u64);
+        let _guard = self.locks.lock(a0, a1).await;
+        let current = self.read(offset, verify.len()).await?.to_vec();
+        if let Some(i) = current.iter().zip(verify).position(|(a, b)| a != b) {
+            return Ok(Some(i));
+        }
+        self.write_locked(offset, data, fua).await?;
+        Ok(None)
+    }
+
+    /// Whether [`Self::unmap`] frees space (otherwise it writes zeros).
+    pub fn supports_unmap(&self) -> bool {
+        self.dev.supports_discard()
+    }
+
+    /// Deallocates `[offset, offset + len)`: later reads return zeros. Whole pages are
+    /// released to the device; partial pages at the edges are zeroed.
+    ///
+    /// # Errors
+    /// Out-of-range requests and device errors.
+    pub async fn unmap(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let align = IO_ALIGN_BYTES as u64;
+        let end = offset + len;
+        let (a0, a1) = Self::aligned_span(offset, len);
+        let _guard = self.locks.lock(a0, a1).await;
+        // Whole pages inside the range.
+        let inner0 = offset.div_ceil(align) * align;
+        let inner1 = end - end % align;
+        if inner0 < inner1 && self.dev.supports_discard() {
+            self.dev
+                .discard(self.base + inner0, inner1 - inner0)
+                .await?;
+            if offset < inner0 {
+                self.write_locked(offset, &vec![0; (inner0 - offset) as usize], false)
+                    .await?;
+            }
+            if inner1 < end {
+                self.write_locked(inner1, &vec![0; (end - inner1) as usize], false)
+                    .await?;
+            }
+        } else {
+            let mut pos = offset;
+            while pos < end {
+                let n = (end - pos).min(IO_SIZE_MAX_BYTES as u64);
+                self.write_locked(pos, &vec![0; n as usize], false).await?;
+                pos += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocation runs of `[offset, offset + len)` as `(start, len, allocated)`, relative to
+    /// the volume.
+    ///
+    /// # Errors
+    /// Out-of-range requests and device errors.
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        self.check(offset, len)?;
+        Ok(self
+            .dev
+            .allocation(self.base + offset, len)?
+            .into_iter()
+            .map(|(s, l, a)| (s - self.base, l, a))
+            .collect())
+    }
+
     /// Makes every completed write durable.
     ///
     /// # Errors
@@ -232,6 +336,55 @@ mod tests {
         cfg.pool_bytes = 64 << 20;
         let dev = Arc::new(Device::open(&cfg).unwrap());
         LocalVolume::new(dev, 8192, size).unwrap()
+    }
+
+    #[tokio::test]
+    async fn compare_and_write_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = volume(&dir, 1 << 20);
+        v.write(512, &[1; 1024], false).await.unwrap();
+        let mut verify = vec![1u8; 1024];
+        verify[700] = 9;
+        assert_eq!(
+            v.compare_and_write(512, &verify, &[2; 1024], false)
+                .await
+                .unwrap(),
+            Some(700)
+        );
+        assert!(v
+            .read(512, 1024)
+            .await
+            .unwrap()
+            .to_vec()
+            .iter()
+            .all(|&b| b == 1));
+        assert_eq!(
+            v.compare_and_write(512, &[1; 1024], &[2; 1024], false)
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(v
+            .read(512, 1024)
+            .await
+            .unwrap()
+            .to_vec()
+            .iter()
+            .all(|&b| b == 2));
+    }
+
+    #[tokio::test]
+    async fn unmap_reads_zero_and_frees_whole_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = volume(&dir, 1 << 20);
+        v.write(0, &[7; 65536], false).await.unwrap();
+        v.unmap(1000, 20_000).await.unwrap();
+        let got = v.read(0, 65536).await.unwrap().to_vec();
+        assert!(got[..1000].iter().all(|&b| b == 7));
+        assert!(got[1000..21_000].iter().all(|&b| b == 0));
+        assert!(got[21_000..].iter().all(|&b| b == 7));
+        let map = v.allocation(0, 65536).unwrap();
+        assert!(map.contains(&(4096, 16384, false)), "{map:?}");
     }
 
     #[tokio::test]
