@@ -319,7 +319,9 @@ impl Device {
     /// Misaligned or out-of-range requests, and kernel errors (e.g. a file system without
     /// hole punching).
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        if offset % IO_ALIGN_BYTES as u64 != 0 || len % IO_ALIGN_BYTES as u64 != 0 {
+        if !offset.is_multiple_of(IO_ALIGN_BYTES as u64)
+            || !len.is_multiple_of(IO_ALIGN_BYTES as u64)
+        {
             return Err(IoError::Misaligned {
                 offset,
                 len: len as usize,
