@@ -15,6 +15,19 @@ use crate::sense::SenseReason;
 pub mod op {
     #![allow(missing_docs)]
     pub const TEST_UNIT_READY: u8 = 0x00;
+    pub const FORMAT_UNIT: u8 = 0x04;
+    pub const VERIFY_10: u8 = 0x2f;
+    pub const VERIFY_12: u8 = 0xaf;
+    pub const VERIFY_16: u8 = 0x8f;
+    pub const PRE_FETCH_10: u8 = 0x34;
+    pub const PRE_FETCH_16: u8 = 0x90;
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
+    pub const READ_DEFECT_DATA_12: u8 = 0xb7;
+    pub const WRITE_SAME_10: u8 = 0x41;
+    pub const WRITE_SAME_16: u8 = 0x93;
+    pub const UNMAP: u8 = 0x42;
+    pub const COMPARE_AND_WRITE: u8 = 0x89;
+    pub const SAI_GET_LBA_STATUS: u8 = 0x12;
     pub const REQUEST_SENSE: u8 = 0x03;
     pub const READ_6: u8 = 0x08;
     pub const WRITE_6: u8 = 0x0a;
@@ -142,6 +155,65 @@ pub enum Cdb {
         /// Allocation length.
         alloc: u32,
     },
+    /// VERIFY (10/12/16).
+    Verify {
+        /// First block.
+        lba: u64,
+        /// Number of blocks.
+        blocks: u32,
+        /// Compare Data-Out with the medium (otherwise only check the medium is readable).
+        bytchk: bool,
+    },
+    /// PRE-FETCH (10/16).
+    PreFetch {
+        /// First block.
+        lba: u64,
+        /// Number of blocks.
+        blocks: u32,
+    },
+    /// READ DEFECT DATA (10/12): the medium has no defect list.
+    ReadDefectData {
+        /// The 12-byte form.
+        twelve: bool,
+        /// REQ_PLIST, REQ_GLIST and the defect list format, echoed in the header.
+        flags: u8,
+        /// Allocation length.
+        alloc: u32,
+    },
+    /// WRITE SAME (10/16).
+    WriteSame {
+        /// First block.
+        lba: u64,
+        /// Number of blocks.
+        blocks: u32,
+        /// Deallocate when the data block is zeros.
+        unmap: bool,
+        /// No Data-Out: the block is zeros.
+        ndob: bool,
+    },
+    /// UNMAP (parameter list follows).
+    Unmap {
+        /// PARAMETER LIST LENGTH.
+        param_len: u32,
+    },
+    /// GET LBA STATUS.
+    GetLbaStatus {
+        /// Starting LBA.
+        lba: u64,
+        /// Allocation length.
+        alloc: u32,
+    },
+    /// COMPARE AND WRITE.
+    CompareAndWrite {
+        /// First block.
+        lba: u64,
+        /// Number of blocks (compared, then written).
+        blocks: u32,
+        /// Force unit access.
+        fua: bool,
+    },
+    /// FORMAT UNIT (accepted without a parameter list; nothing to format).
+    FormatUnit,
     /// START STOP UNIT (accepted; the medium is always ready).
     StartStopUnit,
     /// REPORT SUPPORTED OPERATION CODES.
@@ -254,6 +326,10 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
         }
         op::SERVICE_ACTION_IN_16 => match cdb[1] & 0x1f {
             op::SAI_READ_CAPACITY_16 => Ok(Cdb::ReadCapacity16 {
+                alloc: be32(&cdb[10..]),
+            }),
+            op::SAI_GET_LBA_STATUS => Ok(Cdb::GetLbaStatus {
+                lba: be64(&cdb[2..]),
                 alloc: be32(&cdb[10..]),
             }),
             _ => invalid(1, Some(4)),
@@ -373,6 +449,87 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
             })
         }
         op::START_STOP_UNIT => Ok(Cdb::StartStopUnit),
+        op::FORMAT_UNIT => {
+            if cdb[1] & 0x10 != 0 {
+                // FMTDATA: a parameter list we do not take.
+                return invalid(1, Some(4));
+            }
+            Ok(Cdb::FormatUnit)
+        }
+        op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => {
+            check_rw_flags(cdb[1])?;
+            let bytchk = match (cdb[1] >> 1) & 3 {
+                0 => false,
+                1 => true,
+                _ => return invalid(1, Some(2)),
+            };
+            let (lba, blocks) = match opcode {
+                op::VERIFY_10 => (u64::from(be32(&cdb[2..])), be16(&cdb[7..])),
+                op::VERIFY_12 => (u64::from(be32(&cdb[2..])), be32(&cdb[6..])),
+                _ => (be64(&cdb[2..]), be32(&cdb[10..])),
+            };
+            Ok(Cdb::Verify {
+                lba,
+                blocks,
+                bytchk,
+            })
+        }
+        op::PRE_FETCH_10 => Ok(Cdb::PreFetch {
+            lba: u64::from(be32(&cdb[2..])),
+            blocks: be16(&cdb[7..]),
+        }),
+        op::PRE_FETCH_16 => Ok(Cdb::PreFetch {
+            lba: be64(&cdb[2..]),
+            blocks: be32(&cdb[10..]),
+        }),
+        op::READ_DEFECT_DATA_10 => Ok(Cdb::ReadDefectData {
+            twelve: false,
+            flags: cdb[2] & 0x1f,
+            alloc: be16(&cdb[7..]),
+        }),
+        op::READ_DEFECT_DATA_12 => Ok(Cdb::ReadDefectData {
+            twelve: true,
+            flags: cdb[1] & 0x1f,
+            alloc: be32(&cdb[6..]),
+        }),
+        op::WRITE_SAME_10 | op::WRITE_SAME_16 => {
+            if cdb[1] & 0xe0 != 0 {
+                return invalid(1, Some(7));
+            }
+            if cdb[1] & 0x10 != 0 {
+                // ANCHOR: anchored LBAs are not offered (ANC_SUP=0 in VPD 0xB2).
+                return invalid(1, Some(4));
+            }
+            let ten = opcode == op::WRITE_SAME_10;
+            let ndob = !ten && cdb[1] & 0x01 != 0;
+            let (lba, blocks) = if ten {
+                (u64::from(be32(&cdb[2..])), be16(&cdb[7..]))
+            } else {
+                (be64(&cdb[2..]), be32(&cdb[10..]))
+            };
+            Ok(Cdb::WriteSame {
+                lba,
+                blocks,
+                unmap: cdb[1] & 0x08 != 0,
+                ndob,
+            })
+        }
+        op::UNMAP => {
+            if cdb[1] & 0x01 != 0 {
+                return invalid(1, Some(0)); // ANCHOR
+            }
+            Ok(Cdb::Unmap {
+                param_len: be16(&cdb[7..]),
+            })
+        }
+        op::COMPARE_AND_WRITE => {
+            check_rw_flags(cdb[1])?;
+            Ok(Cdb::CompareAndWrite {
+                lba: be64(&cdb[2..]),
+                blocks: u32::from(cdb[13]),
+                fua: cdb[1] & 0x08 != 0,
+            })
+        }
         _ => Err(SenseReason::InvalidOpcode),
     }
 }

@@ -78,6 +78,7 @@ pub struct LogicalUnit {
     volume: Arc<LocalVolume>,
     write_cache: AtomicBool,
     d_sense: AtomicBool,
+    thin: bool,
 }
 
 impl LogicalUnit {
@@ -95,9 +96,10 @@ impl LogicalUnit {
             identity,
             block_size,
             blocks,
-            volume,
             write_cache: AtomicBool::new(true),
             d_sense: AtomicBool::new(false),
+            thin: volume.supports_unmap(),
+            volume,
         }
     }
     /// Identity.
@@ -116,6 +118,11 @@ impl LogicalUnit {
     /// SYNCHRONIZE CACHE).
     pub fn write_cache_enabled(&self) -> bool {
         self.write_cache.load(Ordering::Relaxed)
+    }
+    /// Whether the LU is thin provisioned (UNMAP and WRITE SAME with UNMAP deallocate; reads
+    /// of deallocated blocks return zeros).
+    pub fn thin_provisioned(&self) -> bool {
+        self.thin
     }
     /// Whether sense is returned in descriptor format.
     pub fn descriptor_sense(&self) -> bool {
@@ -288,6 +295,9 @@ impl DeviceServer {
                     .max(1)
                     .trailing_zeros() as u8;
                 d[13] = exp; // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT
+                if lu.thin {
+                    d[14] = 0x80 | 0x40; // LBPME, LBPRZ: deallocated blocks read as zeros
+                }
                 Ok(DataIn::Bytes(truncate(d, alloc)))
             }
             Cdb::Read { lba, blocks, .. } => {
@@ -332,6 +342,201 @@ impl DeviceServer {
                     }
                 }
                 Ok(DataIn::None)
+            }
+            Cdb::Verify {
+                lba,
+                blocks,
+                bytchk,
+            } => {
+                lu.check_range(lba, blocks)?;
+                let bytes = lu.check_transfer(blocks, len_field_byte(cmd.cdb[0]))?;
+                if bytchk {
+                    *wanted = Some(bytes as u64);
+                }
+                if bytes == 0 {
+                    return Ok(DataIn::None);
+                }
+                let medium = lu
+                    .volume
+                    .read(lba * bs, bytes)
+                    .await
+                    .map_err(|e| backend::read_error(&e, lba))?;
+                if bytchk {
+                    let n = cmd.data_out.len().min(bytes);
+                    let medium = medium.to_vec();
+                    if let Some(i) = medium[..n]
+                        .iter()
+                        .zip(&cmd.data_out[..n])
+                        .position(|(a, b)| a != b)
+                    {
+                        return Err(SenseReason::Miscompare { offset: i as u64 });
+                    }
+                }
+                Ok(DataIn::None)
+            }
+            Cdb::PreFetch { lba, blocks } => {
+                // The volume has no cache to warm: checking the range is all there is to do.
+                lu.check_range(lba, blocks)?;
+                Ok(DataIn::None)
+            }
+            Cdb::ReadDefectData {
+                twelve,
+                flags,
+                alloc,
+            } => {
+                let d = if twelve {
+                    vec![0, flags, 0, 0, 0, 0, 0, 0]
+                } else {
+                    vec![0, flags, 0, 0]
+                };
+                Ok(DataIn::Bytes(truncate(d, alloc)))
+            }
+            Cdb::FormatUnit => Ok(DataIn::None),
+            Cdb::WriteSame {
+                lba,
+                blocks,
+                unmap,
+                ndob,
+            } => {
+                let len_byte = if cmd.cdb[0] == cdb::op::WRITE_SAME_10 {
+                    7
+                } else {
+                    10
+                };
+                if !ndob {
+                    *wanted = Some(bs);
+                }
+                if blocks == 0 {
+                    // WSNZ=1 in VPD 0xB0: a zero length is not "to the end of the medium".
+                    return Err(SenseReason::InvalidFieldInCdb {
+                        byte: len_byte,
+                        bit: None,
+                    });
+                }
+                lu.check_range(lba, blocks)?;
+                let bytes = u64::from(blocks) * bs;
+                if bytes > crate::constants::WRITE_SAME_BYTES_MAX {
+                    return Err(SenseReason::InvalidFieldInCdb {
+                        byte: len_byte,
+                        bit: None,
+                    });
+                }
+                if unmap && !lu.thin {
+                    return Err(SenseReason::InvalidFieldInCdb {
+                        byte: 1,
+                        bit: Some(3),
+                    });
+                }
+                let block: Vec<u8> = if ndob {
+                    vec![0; bs as usize]
+                } else if cmd.data_out.len() != bs as usize {
+                    // WRITE SAME carries exactly one block.
+                    return Err(SenseReason::InvalidFieldInCdb {
+                        byte: len_byte,
+                        bit: None,
+                    });
+                } else {
+                    cmd.data_out[..bs as usize].to_vec()
+                };
+                if unmap && block.iter().all(|&b| b == 0) {
+                    lu.volume
+                        .unmap(lba * bs, bytes)
+                        .await
+                        .map_err(|e| backend::write_error(&e, lba))?;
+                } else {
+                    let chunk_blocks = (1u64 << 20) / bs;
+                    let mut done = 0u64;
+                    while done < u64::from(blocks) {
+                        let n = chunk_blocks.min(u64::from(blocks) - done);
+                        let buf: Vec<u8> = block
+                            .iter()
+                            .copied()
+                            .cycle()
+                            .take((n * bs) as usize)
+                            .collect();
+                        let at = lba + done;
+                        lu.volume
+                            .write(at * bs, &buf, !lu.write_cache_enabled())
+                            .await
+                            .map_err(|e| backend::write_error(&e, at))?;
+                        done += n;
+                    }
+                }
+                Ok(DataIn::None)
+            }
+            Cdb::Unmap { param_len } => {
+                if !lu.thin {
+                    return Err(SenseReason::InvalidOpcode);
+                }
+                let descs = crate::params::unmap(
+                    param_len,
+                    &cmd.data_out,
+                    lu.blocks,
+                    crate::constants::UNMAP_DESCRIPTORS_MAX,
+                    crate::constants::UNMAP_BYTES_MAX / bs,
+                )?;
+                for d in descs {
+                    lu.volume
+                        .unmap(d.lba * bs, u64::from(d.blocks) * bs)
+                        .await
+                        .map_err(|e| backend::write_error(&e, d.lba))?;
+                }
+                Ok(DataIn::None)
+            }
+            Cdb::GetLbaStatus { lba, alloc } => {
+                if lba >= lu.blocks {
+                    return Err(SenseReason::LbaOutOfRange);
+                }
+                let max_desc = (alloc.saturating_sub(8) / 16).clamp(1, 64) as usize;
+                let span = (lu.blocks - lba).min(u64::from(u32::MAX)) * bs;
+                let runs = lu
+                    .volume
+                    .allocation(lba * bs, span)
+                    .map_err(|e| backend::read_error(&e, lba))?;
+                let mut body = Vec::new();
+                for (start, len, allocated) in runs.into_iter().take(max_desc) {
+                    body.extend_from_slice(&(start / bs).to_be_bytes());
+                    body.extend_from_slice(&((len / bs) as u32).to_be_bytes());
+                    body.push(if allocated || !lu.thin { 0 } else { 1 });
+                    body.extend_from_slice(&[0; 3]);
+                }
+                let mut d = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+                d.extend_from_slice(&[0; 4]);
+                d.extend_from_slice(&body);
+                Ok(DataIn::Bytes(truncate(d, alloc)))
+            }
+            Cdb::CompareAndWrite { lba, blocks, fua } => {
+                let bytes = u64::from(blocks) * bs;
+                *wanted = Some(2 * bytes);
+                if blocks > u32::from(crate::constants::COMPARE_AND_WRITE_BLOCKS_MAX) {
+                    return Err(SenseReason::InvalidFieldInCdb {
+                        byte: 13,
+                        bit: None,
+                    });
+                }
+                // The data must be exactly the blocks to compare and the blocks to write; this
+                // also catches a count that wrapped the one-byte field.
+                if cmd.data_out.len() as u64 != 2 * bytes {
+                    return Err(SenseReason::InvalidFieldInCdb {
+                        byte: 13,
+                        bit: None,
+                    });
+                }
+                lu.check_range(lba, blocks)?;
+                if blocks == 0 {
+                    return Ok(DataIn::None);
+                }
+                let (verify, data) = cmd.data_out.split_at(bytes as usize);
+                let fua = fua || !lu.write_cache_enabled();
+                match lu
+                    .volume
+                    .compare_and_write(lba * bs, verify, data, fua)
+                    .await
+                {
+                    Ok(None) => Ok(DataIn::None),
+                    Ok(Some(i)) => Err(SenseReason::Miscompare { offset: i as u64 }),
+                    Err(e) => Err(backend::write_error(&e, lba)),
+                }
             }
             Cdb::SynchronizeCache { lba, blocks } => {
                 if lba > lu.blocks || (blocks != 0 && lu.check_range(lba, blocks).is_err()) {

@@ -55,8 +55,13 @@ pub fn vpd(lu: &LogicalUnit, port: TargetPort, page: u8) -> Option<Vec<u8>> {
             b
         }
         0xb2 => {
-            // Logical block provisioning: fully provisioned, no UNMAP (LBPU=0).
-            vec![0u8; 4]
+            let mut b = vec![0u8; 4];
+            if lu.thin_provisioned() {
+                // LBPU, LBPWS, LBPWS10, LBPRZ; provisioning type 2 (thin).
+                b[1] = 0x80 | 0x40 | 0x20 | 0x04;
+                b[2] = 0x02;
+            }
+            b
         }
         _ => return None,
     };
@@ -96,9 +101,21 @@ fn block_limits(lu: &LogicalUnit) -> Vec<u8> {
     let mut b = vec![0u8; 60];
     let per_phys = (PHYSICAL_BLOCK_BYTES / lu.block_size()).max(1) as u16;
     b[2..4].copy_from_slice(&per_phys.to_be_bytes()); // OPTIMAL TRANSFER LENGTH GRANULARITY
-    let max = TRANSFER_BYTES_MAX / lu.block_size();
+    let bs = lu.block_size();
+    b[0] = 0x01; // WSNZ: WRITE SAME with zero blocks is refused
+    b[1] = crate::constants::COMPARE_AND_WRITE_BLOCKS_MAX; // MAXIMUM COMPARE AND WRITE LENGTH
+    let max = TRANSFER_BYTES_MAX / bs;
     b[4..8].copy_from_slice(&max.to_be_bytes()); // MAXIMUM TRANSFER LENGTH
     b[8..12].copy_from_slice(&max.to_be_bytes()); // OPTIMAL TRANSFER LENGTH
+    if lu.thin_provisioned() {
+        let unmap_blocks = (crate::constants::UNMAP_BYTES_MAX / u64::from(bs)) as u32;
+        b[16..20].copy_from_slice(&unmap_blocks.to_be_bytes()); // MAXIMUM UNMAP LBA COUNT
+        b[20..24].copy_from_slice(&crate::constants::UNMAP_DESCRIPTORS_MAX.to_be_bytes());
+        b[24..28].copy_from_slice(&u32::from(per_phys).to_be_bytes()); // OPTIMAL UNMAP GRANULARITY
+        b[28] = 0x80; // UGAVALID, alignment 0
+    }
+    let ws_blocks = crate::constants::WRITE_SAME_BYTES_MAX / u64::from(bs);
+    b[32..40].copy_from_slice(&ws_blocks.to_be_bytes()); // MAXIMUM WRITE SAME LENGTH
     b
 }
 

@@ -18,6 +18,7 @@ pub mod device;
 pub mod inquiry;
 pub mod mode;
 pub mod opcodes;
+pub mod params;
 pub mod sense;
 
 pub use command::{CommandOutcome, DataIn, ItNexus, ScsiCommand, TaskAttr};

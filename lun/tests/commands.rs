@@ -309,3 +309,31 @@ async fn synchronize_cache_range() {
         expect::LBA_OUT_OF_RANGE
     );
 }
+
+#[tokio::test]
+async fn write_same_needs_exactly_one_block_and_unmaps_zeros() {
+    let f = fixture();
+    let mut c = [0u8; 10];
+    c[0] = op::WRITE_SAME_10;
+    c[1] = 0x08; // UNMAP
+    c[8] = 1;
+    for len in [256usize, 1024] {
+        let r = run(&f, 0, &c, vec![0xa6; len]).await;
+        assert!(
+            matches!(r.status, CommandStatus::CheckCondition(_)),
+            "data-out of {len} bytes: {:?}",
+            r.status
+        );
+    }
+    run(&f, 0, &rw10(op::WRITE_10, 0, 16), vec![0xff; 16 * 512]).await;
+    c[8] = 16;
+    assert_eq!(run(&f, 0, &c, vec![0; 512]).await.status, expect::GOOD);
+    let d = bytes(&run(&f, 0, &rw10(op::READ_10, 0, 16), vec![]).await);
+    assert!(d.iter().all(|&b| b == 0));
+    // Zero blocks is refused (WSNZ).
+    c[8] = 0;
+    assert_eq!(
+        run(&f, 0, &c, vec![0; 512]).await.status,
+        expect::invalid_field_in_cdb(7, None)
+    );
+}
