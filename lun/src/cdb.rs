@@ -16,6 +16,12 @@ pub mod op {
     #![allow(missing_docs)]
     pub const TEST_UNIT_READY: u8 = 0x00;
     pub const FORMAT_UNIT: u8 = 0x04;
+    pub const RESERVE_6: u8 = 0x16;
+    pub const RELEASE_6: u8 = 0x17;
+    pub const RESERVE_10: u8 = 0x56;
+    pub const RELEASE_10: u8 = 0x57;
+    pub const PERSISTENT_RESERVE_IN: u8 = 0x5e;
+    pub const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
     pub const VERIFY_10: u8 = 0x2f;
     pub const VERIFY_12: u8 = 0xaf;
     pub const VERIFY_16: u8 = 0x8f;
@@ -212,6 +218,26 @@ pub enum Cdb {
         /// Force unit access.
         fua: bool,
     },
+    /// PERSISTENT RESERVE IN.
+    PersistentReserveIn {
+        /// Service action.
+        service_action: u8,
+        /// Allocation length.
+        alloc: u32,
+    },
+    /// PERSISTENT RESERVE OUT.
+    PersistentReserveOut {
+        /// Service action.
+        service_action: u8,
+        /// TYPE.
+        type_code: u8,
+        /// PARAMETER LIST LENGTH.
+        param_len: u32,
+    },
+    /// RESERVE(6)/(10) (SPC-2).
+    Reserve,
+    /// RELEASE(6)/(10) (SPC-2).
+    Release,
     /// FORMAT UNIT (accepted without a parameter list; nothing to format).
     FormatUnit,
     /// START STOP UNIT (accepted; the medium is always ready).
@@ -449,6 +475,41 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
             })
         }
         op::START_STOP_UNIT => Ok(Cdb::StartStopUnit),
+        op::PERSISTENT_RESERVE_IN => {
+            let service_action = cdb[1] & 0x1f;
+            if service_action > 3 {
+                return invalid(1, Some(4));
+            }
+            Ok(Cdb::PersistentReserveIn {
+                service_action,
+                alloc: be16(&cdb[7..]),
+            })
+        }
+        op::PERSISTENT_RESERVE_OUT => {
+            let service_action = cdb[1] & 0x1f;
+            if service_action > 7 {
+                return invalid(1, Some(4));
+            }
+            if cdb[2] >> 4 != 0 {
+                return invalid(2, Some(7)); // SCOPE: only LU_SCOPE
+            }
+            Ok(Cdb::PersistentReserveOut {
+                service_action,
+                type_code: cdb[2] & 0x0f,
+                param_len: be32(&cdb[5..]),
+            })
+        }
+        op::RESERVE_6 | op::RESERVE_10 | op::RELEASE_6 | op::RELEASE_10 => {
+            // Third-party and extent reservations are obsolete and not offered.
+            if cdb[1] & 0x13 != 0 {
+                return invalid(1, None);
+            }
+            Ok(if opcode == op::RESERVE_6 || opcode == op::RESERVE_10 {
+                Cdb::Reserve
+            } else {
+                Cdb::Release
+            })
+        }
         op::FORMAT_UNIT => {
             if cdb[1] & 0x10 != 0 {
                 // FMTDATA: a parameter list we do not take.

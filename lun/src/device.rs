@@ -16,14 +16,16 @@
 //! MODE SELECT, thin provisioning.
 
 use crate::cdb::{self, Cdb};
-use crate::command::{CommandOutcome, DataIn, ScsiCommand};
+use crate::command::{CommandOutcome, DataIn, ItNexus, ScsiCommand};
 use crate::constants::{PHYSICAL_BLOCK_BYTES, TRANSFER_BYTES_MAX};
+use crate::pr::{self, Access, PrError, PrState};
 use crate::sense::{CommandStatus, SenseReason};
 use crate::{backend, inquiry, mode, opcodes};
 use raid_engine::LocalVolume;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 
 /// Identity of a logical unit, the same on every path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +81,14 @@ pub struct LogicalUnit {
     write_cache: AtomicBool,
     d_sense: AtomicBool,
     thin: bool,
+    /// Persistent reservations.
+    pr: Mutex<PrState>,
+    /// SPC-2 RESERVE(6)/(10) holder.
+    spc2: Mutex<Option<ItNexus>>,
+    /// Pending unit attentions per nexus (SPC-4 §5.14), oldest first.
+    ua: Mutex<BTreeMap<ItNexus, VecDeque<SenseReason>>>,
+    /// Nexuses that have sent commands (for reset unit attentions).
+    nexuses: Mutex<BTreeSet<ItNexus>>,
 }
 
 impl LogicalUnit {
@@ -100,6 +110,10 @@ impl LogicalUnit {
             d_sense: AtomicBool::new(false),
             thin: volume.supports_unmap(),
             volume,
+            pr: Mutex::new(PrState::default()),
+            spc2: Mutex::new(None),
+            ua: Mutex::new(BTreeMap::new()),
+            nexuses: Mutex::new(BTreeSet::new()),
         }
     }
     /// Identity.
@@ -127,6 +141,55 @@ impl LogicalUnit {
     /// Whether sense is returned in descriptor format.
     pub fn descriptor_sense(&self) -> bool {
         self.d_sense.load(Ordering::Relaxed)
+    }
+
+    /// A copy of the persistent reservation state (for status pages and tests).
+    pub fn pr_state(&self) -> PrState {
+        self.pr.lock().expect("pr lock").clone()
+    }
+
+    fn queue_ua(&self, nexus: &ItNexus, reason: SenseReason) {
+        let mut ua = self.ua.lock().expect("ua lock");
+        let q = ua.entry(nexus.clone()).or_default();
+        if q.len() < UA_PENDING_MAX && !q.contains(&reason) {
+            q.push_back(reason);
+        }
+    }
+
+    fn take_ua(&self, nexus: &ItNexus) -> Option<SenseReason> {
+        self.ua
+            .lock()
+            .expect("ua lock")
+            .get_mut(nexus)
+            .and_then(VecDeque::pop_front)
+    }
+
+    /// The I_T nexus is gone (session closed): its SPC-2 reservation and pending unit
+    /// attentions go with it; persistent registrations stay.
+    pub fn nexus_lost(&self, nexus: &ItNexus) {
+        let mut spc2 = self.spc2.lock().expect("spc2 lock");
+        if spc2.as_ref() == Some(nexus) {
+            *spc2 = None;
+        }
+        self.ua.lock().expect("ua lock").remove(nexus);
+        self.nexuses.lock().expect("nexus lock").remove(nexus);
+    }
+
+    /// LOGICAL UNIT RESET (or a target reset): SPC-2 reservations are released and every other
+    /// nexus gets a BUS DEVICE RESET unit attention. Persistent reservations survive.
+    pub fn reset(&self, by: &ItNexus) {
+        *self.spc2.lock().expect("spc2 lock") = None;
+        let others: Vec<ItNexus> = self
+            .nexuses
+            .lock()
+            .expect("nexus lock")
+            .iter()
+            .filter(|n| *n != by)
+            .cloned()
+            .collect();
+        for n in others {
+            self.queue_ua(&n, SenseReason::UaBusDeviceReset);
+        }
     }
 
     fn check_range(&self, lba: u64, blocks: u32) -> Result<(), SenseReason> {
@@ -241,7 +304,18 @@ impl DeviceServer {
                 None,
             ) => Ok(DataIn::Bytes(truncate(inquiry::not_present(), alloc))),
             (Ok(_), None) => Err(SenseReason::LunNotSupported),
-            (Ok(c), Some(lu)) => self.execute_lu(&lu, c, &cmd, &mut wanted).await,
+            (Ok(c), Some(lu)) => match self.gate_and_execute(&lu, c, &cmd, &mut wanted).await {
+                Ok(d) => Ok(d),
+                Err(Failure::Sense(r)) => Err(r),
+                Err(Failure::Conflict) => {
+                    return CommandOutcome {
+                        status: CommandStatus::ReservationConflict,
+                        sense: Vec::new(),
+                        data_in: DataIn::None,
+                        data_out_wanted: wanted,
+                    }
+                }
+            },
         };
         match result {
             Ok(data_in) => CommandOutcome {
@@ -254,6 +328,131 @@ impl DeviceServer {
                 data_in: DataIn::None,
                 data_out_wanted: wanted,
             },
+        }
+    }
+
+    /// Unit attentions, reservation conflicts and the reservation commands, then the command.
+    async fn gate_and_execute(
+        &self,
+        lu: &LogicalUnit,
+        c: Cdb,
+        cmd: &ScsiCommand,
+        wanted: &mut Option<u64>,
+    ) -> Result<DataIn, Failure> {
+        let nexus = &cmd.nexus;
+        lu.nexuses.lock().expect("nexus lock").insert(nexus.clone());
+        // SPC-4 §5.14: INQUIRY and REPORT LUNS neither report nor clear a unit attention;
+        // REQUEST SENSE reports it as its data and clears it.
+        match c {
+            Cdb::Inquiry { .. } => {}
+            Cdb::RequestSense { desc, alloc } => {
+                if let Some(ua) = lu.take_ua(nexus) {
+                    return Ok(DataIn::Bytes(truncate(ua.encode(desc), alloc)));
+                }
+            }
+            _ => {
+                if let Some(ua) = lu.take_ua(nexus) {
+                    return Err(Failure::Sense(ua));
+                }
+            }
+        }
+        let access = access_class(&c);
+        // SPC-2 reservation: only the holder gets past, except for always-allowed commands
+        // and RELEASE (which is a no-op for others).
+        {
+            let spc2 = lu.spc2.lock().expect("spc2 lock");
+            if let Some(holder) = spc2.as_ref() {
+                let allowed = access == Access::Always
+                    && !matches!(
+                        c,
+                        Cdb::PersistentReserveOut { .. }
+                            | Cdb::PersistentReserveIn { .. }
+                            | Cdb::Reserve
+                    );
+                if holder != nexus && !allowed && !matches!(c, Cdb::Release) {
+                    return Err(Failure::Conflict);
+                }
+            }
+        }
+        if lu.pr.lock().expect("pr lock").conflicts(nexus, access) {
+            return Err(Failure::Conflict);
+        }
+        match c {
+            Cdb::PersistentReserveIn {
+                service_action,
+                alloc,
+            } => {
+                let pr = lu.pr.lock().expect("pr lock");
+                let d = match service_action {
+                    0 => pr.read_keys(),
+                    1 => pr.read_reservation(),
+                    2 => PrState::report_capabilities(),
+                    _ => pr.read_full_status(),
+                };
+                Ok(DataIn::Bytes(truncate(d, alloc)))
+            }
+            Cdb::PersistentReserveOut {
+                service_action,
+                type_code,
+                param_len,
+            } => {
+                *wanted = Some(u64::from(param_len));
+                let op = pr::decode_out(service_action, type_code, param_len, &cmd.data_out)?;
+                let effects =
+                    lu.pr
+                        .lock()
+                        .expect("pr lock")
+                        .apply(nexus, op)
+                        .map_err(|e| match e {
+                            PrError::Conflict => Failure::Conflict,
+                            PrError::Sense(r) => Failure::Sense(r),
+                        })?;
+                for (n, reason) in effects.unit_attentions {
+                    lu.queue_ua(&n, reason);
+                }
+                if !effects.abort.is_empty() {
+                    tracing::info!(nexuses = effects.abort.len(), "PREEMPT AND ABORT");
+                }
+                Ok(DataIn::None)
+            }
+            Cdb::Reserve => {
+                // SPC-4 §5.12.3: with persistent registrations present, RESERVE conflicts.
+                if !lu.pr.lock().expect("pr lock").registrations.is_empty() {
+                    return Err(Failure::Conflict);
+                }
+                let mut spc2 = lu.spc2.lock().expect("spc2 lock");
+                match spc2.as_ref() {
+                    Some(h) if h != nexus => Err(Failure::Conflict),
+                    _ => {
+                        *spc2 = Some(nexus.clone());
+                        Ok(DataIn::None)
+                    }
+                }
+            }
+            Cdb::Release => {
+                let mut spc2 = lu.spc2.lock().expect("spc2 lock");
+                if spc2.as_ref() == Some(nexus) {
+                    *spc2 = None;
+                }
+                Ok(DataIn::None)
+            }
+            c => Ok(self.execute_lu(lu, c, cmd, wanted).await?),
+        }
+    }
+
+    /// The I_T nexus is gone: tell every LU.
+    pub fn nexus_lost(&self, nexus: &ItNexus) {
+        for lu in self.luns.values() {
+            lu.nexus_lost(nexus);
+        }
+    }
+
+    /// A LOGICAL UNIT RESET from `by` (`lun` set) or a target reset (`lun` None).
+    pub fn reset(&self, by: &ItNexus, lun: Option<u64>) {
+        for (l, lu) in &self.luns {
+            if lun.is_none_or(|raw| decode_lun(raw) == Some(*l)) {
+                lu.reset(by);
+            }
         }
     }
 
@@ -589,6 +788,12 @@ impl DeviceServer {
                 alloc,
             ))),
             Cdb::ReportLuns { .. } => unreachable!("handled before LU lookup"),
+            Cdb::PersistentReserveIn { .. }
+            | Cdb::PersistentReserveOut { .. }
+            | Cdb::Reserve
+            | Cdb::Release => {
+                unreachable!("handled by gate_and_execute")
+            }
         }
     }
 
@@ -623,6 +828,54 @@ impl DeviceServer {
         }
         d.extend_from_slice(&body);
         d
+    }
+}
+
+/// Why a command did not end GOOD, before sense encoding.
+enum Failure {
+    Sense(SenseReason),
+    Conflict,
+}
+
+impl From<SenseReason> for Failure {
+    fn from(r: SenseReason) -> Self {
+        Self::Sense(r)
+    }
+}
+
+/// Unit attentions kept per nexus at most; the oldest are reported first.
+const UA_PENDING_MAX: usize = 16;
+
+/// The reservation conflict class of a command (SPC-4 table 67, SBC-3 table 13).
+fn access_class(c: &Cdb) -> Access {
+    match c {
+        Cdb::TestUnitReady
+        | Cdb::Inquiry { .. }
+        | Cdb::RequestSense { .. }
+        | Cdb::ReportLuns { .. }
+        | Cdb::ReadCapacity10
+        | Cdb::ReadCapacity16 { .. }
+        | Cdb::ReportSupportedOpcodes { .. }
+        | Cdb::ReportSupportedTmfs { .. }
+        | Cdb::ReportTargetPortGroups { .. }
+        | Cdb::PersistentReserveIn { .. }
+        | Cdb::PersistentReserveOut { .. }
+        | Cdb::Release => Access::Always,
+        Cdb::Read { .. }
+        | Cdb::Verify { .. }
+        | Cdb::PreFetch { .. }
+        | Cdb::GetLbaStatus { .. }
+        | Cdb::ReadDefectData { .. }
+        | Cdb::ModeSense { .. } => Access::Read,
+        Cdb::Write { .. }
+        | Cdb::WriteAndVerify { .. }
+        | Cdb::WriteSame { .. }
+        | Cdb::Unmap { .. }
+        | Cdb::CompareAndWrite { .. }
+        | Cdb::SynchronizeCache { .. }
+        | Cdb::FormatUnit
+        | Cdb::StartStopUnit
+        | Cdb::Reserve => Access::Write,
     }
 }
 

@@ -19,6 +19,7 @@ pub mod inquiry;
 pub mod mode;
 pub mod opcodes;
 pub mod params;
+pub mod pr;
 pub mod sense;
 
 pub use command::{CommandOutcome, DataIn, ItNexus, ScsiCommand, TaskAttr};

@@ -78,6 +78,16 @@ pub enum SenseReason {
         /// Byte offset of the first miscompare within the transferred data.
         offset: u64,
     },
+    /// RELEASE of a persistent reservation with the wrong type.
+    InvalidReleaseOfPersistentReservation,
+    /// Unit attention: reservations preempted (CLEAR by another nexus).
+    UaReservationsPreempted,
+    /// Unit attention: reservations released.
+    UaReservationsReleased,
+    /// Unit attention: registrations preempted.
+    UaRegistrationsPreempted,
+    /// Unit attention: a logical unit or target reset happened.
+    UaBusDeviceReset,
     /// The transport delivered less data than the CDB asks for (iSCSI EDTL < SPDTL).
     InvalidFieldInInformationUnit,
 }
@@ -101,6 +111,11 @@ impl SenseReason {
             Self::InvalidTransferLength => (SenseKey::IllegalRequest, 0x24, 0x00),
             Self::InvalidFieldInInformationUnit => (SenseKey::IllegalRequest, 0x0e, 0x03),
             Self::Miscompare { .. } => (SenseKey::Miscompare, 0x1d, 0x00),
+            Self::InvalidReleaseOfPersistentReservation => (SenseKey::IllegalRequest, 0x26, 0x04),
+            Self::UaReservationsPreempted => (SenseKey::UnitAttention, 0x2a, 0x03),
+            Self::UaReservationsReleased => (SenseKey::UnitAttention, 0x2a, 0x04),
+            Self::UaRegistrationsPreempted => (SenseKey::UnitAttention, 0x2a, 0x05),
+            Self::UaBusDeviceReset => (SenseKey::UnitAttention, 0x29, 0x03),
         }
     }
 

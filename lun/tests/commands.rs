@@ -337,3 +337,73 @@ async fn write_same_needs_exactly_one_block_and_unmaps_zeros() {
         expect::invalid_field_in_cdb(7, None)
     );
 }
+
+fn nexus_of(i: u64) -> ItNexus {
+    ItNexus {
+        initiator_name: format!("iqn.test:{i}"),
+        isid: i,
+        relative_port: 1,
+    }
+}
+
+async fn run_as(f: &Fixture, n: u64, cdb: &[u8], data_out: Vec<u8>) -> CommandOutcome {
+    f.ds.execute(ScsiCommand {
+        nexus: nexus_of(n),
+        lun: encode_lun(0),
+        cdb: cdb.to_vec(),
+        attr: TaskAttr::Simple,
+        data_out,
+        data_in_len: 1 << 20,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn spc2_reserve_conflicts_until_release_reset_or_nexus_loss() {
+    let f = fixture();
+    let reserve = [op::RESERVE_6, 0, 0, 0, 0, 0];
+    let release = [op::RELEASE_6, 0, 0, 0, 0, 0];
+    assert_eq!(run_as(&f, 1, &reserve, vec![]).await.status, expect::GOOD);
+    assert_eq!(
+        run_as(&f, 2, &reserve, vec![]).await.status,
+        CommandStatus::ReservationConflict
+    );
+    assert_eq!(
+        run_as(&f, 2, &rw10(op::READ_10, 0, 1), vec![]).await.status,
+        CommandStatus::ReservationConflict
+    );
+    assert_eq!(
+        run_as(&f, 2, &[op::INQUIRY, 0, 0, 0, 36, 0], vec![])
+            .await
+            .status,
+        expect::GOOD
+    );
+    assert_eq!(
+        run_as(&f, 2, &release, vec![]).await.status,
+        expect::GOOD,
+        "RELEASE by another nexus is a no-op"
+    );
+    assert_eq!(
+        run_as(&f, 2, &reserve, vec![]).await.status,
+        CommandStatus::ReservationConflict
+    );
+    f.ds.reset(&nexus_of(1), None);
+    assert_eq!(
+        run_as(&f, 2, &reserve, vec![]).await.status,
+        GOOD_AFTER_UA,
+        "the other nexus sees the reset first"
+    );
+    assert_eq!(
+        run_as(&f, 2, &reserve, vec![]).await.status,
+        expect::GOOD,
+        "a reset releases it"
+    );
+    f.ds.nexus_lost(&nexus_of(2));
+    assert_eq!(
+        run_as(&f, 1, &reserve, vec![]).await.status,
+        expect::GOOD,
+        "nexus loss released it"
+    );
+}
+
+const GOOD_AFTER_UA: CommandStatus = CommandStatus::CheckCondition(SenseReason::UaBusDeviceReset);

@@ -182,6 +182,11 @@ impl Server {
                         }
                         session_key = Some(key);
                     }
+                    Event::Reset { nexus, lun } => {
+                        if let Some(dev) = conn.device() {
+                            dev.reset(&nexus, lun);
+                        }
+                    }
                     Event::Close { reason } => closing = Some(reason),
                 }
             }
@@ -232,6 +237,9 @@ impl Server {
                     conn.handle_shutdown(Instant::now());
                 }
             }
+        }
+        if let (Some(dev), Some(nexus)) = (conn.device(), conn.nexus()) {
+            dev.nexus_lost(&nexus);
         }
         if let Some(key) = session_key {
             let mut s = self.registry.sessions.lock().expect("registry lock");

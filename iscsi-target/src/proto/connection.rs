@@ -53,6 +53,14 @@ pub enum Event {
         /// Our TSIH.
         tsih: u16,
     },
+    /// LOGICAL UNIT RESET (`lun` set) or a target reset (`lun` None) from this session: the
+    /// device server releases SPC-2 reservations and raises unit attentions for other nexuses.
+    Reset {
+        /// The nexus that asked.
+        nexus: ItNexus,
+        /// The LUN field, for a logical unit reset.
+        lun: Option<u64>,
+    },
     /// Send what is queued, then close the connection.
     Close {
         /// Why, for the log.
@@ -279,6 +287,16 @@ impl Connection {
     /// The device server of the target this session logged in to.
     pub fn device(&self) -> Option<Arc<lun::DeviceServer>> {
         self.target.map(|i| Arc::clone(&self.cfg.targets[i].device))
+    }
+
+    /// The I_T nexus of a logged-in normal session (the device server tracks reservations and
+    /// unit attentions by it; the driver reports it lost when the connection ends).
+    pub fn nexus(&self) -> Option<ItNexus> {
+        (self.target.is_some() && self.phase != Phase::Login).then(|| ItNexus {
+            initiator_name: self.initiator_name.clone(),
+            isid: self.login.isid,
+            relative_port: self.cfg.relative_port,
+        })
     }
 
     /// Outstanding tasks (receiving data or executing).
@@ -1444,6 +1462,12 @@ impl Connection {
             tasks = victims.len(),
             "task management"
         );
+        if matches!(t.function, 5..=7) {
+            if let Some(nexus) = self.nexus() {
+                let lun = (t.function == 5).then_some(t.lun);
+                self.events.push_back(Event::Reset { nexus, lun });
+            }
+        }
         let mut waiting = HashSet::new();
         for itt in victims {
             let task = self.tasks.get_mut(&itt).expect("victim exists");
