@@ -33,6 +33,7 @@ pub mod op {
     pub const WRITE_SAME_16: u8 = 0x93;
     pub const UNMAP: u8 = 0x42;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
+    pub const ORWRITE_16: u8 = 0x8b;
     pub const SAI_GET_LBA_STATUS: u8 = 0x12;
     pub const REQUEST_SENSE: u8 = 0x03;
     pub const READ_6: u8 = 0x08;
@@ -238,6 +239,15 @@ pub enum Cdb {
     Reserve,
     /// RELEASE(6)/(10) (SPC-2).
     Release,
+    /// ORWRITE (16): OR the Data-Out into the blocks.
+    OrWrite {
+        /// First block.
+        lba: u64,
+        /// Number of blocks.
+        blocks: u32,
+        /// Force unit access.
+        fua: bool,
+    },
     /// FORMAT UNIT (accepted without a parameter list; nothing to format).
     FormatUnit,
     /// START STOP UNIT (accepted; the medium is always ready).
@@ -475,6 +485,14 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
             })
         }
         op::START_STOP_UNIT => Ok(Cdb::StartStopUnit),
+        op::ORWRITE_16 => {
+            check_rw_flags(cdb[1])?;
+            Ok(Cdb::OrWrite {
+                lba: be64(&cdb[2..]),
+                blocks: be32(&cdb[10..]),
+                fua: cdb[1] & 0x08 != 0,
+            })
+        }
         op::PERSISTENT_RESERVE_IN => {
             let service_action = cdb[1] & 0x1f;
             if service_action > 3 {

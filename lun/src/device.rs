@@ -591,6 +591,25 @@ impl DeviceServer {
                 Ok(DataIn::Bytes(truncate(d, alloc)))
             }
             Cdb::FormatUnit => Ok(DataIn::None),
+            Cdb::OrWrite { lba, blocks, fua } => {
+                let bytes = u64::from(blocks) * bs;
+                *wanted = Some(bytes);
+                lu.check_range(lba, blocks)?;
+                let bytes = lu.check_transfer(blocks, 10)?;
+                let bytes = if cmd.data_out.len() < bytes {
+                    cmd.data_out.len() / bs as usize * bs as usize
+                } else {
+                    bytes
+                };
+                if bytes > 0 {
+                    let fua = fua || !lu.write_cache_enabled();
+                    lu.volume
+                        .or_write(lba * bs, &cmd.data_out[..bytes], fua)
+                        .await
+                        .map_err(|e| backend::write_error(&e, lba))?;
+                }
+                Ok(DataIn::None)
+            }
             Cdb::WriteSame {
                 lba,
                 blocks,
@@ -872,6 +891,7 @@ fn access_class(c: &Cdb) -> Access {
         | Cdb::WriteSame { .. }
         | Cdb::Unmap { .. }
         | Cdb::CompareAndWrite { .. }
+        | Cdb::OrWrite { .. }
         | Cdb::SynchronizeCache { .. }
         | Cdb::FormatUnit
         | Cdb::StartStopUnit

@@ -256,6 +256,25 @@ impl LocalVolume {
         Ok(None)
     }
 
+    /// ORs `data` into the bytes at `offset` (SBC-3 ORWRITE), atomically with respect to every
+    /// other write through this volume.
+    ///
+    /// # Errors
+    /// Out-of-range requests and device errors.
+    pub async fn or_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.check(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let (a0, a1) = Self::aligned_span(offset, data.len() as u64);
+        let _guard = self.locks.lock(a0, a1).await;
+        let mut merged = self.read(offset, data.len()).await?.to_vec();
+        for (m, d) in merged.iter_mut().zip(data) {
+            *m |= d;
+        }
+        self.write_locked(offset, &merged, fua).await
+    }
+
     /// Whether [`Self::unmap`] frees space (otherwise it writes zeros).
     pub fn supports_unmap(&self) -> bool {
         self.dev.supports_discard()
