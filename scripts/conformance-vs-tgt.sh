@@ -24,7 +24,10 @@ pids=()
 ctl_port=""
 cleanup() {
   # tgtd ignores SIGTERM while it has targets: ask it to shut down first.
-  [ -n "$ctl_port" ] && tgtadm -C "$ctl_port" --op delete --mode system >/dev/null 2>&1 || true
+  if [ -n "$ctl_port" ]; then
+    tgtadm -C "$ctl_port" --lld iscsi --op delete --mode target --tid 1 --force >/dev/null 2>&1 || true
+    tgtadm -C "$ctl_port" --op delete --mode system >/dev/null 2>&1 || true
+  fi
   sleep 0.5
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   rm -rf "$work"
