@@ -16,6 +16,8 @@ pub mod op {
     #![allow(missing_docs)]
     pub const TEST_UNIT_READY: u8 = 0x00;
     pub const FORMAT_UNIT: u8 = 0x04;
+    pub const MODE_SELECT_6: u8 = 0x15;
+    pub const MODE_SELECT_10: u8 = 0x55;
     pub const RESERVE_6: u8 = 0x16;
     pub const RELEASE_6: u8 = 0x17;
     pub const RESERVE_10: u8 = 0x56;
@@ -218,6 +220,13 @@ pub enum Cdb {
         blocks: u32,
         /// Force unit access.
         fua: bool,
+    },
+    /// MODE SELECT (6/10).
+    ModeSelect {
+        /// The 10-byte form.
+        ten: bool,
+        /// PARAMETER LIST LENGTH.
+        param_len: u32,
     },
     /// PERSISTENT RESERVE IN.
     PersistentReserveIn {
@@ -491,6 +500,23 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
                 lba: be64(&cdb[2..]),
                 blocks: be32(&cdb[10..]),
                 fua: cdb[1] & 0x08 != 0,
+            })
+        }
+        op::MODE_SELECT_6 | op::MODE_SELECT_10 => {
+            if cdb[1] & 0x01 != 0 {
+                return invalid(1, Some(0)); // SP: saving pages is not offered
+            }
+            if cdb[1] & 0x10 == 0 {
+                return invalid(1, Some(4)); // PF: only the standard page format
+            }
+            let ten = opcode == op::MODE_SELECT_10;
+            Ok(Cdb::ModeSelect {
+                ten,
+                param_len: if ten {
+                    be16(&cdb[7..])
+                } else {
+                    u32::from(cdb[4])
+                },
             })
         }
         op::PERSISTENT_RESERVE_IN => {

@@ -591,6 +591,38 @@ impl DeviceServer {
                 Ok(DataIn::Bytes(truncate(d, alloc)))
             }
             Cdb::FormatUnit => Ok(DataIn::None),
+            Cdb::ModeSelect { ten, param_len } => {
+                *wanted = Some(u64::from(param_len));
+                let changes = mode::parse_select(lu, ten, param_len, &cmd.data_out)?;
+                let mut changed = false;
+                if let Some(w) = changes.wce {
+                    changed |= lu.write_cache.swap(w, Ordering::Relaxed) != w;
+                    if !w {
+                        // Turning the write cache off: what was cached must reach the medium.
+                        lu.volume
+                            .flush()
+                            .await
+                            .map_err(|e| backend::write_error(&e, 0))?;
+                    }
+                }
+                if let Some(d) = changes.d_sense {
+                    changed |= lu.d_sense.swap(d, Ordering::Relaxed) != d;
+                }
+                if changed {
+                    let others: Vec<ItNexus> = lu
+                        .nexuses
+                        .lock()
+                        .expect("nexus lock")
+                        .iter()
+                        .filter(|n| **n != cmd.nexus)
+                        .cloned()
+                        .collect();
+                    for n in others {
+                        lu.queue_ua(&n, SenseReason::UaModeParametersChanged);
+                    }
+                }
+                Ok(DataIn::None)
+            }
             Cdb::OrWrite { lba, blocks, fua } => {
                 let bytes = u64::from(blocks) * bs;
                 *wanted = Some(bytes);
@@ -894,6 +926,7 @@ fn access_class(c: &Cdb) -> Access {
         | Cdb::OrWrite { .. }
         | Cdb::SynchronizeCache { .. }
         | Cdb::FormatUnit
+        | Cdb::ModeSelect { .. }
         | Cdb::StartStopUnit
         | Cdb::Reserve => Access::Write,
     }

@@ -20,6 +20,16 @@ const FF: u8 = 0xff;
 /// Supported commands in opcode order.
 const TABLE: &[Entry] = &[
     Entry {
+        opcode: op::MODE_SELECT_6,
+        service_action: None,
+        usage: &[op::MODE_SELECT_6, 0x11, 0, 0, FF, 0],
+    },
+    Entry {
+        opcode: op::MODE_SELECT_10,
+        service_action: None,
+        usage: &[op::MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, FF, FF, 0],
+    },
+    Entry {
         opcode: op::ORWRITE_16,
         service_action: None,
         usage: &[
@@ -611,6 +621,9 @@ mod tests {
             let mut cdb = vec![0u8; e.usage.len()];
             cdb[0] = e.opcode;
             cdb[1] = e.service_action.unwrap_or(0) as u8;
+            if e.opcode == op::MODE_SELECT_6 || e.opcode == op::MODE_SELECT_10 {
+                cdb[1] = 0x10; // PF
+            }
             if e.opcode == op::REPORT_LUNS || e.opcode == op::MAINTENANCE_IN {
                 cdb[9] = 16;
             }

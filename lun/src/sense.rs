@@ -86,6 +86,8 @@ pub enum SenseReason {
     UaReservationsReleased,
     /// Unit attention: registrations preempted.
     UaRegistrationsPreempted,
+    /// Unit attention: another nexus changed mode parameters.
+    UaModeParametersChanged,
     /// Unit attention: a logical unit or target reset happened.
     UaBusDeviceReset,
     /// The transport delivered less data than the CDB asks for (iSCSI EDTL < SPDTL).
@@ -116,6 +118,7 @@ impl SenseReason {
             Self::UaReservationsReleased => (SenseKey::UnitAttention, 0x2a, 0x04),
             Self::UaRegistrationsPreempted => (SenseKey::UnitAttention, 0x2a, 0x05),
             Self::UaBusDeviceReset => (SenseKey::UnitAttention, 0x29, 0x03),
+            Self::UaModeParametersChanged => (SenseKey::UnitAttention, 0x2a, 0x01),
         }
     }
 

@@ -407,3 +407,202 @@ async fn spc2_reserve_conflicts_until_release_reset_or_nexus_loss() {
 }
 
 const GOOD_AFTER_UA: CommandStatus = CommandStatus::CheckCondition(SenseReason::UaBusDeviceReset);
+
+#[tokio::test]
+async fn mode_select_changes_wce_and_d_sense_and_tells_other_nexuses() {
+    let f = fixture();
+    // Nexus 2 has been seen, so it will get the unit attention.
+    run_as(&f, 2, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![]).await;
+    let ms = bytes(&run_as(&f, 1, &[op::MODE_SENSE_6, 0x08, 0x08, 0, 255, 0], vec![]).await);
+    assert_eq!(ms[4] & 0x3f, 0x08);
+    assert_eq!(ms[6] & 0x04, 0x04, "WCE on by default");
+    // Changeable mask: WCE only.
+    let ch = bytes(&run_as(&f, 1, &[op::MODE_SENSE_6, 0x08, 0x48, 0, 255, 0], vec![]).await);
+    assert_eq!(ch[6], 0x04);
+    // MODE SELECT(6): caching page with WCE off, control page with D_SENSE on.
+    let mut list = vec![0u8, 0, 0, 0];
+    let mut caching = ms[4..24].to_vec();
+    caching[0] &= 0x3f; // PS is reserved on select
+    caching[2] &= !0x04;
+    list.extend_from_slice(&caching);
+    let ctl = bytes(&run_as(&f, 1, &[op::MODE_SENSE_6, 0x08, 0x0a, 0, 255, 0], vec![]).await);
+    let mut control = ctl[4..16].to_vec();
+    control[2] |= 0x04;
+    list.extend_from_slice(&control);
+    let sel = [op::MODE_SELECT_6, 0x10, 0, 0, list.len() as u8, 0];
+    assert_eq!(run_as(&f, 1, &sel, list.clone()).await.status, expect::GOOD);
+    let ms = bytes(&run_as(&f, 1, &[op::MODE_SENSE_6, 0x08, 0x08, 0, 255, 0], vec![]).await);
+    assert_eq!(ms[6] & 0x04, 0, "WCE now off");
+    // D_SENSE: errors now come in descriptor format.
+    let r = run_as(&f, 1, &rw10(op::READ_10, u32::MAX, 1), vec![]).await;
+    assert_eq!(r.sense[0], 0x72);
+    // The other nexus hears about it once.
+    let r = run_as(&f, 2, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![]).await;
+    assert_eq!(
+        r.status,
+        CommandStatus::CheckCondition(SenseReason::UaModeParametersChanged)
+    );
+    assert_eq!(
+        run_as(&f, 2, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![])
+            .await
+            .status,
+        expect::GOOD
+    );
+    // Changing a bit that is not changeable: INVALID FIELD IN PARAMETER LIST at that byte.
+    let mut bad = vec![0u8, 0, 0, 0];
+    let mut c2 = caching.clone();
+    c2[3] = 0x01;
+    bad.extend_from_slice(&c2);
+    let r = run_as(
+        &f,
+        1,
+        &[op::MODE_SELECT_6, 0x10, 0, 0, bad.len() as u8, 0],
+        bad,
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        CommandStatus::CheckCondition(SenseReason::InvalidFieldInParameterList {
+            byte: 7,
+            bit: None
+        })
+    );
+    // Saving pages is not offered.
+    let r = run_as(&f, 1, &[op::MODE_SELECT_6, 0x11, 0, 0, 0, 0], vec![]).await;
+    assert_eq!(r.status, expect::invalid_field_in_cdb(1, Some(0)));
+}
+
+#[tokio::test]
+async fn compare_and_write_miscompare_reports_the_offset() {
+    let f = fixture();
+    run(&f, 0, &rw10(op::WRITE_10, 10, 1), vec![b'A'; 512]).await;
+    let mut caw = [0u8; 16];
+    caw[0] = op::COMPARE_AND_WRITE;
+    caw[2..10].copy_from_slice(&10u64.to_be_bytes());
+    caw[13] = 1;
+    let mut data = vec![b'A'; 512];
+    data[100] = b'X';
+    data.extend_from_slice(&[b'B'; 512]);
+    let r = run(&f, 0, &caw, data.clone()).await;
+    assert_eq!(
+        r.status,
+        CommandStatus::CheckCondition(SenseReason::Miscompare { offset: 100 })
+    );
+    assert_eq!(
+        (r.sense[0], r.sense[2], r.sense[12]),
+        (0xf0, 0x0e, 0x1d),
+        "VALID + INFORMATION, MISCOMPARE"
+    );
+    assert_eq!(u32::from_be_bytes(r.sense[3..7].try_into().unwrap()), 100);
+    data[100] = b'A';
+    assert_eq!(run(&f, 0, &caw, data).await.status, expect::GOOD);
+    assert!(bytes(&run(&f, 0, &rw10(op::READ_10, 10, 1), vec![]).await)
+        .iter()
+        .all(|&b| b == b'B'));
+    // Wrong data size, and past the end.
+    assert_eq!(
+        run(&f, 0, &caw, vec![0; 512]).await.status,
+        expect::invalid_field_in_cdb(13, None)
+    );
+    caw[2..10].copy_from_slice(&BLOCKS.to_be_bytes());
+    assert_eq!(
+        run(&f, 0, &caw, vec![0; 1024]).await.status,
+        expect::LBA_OUT_OF_RANGE
+    );
+}
+
+#[tokio::test]
+async fn unmap_and_get_lba_status() {
+    let f = fixture();
+    run(&f, 0, &rw10(op::WRITE_10, 0, 64), vec![7; 64 * 512]).await;
+    let mut list = vec![0u8; 8];
+    list.extend_from_slice(&16u64.to_be_bytes());
+    list.extend_from_slice(&16u32.to_be_bytes());
+    list.extend_from_slice(&[0; 4]);
+    list[1] = 22;
+    list[3] = 16;
+    let mut cdb = [0u8; 10];
+    cdb[0] = op::UNMAP;
+    cdb[8] = 24;
+    assert_eq!(run(&f, 0, &cdb, list).await.status, expect::GOOD);
+    let d = bytes(&run(&f, 0, &rw10(op::READ_10, 0, 64), vec![]).await);
+    assert!(d[..16 * 512].iter().all(|&b| b == 7));
+    assert!(
+        d[16 * 512..32 * 512].iter().all(|&b| b == 0),
+        "unmapped blocks read as zeros"
+    );
+    let mut gls = [0u8; 16];
+    gls[0] = op::SERVICE_ACTION_IN_16;
+    gls[1] = op::SAI_GET_LBA_STATUS;
+    gls[2..10].copy_from_slice(&16u64.to_be_bytes());
+    gls[13] = 64;
+    let d = bytes(&run(&f, 0, &gls, vec![]).await);
+    assert_eq!(
+        u64::from_be_bytes(d[8..16].try_into().unwrap()),
+        16,
+        "first descriptor starts at the requested LBA"
+    );
+    assert_eq!(u32::from_be_bytes(d[16..20].try_into().unwrap()), 16);
+    assert_eq!(d[20] & 0x0f, 1, "deallocated");
+    assert_eq!(u64::from_be_bytes(d[24..32].try_into().unwrap()), 32);
+    assert_eq!(d[36] & 0x0f, 0, "mapped");
+    gls[2..10].copy_from_slice(&BLOCKS.to_be_bytes());
+    assert_eq!(
+        run(&f, 0, &gls, vec![]).await.status,
+        expect::LBA_OUT_OF_RANGE
+    );
+}
+
+#[tokio::test]
+async fn persistent_reservation_conflicts_from_the_other_nexus() {
+    let f = fixture();
+    let prout = |sa: u8, ty: u8| [op::PERSISTENT_RESERVE_OUT, sa, ty, 0, 0, 0, 0, 0, 24, 0];
+    let params = |key: u64, sa_key: u64| {
+        let mut p = vec![0u8; 24];
+        p[..8].copy_from_slice(&key.to_be_bytes());
+        p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        p
+    };
+    assert_eq!(
+        run_as(&f, 1, &prout(0, 0), params(0, 0xabc)).await.status,
+        expect::GOOD
+    );
+    assert_eq!(
+        run_as(&f, 1, &prout(1, 1), params(0xabc, 0)).await.status,
+        expect::GOOD
+    ); // RESERVE WR_EX
+    assert_eq!(
+        run_as(&f, 2, &rw10(op::WRITE_10, 0, 1), vec![0; 512])
+            .await
+            .status,
+        CommandStatus::ReservationConflict
+    );
+    assert_eq!(
+        run_as(&f, 2, &rw10(op::READ_10, 0, 1), vec![]).await.status,
+        expect::GOOD
+    );
+    assert_eq!(
+        run_as(&f, 1, &rw10(op::WRITE_10, 0, 1), vec![0; 512])
+            .await
+            .status,
+        expect::GOOD
+    );
+    // READ RESERVATION from the other nexus sees the holder's key and type.
+    let d = bytes(
+        &run_as(
+            &f,
+            2,
+            &[op::PERSISTENT_RESERVE_IN, 1, 0, 0, 0, 0, 0, 0, 255, 0],
+            vec![],
+        )
+        .await,
+    );
+    assert_eq!(u32::from_be_bytes(d[4..8].try_into().unwrap()), 16);
+    assert_eq!(u64::from_be_bytes(d[8..16].try_into().unwrap()), 0xabc);
+    assert_eq!(d[21] & 0x0f, 1);
+    // A short parameter list.
+    assert_eq!(
+        run_as(&f, 2, &prout(0, 0), vec![0; 10]).await.status,
+        CommandStatus::CheckCondition(SenseReason::ParameterListLengthError)
+    );
+}

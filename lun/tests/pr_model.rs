@@ -17,7 +17,11 @@ const TYPES: [PrType; 6] = [
 ];
 
 fn nexus(i: u8) -> ItNexus {
-    ItNexus { initiator_name: format!("iqn.model:{i}"), isid: u64::from(i), relative_port: 1 }
+    ItNexus {
+        initiator_name: format!("iqn.model:{i}"),
+        isid: u64::from(i),
+        relative_port: 1,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +42,10 @@ struct Model {
 }
 
 fn all_registrants(t: PrType) -> bool {
-    matches!(t, PrType::WriteExclusiveAllRegistrants | PrType::ExclusiveAccessAllRegistrants)
+    matches!(
+        t,
+        PrType::WriteExclusiveAllRegistrants | PrType::ExclusiveAccessAllRegistrants
+    )
 }
 
 impl Model {
@@ -63,7 +70,12 @@ impl Model {
     fn apply(&mut self, n: u8, op: &PrOut) -> Outcome {
         let mine = self.key_of(n);
         match *op {
-            PrOut::Register { key, sa_key, ignore, .. } => {
+            PrOut::Register {
+                key,
+                sa_key,
+                ignore,
+                ..
+            } => {
                 match mine {
                     None if !ignore && key != 0 => return Outcome::Conflict,
                     None if sa_key == 0 => return Outcome::Good,
@@ -101,7 +113,9 @@ impl Model {
                 match self.res {
                     Some((_, t)) if self.holds(n) => {
                         if t != ty {
-                            return Outcome::Check(SenseReason::InvalidReleaseOfPersistentReservation);
+                            return Outcome::Check(
+                                SenseReason::InvalidReleaseOfPersistentReservation,
+                            );
                         }
                         self.res = None;
                         Outcome::Good
@@ -118,7 +132,9 @@ impl Model {
                 self.generation += 1;
                 Outcome::Good
             }
-            PrOut::Preempt { key, sa_key, ty, .. } => {
+            PrOut::Preempt {
+                key, sa_key, ty, ..
+            } => {
                 if mine != Some(key) {
                     return Outcome::Conflict;
                 }
@@ -130,7 +146,10 @@ impl Model {
                     return Outcome::Good;
                 }
                 if sa_key == 0 {
-                    return Outcome::Check(SenseReason::InvalidFieldInParameterList { byte: 8, bit: None });
+                    return Outcome::Check(SenseReason::InvalidFieldInParameterList {
+                        byte: 8,
+                        bit: None,
+                    });
                 }
                 if !self.regs.iter().any(|(_, k)| *k == sa_key) {
                     return Outcome::Conflict;
@@ -155,25 +174,51 @@ fn op_strategy() -> impl Strategy<Value = (u8, PrOut)> {
     let key = prop_oneof![Just(0u64), Just(1u64), Just(2u64), Just(3u64)];
     let ty = proptest::sample::select(TYPES.to_vec());
     let who = 0u8..3;
-    (who, prop_oneof![
-        (key.clone(), key.clone(), any::<bool>()).prop_map(|(key, sa_key, ignore)| PrOut::Register { key, sa_key, ignore, all_tg_pt: false }),
-        (key.clone(), ty.clone()).prop_map(|(key, ty)| PrOut::Reserve { key, ty }),
-        (key.clone(), ty.clone()).prop_map(|(key, ty)| PrOut::Release { key, ty }),
-        key.clone().prop_map(|key| PrOut::Clear { key }),
-        (key.clone(), key, ty, any::<bool>()).prop_map(|(key, sa_key, ty, abort)| PrOut::Preempt { key, sa_key, ty, abort }),
-    ])
+    (
+        who,
+        prop_oneof![
+            (key.clone(), key.clone(), any::<bool>()).prop_map(|(key, sa_key, ignore)| {
+                PrOut::Register {
+                    key,
+                    sa_key,
+                    ignore,
+                    all_tg_pt: false,
+                }
+            }),
+            (key.clone(), ty.clone()).prop_map(|(key, ty)| PrOut::Reserve { key, ty }),
+            (key.clone(), ty.clone()).prop_map(|(key, ty)| PrOut::Release { key, ty }),
+            key.clone().prop_map(|key| PrOut::Clear { key }),
+            (key.clone(), key, ty, any::<bool>()).prop_map(|(key, sa_key, ty, abort)| {
+                PrOut::Preempt {
+                    key,
+                    sa_key,
+                    ty,
+                    abort,
+                }
+            }),
+        ],
+    )
 }
 
 /// The comparable view: generation, sorted (nexus, key), reservation type, sorted holders.
 type View = (u32, Vec<(u8, u64)>, Option<PrType>, Vec<u8>);
 
 fn view_of_impl(s: &PrState) -> View {
-    let mut regs: Vec<(u8, u64)> = s.registrations.iter().map(|(n, r)| (n.isid as u8, r.key)).collect();
+    let mut regs: Vec<(u8, u64)> = s
+        .registrations
+        .iter()
+        .map(|(n, r)| (n.isid as u8, r.key))
+        .collect();
     regs.sort();
     let ty = s.reservation.as_ref().map(|r| r.ty);
     let mut holders: Vec<u8> = match &s.reservation {
         None => vec![],
-        Some(r) if matches!(r.ty, PrType::WriteExclusiveAllRegistrants | PrType::ExclusiveAccessAllRegistrants) => {
+        Some(r)
+            if matches!(
+                r.ty,
+                PrType::WriteExclusiveAllRegistrants | PrType::ExclusiveAccessAllRegistrants
+            ) =>
+        {
             regs.iter().map(|(n, _)| *n).collect()
         }
         Some(r) => vec![r.holder.isid as u8],
