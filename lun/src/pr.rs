@@ -214,6 +214,18 @@ impl PrState {
         }
     }
 
+    /// An all-registrants reservation names one registrant as its nominal holder; when that
+    /// one goes, another takes its place (or the reservation ends with the last registrant).
+    fn fix_all_registrants_holder(&mut self) {
+        let Some(r) = &self.reservation else { return };
+        if r.ty.all_registrants() && !self.registrations.contains_key(&r.holder) {
+            match self.registrations.keys().next().cloned() {
+                Some(next) => self.reservation.as_mut().expect("checked").holder = next,
+                None => self.reservation = None,
+            }
+        }
+    }
+
     fn remove_registration(&mut self, n: &ItNexus, effects: &mut PrEffects) {
         self.registrations.remove(n);
         let Some(r) = &self.reservation else { return };
@@ -235,6 +247,7 @@ impl PrState {
                 }
             }
         }
+        self.fix_all_registrants_holder();
     }
 
     /// Applies a PR OUT from `nexus`.
@@ -393,6 +406,7 @@ impl PrState {
                         ty,
                     });
                 }
+                self.fix_all_registrants_holder();
                 if abort {
                     effects.abort = victims;
                 }
@@ -707,6 +721,50 @@ mod tests {
         )
         .unwrap();
         assert!(s.reservation.is_none());
+    }
+
+    /// Regression (found by the pr_out_params fuzz target): the nominal holder of an
+    /// all-registrants reservation unregisters while another registrant remains; the
+    /// reservation must name a registered holder.
+    #[test]
+    fn all_registrants_holder_stays_registered() {
+        let mut s = PrState::default();
+        reg(&mut s, 1, 0xa);
+        reg(&mut s, 2, 0xb);
+        s.apply(
+            &n(1),
+            PrOut::Reserve {
+                key: 0xa,
+                ty: PrType::ExclusiveAccessAllRegistrants,
+            },
+        )
+        .unwrap();
+        s.apply(
+            &n(1),
+            PrOut::Register {
+                key: 0xa,
+                sa_key: 0,
+                ignore: false,
+                all_tg_pt: false,
+            },
+        )
+        .unwrap();
+        let r = s.reservation.as_ref().expect("still reserved");
+        assert_eq!(r.holder, n(2));
+        // Preempting the other registrant's key (not 0) under an all-registrants reservation.
+        reg(&mut s, 3, 0xc);
+        s.apply(
+            &n(3),
+            PrOut::Preempt {
+                key: 0xc,
+                sa_key: 0xb,
+                ty: PrType::WriteExclusive,
+                abort: false,
+            },
+        )
+        .unwrap();
+        let r = s.reservation.as_ref().expect("still reserved");
+        assert!(s.registrations.contains_key(&r.holder));
     }
 
     #[test]
