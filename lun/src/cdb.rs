@@ -18,6 +18,7 @@ pub mod op {
     pub const FORMAT_UNIT: u8 = 0x04;
     pub const MODE_SELECT_6: u8 = 0x15;
     pub const MODE_SELECT_10: u8 = 0x55;
+    pub const LOG_SENSE: u8 = 0x4d;
     pub const RESERVE_6: u8 = 0x16;
     pub const RELEASE_6: u8 = 0x17;
     pub const RESERVE_10: u8 = 0x56;
@@ -220,6 +221,15 @@ pub enum Cdb {
         blocks: u32,
         /// Force unit access.
         fua: bool,
+    },
+    /// LOG SENSE.
+    LogSense {
+        /// Page code.
+        page: u8,
+        /// Subpage code.
+        subpage: u8,
+        /// Allocation length.
+        alloc: u32,
     },
     /// MODE SELECT (6/10).
     ModeSelect {
@@ -500,6 +510,16 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
                 lba: be64(&cdb[2..]),
                 blocks: be32(&cdb[10..]),
                 fua: cdb[1] & 0x08 != 0,
+            })
+        }
+        op::LOG_SENSE => {
+            if cdb[1] & 0x01 != 0 {
+                return invalid(1, Some(0)); // SP: saving parameters is not offered
+            }
+            Ok(Cdb::LogSense {
+                page: cdb[2] & 0x3f,
+                subpage: cdb[3],
+                alloc: be16(&cdb[7..]),
             })
         }
         op::MODE_SELECT_6 | op::MODE_SELECT_10 => {

@@ -254,6 +254,9 @@ pub fn decode_lun(raw: u64) -> Option<u16> {
     }
 }
 
+/// The REPORT LUNS well-known logical unit (SPC-4 §8.2): extended addressing, W-LUN 01h.
+pub const REPORT_LUNS_WLUN: u64 = 0xc101_0000_0000_0000;
+
 /// Encodes a LUN number as the SAM-5 LUN field (peripheral below 256, flat above).
 pub fn encode_lun(lun: u16) -> u64 {
     let b0 = if lun < 256 {
@@ -297,6 +300,22 @@ impl DeviceServer {
             (Ok(Cdb::ReportLuns { select, alloc }), _) => {
                 self.report_luns(select, alloc).map(DataIn::Bytes)
             }
+            // The REPORT LUNS well-known LU answers INQUIRY, REQUEST SENSE and TEST UNIT READY.
+            (Ok(c), _) if cmd.lun == REPORT_LUNS_WLUN => match c {
+                Cdb::Inquiry {
+                    evpd: false, alloc, ..
+                } => Ok(DataIn::Bytes(truncate(inquiry::well_known(), alloc))),
+                Cdb::Inquiry { .. } => Err(SenseReason::InvalidFieldInCdb {
+                    byte: 1,
+                    bit: Some(0),
+                }),
+                Cdb::RequestSense { desc, alloc } => Ok(DataIn::Bytes(truncate(
+                    SenseReason::NoSense.encode(desc),
+                    alloc,
+                ))),
+                Cdb::TestUnitReady => Ok(DataIn::None),
+                _ => Err(SenseReason::InvalidOpcode),
+            },
             (
                 Ok(Cdb::Inquiry {
                     evpd: false, alloc, ..
@@ -591,6 +610,31 @@ impl DeviceServer {
                 Ok(DataIn::Bytes(truncate(d, alloc)))
             }
             Cdb::FormatUnit => Ok(DataIn::None),
+            Cdb::LogSense {
+                page,
+                subpage,
+                alloc,
+            } => {
+                if subpage != 0 {
+                    return Err(SenseReason::InvalidFieldInCdb { byte: 3, bit: None });
+                }
+                let (code, params): (u8, Vec<u8>) = match page {
+                    // Supported log pages.
+                    0x00 => (0x00, vec![0x00, 0x2f]),
+                    // Informational exceptions: no exception pending; temperature not reported.
+                    0x2f => (0x2f, vec![0x00, 0x00, 0x03, 0x04, 0x00, 0x00, 0xff, 0x00]),
+                    _ => {
+                        return Err(SenseReason::InvalidFieldInCdb {
+                            byte: 2,
+                            bit: Some(5),
+                        })
+                    }
+                };
+                let mut d = vec![code, 0];
+                d.extend_from_slice(&(params.len() as u16).to_be_bytes());
+                d.extend_from_slice(&params);
+                Ok(DataIn::Bytes(truncate(d, alloc)))
+            }
             Cdb::ModeSelect { ten, param_len } => {
                 *wanted = Some(u64::from(param_len));
                 let changes = mode::parse_select(lu, ten, param_len, &cmd.data_out)?;
@@ -849,16 +893,24 @@ impl DeviceServer {
     }
 
     fn report_luns(&self, select: u8, alloc: u32) -> Result<Vec<u8>, SenseReason> {
-        let luns: Vec<u16> = match select {
-            0x00 | 0x02 | 0x11 => self.luns.keys().copied().collect(),
-            0x01 | 0x10 | 0x12 => Vec::new(),
+        // SPC-4 §6.33: 00h LUs, 01h well-known LUs, 02h both; SPC-5 adds 10h-12h for
+        // administrative/subsidiary LUs, of which there are none here.
+        let (luns, wlun): (Vec<u16>, bool) = match select {
+            0x00 | 0x11 => (self.luns.keys().copied().collect(), false),
+            0x01 => (Vec::new(), true),
+            0x02 => (self.luns.keys().copied().collect(), true),
+            0x10 | 0x12 => (Vec::new(), false),
             _ => return Err(SenseReason::InvalidFieldInCdb { byte: 2, bit: None }),
         };
-        let mut d = Vec::with_capacity(8 + 8 * luns.len());
-        d.extend_from_slice(&((8 * luns.len()) as u32).to_be_bytes());
+        let mut fields: Vec<u64> = luns.into_iter().map(encode_lun).collect();
+        if wlun {
+            fields.push(REPORT_LUNS_WLUN);
+        }
+        let mut d = Vec::with_capacity(8 + 8 * fields.len());
+        d.extend_from_slice(&((8 * fields.len()) as u32).to_be_bytes());
         d.extend_from_slice(&[0; 4]);
-        for l in luns {
-            d.extend_from_slice(&encode_lun(l).to_be_bytes());
+        for f in fields {
+            d.extend_from_slice(&f.to_be_bytes());
         }
         Ok(truncate(d, alloc))
     }
@@ -917,7 +969,8 @@ fn access_class(c: &Cdb) -> Access {
         | Cdb::PreFetch { .. }
         | Cdb::GetLbaStatus { .. }
         | Cdb::ReadDefectData { .. }
-        | Cdb::ModeSense { .. } => Access::Read,
+        | Cdb::ModeSense { .. }
+        | Cdb::LogSense { .. } => Access::Read,
         Cdb::Write { .. }
         | Cdb::WriteAndVerify { .. }
         | Cdb::WriteSame { .. }

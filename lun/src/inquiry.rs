@@ -10,7 +10,7 @@ use crate::constants::{PHYSICAL_BLOCK_BYTES, TRANSFER_BYTES_MAX};
 use crate::device::{LogicalUnit, TargetPort};
 
 /// VPD pages this device server supports, in ascending order.
-pub const SUPPORTED_VPD: [u8; 6] = [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2];
+pub const SUPPORTED_VPD: [u8; 7] = [0x00, 0x80, 0x83, 0x86, 0xb0, 0xb1, 0xb2];
 
 /// Standard INQUIRY data (96 bytes).
 pub fn standard(lu: &LogicalUnit) -> Vec<u8> {
@@ -32,6 +32,19 @@ pub fn standard(lu: &LogicalUnit) -> Vec<u8> {
     d
 }
 
+/// Standard INQUIRY data of the REPORT LUNS well-known logical unit (type 1Eh).
+pub fn well_known() -> Vec<u8> {
+    let mut d = vec![0u8; 36];
+    d[0] = 0x1e;
+    d[2] = 0x06;
+    d[3] = 0x12;
+    d[4] = 31;
+    pad_ascii(&mut d[8..16], "RAINIO");
+    pad_ascii(&mut d[16..32], "REPORT LUNS WLUN");
+    pad_ascii(&mut d[32..36], "0001");
+    d
+}
+
 /// INQUIRY data for a LUN that is not served: qualifier 011b, type 1Fh.
 pub fn not_present() -> Vec<u8> {
     let mut d = vec![0u8; 36];
@@ -48,6 +61,15 @@ pub fn vpd(lu: &LogicalUnit, port: TargetPort, page: u8) -> Option<Vec<u8>> {
         0x00 => SUPPORTED_VPD.to_vec(),
         0x80 => lu.identity().serial.as_bytes().to_vec(),
         0x83 => device_identification(lu, port),
+        0x86 => {
+            // Extended INQUIRY data: SIMPLE task attribute; volatile cache (WCE) that
+            // SYNCHRONIZE CACHE empties; unit attentions are per I_T nexus (LUICLR).
+            let mut b = vec![0u8; 60];
+            b[1] = 0x01; // SIMPSUP
+            b[2] = 0x01; // V_SUP
+            b[3] = 0x01; // LUICLR
+            b
+        }
         0xb0 => block_limits(lu),
         0xb1 => {
             let mut b = vec![0u8; 60];

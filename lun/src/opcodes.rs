@@ -20,6 +20,11 @@ const FF: u8 = 0xff;
 /// Supported commands in opcode order.
 const TABLE: &[Entry] = &[
     Entry {
+        opcode: op::LOG_SENSE,
+        service_action: None,
+        usage: &[op::LOG_SENSE, 0, 0x3f, FF, 0, 0, 0, FF, FF, 0],
+    },
+    Entry {
         opcode: op::MODE_SELECT_6,
         service_action: None,
         usage: &[op::MODE_SELECT_6, 0x11, 0, 0, FF, 0],

@@ -606,3 +606,78 @@ async fn persistent_reservation_conflicts_from_the_other_nexus() {
         CommandStatus::CheckCondition(SenseReason::ParameterListLengthError)
     );
 }
+
+#[tokio::test]
+async fn report_luns_selects_and_the_well_known_lun() {
+    let f = fixture();
+    let rl = |select: u8| {
+        let mut c = [0u8; 12];
+        c[0] = op::REPORT_LUNS;
+        c[2] = select;
+        c[9] = 255;
+        c
+    };
+    let count = |d: &[u8]| u32::from_be_bytes(d[..4].try_into().unwrap()) / 8;
+    assert_eq!(count(&bytes(&run(&f, 0, &rl(0), vec![]).await)), 1);
+    let d = bytes(&run(&f, 0, &rl(1), vec![]).await);
+    assert_eq!(count(&d), 1);
+    assert_eq!(
+        u64::from_be_bytes(d[8..16].try_into().unwrap()),
+        lun::device::REPORT_LUNS_WLUN
+    );
+    assert_eq!(count(&bytes(&run(&f, 0, &rl(2), vec![]).await)), 2);
+    assert_eq!(
+        run(&f, 0, &rl(3), vec![]).await.status,
+        expect::invalid_field_in_cdb(2, None)
+    );
+    // Addressed to the well-known LU.
+    let wl = |cdb: &[u8]| {
+        f.ds.execute(ScsiCommand {
+            nexus: nexus(),
+            lun: lun::device::REPORT_LUNS_WLUN,
+            cdb: cdb.to_vec(),
+            attr: TaskAttr::Simple,
+            data_out: vec![],
+            data_in_len: 255,
+        })
+    };
+    assert_eq!(bytes(&wl(&[op::INQUIRY, 0, 0, 0, 36, 0]).await)[0], 0x1e);
+    assert_eq!(count(&bytes(&wl(&rl(0)).await)), 1);
+    assert_eq!(
+        wl(&rw10(op::READ_10, 0, 1)).await.status,
+        expect::INVALID_OPCODE
+    );
+}
+
+#[tokio::test]
+async fn log_sense_supported_pages_only() {
+    let f = fixture();
+    let d = bytes(
+        &run(
+            &f,
+            0,
+            &[op::LOG_SENSE, 0, 0x40, 0, 0, 0, 0, 0, 255, 0],
+            vec![],
+        )
+        .await,
+    );
+    assert_eq!(&d[..6], &[0, 0, 0, 2, 0x00, 0x2f]);
+    let d = bytes(
+        &run(
+            &f,
+            0,
+            &[op::LOG_SENSE, 0, 0x6f, 0, 0, 0, 0, 0, 255, 0],
+            vec![],
+        )
+        .await,
+    );
+    assert_eq!(d[0], 0x2f);
+    let r = run(
+        &f,
+        0,
+        &[op::LOG_SENSE, 0, 0x4d, 0, 0, 0, 0, 0, 255, 0],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.status, expect::invalid_field_in_cdb(2, Some(5)));
+}
