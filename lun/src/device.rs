@@ -20,6 +20,7 @@ use crate::command::{CommandOutcome, DataIn, ItNexus, ScsiCommand};
 use crate::constants::{PHYSICAL_BLOCK_BYTES, TRANSFER_BYTES_MAX};
 use crate::pr::{self, Access, PrError, PrState};
 use crate::sense::{CommandStatus, SenseReason};
+use crate::task_set::{TaskSet, Ticket};
 use crate::{backend, inquiry, mode, opcodes};
 use raid_engine::LocalVolume;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -89,6 +90,8 @@ pub struct LogicalUnit {
     ua: Mutex<BTreeMap<ItNexus, VecDeque<SenseReason>>>,
     /// Nexuses that have sent commands (for reset unit attentions).
     nexuses: Mutex<BTreeSet<ItNexus>>,
+    /// Admitted commands and their start order.
+    tasks: Arc<TaskSet>,
 }
 
 impl LogicalUnit {
@@ -114,6 +117,7 @@ impl LogicalUnit {
             spc2: Mutex::new(None),
             ua: Mutex::new(BTreeMap::new()),
             nexuses: Mutex::new(BTreeSet::new()),
+            tasks: Arc::new(TaskSet::default()),
         }
     }
     /// Identity.
@@ -289,8 +293,46 @@ impl DeviceServer {
         &self.luns
     }
 
-    /// Executes one command to completion.
+    /// Admits a command into its logical unit's task set. Call in the order commands arrive
+    /// (CmdSN order), before running them concurrently: ORDERED and HEAD OF QUEUE semantics
+    /// follow admission order.
+    pub fn admit(&self, cmd: ScsiCommand) -> Admitted {
+        let lu = decode_lun(cmd.lun).and_then(|l| self.luns.get(&l));
+        let (ticket, full) = match lu {
+            Some(lu) => match lu.tasks.admit(cmd.attr) {
+                Some(t) => (Some(t), false),
+                None => (None, true),
+            },
+            None => (None, false),
+        };
+        Admitted { cmd, ticket, full }
+    }
+
+    /// Runs an admitted command once its task attribute allows, to completion.
+    pub async fn run(&self, a: Admitted) -> CommandOutcome {
+        if a.full {
+            return CommandOutcome {
+                status: CommandStatus::TaskSetFull,
+                sense: Vec::new(),
+                data_in: DataIn::None,
+                data_out_wanted: None,
+            };
+        }
+        if let Some(t) = &a.ticket {
+            t.wait_turn().await;
+        }
+        let outcome = self.execute_now(a.cmd).await;
+        drop(a.ticket);
+        outcome
+    }
+
+    /// Admits and runs one command (for callers that issue one command at a time).
     pub async fn execute(&self, cmd: ScsiCommand) -> CommandOutcome {
+        let a = self.admit(cmd);
+        self.run(a).await
+    }
+
+    async fn execute_now(&self, cmd: ScsiCommand) -> CommandOutcome {
         let lu = decode_lun(cmd.lun).and_then(|l| self.luns.get(&l)).cloned();
         let descriptor = lu.as_ref().is_some_and(|l| l.descriptor_sense());
         let decoded = cdb::decode(&cmd.cdb);
@@ -932,6 +974,14 @@ impl DeviceServer {
         d.extend_from_slice(&body);
         d
     }
+}
+
+/// A command admitted into a task set, ready to run.
+#[derive(Debug)]
+pub struct Admitted {
+    cmd: ScsiCommand,
+    ticket: Option<Ticket>,
+    full: bool,
 }
 
 /// Why a command did not end GOOD, before sense encoding.

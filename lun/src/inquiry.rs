@@ -62,10 +62,11 @@ pub fn vpd(lu: &LogicalUnit, port: TargetPort, page: u8) -> Option<Vec<u8>> {
         0x80 => lu.identity().serial.as_bytes().to_vec(),
         0x83 => device_identification(lu, port),
         0x86 => {
-            // Extended INQUIRY data: SIMPLE task attribute; volatile cache (WCE) that
-            // SYNCHRONIZE CACHE empties; unit attentions are per I_T nexus (LUICLR).
+            // Extended INQUIRY data: HEAD OF QUEUE, ORDERED and SIMPLE task attributes; a
+            // volatile cache (WCE) that SYNCHRONIZE CACHE empties; unit attentions are per I_T
+            // nexus (LUICLR).
             let mut b = vec![0u8; 60];
-            b[1] = 0x01; // SIMPSUP
+            b[1] = 0x04 | 0x02 | 0x01; // HEADSUP, ORDSUP, SIMPSUP
             b[2] = 0x01; // V_SUP
             b[3] = 0x01; // LUICLR
             b

@@ -21,7 +21,10 @@ pub mod opcodes;
 pub mod params;
 pub mod pr;
 pub mod sense;
+pub mod task_set;
 
 pub use command::{CommandOutcome, DataIn, ItNexus, ScsiCommand, TaskAttr};
-pub use device::{decode_lun, encode_lun, DeviceServer, LogicalUnit, LuIdentity, TargetPort};
+pub use device::{
+    decode_lun, encode_lun, Admitted, DeviceServer, LogicalUnit, LuIdentity, TargetPort,
+};
 pub use sense::{CommandStatus, SenseKey, SenseReason};

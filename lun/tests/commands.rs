@@ -5,6 +5,7 @@ use lun::cdb::op;
 use lun::*;
 use raid_engine::LocalVolume;
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 
 const BS: u32 = 512;
@@ -680,4 +681,48 @@ async fn log_sense_supported_pages_only() {
     )
     .await;
     assert_eq!(r.status, expect::invalid_field_in_cdb(2, Some(5)));
+}
+
+#[tokio::test]
+async fn ordered_task_waits_for_older_tasks_and_head_of_queue_does_not() {
+    let f = fixture();
+    let cmd = |attr: TaskAttr, cdb: &[u8], data: Vec<u8>| ScsiCommand {
+        nexus: nexus(),
+        lun: encode_lun(0),
+        cdb: cdb.to_vec(),
+        attr,
+        data_out: data,
+        data_in_len: 512,
+    };
+    let simple = f.ds.admit(cmd(
+        TaskAttr::Simple,
+        &rw10(op::WRITE_10, 0, 1),
+        vec![1; 512],
+    ));
+    let ordered =
+        f.ds.admit(cmd(TaskAttr::Ordered, &rw10(op::READ_10, 0, 1), vec![]));
+    let hoq = f.ds.admit(cmd(
+        TaskAttr::HeadOfQueue,
+        &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0],
+        vec![],
+    ));
+    let mut ordered_run = std::pin::pin!(f.ds.run(ordered));
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    assert!(
+        ordered_run.as_mut().poll(&mut cx).is_pending(),
+        "ORDERED waits for the older SIMPLE write"
+    );
+    assert_eq!(
+        f.ds.run(hoq).await.status,
+        expect::GOOD,
+        "HEAD OF QUEUE runs at once"
+    );
+    assert_eq!(f.ds.run(simple).await.status, expect::GOOD);
+    let r = ordered_run.await;
+    assert_eq!(
+        bytes(&r),
+        vec![1; 512],
+        "the ORDERED read sees the older write"
+    );
 }

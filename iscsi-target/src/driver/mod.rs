@@ -155,8 +155,10 @@ impl Server {
                     Event::Execute { itt, cmd } => {
                         let Some(dev) = conn.device() else { continue };
                         let tx = out_tx.clone();
+                        // Admission happens here, in CmdSN order; execution is concurrent.
+                        let admitted = dev.admit(cmd);
                         tokio::spawn(async move {
-                            let outcome = dev.execute(cmd).await;
+                            let outcome = dev.run(admitted).await;
                             let _ = tx.send((itt, outcome));
                         });
                     }
