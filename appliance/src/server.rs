@@ -71,7 +71,9 @@ impl Controller {
                 LuIdentity::for_volume(volume_id(&cfg.iqn, &v.name)),
                 v.block_size,
                 Arc::clone(&vol),
-            );
+            )
+            .with_pr_store(cfg.data_dir.join(format!("{}.pr", v.name)))
+            .map_err(|e| e.to_string())?;
             luns.insert(v.lun, Arc::new(lu));
             volumes.push(vol);
         }

@@ -92,6 +92,8 @@ pub struct LogicalUnit {
     nexuses: Mutex<BTreeSet<ItNexus>>,
     /// Admitted commands and their start order.
     tasks: Arc<TaskSet>,
+    /// Where persistent reservations are kept when APTPL is set.
+    pr_store: Option<std::path::PathBuf>,
 }
 
 impl LogicalUnit {
@@ -118,6 +120,7 @@ impl LogicalUnit {
             ua: Mutex::new(BTreeMap::new()),
             nexuses: Mutex::new(BTreeSet::new()),
             tasks: Arc::new(TaskSet::default()),
+            pr_store: None,
         }
     }
     /// Identity.
@@ -145,6 +148,22 @@ impl LogicalUnit {
     /// Whether sense is returned in descriptor format.
     pub fn descriptor_sense(&self) -> bool {
         self.d_sense.load(Ordering::Relaxed)
+    }
+
+    /// Keeps persistent reservations at `path` (APTPL), loading what is there.
+    ///
+    /// # Errors
+    /// A damaged or unreadable store: the operator must decide, so the start stops.
+    pub fn with_pr_store(
+        mut self,
+        path: std::path::PathBuf,
+    ) -> Result<Self, crate::pr_store::StoreError> {
+        if let Some(state) = crate::pr_store::load(&path)? {
+            tracing::info!(path = %path.display(), registrations = state.registrations.len(), "persistent reservations restored (APTPL)");
+            self.pr = Mutex::new(state);
+        }
+        self.pr_store = Some(path);
+        Ok(self)
     }
 
     /// A copy of the persistent reservation state (for status pages and tests).
@@ -447,7 +466,7 @@ impl DeviceServer {
                 let d = match service_action {
                     0 => pr.read_keys(),
                     1 => pr.read_reservation(),
-                    2 => PrState::report_capabilities(),
+                    2 => PrState::report_capabilities(pr.aptpl),
                     _ => pr.read_full_status(),
                 };
                 Ok(DataIn::Bytes(truncate(d, alloc)))
@@ -459,15 +478,28 @@ impl DeviceServer {
             } => {
                 *wanted = Some(u64::from(param_len));
                 let op = pr::decode_out(service_action, type_code, param_len, &cmd.data_out)?;
-                let effects =
-                    lu.pr
-                        .lock()
-                        .expect("pr lock")
-                        .apply(nexus, op)
-                        .map_err(|e| match e {
-                            PrError::Conflict => Failure::Conflict,
-                            PrError::Sense(r) => Failure::Sense(r),
-                        })?;
+                let effects = {
+                    let mut pr = lu.pr.lock().expect("pr lock");
+                    // Apply to a copy; commit only once it is durable where APTPL asks for it.
+                    let mut next = pr.clone();
+                    let effects = next.apply(nexus, op).map_err(|e| match e {
+                        PrError::Conflict => Failure::Conflict,
+                        PrError::Sense(r) => Failure::Sense(r),
+                    })?;
+                    if let Some(path) = &lu.pr_store {
+                        let saved = if next.aptpl {
+                            crate::pr_store::save(path, &next)
+                        } else {
+                            crate::pr_store::remove(path)
+                        };
+                        if let Err(e) = saved {
+                            tracing::error!(cause = %e, "cannot persist reservations; the PR OUT is refused");
+                            return Err(Failure::Sense(SenseReason::InternalTargetFailure));
+                        }
+                    }
+                    *pr = next;
+                    effects
+                };
                 for (n, reason) in effects.unit_attentions {
                     lu.queue_ua(&n, reason);
                 }

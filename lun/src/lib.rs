@@ -20,6 +20,7 @@ pub mod mode;
 pub mod opcodes;
 pub mod params;
 pub mod pr;
+pub mod pr_store;
 pub mod sense;
 pub mod task_set;
 

@@ -12,8 +12,11 @@
 //!   and it ends when the last registration goes.
 //! - Registration keys are never 0.
 //!
-//! Not here: persistence across restarts (APTPL is reported as not capable, PTPL_C=0), SPEC_I_PT
-//! and REGISTER AND MOVE (reported unsupported).
+//! - With APTPL set, the state is written to the LU's store (see `store`) before the command
+//!   completes, and loaded at start; a store that fails its version or checksum check stops the
+//!   start instead of silently dropping reservations.
+//!
+//! Not here: SPEC_I_PT and REGISTER AND MOVE (reported unsupported).
 
 use crate::command::ItNexus;
 use crate::sense::SenseReason;
@@ -106,6 +109,8 @@ pub enum PrOut {
         ignore: bool,
         /// ALL_TG_PT.
         all_tg_pt: bool,
+        /// APTPL: persist through power loss from now on.
+        aptpl: bool,
     },
     /// RESERVE.
     Reserve {
@@ -184,6 +189,8 @@ pub struct PrState {
     pub registrations: BTreeMap<ItNexus, Registration>,
     /// The reservation, if any.
     pub reservation: Option<Reservation>,
+    /// Activate Persist Through Power Loss: the state survives restarts.
+    pub aptpl: bool,
 }
 
 impl PrState {
@@ -263,6 +270,7 @@ impl PrState {
                 sa_key,
                 ignore,
                 all_tg_pt,
+                aptpl,
             } => {
                 match current {
                     None => {
@@ -293,6 +301,7 @@ impl PrState {
                     }
                 }
                 self.generation = self.generation.wrapping_add(1);
+                self.aptpl = aptpl;
             }
             PrOut::Reserve { key, ty } => {
                 if current != Some(key) {
@@ -449,11 +458,11 @@ impl PrState {
     }
 
     /// PR IN REPORT CAPABILITIES.
-    pub fn report_capabilities() -> Vec<u8> {
+    pub fn report_capabilities(aptpl: bool) -> Vec<u8> {
         let mut d = vec![0u8; 8];
         d[1] = 8;
-        d[2] = 0x10 | 0x04; // CRH, ATP_C
-        d[3] = 0x80; // TMV: the type mask is valid
+        d[2] = 0x10 | 0x04 | 0x01; // CRH, ATP_C, PTPL_C
+        d[3] = 0x80 | u8::from(aptpl); // TMV (the type mask is valid), PTPL_A
         d[4] = 0x80 | 0x40 | 0x20 | 0x08 | 0x02; // WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX
         d[5] = 0x01; // EX_AC_AR
         d
@@ -502,7 +511,7 @@ pub fn transport_id(n: &ItNexus) -> Vec<u8> {
 ///
 /// # Errors
 /// The sense reason for a short list, an unsupported service action or type, or options not
-/// offered (SPEC_I_PT, APTPL).
+/// offered (SPEC_I_PT).
 pub fn decode_out(
     service_action: u8,
     type_code: u8,
@@ -531,12 +540,6 @@ pub fn decode_out(
             bit: Some(3),
         }); // SPEC_I_PT
     }
-    if flags & 0x01 != 0 {
-        return Err(SenseReason::InvalidFieldInParameterList {
-            byte: 20,
-            bit: Some(0),
-        }); // APTPL
-    }
     let all_tg_pt = flags & 0x04 != 0;
     let ty = || {
         PrType::from_code(type_code).ok_or(SenseReason::InvalidFieldInCdb {
@@ -550,6 +553,7 @@ pub fn decode_out(
             sa_key,
             ignore: service_action == 6,
             all_tg_pt,
+            aptpl: flags & 0x01 != 0,
         },
         1 => PrOut::Reserve { key, ty: ty()? },
         2 => PrOut::Release { key, ty: ty()? },
@@ -589,6 +593,7 @@ mod tests {
                 sa_key: key,
                 ignore: false,
                 all_tg_pt: false,
+                aptpl: false,
             },
         )
         .unwrap();
@@ -706,6 +711,7 @@ mod tests {
                 sa_key: 0,
                 ignore: false,
                 all_tg_pt: false,
+                aptpl: false,
             },
         )
         .unwrap();
@@ -717,6 +723,7 @@ mod tests {
                 sa_key: 0,
                 ignore: false,
                 all_tg_pt: false,
+                aptpl: false,
             },
         )
         .unwrap();
@@ -746,6 +753,7 @@ mod tests {
                 sa_key: 0,
                 ignore: false,
                 all_tg_pt: false,
+                aptpl: false,
             },
         )
         .unwrap();
@@ -778,7 +786,8 @@ mod tests {
                     key: 0xff,
                     sa_key: 0xc,
                     ignore: false,
-                    all_tg_pt: false
+                    all_tg_pt: false,
+                    aptpl: false
                 }
             ),
             Err(PrError::Conflict)
@@ -790,6 +799,7 @@ mod tests {
                 sa_key: 0xc,
                 ignore: true,
                 all_tg_pt: false,
+                aptpl: false,
             },
         )
         .unwrap();
@@ -801,7 +811,8 @@ mod tests {
                     key: 5,
                     sa_key: 6,
                     ignore: false,
-                    all_tg_pt: false
+                    all_tg_pt: false,
+                    aptpl: false
                 }
             ),
             Err(PrError::Conflict)
@@ -815,10 +826,15 @@ mod tests {
             Err(SenseReason::ParameterListLengthError)
         );
         let mut p = [0u8; 24];
-        p[20] = 0x01;
+        p[20] = 0x08; // SPEC_I_PT
         assert!(matches!(
             decode_out(0, 0, 24, &p),
             Err(SenseReason::InvalidFieldInParameterList { .. })
+        ));
+        p[20] = 0x01; // APTPL is accepted
+        assert!(matches!(
+            decode_out(0, 0, 24, &p),
+            Ok(PrOut::Register { aptpl: true, .. })
         ));
         assert!(matches!(
             decode_out(1, 2, 24, &[0; 24]),

@@ -183,6 +183,7 @@ fn op_strategy() -> impl Strategy<Value = (u8, PrOut)> {
                     sa_key,
                     ignore,
                     all_tg_pt: false,
+                    aptpl: false,
                 }
             }),
             (key.clone(), ty.clone()).prop_map(|(key, ty)| PrOut::Reserve { key, ty }),

@@ -130,6 +130,38 @@ impl Appliance {
         self.child.wait().expect("wait")
     }
 
+    /// Stops the process (SIGTERM) and starts it again on the same config and data dir.
+    ///
+    /// # Panics
+    /// If it does not come back within 20 s.
+    pub fn restart(&mut self) {
+        let status = self.terminate();
+        assert!(status.success(), "clean stop before restart: {status:?}");
+        let cfg_path = self.dir.path().join("appliance.toml");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("appliance.log"))
+            .expect("log");
+        self.child = Command::new(binary())
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn appliance");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(self.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "appliance did not come back; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -261,3 +261,89 @@ fn sigterm_asks_initiators_to_log_out_and_exits_cleanly() {
     let status = app.terminate();
     assert!(status.success(), "exit status {status:?}\n{}", app.log());
 }
+
+/// APTPL: registrations and the reservation made with APTPL=1 survive a restart of the
+/// appliance; without APTPL they do not.
+#[test]
+fn aptpl_reservations_survive_a_restart() {
+    let mut app = Appliance::start("");
+    let rt = rt();
+    let prout = |sa: u8, ty: u8| [0x5f, sa, ty, 0, 0, 0, 0, 0, 24, 0];
+    let params = |key: u64, sa_key: u64, aptpl: bool| {
+        let mut p = vec![0u8; 24];
+        p[..8].copy_from_slice(&key.to_be_bytes());
+        p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        p[20] = u8::from(aptpl);
+        p
+    };
+    let read_keys = [0x5e, 0, 0, 0, 0, 0, 0, 0, 255, 0];
+    rt.block_on(async {
+        let mut i = Initiator::login(app.addr, &LoginOptions::normal(IQN))
+            .await
+            .unwrap();
+        assert_eq!(
+            i.command(0, &prout(0, 0), &params(0, 0x1234, true), 24)
+                .await
+                .unwrap()
+                .status,
+            0
+        );
+        assert_eq!(
+            i.command(0, &prout(1, 5), &params(0x1234, 0, false), 24)
+                .await
+                .unwrap()
+                .status,
+            0
+        );
+        i.logout().await.unwrap();
+    });
+    app.restart();
+    rt.block_on(async {
+        let mut i = Initiator::login(app.addr, &LoginOptions::normal(IQN))
+            .await
+            .unwrap();
+        let r = i.command(0, &read_keys, &[], 255).await.unwrap();
+        assert_eq!(
+            u32::from_be_bytes(r.data[4..8].try_into().unwrap()),
+            8,
+            "one key after restart"
+        );
+        assert_eq!(
+            u64::from_be_bytes(r.data[8..16].try_into().unwrap()),
+            0x1234
+        );
+        let rr = i
+            .command(0, &[0x5e, 1, 0, 0, 0, 0, 0, 0, 255, 0], &[], 255)
+            .await
+            .unwrap();
+        assert_eq!(rr.data[21] & 0x0f, 5, "the WR_EX_RO reservation is back");
+        let caps = i
+            .command(0, &[0x5e, 2, 0, 0, 0, 0, 0, 0, 8, 0], &[], 8)
+            .await
+            .unwrap();
+        assert_eq!(caps.data[2] & 0x01, 1, "PTPL_C");
+        assert_eq!(caps.data[3] & 0x01, 1, "PTPL_A");
+        // Turn APTPL off (re-register with the same key, APTPL=0): nothing persists any more.
+        assert_eq!(
+            i.command(0, &prout(0, 0), &params(0x1234, 0x1234, false), 24)
+                .await
+                .unwrap()
+                .status,
+            0
+        );
+        i.logout().await.unwrap();
+    });
+    app.restart();
+    rt.block_on(async {
+        let mut i = Initiator::login(app.addr, &LoginOptions::normal(IQN))
+            .await
+            .unwrap();
+        let r = i.command(0, &read_keys, &[], 255).await.unwrap();
+        assert_eq!(
+            u32::from_be_bytes(r.data[4..8].try_into().unwrap()),
+            0,
+            "no keys without APTPL"
+        );
+        i.logout().await.unwrap();
+    });
+}
