@@ -94,6 +94,9 @@ pub struct LogicalUnit {
     tasks: Arc<TaskSet>,
     /// Where persistent reservations are kept when APTPL is set.
     pr_store: Option<std::path::PathBuf>,
+    /// Bumped by LOGICAL UNIT RESET, target resets and CLEAR TASK SET; tasks admitted
+    /// before the bump are aborted.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl LogicalUnit {
@@ -121,6 +124,7 @@ impl LogicalUnit {
             nexuses: Mutex::new(BTreeSet::new()),
             tasks: Arc::new(TaskSet::default()),
             pr_store: None,
+            epoch: std::sync::atomic::AtomicU64::new(0),
         }
     }
     /// Identity.
@@ -202,6 +206,7 @@ impl LogicalUnit {
     /// nexus gets a BUS DEVICE RESET unit attention. Persistent reservations survive.
     pub fn reset(&self, by: &ItNexus) {
         *self.spc2.lock().expect("spc2 lock") = None;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         let others: Vec<ItNexus> = self
             .nexuses
             .lock()
@@ -316,33 +321,75 @@ impl DeviceServer {
     /// (CmdSN order), before running them concurrently: ORDERED and HEAD OF QUEUE semantics
     /// follow admission order.
     pub fn admit(&self, cmd: ScsiCommand) -> Admitted {
-        let lu = decode_lun(cmd.lun).and_then(|l| self.luns.get(&l));
-        let (ticket, full) = match lu {
-            Some(lu) => match lu.tasks.admit(cmd.attr) {
-                Some(t) => (Some(t), false),
-                None => (None, true),
-            },
-            None => (None, false),
+        let lu = decode_lun(cmd.lun).and_then(|l| self.luns.get(&l)).cloned();
+        let (ticket, full, epoch) = match &lu {
+            Some(lu) => {
+                let epoch = lu.epoch.load(Ordering::Acquire);
+                match lu.tasks.admit(cmd.attr, &cmd.nexus) {
+                    Some(t) => (Some(t), false, epoch),
+                    None => (None, true, epoch),
+                }
+            }
+            None => (None, false, 0),
         };
-        Admitted { cmd, ticket, full }
+        Admitted {
+            cmd,
+            ticket,
+            full,
+            lu,
+            epoch,
+        }
     }
 
     /// Runs an admitted command once its task attribute allows, to completion.
     pub async fn run(&self, a: Admitted) -> CommandOutcome {
+        let empty = |status| CommandOutcome {
+            status,
+            sense: Vec::new(),
+            data_in: DataIn::None,
+            data_out_wanted: None,
+        };
         if a.full {
-            return CommandOutcome {
-                status: CommandStatus::TaskSetFull,
-                sense: Vec::new(),
-                data_in: DataIn::None,
-                data_out_wanted: None,
-            };
+            return empty(CommandStatus::TaskSetFull);
         }
         if let Some(t) = &a.ticket {
             t.wait_turn().await;
         }
-        let outcome = self.execute_now(a.cmd).await;
-        drop(a.ticket);
+        let cleared = |a: &Admitted| {
+            a.lu.as_ref()
+                .is_some_and(|lu| lu.epoch.load(Ordering::Acquire) != a.epoch)
+        };
+        // A reset or CLEAR TASK SET from another nexus while this task waited: it never runs.
+        if cleared(&a) {
+            return empty(CommandStatus::TaskAborted);
+        }
+        let Admitted {
+            cmd,
+            ticket,
+            lu,
+            epoch,
+            ..
+        } = a;
+        let outcome = self.execute_now(cmd).await;
+        drop(ticket);
+        if lu.is_some_and(|lu| lu.epoch.load(Ordering::Acquire) != epoch) {
+            return empty(CommandStatus::TaskAborted);
+        }
         outcome
+    }
+
+    /// CLEAR TASK SET from `by`: every task in the LU's task set is terminated (TAS=0: without
+    /// a response), and the other nexuses that had tasks there get COMMANDS CLEARED BY ANOTHER
+    /// INITIATOR.
+    pub fn clear_task_set(&self, by: &ItNexus, lun: u64) {
+        let Some(lu) = decode_lun(lun).and_then(|l| self.luns.get(&l)) else {
+            return;
+        };
+        let had_tasks = lu.tasks.nexuses();
+        lu.epoch.fetch_add(1, Ordering::AcqRel);
+        for n in had_tasks.iter().filter(|n| *n != by) {
+            lu.queue_ua(n, SenseReason::UaCommandsClearedByAnotherInitiator);
+        }
     }
 
     /// Admits and runs one command (for callers that issue one command at a time).
@@ -1014,6 +1061,9 @@ pub struct Admitted {
     cmd: ScsiCommand,
     ticket: Option<Ticket>,
     full: bool,
+    lu: Option<Arc<LogicalUnit>>,
+    /// The LU's reset epoch at admission: a later reset or CLEAR TASK SET aborts the task.
+    epoch: u64,
 }
 
 /// Why a command did not end GOOD, before sense encoding.

@@ -88,6 +88,8 @@ pub enum SenseReason {
     UaRegistrationsPreempted,
     /// Unit attention: another nexus changed mode parameters.
     UaModeParametersChanged,
+    /// Unit attention: commands cleared by another initiator (CLEAR TASK SET).
+    UaCommandsClearedByAnotherInitiator,
     /// Unit attention: a logical unit or target reset happened.
     UaBusDeviceReset,
     /// The transport delivered less data than the CDB asks for (iSCSI EDTL < SPDTL).
@@ -118,6 +120,7 @@ impl SenseReason {
             Self::UaReservationsReleased => (SenseKey::UnitAttention, 0x2a, 0x04),
             Self::UaRegistrationsPreempted => (SenseKey::UnitAttention, 0x2a, 0x05),
             Self::UaBusDeviceReset => (SenseKey::UnitAttention, 0x29, 0x03),
+            Self::UaCommandsClearedByAnotherInitiator => (SenseKey::UnitAttention, 0x2f, 0x00),
             Self::UaModeParametersChanged => (SenseKey::UnitAttention, 0x2a, 0x01),
         }
     }
@@ -194,6 +197,9 @@ pub enum CommandStatus {
     Busy,
     /// TASK SET FULL.
     TaskSetFull,
+    /// TASK ABORTED: ended by another I_T nexus's task management (LOGICAL UNIT RESET, CLEAR
+    /// TASK SET). With TAS=0 (our control page) the fabric sends no response at all.
+    TaskAborted,
 }
 
 impl CommandStatus {
@@ -205,6 +211,7 @@ impl CommandStatus {
             Self::Busy => 0x08,
             Self::ReservationConflict => 0x18,
             Self::TaskSetFull => 0x28,
+            Self::TaskAborted => 0x40,
         }
     }
 }

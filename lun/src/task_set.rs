@@ -13,8 +13,9 @@
 //! - A ticket leaves the set when dropped, whether its command finished or was abandoned
 //!   (closed connection), so an ORDERED task never waits for a task that will not finish.
 
-use crate::command::TaskAttr;
+use crate::command::{ItNexus, TaskAttr};
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -24,7 +25,7 @@ pub const TASK_SET_MAX: usize = 1024;
 #[derive(Debug, Default)]
 struct State {
     next_seq: u64,
-    active: BTreeMap<u64, TaskAttr>,
+    active: BTreeMap<u64, (TaskAttr, ItNexus)>,
 }
 
 /// One logical unit's task set.
@@ -43,14 +44,14 @@ pub struct Ticket {
 
 impl TaskSet {
     /// Admits a task, or `None` when the set is full.
-    pub fn admit(self: &Arc<Self>, attr: TaskAttr) -> Option<Ticket> {
+    pub fn admit(self: &Arc<Self>, attr: TaskAttr, nexus: &ItNexus) -> Option<Ticket> {
         let mut s = self.state.lock().expect("task set lock");
         if s.active.len() >= TASK_SET_MAX {
             return None;
         }
         let seq = s.next_seq;
         s.next_seq += 1;
-        s.active.insert(seq, attr);
+        s.active.insert(seq, (attr, nexus.clone()));
         Some(Ticket {
             set: Arc::clone(self),
             seq,
@@ -58,8 +59,8 @@ impl TaskSet {
     }
 
     fn may_start(s: &State, seq: u64) -> bool {
-        let attr = s.active[&seq];
-        let mut older = s.active.range(..seq).map(|(_, a)| *a);
+        let attr = s.active[&seq].0;
+        let mut older = s.active.range(..seq).map(|(_, (a, _))| *a);
         match attr {
             TaskAttr::HeadOfQueue => true,
             TaskAttr::Ordered => older.next().is_none(),
@@ -67,6 +68,17 @@ impl TaskSet {
                 older.all(|a| a != TaskAttr::Ordered)
             }
         }
+    }
+
+    /// The nexuses with tasks in the set.
+    pub fn nexuses(&self) -> BTreeSet<ItNexus> {
+        self.state
+            .lock()
+            .expect("task set lock")
+            .active
+            .values()
+            .map(|(_, n)| n.clone())
+            .collect()
     }
 
     /// Tasks in the set.
@@ -115,14 +127,22 @@ impl Drop for Ticket {
 mod tests {
     use super::*;
 
+    fn nx() -> ItNexus {
+        ItNexus {
+            initiator_name: "iqn.t:a".into(),
+            isid: 1,
+            relative_port: 1,
+        }
+    }
+
     #[test]
     fn ordering_by_attribute() {
         let set = Arc::new(TaskSet::default());
-        let s1 = set.admit(TaskAttr::Simple).unwrap();
-        let s2 = set.admit(TaskAttr::Simple).unwrap();
-        let o3 = set.admit(TaskAttr::Ordered).unwrap();
-        let s4 = set.admit(TaskAttr::Simple).unwrap();
-        let h5 = set.admit(TaskAttr::HeadOfQueue).unwrap();
+        let s1 = set.admit(TaskAttr::Simple, &nx()).unwrap();
+        let s2 = set.admit(TaskAttr::Simple, &nx()).unwrap();
+        let o3 = set.admit(TaskAttr::Ordered, &nx()).unwrap();
+        let s4 = set.admit(TaskAttr::Simple, &nx()).unwrap();
+        let h5 = set.admit(TaskAttr::HeadOfQueue, &nx()).unwrap();
         assert!(s1.may_start() && s2.may_start());
         assert!(!o3.may_start(), "ORDERED waits for older tasks");
         assert!(!s4.may_start(), "SIMPLE waits for an older ORDERED");
@@ -142,18 +162,18 @@ mod tests {
     fn full_set_refuses() {
         let set = Arc::new(TaskSet::default());
         let tickets: Vec<Ticket> = (0..TASK_SET_MAX)
-            .map(|_| set.admit(TaskAttr::Simple).unwrap())
+            .map(|_| set.admit(TaskAttr::Simple, &nx()).unwrap())
             .collect();
-        assert!(set.admit(TaskAttr::Simple).is_none());
+        assert!(set.admit(TaskAttr::Simple, &nx()).is_none());
         drop(tickets);
-        assert!(set.admit(TaskAttr::Simple).is_some());
+        assert!(set.admit(TaskAttr::Simple, &nx()).is_some());
     }
 
     #[tokio::test]
     async fn waiters_wake_when_older_tasks_leave() {
         let set = Arc::new(TaskSet::default());
-        let s1 = set.admit(TaskAttr::Simple).unwrap();
-        let o2 = set.admit(TaskAttr::Ordered).unwrap();
+        let s1 = set.admit(TaskAttr::Simple, &nx()).unwrap();
+        let o2 = set.admit(TaskAttr::Ordered, &nx()).unwrap();
         let mut wait = std::pin::pin!(o2.wait_turn());
         assert!(futures_poll(wait.as_mut()).is_pending());
         drop(s1);

@@ -726,3 +726,45 @@ async fn ordered_task_waits_for_older_tasks_and_head_of_queue_does_not() {
         "the ORDERED read sees the older write"
     );
 }
+
+#[tokio::test]
+async fn reset_and_clear_task_set_abort_other_nexuses_tasks_with_a_unit_attention() {
+    let f = fixture();
+    let cmd = |n: u64| ScsiCommand {
+        nexus: nexus_of(n),
+        lun: encode_lun(0),
+        cdb: rw10(op::READ_10, 0, 1).to_vec(),
+        attr: TaskAttr::Simple,
+        data_out: vec![],
+        data_in_len: 512,
+    };
+    // Both nexuses are known to the LU.
+    run_as(&f, 1, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![]).await;
+    run_as(&f, 2, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![]).await;
+    let pending = f.ds.admit(cmd(2));
+    f.ds.reset(&nexus_of(1), Some(encode_lun(0)));
+    assert_eq!(f.ds.run(pending).await.status, CommandStatus::TaskAborted);
+    let ua = run_as(&f, 2, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![]).await;
+    assert_eq!(
+        ua.status,
+        CommandStatus::CheckCondition(SenseReason::UaBusDeviceReset)
+    );
+    // The nexus that reset gets no unit attention.
+    assert_eq!(
+        run_as(&f, 1, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![])
+            .await
+            .status,
+        expect::GOOD
+    );
+    // CLEAR TASK SET: only nexuses that had tasks hear about it.
+    let pending = f.ds.admit(cmd(2));
+    f.ds.clear_task_set(&nexus_of(1), encode_lun(0));
+    assert_eq!(f.ds.run(pending).await.status, CommandStatus::TaskAborted);
+    let ua = run_as(&f, 2, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![]).await;
+    assert_eq!(
+        ua.status,
+        CommandStatus::CheckCondition(SenseReason::UaCommandsClearedByAnotherInitiator)
+    );
+    // Tasks admitted after the reset run normally.
+    assert_eq!(f.ds.execute(cmd(2)).await.status, expect::GOOD);
+}

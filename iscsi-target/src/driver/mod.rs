@@ -184,6 +184,11 @@ impl Server {
                         }
                         session_key = Some(key);
                     }
+                    Event::ClearTaskSet { nexus, lun } => {
+                        if let Some(dev) = conn.device() {
+                            dev.clear_task_set(&nexus, lun);
+                        }
+                    }
                     Event::Reset { nexus, lun } => {
                         if let Some(dev) = conn.device() {
                             dev.reset(&nexus, lun);

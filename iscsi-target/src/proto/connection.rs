@@ -53,6 +53,14 @@ pub enum Event {
         /// Our TSIH.
         tsih: u16,
     },
+    /// CLEAR TASK SET from this session: the device server ends every task of the LU, on all
+    /// nexuses.
+    ClearTaskSet {
+        /// The nexus that asked.
+        nexus: ItNexus,
+        /// The LUN field.
+        lun: u64,
+    },
     /// LOGICAL UNIT RESET (`lun` set) or a target reset (`lun` None) from this session: the
     /// device server releases SPC-2 reservations and raises unit attentions for other nexuses.
     Reset {
@@ -1282,7 +1290,10 @@ impl Connection {
         let Some(task) = self.tasks.remove(&itt) else {
             return;
         };
-        if !task.aborted && self.phase == Phase::FullFeature {
+        // TASK ABORTED means another nexus's task management ended it; with TAS=0 the
+        // initiator gets no response (it learns from the unit attention).
+        let aborted_elsewhere = outcome.status == lun::CommandStatus::TaskAborted;
+        if !task.aborted && !aborted_elsewhere && self.phase == Phase::FullFeature {
             self.respond(itt, &task, outcome);
         }
         self.task_gone(itt);
@@ -1462,6 +1473,12 @@ impl Connection {
             tasks = victims.len(),
             "task management"
         );
+        if t.function == 4 {
+            if let Some(nexus) = self.nexus() {
+                self.events
+                    .push_back(Event::ClearTaskSet { nexus, lun: t.lun });
+            }
+        }
         if matches!(t.function, 5..=7) {
             if let Some(nexus) = self.nexus() {
                 let lun = (t.function == 5).then_some(t.lun);
