@@ -16,7 +16,8 @@
 //!   completes, and loaded at start; a store that fails its version or checksum check stops the
 //!   start instead of silently dropping reservations.
 //!
-//! Not here: SPEC_I_PT and REGISTER AND MOVE (reported unsupported).
+//! - SPEC_I_PT and REGISTER AND MOVE take iSCSI port TransportIDs (name,i,0xISID); the
+//!   device-format TransportID (name only) names no single I_T nexus and is refused.
 
 use crate::command::ItNexus;
 use crate::sense::SenseReason;
@@ -130,6 +131,36 @@ pub enum PrOut {
     Clear {
         /// RESERVATION KEY.
         key: u64,
+    },
+    /// REGISTER with SPEC_I_PT: register the issuing nexus and the listed initiator ports.
+    RegisterSpecified {
+        /// RESERVATION KEY (must be 0: the issuer is not registered yet).
+        key: u64,
+        /// SERVICE ACTION RESERVATION KEY for all of them.
+        sa_key: u64,
+        /// ALL_TG_PT.
+        all_tg_pt: bool,
+        /// APTPL.
+        aptpl: bool,
+        /// (initiator name, ISID) of each listed port; the target port is the issuer's.
+        targets: Vec<(String, u64)>,
+    },
+    /// REGISTER AND MOVE: register another I_T nexus and move the reservation to it.
+    RegisterAndMove {
+        /// RESERVATION KEY.
+        key: u64,
+        /// SERVICE ACTION RESERVATION KEY for the destination.
+        sa_key: u64,
+        /// Unregister the issuer afterwards.
+        unreg: bool,
+        /// APTPL.
+        aptpl: bool,
+        /// Destination relative target port.
+        relative_port: u16,
+        /// Destination initiator name.
+        dest_name: String,
+        /// Destination ISID.
+        dest_isid: u64,
     },
     /// PREEMPT / PREEMPT AND ABORT.
     Preempt {
@@ -303,6 +334,114 @@ impl PrState {
                 self.generation = self.generation.wrapping_add(1);
                 self.aptpl = aptpl;
             }
+            PrOut::RegisterSpecified {
+                key,
+                sa_key,
+                all_tg_pt,
+                aptpl,
+                targets,
+            } => {
+                if current.is_some() {
+                    // SPC-4 §5.12.7: SPEC_I_PT from a registered nexus is refused.
+                    return Err(PrError::Sense(SenseReason::InvalidFieldInParameterList {
+                        byte: 20,
+                        bit: Some(3),
+                    }));
+                }
+                if key != 0 {
+                    return Err(PrError::Conflict);
+                }
+                if sa_key == 0 {
+                    return Err(PrError::Sense(SenseReason::InvalidFieldInParameterList {
+                        byte: 8,
+                        bit: None,
+                    }));
+                }
+                let mut all = vec![nexus.clone()];
+                for (name, isid) in targets {
+                    let n = ItNexus {
+                        initiator_name: name,
+                        isid,
+                        relative_port: nexus.relative_port,
+                    };
+                    if self.registrations.contains_key(&n) || all.contains(&n) {
+                        // All or nothing: a listed port that is already registered fails it all.
+                        return Err(PrError::Sense(SenseReason::InvalidFieldInParameterList {
+                            byte: 24,
+                            bit: None,
+                        }));
+                    }
+                    all.push(n);
+                }
+                for n in all {
+                    self.registrations.insert(
+                        n,
+                        Registration {
+                            key: sa_key,
+                            all_tg_pt,
+                        },
+                    );
+                }
+                self.generation = self.generation.wrapping_add(1);
+                self.aptpl = aptpl;
+            }
+            PrOut::RegisterAndMove {
+                key,
+                sa_key,
+                unreg,
+                aptpl,
+                relative_port,
+                dest_name,
+                dest_isid,
+            } => {
+                if current != Some(key) {
+                    return Err(PrError::Conflict);
+                }
+                let Some(r) = &self.reservation else {
+                    return Err(PrError::Conflict);
+                };
+                if r.ty.all_registrants() {
+                    return Err(PrError::Sense(SenseReason::InvalidFieldInCdb {
+                        byte: 2,
+                        bit: Some(3),
+                    }));
+                }
+                if !self.is_holder(nexus) {
+                    return Err(PrError::Conflict);
+                }
+                if sa_key == 0 {
+                    return Err(PrError::Sense(SenseReason::InvalidFieldInParameterList {
+                        byte: 8,
+                        bit: None,
+                    }));
+                }
+                let dest = ItNexus {
+                    initiator_name: dest_name,
+                    isid: dest_isid,
+                    relative_port,
+                };
+                if &dest == nexus || relative_port == 0 {
+                    return Err(PrError::Sense(SenseReason::InvalidFieldInParameterList {
+                        byte: 18,
+                        bit: None,
+                    }));
+                }
+                let ty = r.ty;
+                self.registrations.insert(
+                    dest.clone(),
+                    Registration {
+                        key: sa_key,
+                        all_tg_pt: false,
+                    },
+                );
+                self.reservation = Some(Reservation { holder: dest, ty });
+                if unreg {
+                    // The reservation has moved, so unregistering the source releases nothing.
+                    self.registrations.remove(nexus);
+                }
+                self.generation = self.generation.wrapping_add(1);
+                self.aptpl = aptpl;
+            }
             PrOut::Reserve { key, ty } => {
                 if current != Some(key) {
                     return Err(PrError::Conflict);
@@ -461,7 +600,7 @@ impl PrState {
     pub fn report_capabilities(aptpl: bool) -> Vec<u8> {
         let mut d = vec![0u8; 8];
         d[1] = 8;
-        d[2] = 0x10 | 0x04 | 0x01; // CRH, ATP_C, PTPL_C
+        d[2] = 0x10 | 0x08 | 0x04 | 0x01; // CRH, SIP_C, ATP_C, PTPL_C
         d[3] = 0x80 | u8::from(aptpl); // TMV (the type mask is valid), PTPL_A
         d[4] = 0x80 | 0x40 | 0x20 | 0x08 | 0x02; // WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX
         d[5] = 0x01; // EX_AC_AR
@@ -507,40 +646,117 @@ pub fn transport_id(n: &ItNexus) -> Vec<u8> {
     d
 }
 
-/// Decodes a PR OUT parameter list (SPC-4 §6.15.3) for `service_action` and `type_code`.
+/// Parses one iSCSI TransportID (SPC-4 §7.6.4.6) at the start of `d`: the initiator name and,
+/// for the port format (01b), the ISID. Returns them and the TransportID's length.
 ///
 /// # Errors
-/// The sense reason for a short list, an unsupported service action or type, or options not
-/// offered (SPEC_I_PT).
+/// `None` for another protocol, a bad length, or a name that is not UTF-8.
+pub fn parse_transport_id(d: &[u8]) -> Option<(String, Option<u64>, usize)> {
+    if d.len() < 4 || d[0] & 0x0f != 5 {
+        return None;
+    }
+    let format = d[0] >> 6;
+    let len = usize::from(u16::from_be_bytes([d[2], d[3]]));
+    if len < 4 || len % 4 != 0 || d.len() < 4 + len {
+        return None;
+    }
+    let body = &d[4..4 + len];
+    let text = std::str::from_utf8(&body[..body.iter().position(|&b| b == 0)?]).ok()?;
+    match format {
+        0 => Some((text.to_owned(), None, 4 + len)),
+        1 => {
+            let (name, isid) = text
+                .split_once(",i,0x")
+                .or_else(|| text.split_once(",I,0X"))?;
+            let isid = u64::from_str_radix(isid, 16)
+                .ok()
+                .filter(|v| *v < 1 << 48)?;
+            Some((name.to_owned(), Some(isid), 4 + len))
+        }
+        _ => None,
+    }
+}
+
+/// Decodes a PR OUT parameter list (SPC-4 §6.15.3, §6.15.4) for `service_action` and
+/// `type_code`.
+///
+/// # Errors
+/// The sense reason for a short list, an unsupported service action or type, or a malformed
+/// TransportID.
 pub fn decode_out(
     service_action: u8,
     type_code: u8,
     param_len: u32,
     data: &[u8],
 ) -> Result<PrOut, SenseReason> {
+    let data = &data[..data.len().min(param_len as usize)];
+    if param_len < 24 || data.len() < 24 {
+        return Err(SenseReason::ParameterListLengthError);
+    }
+    let key = u64::from_be_bytes(data[0..8].try_into().expect("8 bytes"));
+    let sa_key = u64::from_be_bytes(data[8..16].try_into().expect("8 bytes"));
+    let bad = |byte: u16| SenseReason::InvalidFieldInParameterList { byte, bit: None };
     if service_action == 7 {
-        // REGISTER AND MOVE: not offered.
-        return Err(SenseReason::InvalidFieldInCdb {
-            byte: 1,
-            bit: Some(4),
+        // REGISTER AND MOVE: its own layout.
+        let unreg = data[17] & 0x02 != 0;
+        let aptpl = data[17] & 0x01 != 0;
+        let relative_port = u16::from_be_bytes([data[18], data[19]]);
+        let tid_len = u32::from_be_bytes(data[20..24].try_into().expect("4 bytes")) as usize;
+        if param_len as usize != 24 + tid_len || data.len() < 24 + tid_len {
+            return Err(SenseReason::ParameterListLengthError);
+        }
+        let (name, isid, _) = parse_transport_id(&data[24..24 + tid_len]).ok_or(bad(24))?;
+        let isid = isid.ok_or(bad(24))?; // the destination must be one I_T nexus
+        let ty = PrType::from_code(type_code); // TYPE is ignored by REGISTER AND MOVE
+        let _ = ty;
+        return Ok(PrOut::RegisterAndMove {
+            key,
+            sa_key,
+            unreg,
+            aptpl,
+            relative_port,
+            dest_name: name,
+            dest_isid: isid,
+        });
+    }
+    let flags = data[20];
+    let all_tg_pt = flags & 0x04 != 0;
+    let aptpl = flags & 0x01 != 0;
+    if flags & 0x08 != 0 {
+        // SPEC_I_PT: REGISTER only, with a TransportID list after the 28-byte header.
+        if service_action != 0 {
+            return Err(SenseReason::InvalidFieldInParameterList {
+                byte: 20,
+                bit: Some(3),
+            });
+        }
+        if data.len() < 28 {
+            return Err(SenseReason::ParameterListLengthError);
+        }
+        let tid_len = u32::from_be_bytes(data[24..28].try_into().expect("4 bytes")) as usize;
+        if param_len as usize != 28 + tid_len || data.len() < 28 + tid_len {
+            return Err(SenseReason::ParameterListLengthError);
+        }
+        let mut targets = Vec::new();
+        let mut pos = 28;
+        while pos < 28 + tid_len {
+            let (name, isid, used) =
+                parse_transport_id(&data[pos..28 + tid_len]).ok_or(bad(pos as u16))?;
+            // Only port TransportIDs (with an ISID) name an I_T nexus here.
+            targets.push((name, isid.ok_or(bad(pos as u16))?));
+            pos += used;
+        }
+        return Ok(PrOut::RegisterSpecified {
+            key,
+            sa_key,
+            all_tg_pt,
+            aptpl,
+            targets,
         });
     }
     if param_len != 24 {
         return Err(SenseReason::ParameterListLengthError);
     }
-    if data.len() < 24 {
-        return Err(SenseReason::ParameterListLengthError);
-    }
-    let key = u64::from_be_bytes(data[0..8].try_into().expect("8 bytes"));
-    let sa_key = u64::from_be_bytes(data[8..16].try_into().expect("8 bytes"));
-    let flags = data[20];
-    if flags & 0x08 != 0 {
-        return Err(SenseReason::InvalidFieldInParameterList {
-            byte: 20,
-            bit: Some(3),
-        }); // SPEC_I_PT
-    }
-    let all_tg_pt = flags & 0x04 != 0;
     let ty = || {
         PrType::from_code(type_code).ok_or(SenseReason::InvalidFieldInCdb {
             byte: 2,
@@ -553,7 +769,7 @@ pub fn decode_out(
             sa_key,
             ignore: service_action == 6,
             all_tg_pt,
-            aptpl: flags & 0x01 != 0,
+            aptpl,
         },
         1 => PrOut::Reserve { key, ty: ty()? },
         2 => PrOut::Release { key, ty: ty()? },
@@ -819,6 +1035,85 @@ mod tests {
         );
     }
 
+    fn tid(name: &str, isid: Option<u64>) -> Vec<u8> {
+        let mut body = match isid {
+            Some(i) => format!("{name},i,0x{i:012x}").into_bytes(),
+            None => name.as_bytes().to_vec(),
+        };
+        body.push(0);
+        while body.len() % 4 != 0 {
+            body.push(0);
+        }
+        let mut d = vec![if isid.is_some() { 0x45 } else { 0x05 }, 0];
+        d.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        d.extend_from_slice(&body);
+        d
+    }
+
+    #[test]
+    fn transport_ids_and_spec_i_pt() {
+        let t = tid("iqn.x:h1", Some(0x1234));
+        assert_eq!(
+            parse_transport_id(&t),
+            Some(("iqn.x:h1".into(), Some(0x1234), t.len()))
+        );
+        assert_eq!(transport_id(&n(7))[0], 0x45);
+        assert!(parse_transport_id(&t[..5]).is_none());
+        let mut list = vec![0u8; 28];
+        list[8..16].copy_from_slice(&0x77u64.to_be_bytes());
+        list[20] = 0x08;
+        let a = tid("iqn.x:2", Some(2));
+        let b = tid("iqn.x:3", Some(3));
+        list[24..28].copy_from_slice(&((a.len() + b.len()) as u32).to_be_bytes());
+        list.extend_from_slice(&a);
+        list.extend_from_slice(&b);
+        let op = decode_out(0, 0, list.len() as u32, &list).unwrap();
+        let mut s = PrState::default();
+        s.apply(&n(1), op.clone()).unwrap();
+        assert_eq!(s.registrations.len(), 3);
+        assert_eq!(s.generation, 1);
+        // Again from another unregistered nexus: the listed ports are registered already.
+        assert!(matches!(
+            s.apply(&n(9), op),
+            Err(PrError::Sense(
+                SenseReason::InvalidFieldInParameterList { .. }
+            ))
+        ));
+        // A name-only TransportID names no I_T nexus.
+        let mut list2 = list[..28].to_vec();
+        let c = tid("iqn.x:4", None);
+        list2[24..28].copy_from_slice(&(c.len() as u32).to_be_bytes());
+        list2.extend_from_slice(&c);
+        assert!(decode_out(0, 0, list2.len() as u32, &list2).is_err());
+    }
+
+    #[test]
+    fn register_and_move_moves_the_reservation() {
+        let mut s = PrState::default();
+        reg(&mut s, 1, 0xa);
+        s.apply(
+            &n(1),
+            PrOut::Reserve {
+                key: 0xa,
+                ty: PrType::ExclusiveAccess,
+            },
+        )
+        .unwrap();
+        let t = tid(&n(2).initiator_name, Some(n(2).isid));
+        let mut list = vec![0u8; 24];
+        list[..8].copy_from_slice(&0xau64.to_be_bytes());
+        list[8..16].copy_from_slice(&0xbu64.to_be_bytes());
+        list[17] = 0x02; // UNREG
+        list[18..20].copy_from_slice(&1u16.to_be_bytes());
+        list[20..24].copy_from_slice(&(t.len() as u32).to_be_bytes());
+        list.extend_from_slice(&t);
+        let op = decode_out(7, 0, list.len() as u32, &list).unwrap();
+        s.apply(&n(1), op).unwrap();
+        assert_eq!(s.reservation.as_ref().unwrap().holder, n(2));
+        assert_eq!(s.registrations[&n(2)].key, 0xb);
+        assert!(!s.registrations.contains_key(&n(1)), "UNREG");
+    }
+
     #[test]
     fn decode_rejects_bad_lists() {
         assert_eq!(
@@ -826,10 +1121,10 @@ mod tests {
             Err(SenseReason::ParameterListLengthError)
         );
         let mut p = [0u8; 24];
-        p[20] = 0x08; // SPEC_I_PT
+        p[20] = 0x08; // SPEC_I_PT without its TransportID list header
         assert!(matches!(
             decode_out(0, 0, 24, &p),
-            Err(SenseReason::InvalidFieldInParameterList { .. })
+            Err(SenseReason::ParameterListLengthError)
         ));
         p[20] = 0x01; // APTPL is accepted
         assert!(matches!(

@@ -69,13 +69,61 @@ impl Model {
     }
     fn apply(&mut self, n: u8, op: &PrOut) -> Outcome {
         let mine = self.key_of(n);
-        match *op {
+        match op {
+            PrOut::RegisterSpecified { .. } => unreachable!("not generated"),
+            PrOut::RegisterAndMove {
+                key,
+                sa_key,
+                unreg,
+                dest_isid,
+                ..
+            } => {
+                let (key, sa_key, unreg, dest) = (*key, *sa_key, *unreg, *dest_isid as u8);
+                if mine != Some(key) {
+                    return Outcome::Conflict;
+                }
+                let Some((_, t)) = self.res else {
+                    return Outcome::Conflict;
+                };
+                if all_registrants(t) {
+                    return Outcome::Check(SenseReason::InvalidFieldInCdb {
+                        byte: 2,
+                        bit: Some(3),
+                    });
+                }
+                if !self.holds(n) {
+                    return Outcome::Conflict;
+                }
+                if sa_key == 0 {
+                    return Outcome::Check(SenseReason::InvalidFieldInParameterList {
+                        byte: 8,
+                        bit: None,
+                    });
+                }
+                if dest == n {
+                    return Outcome::Check(SenseReason::InvalidFieldInParameterList {
+                        byte: 18,
+                        bit: None,
+                    });
+                }
+                match self.regs.iter_mut().find(|(m, _)| *m == dest) {
+                    Some(r) => r.1 = sa_key,
+                    None => self.regs.push((dest, sa_key)),
+                }
+                self.res = Some((dest, t));
+                if unreg {
+                    self.regs.retain(|(m, _)| *m != n);
+                }
+                self.generation += 1;
+                Outcome::Good
+            }
             PrOut::Register {
                 key,
                 sa_key,
                 ignore,
                 ..
             } => {
+                let (key, sa_key, ignore) = (*key, *sa_key, *ignore);
                 match mine {
                     None if !ignore && key != 0 => return Outcome::Conflict,
                     None if sa_key == 0 => return Outcome::Good,
@@ -94,6 +142,7 @@ impl Model {
                 Outcome::Good
             }
             PrOut::Reserve { key, ty } => {
+                let (key, ty) = (*key, *ty);
                 if mine != Some(key) {
                     return Outcome::Conflict;
                 }
@@ -107,6 +156,7 @@ impl Model {
                 }
             }
             PrOut::Release { key, ty } => {
+                let (key, ty) = (*key, *ty);
                 if mine != Some(key) {
                     return Outcome::Conflict;
                 }
@@ -124,6 +174,7 @@ impl Model {
                 }
             }
             PrOut::Clear { key } => {
+                let key = *key;
                 if mine != Some(key) {
                     return Outcome::Conflict;
                 }
@@ -135,6 +186,7 @@ impl Model {
             PrOut::Preempt {
                 key, sa_key, ty, ..
             } => {
+                let (key, sa_key, ty) = (*key, *sa_key, *ty);
                 if mine != Some(key) {
                     return Outcome::Conflict;
                 }
@@ -189,6 +241,17 @@ fn op_strategy() -> impl Strategy<Value = (u8, PrOut)> {
             (key.clone(), ty.clone()).prop_map(|(key, ty)| PrOut::Reserve { key, ty }),
             (key.clone(), ty.clone()).prop_map(|(key, ty)| PrOut::Release { key, ty }),
             key.clone().prop_map(|key| PrOut::Clear { key }),
+            (key.clone(), key.clone(), any::<bool>(), 0u8..3).prop_map(
+                |(key, sa_key, unreg, d)| PrOut::RegisterAndMove {
+                    key,
+                    sa_key,
+                    unreg,
+                    aptpl: false,
+                    relative_port: 1,
+                    dest_name: format!("iqn.model:{d}"),
+                    dest_isid: u64::from(d),
+                }
+            ),
             (key.clone(), key, ty, any::<bool>()).prop_map(|(key, sa_key, ty, abort)| {
                 PrOut::Preempt {
                     key,
