@@ -92,6 +92,8 @@ pub struct LogicalUnit {
     nexuses: Mutex<BTreeSet<ItNexus>>,
     /// Admitted commands and their start order.
     tasks: Arc<TaskSet>,
+    /// Every nexus that addressed this LU since start (POWER ON unit attention once each).
+    ever_seen: Mutex<BTreeSet<ItNexus>>,
     /// Where persistent reservations are kept when APTPL is set.
     pr_store: Option<std::path::PathBuf>,
     /// Bumped by LOGICAL UNIT RESET, target resets and CLEAR TASK SET; tasks admitted
@@ -123,6 +125,7 @@ impl LogicalUnit {
             ua: Mutex::new(BTreeMap::new()),
             nexuses: Mutex::new(BTreeSet::new()),
             tasks: Arc::new(TaskSet::default()),
+            ever_seen: Mutex::new(BTreeSet::new()),
             pr_store: None,
             epoch: std::sync::atomic::AtomicU64::new(0),
         }
@@ -468,6 +471,16 @@ impl DeviceServer {
     ) -> Result<DataIn, Failure> {
         let nexus = &cmd.nexus;
         lu.nexuses.lock().expect("nexus lock").insert(nexus.clone());
+        // SAM-5 §6.2: after power on every I_T nexus starts with a POWER ON, RESET, OR BUS
+        // DEVICE RESET OCCURRED unit attention; a nexus met for the first time gets it now.
+        if lu
+            .ever_seen
+            .lock()
+            .expect("seen lock")
+            .insert(nexus.clone())
+        {
+            lu.queue_ua(nexus, SenseReason::UaPowerOnReset);
+        }
         // SPC-4 §5.14: INQUIRY and REPORT LUNS neither report nor clear a unit attention;
         // REQUEST SENSE reports it as its data and clears it.
         match c {

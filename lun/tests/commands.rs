@@ -44,6 +44,22 @@ fn fixture() -> Fixture {
         },
         BTreeMap::from([(0, lu)]),
     );
+    // Like an initiator after login: TEST UNIT READY takes the POWER ON unit attention.
+    for n in [nexus(), nexus_of(1), nexus_of(2), nexus_of(3)] {
+        let tur = ScsiCommand {
+            nexus: n,
+            lun: encode_lun(0),
+            cdb: vec![0; 6],
+            attr: TaskAttr::Simple,
+            data_out: vec![],
+            data_in_len: 0,
+        };
+        let r = futures::executor::block_on(ds.execute(tur));
+        assert_eq!(
+            r.status,
+            CommandStatus::CheckCondition(SenseReason::UaPowerOnReset)
+        );
+    }
     Fixture { _dir: dir, ds }
 }
 
@@ -767,4 +783,30 @@ async fn reset_and_clear_task_set_abort_other_nexuses_tasks_with_a_unit_attentio
     );
     // Tasks admitted after the reset run normally.
     assert_eq!(f.ds.execute(cmd(2)).await.status, expect::GOOD);
+}
+
+#[tokio::test]
+async fn a_new_nexus_sees_power_on_once_and_inquiry_does_not_clear_it() {
+    let f = fixture();
+    let n = 9;
+    assert_eq!(
+        run_as(&f, n, &[op::INQUIRY, 0, 0, 0, 36, 0], vec![])
+            .await
+            .status,
+        expect::GOOD
+    );
+    let r = run_as(&f, n, &[op::REQUEST_SENSE, 0, 0, 0, 18, 0], vec![]).await;
+    assert_eq!(r.status, expect::GOOD);
+    assert_eq!(
+        (bytes(&r)[2] & 0x0f, bytes(&r)[12]),
+        (0x06, 0x29),
+        "REQUEST SENSE reports the UA"
+    );
+    assert_eq!(
+        run_as(&f, n, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![])
+            .await
+            .status,
+        expect::GOOD,
+        "and clears it"
+    );
 }

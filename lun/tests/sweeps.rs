@@ -38,7 +38,25 @@ fn fixture() -> Fixture {
         },
         BTreeMap::from([(0, lu)]),
     );
+    // Take the POWER ON unit attention first, as an initiator does after login.
+    let tur = ScsiCommand {
+        nexus: sweep_nexus(),
+        lun: encode_lun(0),
+        cdb: vec![0; 6],
+        attr: TaskAttr::Simple,
+        data_out: vec![],
+        data_in_len: 0,
+    };
+    futures::executor::block_on(ds.execute(tur));
     Fixture { _dir: dir, ds }
+}
+
+fn sweep_nexus() -> ItNexus {
+    ItNexus {
+        initiator_name: "iqn.sweep:a".into(),
+        isid: 1,
+        relative_port: 1,
+    }
 }
 
 #[derive(Clone, Copy)]

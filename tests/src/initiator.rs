@@ -131,6 +131,15 @@ impl Initiator {
             login_keys: Vec::new(),
         };
         me.do_login(opts).await?;
+        if opts.target_name.is_some() {
+            // As initiators do after login: TEST UNIT READY until the POWER ON (and any other)
+            // unit attention has been taken.
+            for _ in 0..4 {
+                if me.command(0, &[0; 6], &[], 0).await?.status == 0 {
+                    break;
+                }
+            }
+        }
         Ok(me)
     }
 
