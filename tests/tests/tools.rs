@@ -66,6 +66,32 @@ fn chap_right_secret_logs_in_wrong_secret_is_refused() {
         &[&app.url(0, Some(("host1", "host1-secret-0123")))],
     );
     assert!(ok, "right secret refused:\n{out}\n{}", app.log());
+    // The same listing and identity as without CHAP.
+    let (ok, out) = run_tool(
+        "iscsi-ls",
+        &[
+            "-s",
+            &format!("iscsi://host1%host1-secret-0123@{}", app.addr),
+        ],
+    );
+    assert!(
+        ok && out.contains("Lun:0    Type:DIRECT_ACCESS (Size:127M)"),
+        "iscsi-ls with CHAP:\n{out}"
+    );
+    let (ok, out) = run_tool(
+        "iscsi-inq",
+        &[
+            "-e",
+            "1",
+            "-c",
+            "131",
+            &app.url(0, Some(("host1", "host1-secret-0123"))),
+        ],
+    );
+    assert!(
+        ok && out.contains("Designator Type:(3) NAA"),
+        "VPD 0x83 with CHAP:\n{out}"
+    );
     let (ok, out) = run_tool(
         "iscsi-inq",
         &[&app.url(0, Some(("host1", "wrong-secret-000")))],
