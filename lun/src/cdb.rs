@@ -453,19 +453,7 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
             ))
         }
         op::WRITE_AND_VERIFY_10 | op::WRITE_AND_VERIFY_12 | op::WRITE_AND_VERIFY_16 => {
-            check_rw_flags(cdb[1])?;
-            // SBC-3 BYTCHK is bit 1; SBC-4 widened it to bits 2-1 (10b reserved, 11b is
-            // "one block repeated", not offered).
-            let bytchk = match (cdb[1] >> 1) & 3 {
-                0 => false,
-                1 => true,
-                _ => return invalid(1, Some(2)),
-            };
-            let (lba, blocks) = match opcode {
-                op::WRITE_AND_VERIFY_10 => (u64::from(be32(&cdb[2..])), be16(&cdb[7..])),
-                op::WRITE_AND_VERIFY_12 => (u64::from(be32(&cdb[2..])), be32(&cdb[6..])),
-                _ => (be64(&cdb[2..]), be32(&cdb[10..])),
-            };
+            let (lba, blocks, bytchk) = verify_fields(cdb)?;
             Ok(Cdb::WriteAndVerify {
                 lba,
                 blocks,
@@ -582,17 +570,7 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
             Ok(Cdb::FormatUnit)
         }
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => {
-            check_rw_flags(cdb[1])?;
-            let bytchk = match (cdb[1] >> 1) & 3 {
-                0 => false,
-                1 => true,
-                _ => return invalid(1, Some(2)),
-            };
-            let (lba, blocks) = match opcode {
-                op::VERIFY_10 => (u64::from(be32(&cdb[2..])), be16(&cdb[7..])),
-                op::VERIFY_12 => (u64::from(be32(&cdb[2..])), be32(&cdb[6..])),
-                _ => (be64(&cdb[2..]), be32(&cdb[10..])),
-            };
+            let (lba, blocks, bytchk) = verify_fields(cdb)?;
             Ok(Cdb::Verify {
                 lba,
                 blocks,
@@ -657,6 +635,29 @@ pub fn decode(cdb: &[u8]) -> Result<Cdb, SenseReason> {
         }
         _ => Err(SenseReason::InvalidOpcode),
     }
+}
+
+/// LBA, length and BYTCHK of VERIFY and WRITE AND VERIFY (10/12/16 by the CDB's length group).
+/// SBC-3 BYTCHK is bit 1; SBC-4 widened it to bits 2-1 (10b reserved, 11b "one block
+/// repeated", not offered).
+fn verify_fields(cdb: &[u8]) -> Result<(u64, u32, bool), SenseReason> {
+    check_rw_flags(cdb[1])?;
+    let bytchk = match (cdb[1] >> 1) & 3 {
+        0 => false,
+        1 => true,
+        _ => {
+            return Err(SenseReason::InvalidFieldInCdb {
+                byte: 1,
+                bit: Some(2),
+            })
+        }
+    };
+    let (lba, blocks) = match cdb_length(cdb[0]) {
+        Some(10) => (u64::from(be32(&cdb[2..])), be16(&cdb[7..])),
+        Some(12) => (u64::from(be32(&cdb[2..])), be32(&cdb[6..])),
+        _ => (be64(&cdb[2..]), be32(&cdb[10..])),
+    };
+    Ok((lba, blocks, bytchk))
 }
 
 /// RDPROTECT/WRPROTECT (bits 7-5) must be zero: the LU has no protection information.

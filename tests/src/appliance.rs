@@ -80,29 +80,27 @@ impl Appliance {
         let cfg = format!(
             "data_dir = \".\"\nlog_level = \"info\"\n[iscsi]\nlisten = \"{addr}\"\n[target]\niqn = \"{IQN}\"\n{target_extra}\n[[volume]]\nname = \"vol0\"\nlun = 0\nsize = \"{size}\"\nblock_size = {block_size}\n"
         );
-        let cfg_path = dir.path().join("appliance.toml");
-        std::fs::write(&cfg_path, cfg).expect("write config");
-        let log = std::fs::File::create(dir.path().join("appliance.log")).expect("log file");
-        let child = Command::new(binary())
-            .arg("run")
-            .arg("--config")
-            .arg(&cfg_path)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn appliance");
-        let me = Self { child, addr, dir };
+        std::fs::write(dir.path().join("appliance.toml"), cfg).expect("write config");
+        std::fs::File::create(dir.path().join("appliance.log")).expect("log file");
+        let child = spawn(dir.path());
+        let mut me = Self { child, addr, dir };
+        me.wait_listening();
+        me
+    }
+
+    /// Waits until the portal accepts connections.
+    fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(addr).is_err() {
+        while TcpStream::connect(self.addr).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "appliance did not listen on {addr}; log:\n{}",
-                me.log()
+                "appliance did not listen on {}; log:\n{}",
+                self.addr,
+                self.log()
             );
+            assert!(self.is_running(), "appliance exited; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
-        me
     }
 
     /// iSCSI URL of LUN `lun`, optionally with CHAP credentials.
@@ -137,29 +135,8 @@ impl Appliance {
     pub fn restart(&mut self) {
         let status = self.terminate();
         assert!(status.success(), "clean stop before restart: {status:?}");
-        let cfg_path = self.dir.path().join("appliance.toml");
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self.dir.path().join("appliance.log"))
-            .expect("log");
-        self.child = Command::new(binary())
-            .arg("run")
-            .arg("--config")
-            .arg(&cfg_path)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn appliance");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(self.addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "appliance did not come back; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.child = spawn(self.dir.path());
+        self.wait_listening();
     }
 
     /// Whether the process is still running.
@@ -175,6 +152,23 @@ impl Drop for Appliance {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Starts `appliance run` on `dir`'s config, appending to its log.
+fn spawn(dir: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("appliance.log"))
+        .expect("log");
+    Command::new(binary())
+        .arg("run")
+        .arg("--config")
+        .arg(dir.join("appliance.toml"))
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn appliance")
 }
 
 /// Runs a command, returning (success, stdout + stderr).

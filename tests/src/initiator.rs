@@ -116,20 +116,7 @@ impl Initiator {
     /// # Errors
     /// See [`InitiatorError`].
     pub async fn login(addr: SocketAddr, opts: &LoginOptions) -> Result<Self, InitiatorError> {
-        let sock = TcpStream::connect(addr).await?;
-        sock.set_nodelay(true)?;
-        let mut me = Self {
-            sock,
-            rbuf: Vec::new(),
-            itt: 1,
-            cmd_sn: 1,
-            exp_stat_sn: 0,
-            digests: Digests::default(),
-            target_mrdsl: 8192,
-            first_burst: 65536,
-            tpgt_in_first_response: false,
-            login_keys: Vec::new(),
-        };
+        let mut me = Self::raw(addr).await?;
         me.do_login(opts).await?;
         if opts.target_name.is_some() {
             // As initiators do after login: TEST UNIT READY until the POWER ON (and any other)
@@ -143,9 +130,10 @@ impl Initiator {
         Ok(me)
     }
 
-    /// Wraps an established socket without logging in (for raw tests).
+    /// Connects without logging in (for raw tests, and the start of [`Self::login`]).
     pub async fn raw(addr: SocketAddr) -> Result<Self, InitiatorError> {
         let sock = TcpStream::connect(addr).await?;
+        sock.set_nodelay(true)?;
         Ok(Self {
             sock,
             rbuf: Vec::new(),
