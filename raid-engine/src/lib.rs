@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod range_lock;
 
 use disk_io::{round_up, Device, PooledBuf, IO_ALIGN_BYTES, IO_SIZE_MAX_BYTES};

@@ -1,0 +1,74 @@
+//! Erasure coding: encode and reconstruct (1 and m lost data shards) for both codecs at
+//! (2,1), (3,2), (4,2), (8,3) with 4 KiB and 64 KiB chunks. Throughput counts the row's data
+//! bytes (k x chunk).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use raid_engine::codec::{new_codec, CodecKind};
+use std::hint::black_box;
+use std::time::Duration;
+
+const GEOMETRIES: [(usize, usize); 4] = [(2, 1), (3, 2), (4, 2), (8, 3)];
+const CHUNKS: [usize; 2] = [4096, 65536];
+const KINDS: [CodecKind; 2] = [CodecKind::ReedSolomonSimd, CodecKind::GfMatrix];
+
+fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("codec");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    for &(k, m) in &GEOMETRIES {
+        for &chunk in &CHUNKS {
+            let data: Vec<Vec<u8>> = (0..k)
+                .map(|i| (0..chunk).map(|j| (i * 7 + j) as u8).collect())
+                .collect();
+            g.throughput(Throughput::Bytes((k * chunk) as u64));
+            for kind in KINDS {
+                let codec = new_codec(kind, k, m).unwrap();
+                let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+                let mut parity = vec![vec![0u8; chunk]; m];
+                let id = |op: &str| {
+                    BenchmarkId::new(
+                        format!("{}/{op}", kind.name()),
+                        format!("{k}+{m}/{}k", chunk / 1024),
+                    )
+                };
+                g.bench_function(id("encode"), |b| {
+                    b.iter(|| codec.encode(black_box(&refs), &mut parity).unwrap())
+                });
+                let full: Vec<Option<Vec<u8>>> = data
+                    .iter()
+                    .chain(parity.iter())
+                    .cloned()
+                    .map(Some)
+                    .collect();
+                for lost in [1, m.min(k)] {
+                    let name = if lost == 1 {
+                        "reconstruct_1"
+                    } else {
+                        "reconstruct_m"
+                    };
+                    if lost == 1 && name == "reconstruct_m" {
+                        continue;
+                    }
+                    g.bench_function(id(name), |b| {
+                        b.iter(|| {
+                            let mut shards = full.clone();
+                            for s in shards.iter_mut().take(lost) {
+                                *s = None;
+                            }
+                            codec.reconstruct(black_box(&mut shards)).unwrap();
+                            shards
+                        })
+                    });
+                    if m == 1 {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
