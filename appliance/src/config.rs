@@ -75,6 +75,7 @@ struct RawTarget {
     iqn: String,
     alias: Option<String>,
     chap: Option<RawChap>,
+    allowed_initiators: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +126,8 @@ pub struct Config {
     pub alias: Option<String>,
     /// CHAP for normal sessions.
     pub chap: Option<ChapConfig>,
+    /// Initiator name patterns allowed to discover and log in (`None`: everyone).
+    pub allowed_initiators: Option<Vec<String>>,
     /// CHAP for discovery sessions.
     pub discovery_chap: Option<ChapConfig>,
     /// Disk engine.
@@ -176,6 +179,20 @@ fn valid_name(n: &str) -> bool {
         && n.len() <= 223
         && n.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-:".contains(&b))
+}
+
+fn check_patterns(raw: Option<Vec<String>>) -> Result<Option<Vec<String>>, ConfigError> {
+    let Some(list) = raw else { return Ok(None) };
+    for (i, p) in list.iter().enumerate() {
+        let body = p.strip_suffix('*').unwrap_or(p);
+        if body.is_empty() || body.contains('*') || body.bytes().any(|b| b.is_ascii_whitespace()) {
+            return Err(invalid(
+                format!("target.allowed_initiators[{i}]"),
+                format!("`{p}` is not an initiator name or a prefix ending in `*`, e.g. \"iqn.1994-05.com.redhat:*\""),
+            ));
+        }
+    }
+    Ok(Some(list))
 }
 
 fn chap(key: &str, raw: Option<RawChap>) -> Result<Option<ChapConfig>, ConfigError> {
@@ -312,6 +329,7 @@ impl TryFrom<RawConfig> for Config {
             iqn: raw.target.iqn,
             alias: raw.target.alias,
             chap: chap("target.chap", raw.target.chap)?,
+            allowed_initiators: check_patterns(raw.target.allowed_initiators)?,
             discovery_chap: chap("discovery.chap", raw.discovery.chap)?,
             engine,
             direct: raw.disk.direct.unwrap_or(true),

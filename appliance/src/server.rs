@@ -91,6 +91,10 @@ impl Controller {
                 name: cfg.iqn.clone(),
                 alias: cfg.alias.clone(),
                 chap: cfg.chap.clone(),
+                allowed_initiators: cfg
+                    .allowed_initiators
+                    .clone()
+                    .map(iscsi_target::InitiatorPatterns),
                 portals: vec![Portal {
                     address: listen.to_string(),
                     tpgt: cfg.tpgt,

@@ -26,6 +26,7 @@ fn cfg() -> Arc<FabricConfig> {
                 name: "iqn.2026-11.io.rainio:t".into(),
                 alias: None,
                 chap: None,
+                allowed_initiators: None,
                 portals: vec![Portal {
                     address: "127.0.0.1:3260".into(),
                     tpgt: 1,

@@ -22,6 +22,8 @@ pub struct TargetInfo {
     pub alias: Option<String>,
     /// CHAP required for normal sessions to this target.
     pub chap: Option<ChapConfig>,
+    /// Initiator names allowed to discover and log in; `None` allows every initiator.
+    pub allowed_initiators: Option<InitiatorPatterns>,
     /// Every portal that serves this target (reported by SendTargets).
     pub portals: Vec<Portal>,
     /// The device server (LUNs) of this target on this controller.
@@ -63,4 +65,49 @@ pub struct FabricConfig {
     pub relative_port: u16,
     /// Timers.
     pub timers: Timers,
+}
+
+/// Initiator name patterns: exact names, or a prefix ending in `*` (`iqn.1994-05.com.redhat:*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InitiatorPatterns(pub Vec<String>);
+
+impl InitiatorPatterns {
+    /// Whether `name` matches a pattern. Names compare case-insensitively (RFC 3722 iSCSI names
+    /// are normalised to lower case).
+    pub fn allows(&self, name: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        self.0.iter().any(|p| {
+            let p = p.to_ascii_lowercase();
+            match p.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == p,
+            }
+        })
+    }
+}
+
+impl TargetInfo {
+    /// Whether `initiator` may see and log in to this target.
+    pub fn allows(&self, initiator: &str) -> bool {
+        self.allowed_initiators
+            .as_ref()
+            .is_none_or(|p| p.allows(initiator))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        let p = InitiatorPatterns(vec![
+            "iqn.1994-05.com.redhat:*".into(),
+            "iqn.2026-11.x:host1".into(),
+        ]);
+        assert!(p.allows("iqn.1994-05.com.redhat:abc"));
+        assert!(p.allows("IQN.2026-11.X:HOST1"));
+        assert!(!p.allows("iqn.2026-11.x:host10"));
+        assert!(!p.allows("iqn.1991-05.com.microsoft:win"));
+    }
 }

@@ -28,6 +28,7 @@ fn cfg(chap: Option<ChapConfig>) -> Arc<FabricConfig> {
             name: TARGET.into(),
             alias: None,
             chap,
+            allowed_initiators: None,
             portals: vec![Portal {
                 address: "127.0.0.1:3260".into(),
                 tpgt: 1,
@@ -721,6 +722,7 @@ fn long_sendtargets_answers_are_split_with_the_continue_bit() {
             name: format!("iqn.2026-11.io.rainio:target-with-a-long-name-{i:04}"),
             alias: None,
             chap: None,
+            allowed_initiators: None,
             portals: vec![Portal {
                 address: "127.0.0.1:3260".into(),
                 tpgt: 1,

@@ -41,6 +41,7 @@ fn bench(c: &mut Criterion) {
                 name: IQN.into(),
                 alias: None,
                 chap: None,
+                allowed_initiators: None,
                 portals: vec![Portal {
                     address: addr.to_string(),
                     tpgt: 1,

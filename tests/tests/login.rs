@@ -347,3 +347,39 @@ fn aptpl_reservations_survive_a_restart() {
         i.logout().await.unwrap();
     });
 }
+
+/// An initiator not on the target's allow-list can neither log in nor discover the target.
+#[test]
+fn allow_list_refuses_login_and_hides_the_target() {
+    let app = Appliance::start("allowed_initiators = [\"iqn.2026-11.io.rainio:test-*\"]");
+    rt().block_on(async {
+        // Allowed by prefix: logs in and discovers.
+        let i = Initiator::login(app.addr, &LoginOptions::normal(IQN))
+            .await
+            .unwrap();
+        i.logout().await.unwrap();
+        let mut d = Initiator::login(app.addr, &LoginOptions::discovery())
+            .await
+            .unwrap();
+        assert_eq!(d.send_targets().await.unwrap().len(), 2);
+        d.logout().await.unwrap();
+        // Not allowed: authorization failure, and an empty SendTargets answer.
+        let stranger = |mut o: LoginOptions| {
+            o.initiator_name = "iqn.1991-05.com.microsoft:stranger".into();
+            o
+        };
+        match Initiator::login(app.addr, &stranger(LoginOptions::normal(IQN))).await {
+            Err(InitiatorError::LoginStatus(2, 2)) => {}
+            other => panic!("expected 0x0202 authorization failure, got {other:?}"),
+        }
+        let mut d = Initiator::login(app.addr, &stranger(LoginOptions::discovery()))
+            .await
+            .unwrap();
+        assert!(
+            d.send_targets().await.unwrap().is_empty(),
+            "the target is not disclosed"
+        );
+        d.logout().await.unwrap();
+    });
+    assert!(app.log().contains("allow-list"), "the refusal is logged");
+}

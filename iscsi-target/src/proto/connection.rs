@@ -100,6 +100,7 @@ mod status {
     pub const INITIATOR_ERROR: (u8, u8) = (0x02, 0x00);
     pub const AUTH_FAILURE: (u8, u8) = (0x02, 0x01);
     pub const NOT_FOUND: (u8, u8) = (0x02, 0x03);
+    pub const AUTHORIZATION_FAILURE: (u8, u8) = (0x02, 0x02);
     pub const UNSUPPORTED_VERSION: (u8, u8) = (0x02, 0x05);
     pub const MISSING_PARAMETER: (u8, u8) = (0x02, 0x07);
     pub const SESSION_DOES_NOT_EXIST: (u8, u8) = (0x02, 0x0a);
@@ -668,6 +669,13 @@ impl Connection {
                 let Some(idx) = self.cfg.targets.iter().position(|t| t.name == tname) else {
                     return self.fail_login(req.itt, status::NOT_FOUND, "no such target");
                 };
+                if !self.cfg.targets[idx].allows(&self.initiator_name) {
+                    return self.fail_login(
+                        req.itt,
+                        status::AUTHORIZATION_FAILURE,
+                        "initiator not on the target's allow-list",
+                    );
+                }
                 self.target = Some(idx);
                 self.login.chap = self.cfg.targets[idx].chap.clone();
                 // INTEROP: the TPGT in the first response of a normal session.
@@ -1567,7 +1575,8 @@ impl Connection {
                 "All" | "" => Some(i) == self.target,
                 name => name == target.name,
             };
-            if !wanted {
+            // An initiator never learns of a target it may not use.
+            if !wanted || !target.allows(&self.initiator_name) {
                 continue;
             }
             text::push(out, "TargetName", &target.name);
