@@ -32,6 +32,11 @@ pub const CMD_WINDOW_MAX: u32 = 128;
 /// front, so this bounds memory per command).
 pub const WRITE_EDTL_MAX: u32 = 16 * 1024 * 1024;
 
+/// Write data a connection may hold in buffers at once (received or expected). Beyond it, R2Ts
+/// for the rest of a write wait until earlier writes finish; only first bursts (bounded by
+/// FirstBurstLength x the CmdSN window) are taken regardless.
+pub const WRITE_BUFFER_BUDGET_BYTES: usize = 64 * 1024 * 1024;
+
 /// Largest total of login or text key data accumulated across continued PDUs.
 pub const TEXT_ACCUMULATED_MAX: usize = 64 * 1024;
 
@@ -60,3 +65,4 @@ const _: () = assert!(RECV_DSL_MAX <= MAX_BURST_MAX);
 const _: () = assert!(LOGIN_RECV_DSL <= RECV_DSL_MAX);
 const _: () = assert!(OUTSTANDING_R2T_MAX as u32 <= CMD_WINDOW_MAX);
 const _: () = assert!(RECV_DSL_MAX < (1 << 24));
+const _: () = assert!(WRITE_EDTL_MAX as usize <= WRITE_BUFFER_BUDGET_BYTES);

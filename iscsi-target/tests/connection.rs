@@ -834,3 +834,55 @@ proptest! {
         h.c.poll_transmit(&mut sink);
     }
 }
+
+/// Write buffers are bounded per connection: beyond the budget, R2Ts wait until earlier writes
+/// leave, instead of allocating for every command in the window.
+#[test]
+fn write_buffer_budget_holds_back_r2ts() {
+    let mut h = H::new(None);
+    h.login(&[
+        ("InitialR2T", "Yes"),
+        ("MaxBurstLength", "1048576"),
+        ("MaxOutstandingR2T", "1"),
+    ]);
+    h.events();
+    let edtl = 16 << 20;
+    for itt in 1..=5 {
+        h.scsi(itt, 0x2a, edtl, true, true, &[]);
+    }
+    let r2t_itts: Vec<u32> = h
+        .out()
+        .into_iter()
+        .filter_map(|(b, _)| match b {
+            Bhs::R2t(r) => Some(r.itt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        r2t_itts,
+        vec![1, 2, 3, 4],
+        "64 MiB budget: the fifth 16 MiB write waits"
+    );
+    // Abort the first (still receiving): its budget goes to the fifth.
+    let tmf = Bhs::TaskMgmtRequest(TaskMgmtRequest {
+        immediate: true,
+        function: 1,
+        lun: 0,
+        itt: 99,
+        rtt: 1,
+        cmd_sn: h.cmd_sn,
+        exp_stat_sn: 0,
+        ref_cmd_sn: h.cmd_sn - 5,
+        exp_data_sn: 0,
+    });
+    h.feed(&tmf, &[]).unwrap();
+    let out = h.out();
+    assert!(
+        out.iter()
+            .any(|(b, _)| matches!(b, Bhs::R2t(r) if r.itt == 5)),
+        "{out:?}"
+    );
+    assert!(out
+        .iter()
+        .any(|(b, _)| matches!(b, Bhs::TaskMgmtResponse(r) if r.itt == 99)));
+}

@@ -170,6 +170,9 @@ struct Task {
     /// The W bit: residuals are computed against what the CDB wanted to write.
     write_flag: bool,
     buf: Vec<u8>,
+    /// Bytes of `buf` counted against the connection's write budget (kept until the task
+    /// leaves, since the device server holds the buffer while it executes).
+    accounted: usize,
     /// Contiguous bytes received from offset 0.
     received: u32,
     unsolicited_open: bool,
@@ -230,6 +233,10 @@ pub struct Connection {
     /// ITTs of writes failed during their data phase: their remaining Data-Out is dropped
     /// silently (bounded; oldest forgotten first).
     discard_itts: VecDeque<u32>,
+    /// Write buffer bytes held by tasks of this connection.
+    write_bytes: usize,
+    /// Writes waiting for budget before their R2Ts go out, oldest first.
+    r2t_waiting: VecDeque<u32>,
     nop: Option<(u32, Instant)>,
     last_rx: Instant,
     login_deadline: Instant,
@@ -274,6 +281,8 @@ impl Connection {
             text_cont: None,
             text_accum: Vec::new(),
             discard_itts: VecDeque::new(),
+            write_bytes: 0,
+            r2t_waiting: VecDeque::new(),
             nop: None,
             last_rx: now,
             login_deadline,
@@ -1055,6 +1064,7 @@ impl Connection {
             write,
             write_flag: c.write,
             buf: Vec::new(),
+            accounted: 0,
             received: 0,
             unsolicited_open: write && !c.final_ && !self.params.initial_r2t,
             unsolicited_data_sn: 0,
@@ -1089,7 +1099,18 @@ impl Connection {
             return Ok(());
         }
         if write {
-            task.buf = vec![0u8; c.edtl as usize];
+            // The first burst (immediate + unsolicited data) always gets a buffer; the rest only
+            // within the connection's budget (issue_r2ts grows the buffer when it fits).
+            let full = c.edtl as usize;
+            let first = full.min((self.params.first_burst as usize).max(data.len()));
+            let size = if self.write_bytes + full <= WRITE_BUFFER_BUDGET_BYTES {
+                full
+            } else {
+                first
+            };
+            task.buf = vec![0u8; size];
+            task.accounted = size;
+            self.write_bytes += size;
             task.buf[..data.len()].copy_from_slice(data);
             task.received = data.len() as u32;
         }
@@ -1105,14 +1126,48 @@ impl Connection {
         Ok(())
     }
 
+    /// A task left the table: return its buffer bytes and let waiting writes proceed.
+    fn release(&mut self, itt: u32, task: &Task) {
+        self.write_bytes -= task.accounted;
+        self.r2t_waiting.retain(|&i| i != itt);
+        while let Some(&next) = self.r2t_waiting.front() {
+            let need = self
+                .tasks
+                .get(&next)
+                .map_or(0, |t| t.edtl as usize - t.buf.len());
+            if self.write_bytes + need > WRITE_BUFFER_BUDGET_BYTES {
+                break;
+            }
+            self.r2t_waiting.pop_front();
+            if self.tasks.contains_key(&next) {
+                self.issue_r2ts(next);
+            }
+        }
+    }
+
     fn finish_early(&mut self, itt: u32) {
         if let Some(mut task) = self.tasks.remove(&itt) {
+            self.release(itt, &task);
             let outcome = task.early.take().expect("early outcome");
             self.respond(itt, &task, outcome);
         }
     }
 
     fn issue_r2ts(&mut self, itt: u32) {
+        let task = self.tasks.get_mut(&itt).expect("task exists");
+        if task.buf.len() < task.edtl as usize {
+            let more = task.edtl as usize - task.buf.len();
+            if self.write_bytes + more > WRITE_BUFFER_BUDGET_BYTES {
+                if !self.r2t_waiting.contains(&itt) {
+                    tracing::debug!(itt, "write buffer budget reached: R2Ts wait");
+                    self.r2t_waiting.push_back(itt);
+                }
+                return;
+            }
+            task.buf.resize(task.edtl as usize, 0);
+            task.accounted += more;
+            self.write_bytes += more;
+        }
         let max_out = usize::from(self.params.max_outstanding_r2t.max(1));
         let max_burst = self.params.max_burst;
         loop {
@@ -1259,6 +1314,7 @@ impl Connection {
         let Some(task) = self.tasks.remove(&itt) else {
             return;
         };
+        self.release(itt, &task);
         let reason = lun::SenseReason::DataPhaseError;
         let outcome = CommandOutcome {
             status: lun::CommandStatus::CheckCondition(reason),
@@ -1298,6 +1354,7 @@ impl Connection {
         let Some(task) = self.tasks.remove(&itt) else {
             return;
         };
+        self.release(itt, &task);
         // TASK ABORTED means another nexus's task management ended it; with TAS=0 the
         // initiator gets no response (it learns from the unit attention).
         let aborted_elsewhere = outcome.status == lun::CommandStatus::TaskAborted;
@@ -1498,7 +1555,9 @@ impl Connection {
             let task = self.tasks.get_mut(&itt).expect("victim exists");
             match task.state {
                 TaskState::Receiving => {
-                    self.tasks.remove(&itt);
+                    if let Some(gone) = self.tasks.remove(&itt) {
+                        self.release(itt, &gone);
+                    }
                 }
                 TaskState::Executing => {
                     task.aborted = true;
