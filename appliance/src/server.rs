@@ -105,6 +105,7 @@ impl Controller {
             tpgt: cfg.tpgt,
             relative_port: cfg.tpgt,
             timers: Timers::default(),
+            limits: Default::default(),
         };
         Ok(Self {
             volumes,

@@ -37,6 +37,7 @@ fn cfg() -> Arc<FabricConfig> {
             tpgt: 1,
             relative_port: 1,
             timers: Timers::default(),
+            limits: Default::default(),
         })
     }))
 }

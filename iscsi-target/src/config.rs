@@ -2,7 +2,8 @@
 //! device server behind each target. Built by the appliance from its validated config.
 
 use crate::proto::chap::ChapConfig;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// One portal of a target as SendTargets reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +66,79 @@ pub struct FabricConfig {
     pub relative_port: u16,
     /// Timers.
     pub timers: Timers,
+    /// Bounds on concurrent normal sessions.
+    pub limits: Arc<SessionLimits>,
+}
+
+/// Bounds on concurrent normal sessions, per target and per initiator name, shared by every
+/// connection of a portal. A login that would exceed one is refused with status 0x0302 (out of
+/// resources) before it completes.
+#[derive(Debug)]
+pub struct SessionLimits {
+    per_target: usize,
+    per_initiator: usize,
+    counts: Mutex<(HashMap<usize, usize>, HashMap<String, usize>)>,
+}
+
+/// A session's place within the limits; given back on drop.
+#[derive(Debug)]
+pub struct SessionSlot {
+    limits: Arc<SessionLimits>,
+    target: usize,
+    initiator: String,
+}
+
+impl SessionLimits {
+    /// Limits of `per_target` sessions per target and `per_initiator` per initiator name.
+    pub fn new(per_target: usize, per_initiator: usize) -> Arc<Self> {
+        Arc::new(Self {
+            per_target,
+            per_initiator,
+            counts: Mutex::new((HashMap::new(), HashMap::new())),
+        })
+    }
+
+    /// Takes a slot for `initiator` on `target`, or `None` when a limit is reached.
+    pub fn try_acquire(self: &Arc<Self>, target: usize, initiator: &str) -> Option<SessionSlot> {
+        let mut c = self.counts.lock().expect("limits lock");
+        let t = c.0.get(&target).copied().unwrap_or(0);
+        let i = c.1.get(initiator).copied().unwrap_or(0);
+        if t >= self.per_target || i >= self.per_initiator {
+            return None;
+        }
+        *c.0.entry(target).or_default() += 1;
+        *c.1.entry(initiator.to_owned()).or_default() += 1;
+        Some(SessionSlot {
+            limits: Arc::clone(self),
+            target,
+            initiator: initiator.to_owned(),
+        })
+    }
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            per_target: crate::constants::SESSIONS_PER_TARGET_MAX,
+            per_initiator: crate::constants::SESSIONS_PER_INITIATOR_MAX,
+            counts: Mutex::new((HashMap::new(), HashMap::new())),
+        }
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        let mut c = self.limits.counts.lock().expect("limits lock");
+        if let Some(n) = c.0.get_mut(&self.target) {
+            *n -= 1;
+        }
+        if let Some(n) = c.1.get_mut(&self.initiator) {
+            *n -= 1;
+            if *n == 0 {
+                c.1.remove(&self.initiator);
+            }
+        }
+    }
 }
 
 /// Initiator name patterns: exact names, or a prefix ending in `*` (`iqn.1994-05.com.redhat:*`).

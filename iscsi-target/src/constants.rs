@@ -37,6 +37,12 @@ pub const WRITE_EDTL_MAX: u32 = 16 * 1024 * 1024;
 /// FirstBurstLength x the CmdSN window) are taken regardless.
 pub const WRITE_BUFFER_BUDGET_BYTES: usize = 64 * 1024 * 1024;
 
+/// Concurrent normal sessions one target accepts on a portal.
+pub const SESSIONS_PER_TARGET_MAX: usize = 256;
+
+/// Concurrent normal sessions one initiator name may hold on a portal.
+pub const SESSIONS_PER_INITIATOR_MAX: usize = 64;
+
 /// Largest total of login or text key data accumulated across continued PDUs.
 pub const TEXT_ACCUMULATED_MAX: usize = 64 * 1024;
 

@@ -11,6 +11,8 @@ pub mod constants;
 pub mod driver;
 pub mod proto;
 
-pub use config::{FabricConfig, InitiatorPatterns, Portal, TargetInfo, Timers};
+pub use config::{
+    FabricConfig, InitiatorPatterns, Portal, SessionLimits, SessionSlot, TargetInfo, Timers,
+};
 pub use proto::chap::{ChapConfig, ChapSecret};
 pub use proto::connection::{Connection, ConnectionError, Event};

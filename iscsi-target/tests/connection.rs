@@ -43,6 +43,7 @@ fn cfg(chap: Option<ChapConfig>) -> Arc<FabricConfig> {
             nop_interval_ms: 5000,
             nop_timeout_ms: 3000,
         },
+        limits: Default::default(),
     })
 }
 
@@ -736,6 +737,7 @@ fn long_sendtargets_answers_are_split_with_the_continue_bit() {
         tpgt: 1,
         relative_port: 1,
         timers: Timers::default(),
+        limits: Default::default(),
     });
     let mut h = H {
         c: Connection::new(cfg, 3, Instant::now()),
@@ -885,4 +887,60 @@ fn write_buffer_budget_holds_back_r2ts() {
     assert!(out
         .iter()
         .any(|(b, _)| matches!(b, Bhs::TaskMgmtResponse(r) if r.itt == 99)));
+}
+
+/// Session limits are checked before login completes: over the limit, status 0x0302; a
+/// closed session gives its slot back.
+#[test]
+fn session_limits_refuse_logins_beyond_the_bound() {
+    let base = cfg(None);
+    let shared = Arc::new(FabricConfig {
+        targets: vec![TargetInfo {
+            name: TARGET.into(),
+            alias: None,
+            chap: None,
+            allowed_initiators: None,
+            portals: vec![Portal {
+                address: "127.0.0.1:3260".into(),
+                tpgt: 1,
+            }],
+            device: Arc::clone(&base.targets[0].device),
+        }],
+        discovery_chap: None,
+        tpgt: 1,
+        relative_port: 1,
+        timers: base.timers,
+        limits: iscsi_target::SessionLimits::new(10, 2),
+    });
+    let now = Instant::now();
+    let login = |tsih: u16| {
+        let mut h = H {
+            c: Connection::new(Arc::clone(&shared), tsih, now),
+            now,
+            digests: Digests::default(),
+            cmd_sn: 1,
+        };
+        h.feed(
+            &h.login_pdu(1, 3, true),
+            &kv(&[("InitiatorName", "iqn.x:i"), ("TargetName", TARGET)]),
+        )
+        .unwrap();
+        let out = h.out();
+        let (Bhs::LoginResponse(r), _) = &out[0] else {
+            panic!("{out:?}")
+        };
+        ((r.status_class, r.status_detail), h)
+    };
+    let (s1, h1) = login(1);
+    let (s2, _h2) = login(2);
+    let (s3, _h3) = login(3);
+    assert_eq!((s1, s2), ((0, 0), (0, 0)));
+    assert_eq!(
+        s3,
+        (3, 2),
+        "third session of one initiator: out of resources"
+    );
+    drop(h1);
+    let (s4, _h4) = login(4);
+    assert_eq!(s4, (0, 0), "the closed session's slot is free again");
 }

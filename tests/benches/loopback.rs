@@ -52,6 +52,7 @@ fn bench(c: &mut Criterion) {
             tpgt: 1,
             relative_port: 1,
             timers: Timers::default(),
+            limits: Default::default(),
         });
         let (tx, rx) = tokio::sync::watch::channel(false);
         let server = iscsi_target::driver::Server::new(cfg);

@@ -101,6 +101,7 @@ mod status {
     pub const AUTH_FAILURE: (u8, u8) = (0x02, 0x01);
     pub const NOT_FOUND: (u8, u8) = (0x02, 0x03);
     pub const AUTHORIZATION_FAILURE: (u8, u8) = (0x02, 0x02);
+    pub const OUT_OF_RESOURCES: (u8, u8) = (0x03, 0x02);
     pub const UNSUPPORTED_VERSION: (u8, u8) = (0x02, 0x05);
     pub const MISSING_PARAMETER: (u8, u8) = (0x02, 0x07);
     pub const SESSION_DOES_NOT_EXIST: (u8, u8) = (0x02, 0x0a);
@@ -233,6 +234,8 @@ pub struct Connection {
     /// ITTs of writes failed during their data phase: their remaining Data-Out is dropped
     /// silently (bounded; oldest forgotten first).
     discard_itts: VecDeque<u32>,
+    /// This session's place within the portal's session limits (normal sessions).
+    slot: Option<crate::config::SessionSlot>,
     /// Write buffer bytes held by tasks of this connection.
     write_bytes: usize,
     /// Writes waiting for budget before their R2Ts go out, oldest first.
@@ -281,6 +284,7 @@ impl Connection {
             text_cont: None,
             text_accum: Vec::new(),
             discard_itts: VecDeque::new(),
+            slot: None,
             write_bytes: 0,
             r2t_waiting: VecDeque::new(),
             nop: None,
@@ -753,6 +757,20 @@ impl Connection {
                 status::INITIATOR_ERROR,
                 "login response would exceed 8192 bytes",
             );
+        }
+        if transit && req.nsg == 3 {
+            if let Some(idx) = self.target {
+                match self.cfg.limits.try_acquire(idx, &self.initiator_name) {
+                    Some(slot) => self.slot = Some(slot),
+                    None => {
+                        return self.fail_login(
+                            req.itt,
+                            status::OUT_OF_RESOURCES,
+                            "session limit reached for this target or initiator",
+                        )
+                    }
+                }
+            }
         }
         self.login_response(&req, transit, req.nsg, (0, 0), &data);
         if transit && req.nsg == 3 {
