@@ -43,6 +43,9 @@ pub const SESSIONS_PER_TARGET_MAX: usize = 256;
 /// Concurrent normal sessions one initiator name may hold on a portal.
 pub const SESSIONS_PER_INITIATOR_MAX: usize = 64;
 
+/// Initiator mutual-CHAP challenges remembered to refuse replays.
+pub const CHAP_CHALLENGES_REMEMBERED: usize = 4096;
+
 /// Largest total of login or text key data accumulated across continued PDUs.
 pub const TEXT_ACCUMULATED_MAX: usize = 64 * 1024;
 

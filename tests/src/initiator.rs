@@ -49,6 +49,11 @@ pub struct LoginOptions {
     pub isid: u64,
     /// Ask for CRC32C digests.
     pub digests: bool,
+    /// Answer CHAP as if the target had sent this (identifier, challenge): a replay of a
+    /// response captured from an earlier login.
+    pub replay_chap: Option<(u8, Vec<u8>)>,
+    /// Use this mutual-CHAP challenge instead of a fresh random one.
+    pub fixed_mutual_challenge: Option<[u8; 16]>,
 }
 
 impl LoginOptions {
@@ -61,6 +66,8 @@ impl LoginOptions {
             mutual: None,
             isid: 0x8012_3456_7800,
             digests: false,
+            replay_chap: None,
+            fixed_mutual_challenge: None,
         }
     }
     /// A discovery session.
@@ -106,6 +113,8 @@ pub struct Initiator {
     pub tpgt_in_first_response: bool,
     /// Keys the target sent during login.
     pub login_keys: Vec<(String, String)>,
+    /// The (identifier, challenge) the target sent in the last CHAP exchange.
+    pub last_chap: Option<(u8, Vec<u8>)>,
 }
 
 const MY_MRDSL: u32 = 262_144;
@@ -145,6 +154,7 @@ impl Initiator {
             first_burst: 65536,
             tpgt_in_first_response: false,
             login_keys: Vec::new(),
+            last_chap: None,
         })
     }
 
@@ -224,14 +234,18 @@ impl Initiator {
             let challenge = get(&keys, "CHAP_C")
                 .and_then(|v| chap::decode_binary(&v))
                 .ok_or_else(|| InitiatorError::Protocol("no CHAP_C".into()))?;
+            self.last_chap = Some((id, challenge.clone()));
+            let (rid, rchallenge) = opts.replay_chap.clone().unwrap_or((id, challenge));
             let mut resp = vec![
                 kv("CHAP_N", user),
                 kv(
                     "CHAP_R",
-                    &chap::encode_hex(&chap::response(id, secret, &challenge)),
+                    &chap::encode_hex(&chap::response(rid, secret, &rchallenge)),
                 ),
             ];
-            let my_challenge = chap::random_bytes::<16>();
+            let my_challenge = opts
+                .fixed_mutual_challenge
+                .unwrap_or_else(chap::random_bytes::<16>);
             let my_id = 7u8;
             if opts.mutual.is_some() {
                 resp.push(kv("CHAP_I", &my_id.to_string()));

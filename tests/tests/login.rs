@@ -383,3 +383,34 @@ fn allow_list_refuses_login_and_hides_the_target() {
     });
     assert!(app.log().contains("allow-list"), "the refusal is logged");
 }
+
+/// A CHAP response captured from one login does not open another (the challenge is fresh each
+/// time), and an initiator's mutual-CHAP challenge is answered only once.
+#[test]
+fn chap_replays_are_refused() {
+    let app = Appliance::start(CHAP);
+    rt().block_on(async {
+        let first = Initiator::login(app.addr, &with_chap(b"host1-secret-0123"))
+            .await
+            .unwrap();
+        let captured = first.last_chap.clone().expect("a CHAP exchange happened");
+        first.logout().await.unwrap();
+        let mut replay = with_chap(b"host1-secret-0123");
+        replay.replay_chap = Some(captured);
+        match Initiator::login(app.addr, &replay).await {
+            Err(InitiatorError::LoginStatus(2, 1)) => {}
+            other => panic!("a replayed CHAP_R must fail authentication, got {other:?}"),
+        }
+        let mut mutual = with_chap(b"host1-secret-0123");
+        mutual.mutual = Some(("rainio".into(), b"target-secret-4567".to_vec()));
+        mutual.fixed_mutual_challenge = Some([0x5a; 16]);
+        mutual.isid = 0x8000_0000_0042;
+        let s = Initiator::login(app.addr, &mutual).await.unwrap();
+        s.logout().await.unwrap();
+        match Initiator::login(app.addr, &mutual).await {
+            Err(InitiatorError::LoginStatus(2, 1)) => {}
+            other => panic!("a reused mutual challenge must be refused, got {other:?}"),
+        }
+    });
+    assert!(app.log().contains("replay"), "{}", app.log());
+}

@@ -845,6 +845,9 @@ impl Connection {
                     if c == challenge {
                         return Err("initiator reflected the target's challenge");
                     }
+                    if !self.cfg.limits.note_initiator_challenge(&c) {
+                        return Err("initiator reused a mutual CHAP challenge (replay)");
+                    }
                     resp.push(("CHAP_N".into(), mutual.user.clone()));
                     resp.push((
                         "CHAP_R".into(),
