@@ -40,7 +40,9 @@ log "fuzz smoke (${FUZZ_SECONDS:-5}s per target)"
   cargo fuzz build --sanitizer none 2>&1 | tail -1
   for t in $(cargo fuzz list); do
     mkdir -p "corpus/$t"
-    out=$(cargo fuzz run --sanitizer none "$t" -- -max_total_time="${FUZZ_SECONDS:-5}" 2>&1) || { echo "$out" | tail -40; echo "fuzz target $t failed" >&2; exit 1; }
+    # Committed seeds (e.g. real libiscsi sessions, scripts/capture-fuzz-seeds.py) join the corpus.
+    seeds=(); [ -d "seeds/$t" ] && seeds=("seeds/$t")
+    out=$(cargo fuzz run --sanitizer none "$t" "corpus/$t" "${seeds[@]}" -- -max_total_time="${FUZZ_SECONDS:-5}" 2>&1) || { echo "$out" | tail -40; echo "fuzz target $t failed" >&2; exit 1; }
     echo "$t: $(echo "$out" | grep -E '^Done [0-9]+ runs' | tail -1)"
   done
 )
