@@ -65,8 +65,16 @@ struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawIscsi {
-    listen: Option<String>,
+    listen: Option<OneOrMany>,
     tpgt: Option<u16>,
+}
+
+/// `listen = "ip:port"` or `listen = ["ip:port", ...]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,9 +124,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// tracing filter directive.
     pub log_level: String,
-    /// Portal address.
-    pub listen: SocketAddr,
-    /// Portal group tag of this portal.
+    /// Portal addresses; portal `i` is target portal group `tpgt + i` with relative port
+    /// `tpgt + i`.
+    pub listen: Vec<SocketAddr>,
+    /// Portal group tag of the first portal.
     pub tpgt: u16,
     /// Target IQN.
     pub iqn: String,
@@ -243,13 +252,30 @@ fn chap(key: &str, raw: Option<RawChap>) -> Result<Option<ChapConfig>, ConfigErr
 impl TryFrom<RawConfig> for Config {
     type Error = ConfigError;
     fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
-        let listen_s = raw.iscsi.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
-        let listen: SocketAddr = listen_s.parse().map_err(|_| {
-            invalid(
-                "iscsi.listen",
-                format!("`{listen_s}` is not ip:port, e.g. \"127.0.0.1:3260\""),
-            )
-        })?;
+        let listen_list = match raw.iscsi.listen {
+            None => vec![DEFAULT_LISTEN.to_owned()],
+            Some(OneOrMany::One(s)) => vec![s],
+            Some(OneOrMany::Many(v)) => v,
+        };
+        if listen_list.is_empty() || listen_list.len() > 16 {
+            return Err(invalid("iscsi.listen", "give 1 to 16 portal addresses"));
+        }
+        let mut listen: Vec<SocketAddr> = Vec::new();
+        for (i, s) in listen_list.iter().enumerate() {
+            let a: SocketAddr = s.parse().map_err(|_| {
+                invalid(
+                    format!("iscsi.listen[{i}]"),
+                    format!("`{s}` is not ip:port, e.g. \"127.0.0.1:3260\""),
+                )
+            })?;
+            if listen.contains(&a) {
+                return Err(invalid(
+                    format!("iscsi.listen[{i}]"),
+                    format!("`{s}` is listed twice"),
+                ));
+            }
+            listen.push(a);
+        }
         let tpgt = raw.iscsi.tpgt.unwrap_or(1);
         if tpgt == 0 {
             return Err(invalid("iscsi.tpgt", "must be 1 or more"));
@@ -416,7 +442,9 @@ mod tests {
     fn default_config_parses() {
         let c = Config::parse(&default_config_text(DEFAULT_LISTEN), Path::new("x")).unwrap();
         assert_eq!(c.volumes[0].size_bytes, 1 << 30);
-        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.listen[0].to_string(), DEFAULT_LISTEN);
+        let two = Config::parse("[iscsi]\nlisten = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n[target]\niqn = \"iqn.2026-11.x:y\"\n[[volume]]\nname=\"v\"\nlun=0\nsize=\"1GiB\"\n", Path::new("x")).unwrap();
+        assert_eq!(two.listen.len(), 2);
     }
 
     fn err(text: &str) -> String {

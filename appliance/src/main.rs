@@ -131,7 +131,9 @@ fn main() -> ExitCode {
         if banner {
             println!("appliance is up");
             println!("  target IQN : {}", cfg.iqn);
-            println!("  portal     : {}", controller.listen);
+            for (i, p) in controller.listen.iter().enumerate() {
+                println!("  portal     : {p} (TPGT {})", cfg.tpgt + i as u16);
+            }
             for v in &cfg.volumes {
                 println!(
                     "  LUN {:<7}: {} ({} bytes, {}-byte blocks)",
@@ -142,10 +144,13 @@ fn main() -> ExitCode {
             println!(
                 "  console    : not built yet (the web console arrives with the operator issue)"
             );
-            println!("  try        : iscsi-ls -s iscsi://{}", controller.listen);
+            println!(
+                "  try        : iscsi-ls -s iscsi://{}",
+                controller.listen[0]
+            );
             println!("Press Ctrl-C to stop.");
         }
-        tracing::info!(portal = %controller.listen, iqn = %cfg.iqn, "serving");
+        tracing::info!(portals = ?controller.listen, iqn = %cfg.iqn, "serving");
         let (tx, rx) = watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;

@@ -28,10 +28,9 @@ pub fn volume_id(iqn: &str, name: &str) -> u64 {
 #[derive(Debug)]
 pub struct Controller {
     volumes: Vec<Arc<LocalVolume>>,
-    /// The address the portal actually listens on.
-    pub listen: std::net::SocketAddr,
-    server: iscsi_target::driver::Server,
-    listener: Option<tokio::net::TcpListener>,
+    /// The addresses the portals actually listen on, in config order.
+    pub listen: Vec<std::net::SocketAddr>,
+    portals: Vec<(iscsi_target::driver::Server, tokio::net::TcpListener)>,
 }
 
 impl Controller {
@@ -77,48 +76,79 @@ impl Controller {
             luns.insert(v.lun, Arc::new(lu));
             volumes.push(vol);
         }
-        let port = TargetPort {
-            relative_port: cfg.tpgt,
-            port_group: cfg.tpgt,
-        };
-        let device = Arc::new(DeviceServer::new(port, luns));
-        let listener = iscsi_target::driver::bind(cfg.listen).map_err(|e| {
-            format!("cannot listen on {}: {e} (another target such as tgtd or a second appliance may hold the port; stop it or set iscsi.listen)", cfg.listen)
-        })?;
-        let listen = listener.local_addr().map_err(|e| e.to_string())?;
-        let fabric = FabricConfig {
-            targets: vec![TargetInfo {
-                name: cfg.iqn.clone(),
-                alias: cfg.alias.clone(),
-                chap: cfg.chap.clone(),
-                allowed_initiators: cfg
-                    .allowed_initiators
-                    .clone()
-                    .map(iscsi_target::InitiatorPatterns),
-                portals: vec![Portal {
-                    address: listen.to_string(),
-                    tpgt: cfg.tpgt,
+        // Bind every portal first: SendTargets on each lists them all.
+        let mut listeners = Vec::new();
+        for addr in &cfg.listen {
+            let l = iscsi_target::driver::bind(*addr).map_err(|e| {
+                format!("cannot listen on {addr}: {e} (another target such as tgtd or a second appliance may hold the port; stop it or set iscsi.listen)")
+            })?;
+            listeners.push(l);
+        }
+        let listen: Vec<std::net::SocketAddr> = listeners
+            .iter()
+            .map(|l| l.local_addr().map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        // Portal i is its own target port group and relative port (tpgt + i): one path each,
+        // the same LUs (and so the same reservations and identity) behind all of them.
+        let ports: Vec<TargetPort> = (0..listen.len())
+            .map(|i| {
+                let id = cfg.tpgt + i as u16;
+                TargetPort {
+                    relative_port: id,
+                    port_group: id,
+                }
+            })
+            .collect();
+        let all_portals: Vec<Portal> = listen
+            .iter()
+            .zip(&ports)
+            .map(|(a, p)| Portal {
+                address: a.to_string(),
+                tpgt: p.port_group,
+            })
+            .collect();
+        let mut portals = Vec::new();
+        for (listener, port) in listeners.into_iter().zip(&ports) {
+            let device =
+                Arc::new(DeviceServer::new(*port, luns.clone()).with_port_groups(ports.clone()));
+            let fabric = FabricConfig {
+                targets: vec![TargetInfo {
+                    name: cfg.iqn.clone(),
+                    alias: cfg.alias.clone(),
+                    chap: cfg.chap.clone(),
+                    allowed_initiators: cfg
+                        .allowed_initiators
+                        .clone()
+                        .map(iscsi_target::InitiatorPatterns),
+                    portals: all_portals.clone(),
+                    device,
                 }],
-                device,
-            }],
-            discovery_chap: cfg.discovery_chap.clone(),
-            tpgt: cfg.tpgt,
-            relative_port: cfg.tpgt,
-            timers: Timers::default(),
-            limits: Default::default(),
-        };
+                discovery_chap: cfg.discovery_chap.clone(),
+                tpgt: port.port_group,
+                relative_port: port.relative_port,
+                timers: Timers::default(),
+                limits: Default::default(),
+            };
+            portals.push((
+                iscsi_target::driver::Server::new(Arc::new(fabric)),
+                listener,
+            ));
+        }
         Ok(Self {
             volumes,
             listen,
-            server: iscsi_target::driver::Server::new(Arc::new(fabric)),
-            listener: Some(listener),
+            portals,
         })
     }
 
     /// Serves until `shutdown` turns true, then flushes every volume.
-    pub async fn run(mut self, shutdown: watch::Receiver<bool>) {
-        let listener = self.listener.take().expect("run once");
-        self.server.serve(listener, shutdown).await;
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let mut serving = tokio::task::JoinSet::new();
+        for (server, listener) in self.portals {
+            let rx = shutdown.clone();
+            serving.spawn(async move { server.serve(listener, rx).await });
+        }
+        while serving.join_next().await.is_some() {}
         for v in &self.volumes {
             if let Err(e) = v.flush().await {
                 tracing::error!(cause = %e, "flush at shutdown failed");

@@ -205,20 +205,16 @@ impl LogicalUnit {
         self.nexuses.lock().expect("nexus lock").remove(nexus);
     }
 
-    /// LOGICAL UNIT RESET (or a target reset): SPC-2 reservations are released and every other
-    /// nexus gets a BUS DEVICE RESET unit attention. Persistent reservations survive.
+    /// LOGICAL UNIT RESET (or a target reset): SPC-2 reservations are released and every nexus
+    /// gets a BUS DEVICE RESET unit attention. Persistent reservations survive.
     pub fn reset(&self, by: &ItNexus) {
         *self.spc2.lock().expect("spc2 lock") = None;
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        let others: Vec<ItNexus> = self
-            .nexuses
-            .lock()
-            .expect("nexus lock")
-            .iter()
-            .filter(|n| *n != by)
-            .cloned()
-            .collect();
-        for n in others {
+        // SAM-5 §6.3.3: the unit attention goes to every I_T nexus, the requester's included
+        // (libiscsi's MultipathIO.Reset checks each path).
+        let mut all: BTreeSet<ItNexus> = self.nexuses.lock().expect("nexus lock").clone();
+        all.insert(by.clone());
+        for n in all {
             self.queue_ua(&n, SenseReason::UaBusDeviceReset);
         }
     }
@@ -303,6 +299,9 @@ pub fn encode_lun(lun: u16) -> u64 {
 pub struct DeviceServer {
     luns: BTreeMap<u16, Arc<LogicalUnit>>,
     port: TargetPort,
+    /// Every target port (group) that serves these LUs, this one included, for REPORT TARGET
+    /// PORT GROUPS.
+    port_groups: Vec<TargetPort>,
 }
 
 impl DeviceServer {
@@ -312,7 +311,22 @@ impl DeviceServer {
     /// If more than [`crate::constants::LUNS_MAX`] LUNs are given.
     pub fn new(port: TargetPort, luns: BTreeMap<u16, Arc<LogicalUnit>>) -> Self {
         assert!(luns.len() <= crate::constants::LUNS_MAX);
-        Self { luns, port }
+        Self {
+            luns,
+            port,
+            port_groups: vec![port],
+        }
+    }
+
+    /// Declares every target port that serves the same LUs (each its own target port group),
+    /// so REPORT TARGET PORT GROUPS lists them all and agrees with each port's VPD 0x83.
+    ///
+    /// # Panics
+    /// If this server's own port is not in the list.
+    pub fn with_port_groups(mut self, all: Vec<TargetPort>) -> Self {
+        assert!(all.contains(&self.port), "the list includes this port");
+        self.port_groups = all;
+        self
     }
 
     /// The LUNs.
@@ -1051,12 +1065,15 @@ impl DeviceServer {
 
     fn report_target_port_groups(&self, extended: bool) -> Vec<u8> {
         let mut body = Vec::new();
-        body.push(0x80); // PREF=1, access state 0: active/optimized
-        body.push(0x80 | 0x08 | 0x01); // T_SUP, U_SUP, AO_SUP
-        body.extend_from_slice(&self.port.port_group.to_be_bytes());
-        body.extend_from_slice(&[0, 0, 0, 1]); // reserved, status code, vendor, port count
-        body.extend_from_slice(&[0, 0]);
-        body.extend_from_slice(&self.port.relative_port.to_be_bytes());
+        for g in &self.port_groups {
+            // Every group active/optimized; PREF marks the group the command came through.
+            body.push(if *g == self.port { 0x80 } else { 0 });
+            body.push(0x80 | 0x08 | 0x01); // T_SUP, U_SUP, AO_SUP
+            body.extend_from_slice(&g.port_group.to_be_bytes());
+            body.extend_from_slice(&[0, 0, 0, 1]); // reserved, status code, vendor, port count
+            body.extend_from_slice(&[0, 0]);
+            body.extend_from_slice(&g.relative_port.to_be_bytes());
+        }
         let mut d = Vec::new();
         // RETURN DATA LENGTH counts the descriptors (SPC-4 §6.36).
         d.extend_from_slice(&(body.len() as u32).to_be_bytes());

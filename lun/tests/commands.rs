@@ -418,6 +418,11 @@ async fn spc2_reserve_conflicts_until_release_reset_or_nexus_loss() {
     f.ds.nexus_lost(&nexus_of(2));
     assert_eq!(
         run_as(&f, 1, &reserve, vec![]).await.status,
+        GOOD_AFTER_UA,
+        "the resetting nexus sees the reset too"
+    );
+    assert_eq!(
+        run_as(&f, 1, &reserve, vec![]).await.status,
         expect::GOOD,
         "nexus loss released it"
     );
@@ -765,7 +770,13 @@ async fn reset_and_clear_task_set_abort_other_nexuses_tasks_with_a_unit_attentio
         ua.status,
         CommandStatus::CheckCondition(SenseReason::UaBusDeviceReset)
     );
-    // The nexus that reset gets no unit attention.
+    // The nexus that reset hears about it too (SAM-5: every I_T nexus).
+    assert_eq!(
+        run_as(&f, 1, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![])
+            .await
+            .status,
+        CommandStatus::CheckCondition(SenseReason::UaBusDeviceReset)
+    );
     assert_eq!(
         run_as(&f, 1, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![])
             .await

@@ -16,8 +16,10 @@ pub const IQN: &str = "iqn.2026-11.io.rainio:test";
 #[derive(Debug)]
 pub struct Appliance {
     child: Child,
-    /// Portal address.
+    /// Portal address (the first portal).
     pub addr: SocketAddr,
+    /// Every portal, in order (portal i is TPGT i + 1).
+    pub addrs: Vec<SocketAddr>,
     /// Its data dir (deleted on drop).
     pub dir: tempfile::TempDir,
 }
@@ -74,16 +76,37 @@ impl Appliance {
     /// # Panics
     /// If it does not start listening within 20 s.
     pub fn start_with(target_extra: &str, size: &str, block_size: u32) -> Self {
+        Self::start_full(1, target_extra, size, block_size)
+    }
+
+    /// An appliance serving its target through `portals` portals (one path each).
+    ///
+    /// # Panics
+    /// If it does not start listening within 20 s.
+    pub fn start_portals(portals: usize, target_extra: &str) -> Self {
+        Self::start_full(portals, target_extra, "128MiB", 512)
+    }
+
+    fn start_full(portals: usize, target_extra: &str, size: &str, block_size: u32) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let addrs: Vec<SocketAddr> = (0..portals)
+            .map(|_| format!("127.0.0.1:{}", free_port()).parse().expect("addr"))
+            .collect();
+        let addr = addrs[0];
+        let listen: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+        let listen = listen.join(", ");
         let cfg = format!(
-            "data_dir = \".\"\nlog_level = \"info\"\n[iscsi]\nlisten = \"{addr}\"\n[target]\niqn = \"{IQN}\"\n{target_extra}\n[[volume]]\nname = \"vol0\"\nlun = 0\nsize = \"{size}\"\nblock_size = {block_size}\n"
+            "data_dir = \".\"\nlog_level = \"info\"\n[iscsi]\nlisten = [{listen}]\n[target]\niqn = \"{IQN}\"\n{target_extra}\n[[volume]]\nname = \"vol0\"\nlun = 0\nsize = \"{size}\"\nblock_size = {block_size}\n"
         );
         std::fs::write(dir.path().join("appliance.toml"), cfg).expect("write config");
         std::fs::File::create(dir.path().join("appliance.log")).expect("log file");
         let child = spawn(dir.path());
-        let mut me = Self { child, addr, dir };
+        let mut me = Self {
+            child,
+            addr,
+            addrs,
+            dir,
+        };
         me.wait_listening();
         me
     }
@@ -101,6 +124,11 @@ impl Appliance {
             assert!(self.is_running(), "appliance exited; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// iSCSI URL of LUN `lun` through portal `portal`.
+    pub fn url_on(&self, portal: usize, lun: u16) -> String {
+        format!("iscsi://{}/{IQN}/{lun}", self.addrs[portal])
     }
 
     /// iSCSI URL of LUN `lun`, optionally with CHAP credentials.

@@ -30,11 +30,26 @@ const REQUIRED_SUITES: &[&str] = &[
 
 #[test]
 fn iscsi_test_cu_all_family() {
-    let app = Appliance::start("");
+    // Two portals (two paths to the LU): the MultipathIO tests use the second.
+    let app = Appliance::start_portals(2, "");
     let url = app.url(0, None);
+    let url2 = app.url_on(1, 0);
     let (_, out) = run_tool(
         "iscsi-test-cu",
-        &["--dataloss", "--verbose", "--test", "ALL", &url],
+        // Two initiator names (the reservation tests log in as both) and two portals (the
+        // MultipathIO tests use the second path).
+        &[
+            "--dataloss",
+            "--verbose",
+            "--initiator-name",
+            "iqn.2026-11.io.rainio:conformance-1",
+            "--initiator-name-2",
+            "iqn.2026-11.io.rainio:conformance-2",
+            "--test",
+            "ALL",
+            &url,
+            &url2,
+        ],
     );
     let results = cunit::parse(&out);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/conformance");
