@@ -67,6 +67,8 @@ struct RawConfig {
 struct RawIscsi {
     listen: Option<OneOrMany>,
     tpgt: Option<u16>,
+    max_sessions_per_target: Option<usize>,
+    max_sessions_per_initiator: Option<usize>,
 }
 
 /// `listen = "ip:port"` or `listen = ["ip:port", ...]`.
@@ -129,6 +131,10 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// Portal group tag of the first portal.
     pub tpgt: u16,
+    /// Concurrent normal sessions per target on each portal.
+    pub sessions_per_target: usize,
+    /// Concurrent normal sessions per initiator name on each portal.
+    pub sessions_per_initiator: usize,
     /// Target IQN.
     pub iqn: String,
     /// Target alias.
@@ -277,6 +283,26 @@ impl TryFrom<RawConfig> for Config {
             listen.push(a);
         }
         let tpgt = raw.iscsi.tpgt.unwrap_or(1);
+        let sessions_per_target = raw
+            .iscsi
+            .max_sessions_per_target
+            .unwrap_or(iscsi_target::constants::SESSIONS_PER_TARGET_MAX);
+        let sessions_per_initiator = raw
+            .iscsi
+            .max_sessions_per_initiator
+            .unwrap_or(iscsi_target::constants::SESSIONS_PER_INITIATOR_MAX);
+        if !(1..=65_535).contains(&sessions_per_target) {
+            return Err(invalid(
+                "iscsi.max_sessions_per_target",
+                "must be 1 to 65535",
+            ));
+        }
+        if !(1..=sessions_per_target).contains(&sessions_per_initiator) {
+            return Err(invalid(
+                "iscsi.max_sessions_per_initiator",
+                "must be at least 1 and at most iscsi.max_sessions_per_target",
+            ));
+        }
         if tpgt == 0 {
             return Err(invalid("iscsi.tpgt", "must be 1 or more"));
         }
@@ -352,6 +378,8 @@ impl TryFrom<RawConfig> for Config {
             log_level: raw.log_level.unwrap_or_else(|| "info".into()),
             listen,
             tpgt,
+            sessions_per_target,
+            sessions_per_initiator,
             iqn: raw.target.iqn,
             alias: raw.target.alias,
             chap: chap("target.chap", raw.target.chap)?,
@@ -473,6 +501,11 @@ mod tests {
         .contains("target.chap.secret"));
         assert!(err(&format!("[iscsi]\nlisten=\"nowhere\"\n{base}")).contains("iscsi.listen"));
         assert!(err(base).contains("volume"));
+        let vol = "[[volume]]\nname=\"v\"\nlun=0\nsize=\"1GiB\"\n";
+        assert!(err(&format!(
+            "[iscsi]\nmax_sessions_per_target = 4\nmax_sessions_per_initiator = 8\n{base}{vol}"
+        ))
+        .contains("iscsi.max_sessions_per_initiator"));
     }
 
     #[test]

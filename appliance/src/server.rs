@@ -127,7 +127,10 @@ impl Controller {
                 tpgt: port.port_group,
                 relative_port: port.relative_port,
                 timers: Timers::default(),
-                limits: Default::default(),
+                limits: iscsi_target::SessionLimits::new(
+                    cfg.sessions_per_target,
+                    cfg.sessions_per_initiator,
+                ),
             };
             portals.push((
                 iscsi_target::driver::Server::new(Arc::new(fabric)),
