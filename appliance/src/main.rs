@@ -121,6 +121,15 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // Handlers first: a signal that arrives once the portal is announced must stop the
+        // appliance cleanly (initiators told, data flushed), not kill it.
+        let signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let controller = match server::Controller::start(&cfg) {
             Ok(c) => c,
             Err(e) => {
@@ -153,7 +162,7 @@ fn main() -> ExitCode {
         tracing::info!(portals = ?controller.listen, iqn = %cfg.iqn, "serving");
         let (tx, rx) = watch::channel(false);
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.wait().await;
             tracing::info!("signal received: asking initiators to log out, then stopping");
             let _ = tx.send(true);
         });
@@ -162,11 +171,25 @@ fn main() -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM, registered with the OS as soon as this is created.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
     }
 }
