@@ -5,7 +5,7 @@
 //! initiator sent (its expected transfer length); a [`CommandOutcome`] carries status, sense
 //! and Data-In, and for writes how many bytes the CDB wanted, so the fabric can set residuals.
 
-use crate::sense::CommandStatus;
+use crate::sense::{CommandStatus, SenseReason};
 
 /// An I_T nexus: one initiator port (name + ISID) through one target port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -111,6 +111,26 @@ impl CommandOutcome {
             status: CommandStatus::Good,
             sense: Vec::new(),
             data_in,
+            data_out_wanted: None,
+        }
+    }
+
+    /// A status with neither data nor sense (RESERVATION CONFLICT, TASK SET FULL, ...).
+    pub fn status(status: CommandStatus) -> Self {
+        Self {
+            status,
+            sense: Vec::new(),
+            data_in: DataIn::None,
+            data_out_wanted: None,
+        }
+    }
+
+    /// CHECK CONDITION with `reason`, sense encoded in descriptor or fixed format.
+    pub fn check(reason: SenseReason, descriptor: bool) -> Self {
+        Self {
+            status: CommandStatus::CheckCondition(reason),
+            sense: reason.encode(descriptor),
+            data_in: DataIn::None,
             data_out_wanted: None,
         }
     }

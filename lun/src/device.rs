@@ -178,6 +178,28 @@ impl LogicalUnit {
         self.pr.lock().expect("pr lock").clone()
     }
 
+    /// Records that `nexus` addresses this LU; cheap when it is already known (the common
+    /// case: no allocation). SAM-5 §6.2: after power on every I_T nexus starts with a POWER
+    /// ON, RESET, OR BUS DEVICE RESET OCCURRED unit attention; a nexus met for the first time
+    /// since start gets it now.
+    fn note_nexus(&self, nexus: &ItNexus) {
+        {
+            let mut known = self.nexuses.lock().expect("nexus lock");
+            if known.contains(nexus) {
+                return;
+            }
+            known.insert(nexus.clone());
+        }
+        if self
+            .ever_seen
+            .lock()
+            .expect("seen lock")
+            .insert(nexus.clone())
+        {
+            self.queue_ua(nexus, SenseReason::UaPowerOnReset);
+        }
+    }
+
     fn queue_ua(&self, nexus: &ItNexus, reason: SenseReason) {
         let mut ua = self.ua.lock().expect("ua lock");
         let q = ua.entry(nexus.clone()).or_default();
@@ -360,14 +382,8 @@ impl DeviceServer {
 
     /// Runs an admitted command once its task attribute allows, to completion.
     pub async fn run(&self, a: Admitted) -> CommandOutcome {
-        let empty = |status| CommandOutcome {
-            status,
-            sense: Vec::new(),
-            data_in: DataIn::None,
-            data_out_wanted: None,
-        };
         if a.full {
-            return empty(CommandStatus::TaskSetFull);
+            return CommandOutcome::status(CommandStatus::TaskSetFull);
         }
         if let Some(t) = &a.ticket {
             t.wait_turn().await;
@@ -378,7 +394,7 @@ impl DeviceServer {
         };
         // A reset or CLEAR TASK SET from another nexus while this task waited: it never runs.
         if cleared(&a) {
-            return empty(CommandStatus::TaskAborted);
+            return CommandOutcome::status(CommandStatus::TaskAborted);
         }
         let Admitted {
             cmd,
@@ -390,7 +406,7 @@ impl DeviceServer {
         let outcome = self.execute_now(cmd).await;
         drop(ticket);
         if lu.is_some_and(|lu| lu.epoch.load(Ordering::Acquire) != epoch) {
-            return empty(CommandStatus::TaskAborted);
+            return CommandOutcome::status(CommandStatus::TaskAborted);
         }
         outcome
     }
@@ -453,10 +469,8 @@ impl DeviceServer {
                 Err(Failure::Sense(r)) => Err(r),
                 Err(Failure::Conflict) => {
                     return CommandOutcome {
-                        status: CommandStatus::ReservationConflict,
-                        sense: Vec::new(),
-                        data_in: DataIn::None,
                         data_out_wanted: wanted,
+                        ..CommandOutcome::status(CommandStatus::ReservationConflict)
                     }
                 }
             },
@@ -467,10 +481,8 @@ impl DeviceServer {
                 ..CommandOutcome::good(data_in)
             },
             Err(reason) => CommandOutcome {
-                status: CommandStatus::CheckCondition(reason),
-                sense: reason.encode(descriptor),
-                data_in: DataIn::None,
                 data_out_wanted: wanted,
+                ..CommandOutcome::check(reason, descriptor)
             },
         }
     }
@@ -484,17 +496,7 @@ impl DeviceServer {
         wanted: &mut Option<u64>,
     ) -> Result<DataIn, Failure> {
         let nexus = &cmd.nexus;
-        lu.nexuses.lock().expect("nexus lock").insert(nexus.clone());
-        // SAM-5 §6.2: after power on every I_T nexus starts with a POWER ON, RESET, OR BUS
-        // DEVICE RESET OCCURRED unit attention; a nexus met for the first time gets it now.
-        if lu
-            .ever_seen
-            .lock()
-            .expect("seen lock")
-            .insert(nexus.clone())
-        {
-            lu.queue_ua(nexus, SenseReason::UaPowerOnReset);
-        }
+        lu.note_nexus(nexus);
         // SPC-4 §5.14: INQUIRY and REPORT LUNS neither report nor clear a unit attention;
         // REQUEST SENSE reports it as its data and clears it.
         match c {

@@ -1104,12 +1104,7 @@ impl Connection {
             None
         };
         if let Some(reason) = early_reason {
-            task.early = Some(CommandOutcome {
-                status: lun::CommandStatus::CheckCondition(reason),
-                sense: reason.encode(false),
-                data_in: lun::DataIn::None,
-                data_out_wanted: None,
-            });
+            task.early = Some(CommandOutcome::check(reason, false));
             task.received = data.len() as u32;
             let itt = c.itt;
             let waiting = task.unsolicited_open;
@@ -1336,13 +1331,7 @@ impl Connection {
             return;
         };
         self.release(itt, &task);
-        let reason = lun::SenseReason::DataPhaseError;
-        let outcome = CommandOutcome {
-            status: lun::CommandStatus::CheckCondition(reason),
-            sense: reason.encode(false),
-            data_in: lun::DataIn::None,
-            data_out_wanted: None,
-        };
+        let outcome = CommandOutcome::check(lun::SenseReason::DataPhaseError, false);
         self.respond(itt, &task, outcome);
         if self.discard_itts.len() == CMD_WINDOW_MAX as usize {
             self.discard_itts.pop_front();
