@@ -165,7 +165,7 @@ async fn zero_length_transfers_are_good_and_move_no_data() {
 }
 
 #[tokio::test]
-async fn transfer_above_the_block_limit_points_at_the_length_field() {
+async fn over_long_transfer_past_the_end_is_lba_out_of_range() {
     let f = fixture();
     let max_blocks = lun::constants::TRANSFER_BYTES_MAX / BS;
     let r = run(&f, 0, &rw16(op::READ_16, 0, max_blocks + 1), vec![]).await;

@@ -19,8 +19,8 @@
 pub mod codec;
 pub mod range_lock;
 
-use disk_io::{round_up, Device, PooledBuf, IO_ALIGN_BYTES, IO_SIZE_MAX_BYTES};
-use range_lock::RangeLock;
+use disk_io::{Device, PooledBuf, IO_ALIGN_BYTES, IO_SIZE_MAX_BYTES};
+use range_lock::{RangeGuard, RangeLock};
 use std::sync::Arc;
 
 /// Errors of the volume layer.
@@ -148,8 +148,7 @@ impl LocalVolume {
     /// Out-of-range requests and device errors.
     pub async fn read(&self, offset: u64, len: usize) -> Result<ReadData> {
         self.check(offset, len as u64)?;
-        let a0 = offset - offset % IO_ALIGN_BYTES as u64;
-        let a1 = round_up((offset + len as u64) as usize, IO_ALIGN_BYTES) as u64;
+        let (a0, a1) = Self::aligned_span(offset, len as u64);
         let mut bufs = Vec::new();
         let mut pos = a0;
         while pos < a1 {
@@ -172,17 +171,25 @@ impl LocalVolume {
         (a0, a1)
     }
 
+    /// Checks `[offset, offset + len)` against the volume and, unless it is empty, locks its
+    /// page-aligned span. `None` means there is nothing to do.
+    async fn lock_span(&self, offset: u64, len: u64) -> Result<Option<RangeGuard<'_>>> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(None);
+        }
+        let (a0, a1) = Self::aligned_span(offset, len);
+        Ok(Some(self.locks.lock(a0, a1).await))
+    }
+
     /// Writes `data` at `offset`; with `fua` it is on stable storage on return.
     ///
     /// # Errors
     /// Out-of-range requests and device errors.
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        self.check(offset, data.len() as u64)?;
-        if data.is_empty() {
+        let Some(_guard) = self.lock_span(offset, data.len() as u64).await? else {
             return Ok(());
-        }
-        let (a0, a1) = Self::aligned_span(offset, data.len() as u64);
-        let _guard = self.locks.lock(a0, a1).await;
+        };
         self.write_locked(offset, data, fua).await
     }
 
@@ -243,12 +250,9 @@ impl LocalVolume {
         fua: bool,
     ) -> Result<Option<usize>> {
         assert_eq!(verify.len(), data.len());
-        self.check(offset, data.len() as u64)?;
-        if data.is_empty() {
+        let Some(_guard) = self.lock_span(offset, data.len() as u64).await? else {
             return Ok(None);
-        }
-        let (a0, a1) = Self::aligned_span(offset, data.len() as u64);
-        let _guard = self.locks.lock(a0, a1).await;
+        };
         let current = self.read(offset, verify.len()).await?.to_vec();
         if let Some(i) = current.iter().zip(verify).position(|(a, b)| a != b) {
             return Ok(Some(i));
@@ -263,12 +267,9 @@ impl LocalVolume {
     /// # Errors
     /// Out-of-range requests and device errors.
     pub async fn or_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        self.check(offset, data.len() as u64)?;
-        if data.is_empty() {
+        let Some(_guard) = self.lock_span(offset, data.len() as u64).await? else {
             return Ok(());
-        }
-        let (a0, a1) = Self::aligned_span(offset, data.len() as u64);
-        let _guard = self.locks.lock(a0, a1).await;
+        };
         let mut merged = self.read(offset, data.len()).await?.to_vec();
         for (m, d) in merged.iter_mut().zip(data) {
             *m |= d;
@@ -287,14 +288,11 @@ impl LocalVolume {
     /// # Errors
     /// Out-of-range requests and device errors.
     pub async fn unmap(&self, offset: u64, len: u64) -> Result<()> {
-        self.check(offset, len)?;
-        if len == 0 {
+        let Some(_guard) = self.lock_span(offset, len).await? else {
             return Ok(());
-        }
+        };
         let align = IO_ALIGN_BYTES as u64;
         let end = offset + len;
-        let (a0, a1) = Self::aligned_span(offset, len);
-        let _guard = self.locks.lock(a0, a1).await;
         // Whole pages inside the range.
         let inner0 = offset.div_ceil(align) * align;
         let inner1 = end - end % align;
