@@ -108,6 +108,7 @@ impl Controller {
             })
             .collect();
         let mut portals = Vec::new();
+        let chap_challenges = Arc::new(iscsi_target::ChapChallengeHistory::default());
         for (listener, port) in listeners.into_iter().zip(&ports) {
             let device =
                 Arc::new(DeviceServer::new(*port, luns.clone()).with_port_groups(ports.clone()));
@@ -131,6 +132,7 @@ impl Controller {
                     cfg.sessions_per_target,
                     cfg.sessions_per_initiator,
                 ),
+                chap_challenges: Arc::clone(&chap_challenges),
             };
             portals.push((
                 iscsi_target::driver::Server::new(Arc::new(fabric)),

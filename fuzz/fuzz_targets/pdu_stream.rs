@@ -38,6 +38,7 @@ fn cfg() -> Arc<FabricConfig> {
             relative_port: 1,
             timers: Timers::default(),
             limits: Default::default(),
+            chap_challenges: Default::default(),
         })
     }))
 }

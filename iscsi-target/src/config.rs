@@ -68,6 +68,32 @@ pub struct FabricConfig {
     pub timers: Timers,
     /// Bounds on concurrent normal sessions.
     pub limits: Arc<SessionLimits>,
+    /// Mutual-CHAP challenges already answered; shared by every portal of a controller so a
+    /// challenge replayed on another portal is refused too.
+    pub chap_challenges: Arc<ChapChallengeHistory>,
+}
+
+/// Recent initiator challenges (mutual CHAP), oldest first.
+#[derive(Debug, Default)]
+pub struct ChapChallengeHistory {
+    seen: Mutex<std::collections::VecDeque<Vec<u8>>>,
+}
+
+impl ChapChallengeHistory {
+    /// Records an initiator's mutual-CHAP challenge; false if it was seen among the last
+    /// [`crate::constants::CHAP_CHALLENGES_REMEMBERED`] (a replay: answering it again would
+    /// hand out a response an attacker already holds).
+    pub fn note(&self, challenge: &[u8]) -> bool {
+        let mut seen = self.seen.lock().expect("challenge lock");
+        if seen.iter().any(|c| c.as_slice() == challenge) {
+            return false;
+        }
+        if seen.len() == crate::constants::CHAP_CHALLENGES_REMEMBERED {
+            seen.pop_front();
+        }
+        seen.push_back(challenge.to_vec());
+        true
+    }
 }
 
 /// Bounds on concurrent normal sessions, per target and per initiator name, shared by every
@@ -78,8 +104,6 @@ pub struct SessionLimits {
     per_target: usize,
     per_initiator: usize,
     counts: Mutex<(HashMap<usize, usize>, HashMap<String, usize>)>,
-    /// Recent initiator challenges (mutual CHAP), oldest first.
-    challenges: Mutex<std::collections::VecDeque<Vec<u8>>>,
 }
 
 /// A session's place within the limits; given back on drop.
@@ -91,28 +115,12 @@ pub struct SessionSlot {
 }
 
 impl SessionLimits {
-    /// Records an initiator's mutual-CHAP challenge; false if it was seen among the last
-    /// [`crate::constants::CHAP_CHALLENGES_REMEMBERED`] (a replay: answering it again would
-    /// hand out a response an attacker already holds).
-    pub fn note_initiator_challenge(&self, challenge: &[u8]) -> bool {
-        let mut seen = self.challenges.lock().expect("challenge lock");
-        if seen.iter().any(|c| c.as_slice() == challenge) {
-            return false;
-        }
-        if seen.len() == crate::constants::CHAP_CHALLENGES_REMEMBERED {
-            seen.pop_front();
-        }
-        seen.push_back(challenge.to_vec());
-        true
-    }
-
     /// Limits of `per_target` sessions per target and `per_initiator` per initiator name.
     pub fn new(per_target: usize, per_initiator: usize) -> Arc<Self> {
         Arc::new(Self {
             per_target,
             per_initiator,
             counts: Mutex::new((HashMap::new(), HashMap::new())),
-            challenges: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -140,7 +148,6 @@ impl Default for SessionLimits {
             per_target: crate::constants::SESSIONS_PER_TARGET_MAX,
             per_initiator: crate::constants::SESSIONS_PER_INITIATOR_MAX,
             counts: Mutex::new((HashMap::new(), HashMap::new())),
-            challenges: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 }

@@ -12,7 +12,8 @@ pub mod driver;
 pub mod proto;
 
 pub use config::{
-    FabricConfig, InitiatorPatterns, Portal, SessionLimits, SessionSlot, TargetInfo, Timers,
+    ChapChallengeHistory, FabricConfig, InitiatorPatterns, Portal, SessionLimits, SessionSlot,
+    TargetInfo, Timers,
 };
 pub use proto::chap::{ChapConfig, ChapSecret};
 pub use proto::connection::{Connection, ConnectionError, Event};

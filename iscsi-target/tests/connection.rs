@@ -44,6 +44,7 @@ fn cfg(chap: Option<ChapConfig>) -> Arc<FabricConfig> {
             nop_timeout_ms: 3000,
         },
         limits: Default::default(),
+        chap_challenges: Default::default(),
     })
 }
 
@@ -738,6 +739,7 @@ fn long_sendtargets_answers_are_split_with_the_continue_bit() {
         relative_port: 1,
         timers: Timers::default(),
         limits: Default::default(),
+        chap_challenges: Default::default(),
     });
     let mut h = H {
         c: Connection::new(cfg, 3, Instant::now()),
@@ -911,6 +913,7 @@ fn session_limits_refuse_logins_beyond_the_bound() {
         relative_port: 1,
         timers: base.timers,
         limits: iscsi_target::SessionLimits::new(10, 2),
+        chap_challenges: Default::default(),
     });
     let now = Instant::now();
     let login = |tsih: u16| {

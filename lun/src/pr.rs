@@ -815,6 +815,21 @@ mod tests {
         .unwrap();
     }
 
+    /// `who` unregisters by registering service action key 0.
+    fn unreg(s: &mut PrState, who: u64, key: u64) {
+        s.apply(
+            &n(who),
+            PrOut::Register {
+                key,
+                sa_key: 0,
+                ignore: false,
+                all_tg_pt: false,
+                aptpl: false,
+            },
+        )
+        .unwrap();
+    }
+
     #[test]
     fn register_reserve_conflict_release() {
         let mut s = PrState::default();
@@ -920,29 +935,9 @@ mod tests {
             },
         )
         .unwrap();
-        s.apply(
-            &n(1),
-            PrOut::Register {
-                key: 0xa,
-                sa_key: 0,
-                ignore: false,
-                all_tg_pt: false,
-                aptpl: false,
-            },
-        )
-        .unwrap();
+        unreg(&mut s, 1, 0xa);
         assert!(s.reservation.is_some(), "another registrant still holds it");
-        s.apply(
-            &n(2),
-            PrOut::Register {
-                key: 0xb,
-                sa_key: 0,
-                ignore: false,
-                all_tg_pt: false,
-                aptpl: false,
-            },
-        )
-        .unwrap();
+        unreg(&mut s, 2, 0xb);
         assert!(s.reservation.is_none());
     }
 
@@ -962,17 +957,7 @@ mod tests {
             },
         )
         .unwrap();
-        s.apply(
-            &n(1),
-            PrOut::Register {
-                key: 0xa,
-                sa_key: 0,
-                ignore: false,
-                all_tg_pt: false,
-                aptpl: false,
-            },
-        )
-        .unwrap();
+        unreg(&mut s, 1, 0xa);
         let r = s.reservation.as_ref().expect("still reserved");
         assert_eq!(r.holder, n(2));
         // Preempting the other registrant's key (not 0) under an all-registrants reservation.

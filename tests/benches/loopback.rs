@@ -53,6 +53,7 @@ fn bench(c: &mut Criterion) {
             relative_port: 1,
             timers: Timers::default(),
             limits: Default::default(),
+            chap_challenges: Default::default(),
         });
         let (tx, rx) = tokio::sync::watch::channel(false);
         let server = iscsi_target::driver::Server::new(cfg);

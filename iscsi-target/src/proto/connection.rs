@@ -160,14 +160,19 @@ enum TaskState {
     Executing,
 }
 
+impl Task {
+    /// Data-Out expected: the W bit and a non-zero expected length.
+    fn expects_data_out(&self) -> bool {
+        self.write_flag && self.edtl > 0
+    }
+}
+
 #[derive(Debug)]
 struct Task {
     lun: u64,
     cdb: Vec<u8>,
     attr: TaskAttr,
     edtl: u32,
-    /// Data-Out expected (W bit and a non-zero expected length).
-    write: bool,
     /// The W bit: residuals are computed against what the CDB wanted to write.
     write_flag: bool,
     buf: Vec<u8>,
@@ -845,7 +850,7 @@ impl Connection {
                     if c == challenge {
                         return Err("initiator reflected the target's challenge");
                     }
-                    if !self.cfg.limits.note_initiator_challenge(&c) {
+                    if !self.cfg.chap_challenges.note(&c) {
                         return Err("initiator reused a mutual CHAP challenge (replay)");
                     }
                     resp.push(("CHAP_N".into(), mutual.user.clone()));
@@ -1082,7 +1087,6 @@ impl Connection {
             cdb,
             attr,
             edtl: c.edtl,
-            write,
             write_flag: c.write,
             buf: Vec::new(),
             accounted: 0,
@@ -1354,7 +1358,11 @@ impl Connection {
             cdb: std::mem::take(&mut task.cdb),
             attr: task.attr,
             data_out: std::mem::take(&mut task.buf),
-            data_in_len: if task.write { 0 } else { task.edtl },
+            data_in_len: if task.expects_data_out() {
+                0
+            } else {
+                task.edtl
+            },
         };
         self.events.push_back(Event::Execute { itt, cmd });
     }
