@@ -16,8 +16,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod codec;
+pub mod engine;
+pub mod layout;
 pub mod range_lock;
+pub mod shard;
 
 use disk_io::{Device, PooledBuf, IO_ALIGN_BYTES, IO_SIZE_MAX_BYTES};
 use range_lock::{RangeGuard, RangeLock};

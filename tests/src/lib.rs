@@ -6,3 +6,4 @@
 pub mod appliance;
 pub mod cunit;
 pub mod initiator;
+pub mod sim;

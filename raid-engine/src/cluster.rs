@@ -1,0 +1,215 @@
+//! What the engine needs from the cluster: the membership view, volume placement, the
+//! write-intent log, and a way to reach peers.
+//!
+//! The engine is a library: the appliance supplies these from its metadata log (Raft) and peer
+//! transport; the simulation in `tests/` supplies them from a seeded, single-threaded model.
+//!
+//! Invariants:
+//! - A [`ClusterView`] is immutable and versioned by its epoch; a newer view has a larger
+//!   epoch. Every peer request carries the sender's epoch.
+//! - The primary of an extent is the first controller of its placement set that is
+//!   [`ControllerState::Up`] in the view; a controller that is resyncing holds shards and takes
+//!   writes but is never primary.
+//! - [`ClusterEnv::mark_intent`] returns only once the mark is durable and visible to whichever
+//!   controller becomes primary next (replicated through the metadata log).
+
+use crate::layout::{ControllerId, Layout, LayoutError};
+use crate::shard::{BoxFut, Chunk, ChunkAddr, ShardError, VolumeId};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A controller's membership state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControllerState {
+    /// Serving: holds its shards, may be primary, accepts host I/O.
+    Up,
+    /// Back after being down: takes new writes while the rows it missed are copied to it; not
+    /// primary; its shards are read only where known current.
+    Resyncing,
+    /// Missing heartbeats: its shards are written around (write-intent maps).
+    Down,
+}
+
+/// Membership at one epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterView {
+    /// Version of membership + placement.
+    pub epoch: u64,
+    /// Every member and its state.
+    pub controllers: BTreeMap<ControllerId, ControllerState>,
+}
+
+impl ClusterView {
+    /// The state of `id` (absent members are down).
+    pub fn state(&self, id: ControllerId) -> ControllerState {
+        self.controllers
+            .get(&id)
+            .copied()
+            .unwrap_or(ControllerState::Down)
+    }
+    /// Whether `id` holds shards that can be written now (up or resyncing).
+    pub fn reachable(&self, id: ControllerId) -> bool {
+        self.state(id) != ControllerState::Down
+    }
+    /// The primary of a placement set.
+    pub fn primary(&self, set: &[ControllerId]) -> Option<ControllerId> {
+        set.iter()
+            .copied()
+            .find(|&c| self.state(c) == ControllerState::Up)
+    }
+}
+
+/// A volume as the engine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMeta {
+    /// Cluster-wide id.
+    pub id: VolumeId,
+    /// Size and geometry.
+    pub layout: Layout,
+    /// Placement set of each extent.
+    pub placement: Vec<Vec<ControllerId>>,
+}
+
+impl VolumeMeta {
+    /// A volume with rotated placement over `controllers`.
+    ///
+    /// # Errors
+    /// [`LayoutError::TooFewControllers`].
+    pub fn rotated(
+        id: VolumeId,
+        layout: Layout,
+        controllers: &[ControllerId],
+    ) -> Result<Self, LayoutError> {
+        let mut sorted = controllers.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let placement = (0..layout.extent_count())
+            .map(|e| crate::layout::rotated_placement(e, &sorted, layout.geometry.width()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            id,
+            layout,
+            placement,
+        })
+    }
+}
+
+/// One write-intent mark: the holder of `pos` missed a write to `row` of `extent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IntentMark {
+    /// Volume.
+    pub volume: VolumeId,
+    /// Extent.
+    pub extent: u64,
+    /// Row.
+    pub row: u32,
+    /// Position in the placement set.
+    pub pos: u8,
+}
+
+/// Why a volume operation failed. Each maps to a SCSI status in `lun`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VolError {
+    /// Outside the volume.
+    #[error("range offset {offset} length {len} is outside the volume")]
+    OutOfRange {
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// No such volume on this controller.
+    #[error("volume {0} is not known to this controller")]
+    NoVolume(VolumeId),
+    /// This controller may not serve I/O (no lease, not a member, catching up).
+    #[error("controller is fenced: it has no valid lease from the metadata majority")]
+    Fenced,
+    /// The request was made under another epoch; retry with the current view.
+    #[error("epoch mismatch: request {theirs}, controller {ours}")]
+    Epoch {
+        /// This controller's epoch.
+        ours: u64,
+        /// The request's.
+        theirs: u64,
+    },
+    /// This controller is not the extent's primary in its view.
+    #[error("controller is not the primary of extent {0}")]
+    NotPrimary(u64),
+    /// No controller of the placement set is up.
+    #[error("extent {0} has no live primary")]
+    NoPrimary(u64),
+    /// Fewer than `k` consistent shards could be read: the row cannot be served now.
+    #[error("row unreadable: {have} consistent shards reachable, {need} needed")]
+    TooFewShards {
+        /// Consistent shards reached.
+        have: usize,
+        /// `k`.
+        need: usize,
+    },
+    /// The write reached fewer holders than `write_quorum`: not acknowledged.
+    #[error("write reached {have} holders, write_quorum is {need}")]
+    NoQuorum {
+        /// Holders with the write.
+        have: usize,
+        /// Quorum.
+        need: usize,
+    },
+    /// A peer or metadata failure.
+    #[error("{0}")]
+    Peer(String),
+}
+
+impl From<ShardError> for VolError {
+    fn from(e: ShardError) -> Self {
+        Self::Peer(e.to_string())
+    }
+}
+
+/// The engine's window on the cluster: peers and the replicated write-intent log.
+pub trait ClusterEnv: Send + Sync + fmt::Debug {
+    /// Reads every valid copy of a chunk from controller `to`.
+    fn read_chunk(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        addr: ChunkAddr,
+    ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>>;
+    /// Writes a chunk to controller `to` (durable on `Ok`).
+    fn write_chunk(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        addr: ChunkAddr,
+        chunk: Chunk,
+    ) -> BoxFut<'_, Result<(), ShardError>>;
+    /// Hands a host write to the extent's primary `to`.
+    fn forward_write(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        volume: VolumeId,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> BoxFut<'_, Result<(), VolError>>;
+    /// Hands a host read to the extent's primary `to`.
+    fn forward_read(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> BoxFut<'_, Result<Vec<u8>, VolError>>;
+    /// Records durably, cluster-wide, that a holder missed the row state of version
+    /// `missed` (a mark keeps the highest version it was set with).
+    fn mark_intent(&self, mark: IntentMark, missed: u64) -> BoxFut<'_, Result<(), VolError>>;
+    /// Clears a mark once the holder has the row again (state version `upto`).
+    /// Only a mark whose missed version is at most `upto` is cleared: a mark set again by a
+    /// newer write stays.
+    fn clear_intent(&self, mark: IntentMark, upto: u64) -> BoxFut<'_, Result<(), VolError>>;
+    /// Marks of `volume` (this controller's replica of the log).
+    fn intents(&self, volume: VolumeId) -> Vec<IntentMark>;
+    /// Positions of one row that are marked (bit mask), and the highest version any of them
+    /// missed: the row's state is at least that new.
+    fn row_marks(&self, volume: VolumeId, extent: u64, row: u32) -> (u32, u64);
+}

@@ -1,0 +1,1025 @@
+//! One controller's share of the distributed data path: host reads and writes, the primary's
+//! row work (encode, write, degraded read, repair), the holder's chunk service, and resync.
+//!
+//! The engine is IO-agnostic: it reaches every shard, its own included, through
+//! [`ClusterEnv`], which the appliance backs with its peer transport and metadata log and the
+//! simulation with a seeded model.
+//!
+//! Row protocol (the primary holds the row lock throughout):
+//! 1. *Load*: the first touch of a row in an epoch reads every reachable position, finds the
+//!    newest row state that at least `k` valid copies describe (a crash mid-write leaves newer
+//!    but incomplete copies: they are rolled back; holders keep the previous copy for this),
+//!    and records which positions are *behind* (their newest copy is not valid for that
+//!    state). Behind positions that are reachable get a write-intent mark, so resync fixes them.
+//! 2. *Write*: builds the new content of the touched data columns (reading the other columns
+//!    of a partial row), encodes parity, and writes the touched columns and every parity
+//!    column at a new version `(epoch << 32) + n`. Holders that fail get a write-intent mark,
+//!    durable before the host is answered; the write is acknowledged when the positions
+//!    holding the new state reach `write_quorum`.
+//! 3. *Read*: reads the needed data columns from their holders (checking versions); a missing,
+//!    stale or failing column is reconstructed from the first `k` valid answers of all the
+//!    other positions.
+//!
+//! Invariants:
+//! - Only the primary of an extent, at the epoch of its view, writes chunks of that extent;
+//!   a holder refuses requests whose epoch is below the highest it has seen.
+//! - Versions of one row are unique: a new primary's versions exceed every older epoch's.
+//! - A host write returns `Ok` only when `write_quorum` positions hold it and every position
+//!   that missed it is marked in the write-intent log.
+
+use crate::cluster::{ClusterEnv, ClusterView, ControllerState, IntentMark, VolError, VolumeMeta};
+use crate::codec::{new_codec, ErasureCodec};
+use crate::layout::{ControllerId, RowSpan};
+use crate::range_lock::RangeLock;
+use crate::shard::{Chunk, ChunkAddr, ShardError, ShardStore, VolumeId};
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+type Result<T> = std::result::Result<T, VolError>;
+
+/// What the primary knows about one row in the current epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RowMeta {
+    version: u64,
+    cols: Vec<u64>,
+    /// Bit `p`: position `p` is known not to hold this state (its newest copy is another
+    /// state's, or a write to it failed).
+    behind: u32,
+    /// Bit `p`: position `p` did not answer when the row was loaded; it is read (copies are
+    /// checked by version) but not counted as holding the state.
+    unknown: u32,
+}
+
+impl RowMeta {
+    fn is_behind(&self, pos: usize) -> bool {
+        self.behind & (1 << pos) != 0
+    }
+    fn is_unknown(&self, pos: usize) -> bool {
+        self.unknown & (1 << pos) != 0
+    }
+    /// Positions known to hold the state.
+    fn holding(&self, width: usize) -> usize {
+        width - (self.behind | self.unknown).count_ones() as usize
+    }
+    /// The version a valid copy at `pos` carries.
+    fn want(&self, pos: usize) -> u64 {
+        self.cols.get(pos).copied().unwrap_or(self.version)
+    }
+}
+
+/// Row states known in one epoch: `(epoch, (extent, row) -> state)`.
+type RowCache = (u64, HashMap<(u64, u32), RowMeta>);
+
+#[derive(Debug)]
+struct Vol {
+    meta: VolumeMeta,
+    codec: Box<dyn ErasureCodec>,
+    rows: RangeLock,
+    cache: Mutex<RowCache>,
+}
+
+impl Vol {
+    fn k(&self) -> usize {
+        self.meta.layout.geometry.k
+    }
+    fn width(&self) -> usize {
+        self.meta.layout.geometry.width()
+    }
+    fn chunk(&self) -> usize {
+        self.meta.layout.geometry.chunk_bytes as usize
+    }
+    fn global_row(&self, extent: u64, row: u32) -> u64 {
+        extent * u64::from(self.meta.layout.geometry.rows_per_extent) + u64::from(row)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    view: Arc<ClusterView>,
+    fenced: bool,
+    volumes: HashMap<VolumeId, Arc<Vol>>,
+}
+
+/// Counters for status and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Rows read through reconstruction.
+    pub degraded_reads: u64,
+    /// Rows whose load found positions behind.
+    pub rows_behind_found: u64,
+    /// Chunks copied by resync.
+    pub resync_chunks: u64,
+}
+
+/// One controller's data path.
+#[derive(Debug)]
+pub struct Engine {
+    id: ControllerId,
+    store: Arc<dyn ShardStore>,
+    env: Arc<dyn ClusterEnv>,
+    inner: Mutex<Inner>,
+    seen_epoch: AtomicU64,
+    next_version: AtomicU64,
+    stats: Mutex<EngineStats>,
+}
+
+/// The first version a primary may use in `epoch`.
+fn epoch_base(epoch: u64) -> u64 {
+    epoch << 32
+}
+
+/// A chunk of zeros: the content of anything never written (version 0).
+fn zeros(len: usize) -> Vec<u8> {
+    vec![0; len]
+}
+
+/// The payload of a copy valid for version `want`, if any.
+fn pick(copies: &[Chunk], want: u64, len: usize) -> Option<Vec<u8>> {
+    if want == 0 {
+        return Some(zeros(len));
+    }
+    copies
+        .iter()
+        .find(|c| c.version == want && c.data.len() == len)
+        .map(|c| c.data.clone())
+}
+
+/// Whether the most recently written copy (or "never written") is valid for `want`.
+fn newest_valid(copies: &[Chunk], want: u64) -> bool {
+    copies.first().map_or(want == 0, |c| c.version == want)
+}
+
+impl Engine {
+    /// An engine for controller `id`, holding its shards in `store`.
+    pub fn new(
+        id: ControllerId,
+        store: Arc<dyn ShardStore>,
+        env: Arc<dyn ClusterEnv>,
+        view: ClusterView,
+    ) -> Self {
+        let epoch = view.epoch;
+        Self {
+            id,
+            store,
+            env,
+            inner: Mutex::new(Inner {
+                view: Arc::new(view),
+                fenced: false,
+                volumes: HashMap::new(),
+            }),
+            seen_epoch: AtomicU64::new(epoch),
+            next_version: AtomicU64::new(0),
+            stats: Mutex::new(EngineStats::default()),
+        }
+    }
+
+    /// This controller's id.
+    pub fn id(&self) -> ControllerId {
+        self.id
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EngineStats {
+        *self.stats.lock().expect("stats")
+    }
+
+    /// Serves `meta` from now on.
+    ///
+    /// # Errors
+    /// [`VolError::Peer`] when the codec refuses the geometry.
+    pub fn add_volume(&self, meta: VolumeMeta) -> Result<()> {
+        let g = meta.layout.geometry;
+        let codec = new_codec(g.codec, g.k, g.m).map_err(|e| VolError::Peer(e.to_string()))?;
+        let vol = Arc::new(Vol {
+            meta,
+            codec,
+            rows: RangeLock::default(),
+            cache: Mutex::new((0, HashMap::new())),
+        });
+        self.lock().volumes.insert(vol.meta.id, vol);
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("engine state")
+    }
+
+    /// The current view.
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.lock().view.clone()
+    }
+
+    /// Installs a newer view (older ones are ignored). Row knowledge of older epochs is
+    /// dropped, so every row is re-verified by its (possibly new) primary.
+    pub fn set_view(&self, view: ClusterView) {
+        let mut g = self.lock();
+        if view.epoch > g.view.epoch {
+            self.seen_epoch.fetch_max(view.epoch, Ordering::SeqCst);
+            g.view = Arc::new(view);
+        }
+    }
+
+    /// Stops (or resumes) host I/O: a controller without a lease must not serve.
+    pub fn set_fenced(&self, fenced: bool) {
+        self.lock().fenced = fenced;
+    }
+
+    /// Whether host I/O is refused.
+    pub fn is_fenced(&self) -> bool {
+        let g = self.lock();
+        g.fenced || g.view.state(self.id) != ControllerState::Up
+    }
+
+    fn volume(&self, id: VolumeId) -> Result<(Arc<ClusterView>, Arc<Vol>)> {
+        let g = self.lock();
+        let vol = g.volumes.get(&id).cloned().ok_or(VolError::NoVolume(id))?;
+        Ok((g.view.clone(), vol))
+    }
+
+    fn host_entry(
+        &self,
+        id: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Arc<ClusterView>, Arc<Vol>)> {
+        if self.is_fenced() {
+            return Err(VolError::Fenced);
+        }
+        let (view, vol) = self.volume(id)?;
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > vol.meta.layout.size_bytes)
+        {
+            return Err(VolError::OutOfRange { offset, len });
+        }
+        Ok((view, vol))
+    }
+
+    /// Splits a request at extent boundaries: (extent, offset, len, offset in request).
+    fn extent_parts(vol: &Vol, offset: u64, len: u64) -> Vec<(u64, u64, u64, u64)> {
+        let eb = vol.meta.layout.geometry.extent_bytes();
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < offset + len {
+            let e = pos / eb;
+            let n = ((e + 1) * eb).min(offset + len) - pos;
+            out.push((e, pos, n, pos - offset));
+            pos += n;
+        }
+        out
+    }
+
+    /// A host write arriving at this controller: each extent's part goes to its primary.
+    ///
+    /// # Errors
+    /// See [`VolError`]; on error nothing is acknowledged, though part of the data may be
+    /// visible (as with any failed SCSI write).
+    pub async fn write(&self, volume: VolumeId, offset: u64, data: &[u8]) -> Result<()> {
+        let (view, vol) = self.host_entry(volume, offset, data.len() as u64)?;
+        for (e, off, n, at) in Self::extent_parts(&vol, offset, data.len() as u64) {
+            let part = &data[at as usize..(at + n) as usize];
+            let primary = view
+                .primary(&vol.meta.placement[e as usize])
+                .ok_or(VolError::NoPrimary(e))?;
+            if primary == self.id {
+                self.primary_write(view.epoch, volume, off, part).await?;
+            } else {
+                self.env
+                    .forward_write(primary, view.epoch, volume, off, part.to_vec())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A host read arriving at this controller.
+    ///
+    /// # Errors
+    /// See [`VolError`].
+    pub async fn read(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let (view, vol) = self.host_entry(volume, offset, len)?;
+        let mut out = Vec::with_capacity(len as usize);
+        for (e, off, n, _) in Self::extent_parts(&vol, offset, len) {
+            let primary = view
+                .primary(&vol.meta.placement[e as usize])
+                .ok_or(VolError::NoPrimary(e))?;
+            let part = if primary == self.id {
+                self.primary_read(view.epoch, volume, off, n).await?
+            } else {
+                self.env
+                    .forward_read(primary, view.epoch, volume, off, n)
+                    .await?
+            };
+            if part.len() as u64 != n {
+                return Err(VolError::Peer(format!(
+                    "primary {primary} returned {} bytes for a {n}-byte read",
+                    part.len()
+                )));
+            }
+            out.extend_from_slice(&part);
+        }
+        Ok(out)
+    }
+
+    /// Checks that this controller may act as primary for `[offset, offset+len)` at `epoch`.
+    fn as_primary(
+        &self,
+        epoch: u64,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Arc<ClusterView>, Arc<Vol>)> {
+        let g = self.lock();
+        if g.fenced {
+            return Err(VolError::Fenced);
+        }
+        if g.view.epoch != epoch {
+            return Err(VolError::Epoch {
+                ours: g.view.epoch,
+                theirs: epoch,
+            });
+        }
+        let vol = g
+            .volumes
+            .get(&volume)
+            .cloned()
+            .ok_or(VolError::NoVolume(volume))?;
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > vol.meta.layout.size_bytes)
+        {
+            return Err(VolError::OutOfRange { offset, len });
+        }
+        for (e, ..) in Self::extent_parts(&vol, offset, len) {
+            if g.view.primary(&vol.meta.placement[e as usize]) != Some(self.id) {
+                return Err(VolError::NotPrimary(e));
+            }
+        }
+        Ok((g.view.clone(), vol))
+    }
+
+    /// Re-checks the epoch after waiting for a row lock.
+    fn still(&self, epoch: u64) -> Result<()> {
+        let ours = self.lock().view.epoch;
+        if ours == epoch {
+            Ok(())
+        } else {
+            Err(VolError::Epoch {
+                ours,
+                theirs: epoch,
+            })
+        }
+    }
+
+    /// The primary's write of a range inside extents it leads (local or forwarded).
+    ///
+    /// # Errors
+    /// See [`VolError`].
+    pub async fn primary_write(
+        &self,
+        epoch: u64,
+        volume: VolumeId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let (view, vol) = self.as_primary(epoch, volume, offset, data.len() as u64)?;
+        for span in vol.meta.layout.spans(offset, data.len() as u64) {
+            let g = vol.global_row(span.extent, span.row);
+            let _row = vol.rows.lock(g, g + 1).await;
+            self.still(epoch)?;
+            let meta = self.row_meta(&view, &vol, span.extent, span.row).await?;
+            let bytes = &data[span.request_offset as usize..][..span.len as usize];
+            self.write_row(&view, &vol, span, meta, bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// The primary's read of a range inside extents it leads.
+    ///
+    /// # Errors
+    /// See [`VolError`].
+    pub async fn primary_read(
+        &self,
+        epoch: u64,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
+        let (view, vol) = self.as_primary(epoch, volume, offset, len)?;
+        let mut out = vec![0u8; len as usize];
+        let cb = vol.chunk();
+        for span in vol.meta.layout.spans(offset, len) {
+            let g = vol.global_row(span.extent, span.row);
+            let _row = vol.rows.lock(g, g + 1).await;
+            self.still(epoch)?;
+            let meta = self.row_meta(&view, &vol, span.extent, span.row).await?;
+            let first = span.offset_in_row as usize / cb;
+            let last = (span.offset_in_row + span.len - 1) as usize / cb;
+            let need: Vec<usize> = (first..=last).collect();
+            let cols = self
+                .read_cols(&view, &vol, span.extent, span.row, &meta, &need)
+                .await?;
+            let dst = &mut out[span.request_offset as usize..][..span.len as usize];
+            let mut done = 0;
+            for (c, col) in cols.iter().enumerate().take(last + 1).skip(first) {
+                let col = col.as_ref().expect("requested column");
+                let from = if c == first {
+                    span.offset_in_row as usize % cb
+                } else {
+                    0
+                };
+                let n = (cb - from).min(dst.len() - done);
+                dst[done..done + n].copy_from_slice(&col[from..from + n]);
+                done += n;
+            }
+        }
+        Ok(out)
+    }
+
+    fn addr(vol: &Vol, extent: u64, row: u32, pos: usize) -> ChunkAddr {
+        ChunkAddr {
+            volume: vol.meta.id,
+            extent,
+            row,
+            pos: pos as u8,
+        }
+    }
+
+    /// Reads every copy at `pos`, or `None` when its holder is down or fails.
+    async fn read_pos(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+        pos: usize,
+    ) -> Option<Vec<Chunk>> {
+        let holder = vol.meta.placement[extent as usize][pos];
+        if !view.reachable(holder) {
+            return None;
+        }
+        self.env
+            .read_chunk(holder, view.epoch, Self::addr(vol, extent, row, pos))
+            .await
+            .ok()
+    }
+
+    /// The row's state in this epoch: cached, or loaded from every reachable position.
+    async fn row_meta(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+    ) -> Result<RowMeta> {
+        {
+            let mut c = vol.cache.lock().expect("row cache");
+            if c.0 != view.epoch {
+                *c = (view.epoch, HashMap::new());
+            }
+            if let Some(m) = c.1.get(&(extent, row)) {
+                return Ok(m.clone());
+            }
+        }
+        let meta = self.load_row(view, vol, extent, row).await?;
+        self.cache_row(view, vol, extent, row, &meta);
+        Ok(meta)
+    }
+
+    fn forget_row(&self, view: &ClusterView, vol: &Vol, extent: u64, row: u32) {
+        let mut c = vol.cache.lock().expect("row cache");
+        if c.0 == view.epoch {
+            c.1.remove(&(extent, row));
+        }
+    }
+
+    fn cache_row(&self, view: &ClusterView, vol: &Vol, extent: u64, row: u32, meta: &RowMeta) {
+        let mut c = vol.cache.lock().expect("row cache");
+        if c.0 == view.epoch {
+            c.1.insert((extent, row), meta.clone());
+        }
+    }
+
+    /// Reads every position and settles the row's current state (see the module doc).
+    async fn load_row(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+    ) -> Result<RowMeta> {
+        let (k, n, cb) = (vol.k(), vol.width(), vol.chunk());
+        let reads = (0..n).map(|p| self.read_pos(view, vol, extent, row, p));
+        let copies: Vec<Option<Vec<Chunk>>> = futures::future::join_all(reads).await;
+        // Marked positions missed a write: their copies may be read (versions are checked)
+        // but never vouch for which state is the newest.
+        let (marked, floor) = self.env.row_marks(vol.meta.id, extent, row);
+        // Candidate states, newest first; "never written" is always a candidate.
+        let mut cands: Vec<(u64, Vec<u64>)> = copies
+            .iter()
+            .flatten()
+            .flatten()
+            .filter(|c| c.cols.len() == k)
+            .map(|c| (c.version, c.cols.clone()))
+            .collect();
+        cands.push((0, vec![0; k]));
+        cands.sort_by_key(|c| std::cmp::Reverse(c.0));
+        cands.dedup_by_key(|c| c.0);
+        let mut best = 0;
+        let mut rolled_back = false;
+        for (version, cols) in cands {
+            if version < floor {
+                // A state at least `floor` was written; older ones are stale, whatever their
+                // copies say. Without it the row cannot be served now.
+                break;
+            }
+            let probe = RowMeta {
+                version,
+                cols,
+                behind: 0,
+                unknown: 0,
+            };
+            let valid = copies
+                .iter()
+                .enumerate()
+                .filter(|(p, c)| {
+                    c.as_ref()
+                        .is_some_and(|c| pick(c, probe.want(*p), cb).is_some())
+                })
+                .count();
+            best = best.max(valid);
+            if valid < k {
+                // Roll back past this state only when it provably never reached
+                // `write_quorum` (so was never acknowledged): enough positions answered
+                // without a valid copy. Otherwise holders that did not answer may hold it.
+                // An acknowledged state's missing positions were all marked before the
+                // acknowledgement, so an unmarked position without a valid copy also proves
+                // the state was never acknowledged (a primary crashed mid-write).
+                let lacking: Vec<usize> = (0..n)
+                    .filter(|&p| {
+                        copies[p]
+                            .as_ref()
+                            .is_some_and(|c| pick(c, probe.want(p), cb).is_none())
+                    })
+                    .collect();
+                let unmarked_lacking = lacking.iter().any(|&p| marked & (1 << p) == 0);
+                if unmarked_lacking || lacking.len() > n - vol.meta.layout.geometry.write_quorum {
+                    rolled_back = true;
+                    continue;
+                }
+                return Err(VolError::TooFewShards {
+                    have: valid,
+                    need: k,
+                });
+            }
+            let mut meta = probe;
+            meta.behind = marked;
+            for (p, c) in copies.iter().enumerate() {
+                match c {
+                    None if marked & (1 << p) == 0 => meta.unknown |= 1 << p,
+                    None => {}
+                    Some(c) if !newest_valid(c, meta.want(p)) => meta.behind |= 1 << p,
+                    Some(_) => {}
+                }
+            }
+            if rolled_back {
+                // Copies of a newer, never-acknowledged state exist: re-commit this state at
+                // a version above them, so no later load can mistake them for the newest.
+                self.stats.lock().expect("stats").rows_behind_found += 1;
+                let mut shards: Vec<Option<Vec<u8>>> = copies
+                    .iter()
+                    .enumerate()
+                    .map(|(p, c)| c.as_ref().and_then(|c| pick(c, meta.want(p), cb)))
+                    .collect();
+                vol.codec
+                    .reconstruct(&mut shards)
+                    .map_err(|e| VolError::Peer(e.to_string()))?;
+                let data: Vec<Vec<u8>> = shards
+                    .into_iter()
+                    .take(k)
+                    .map(|s| s.expect("reconstructed"))
+                    .collect();
+                let touched: Vec<usize> = (0..k).filter(|&c| meta.is_behind(c)).collect();
+                return self
+                    .commit_row(view, vol, extent, row, &meta, &touched, data)
+                    .await;
+            }
+            // Reachable positions that are behind must be fixed by resync: mark them.
+            let mut newly_marked = 0;
+            for (p, c) in copies.iter().enumerate() {
+                if c.is_some() && meta.is_behind(p) && marked & (1 << p) == 0 {
+                    let mark = IntentMark {
+                        volume: vol.meta.id,
+                        extent,
+                        row,
+                        pos: p as u8,
+                    };
+                    self.env.mark_intent(mark, meta.version).await?;
+                    newly_marked += 1;
+                }
+            }
+            if newly_marked > 0 {
+                self.stats.lock().expect("stats").rows_behind_found += 1;
+            }
+            return Ok(meta);
+        }
+        Err(VolError::TooFewShards {
+            have: best,
+            need: k,
+        })
+    }
+
+    /// Data columns `need` of the row at state `meta`: straight from their holders, or
+    /// reconstructed when any is behind, down or failing. Other entries are `None`.
+    async fn read_cols(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+        meta: &RowMeta,
+        need: &[usize],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        let cb = vol.chunk();
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; vol.k()];
+        let direct = need.iter().map(|&c| async move {
+            if meta.is_behind(c) {
+                return (c, None);
+            }
+            if meta.want(c) == 0 {
+                return (c, Some(zeros(cb)));
+            }
+            let got = self.read_pos(view, vol, extent, row, c).await;
+            (c, got.and_then(|copies| pick(&copies, meta.want(c), cb)))
+        });
+        let mut missing = false;
+        for (c, d) in futures::future::join_all(direct).await {
+            missing |= d.is_none();
+            out[c] = d;
+        }
+        if missing {
+            let full = self.reconstruct(view, vol, extent, row, meta).await?;
+            for &c in need {
+                if out[c].is_none() {
+                    out[c] = Some(full[c].clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every column of the row at state `meta`, decoded from the first `k` valid answers of
+    /// all positions.
+    async fn reconstruct(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+        meta: &RowMeta,
+    ) -> Result<Vec<Vec<u8>>> {
+        let (k, n, cb) = (vol.k(), vol.width(), vol.chunk());
+        self.stats.lock().expect("stats").degraded_reads += 1;
+        let mut shards: Vec<Option<Vec<u8>>> = vec![None; n];
+        let mut have = 0;
+        // Behind positions are asked too: their older slot may still hold a valid copy (every
+        // copy is checked against the version the state wants).
+        let mut order: Vec<usize> = (0..n).filter(|&p| !meta.is_behind(p)).collect();
+        order.extend((0..n).filter(|&p| meta.is_behind(p)));
+        let mut pending: FuturesUnordered<_> = order
+            .into_iter()
+            .map(|p| async move {
+                if meta.want(p) == 0 {
+                    return (p, Some(zeros(cb)));
+                }
+                let got = self.read_pos(view, vol, extent, row, p).await;
+                (p, got.and_then(|copies| pick(&copies, meta.want(p), cb)))
+            })
+            .collect();
+        while let Some((p, d)) = pending.next().await {
+            if let Some(d) = d {
+                shards[p] = Some(d);
+                have += 1;
+                if have == k {
+                    break; // first k win; the rest are dropped
+                }
+            }
+        }
+        drop(pending);
+        if have < k {
+            return Err(VolError::TooFewShards { have, need: k });
+        }
+        vol.codec
+            .reconstruct(&mut shards)
+            .map_err(|e| VolError::Peer(e.to_string()))?;
+        Ok(shards
+            .into_iter()
+            .map(|s| s.expect("reconstructed"))
+            .collect())
+    }
+
+    /// Writes `bytes` into the row described by `span` (row lock held).
+    async fn write_row(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        span: RowSpan,
+        meta: RowMeta,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let (k, cb) = (vol.k(), vol.chunk());
+        let start = span.offset_in_row as usize;
+        let end = start + span.len as usize;
+        let first = start / cb;
+        let last = (end - 1) / cb;
+        // Columns whose old content is needed: untouched ones (for parity) and partial ones.
+        let need: Vec<usize> = (0..k)
+            .filter(|&c| {
+                c < first
+                    || c > last
+                    || (c == first && !start.is_multiple_of(cb))
+                    || (c == last && !end.is_multiple_of(cb))
+            })
+            .collect();
+        let mut cols = if need.is_empty() {
+            vec![None; k]
+        } else {
+            self.read_cols(view, vol, span.extent, span.row, &meta, &need)
+                .await?
+        };
+        let mut data: Vec<Vec<u8>> = cols
+            .iter_mut()
+            .map(|c| c.take().unwrap_or_else(|| zeros(cb)))
+            .collect();
+        for c in first..=last {
+            let from = (c * cb).max(start);
+            let to = ((c + 1) * cb).min(end);
+            data[c][from - c * cb..to - c * cb].copy_from_slice(&bytes[from - start..to - start]);
+        }
+        let touched: Vec<usize> = (first..=last).collect();
+        let new = self
+            .commit_row(view, vol, span.extent, span.row, &meta, &touched, data)
+            .await?;
+        let holding = new.holding(vol.width());
+        let quorum = vol.meta.layout.geometry.write_quorum;
+        if holding >= vol.k() {
+            self.cache_row(view, vol, span.extent, span.row, &new);
+        } else {
+            // Too few copies to decode the new state: the next access reloads the row and
+            // settles on the newest state that can be decoded (this write or the one before).
+            self.forget_row(view, vol, span.extent, span.row);
+        }
+        if holding < quorum {
+            return Err(VolError::NoQuorum {
+                have: holding,
+                need: quorum,
+            });
+        }
+        Ok(())
+    }
+
+    /// Encodes and writes a new state: `touched` data columns and every parity column get a
+    /// new version; positions that miss it are marked (durably) before returning.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_row(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+        meta: &RowMeta,
+        touched: &[usize],
+        data: Vec<Vec<u8>>,
+    ) -> Result<RowMeta> {
+        let (k, n, cb) = (vol.k(), vol.width(), vol.chunk());
+        let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+        let mut parity = vec![zeros(cb); n - k];
+        vol.codec
+            .encode(&refs, &mut parity)
+            .map_err(|e| VolError::Peer(e.to_string()))?;
+        // Unique within the row: above its current state, and from this primary's counter
+        // for the epoch (a reload in the same epoch may not see every version issued).
+        let next = self.next_version.fetch_add(1, Ordering::SeqCst) & 0xffff_ffff;
+        let version = (meta.version + 1).max(epoch_base(view.epoch) + next);
+        let mut new = meta.clone();
+        new.version = version;
+        for &c in touched {
+            new.cols[c] = version;
+        }
+        let set = &vol.meta.placement[extent as usize];
+        let mut payloads: Vec<Option<Vec<u8>>> = data.into_iter().map(Some).collect();
+        payloads.extend(parity.into_iter().map(Some));
+        let targets: Vec<usize> = touched.iter().copied().chain(k..n).collect();
+        let sends = targets.iter().map(|&p| {
+            let chunk = Chunk {
+                version,
+                cols: new.cols.clone(),
+                data: payloads[p].take().expect("payload once"),
+            };
+            let holder = set[p];
+            let addr = Self::addr(vol, extent, row, p);
+            async move {
+                if !view.reachable(holder) {
+                    return (p, Err(ShardError::Unreachable(holder)));
+                }
+                (
+                    p,
+                    self.env.write_chunk(holder, view.epoch, addr, chunk).await,
+                )
+            }
+        });
+        let mut missed = Vec::new();
+        for (p, r) in futures::future::join_all(sends).await {
+            new.unknown &= !(1 << p);
+            match r {
+                Ok(()) => new.behind &= !(1 << p),
+                Err(e) => {
+                    tracing::debug!(extent, row, pos = p, error = %e, "shard write missed; marking write intent");
+                    new.behind |= 1 << p;
+                    missed.push(p);
+                }
+            }
+        }
+        // A mark tells later loads that the row is at least at the version it missed; a write
+        // that reached too few holders to be decoded did not move the row, so its marks say
+        // the row is at least at the state before it.
+        let floor = if new.holding(n) >= k {
+            version
+        } else {
+            meta.version
+        };
+        for p in missed {
+            let mark = IntentMark {
+                volume: vol.meta.id,
+                extent,
+                row,
+                pos: p as u8,
+            };
+            self.env.mark_intent(mark, floor).await?;
+        }
+        Ok(new)
+    }
+
+    /// A chunk read from a peer (or this controller) at `epoch`.
+    ///
+    /// # Errors
+    /// [`ShardError::StaleEpoch`] when the sender is behind; device errors.
+    pub async fn handle_read_chunk(
+        &self,
+        epoch: u64,
+        addr: ChunkAddr,
+    ) -> std::result::Result<Vec<Chunk>, ShardError> {
+        self.admit(epoch)?;
+        self.store.read(addr).await
+    }
+
+    /// A chunk write from the extent's primary at `epoch`.
+    ///
+    /// # Errors
+    /// [`ShardError::StaleEpoch`] when the sender is behind; device errors.
+    pub async fn handle_write_chunk(
+        &self,
+        epoch: u64,
+        addr: ChunkAddr,
+        chunk: Chunk,
+    ) -> std::result::Result<(), ShardError> {
+        self.admit(epoch)?;
+        self.store.write(addr, chunk).await
+    }
+
+    /// Refuses epochs below the highest seen; remembers newer ones (a newer primary fences
+    /// older ones at this holder from its first request on).
+    fn admit(&self, epoch: u64) -> std::result::Result<(), ShardError> {
+        let seen = self.seen_epoch.fetch_max(epoch, Ordering::SeqCst);
+        if epoch < seen {
+            return Err(ShardError::StaleEpoch {
+                ours: seen,
+                theirs: epoch,
+            });
+        }
+        Ok(())
+    }
+
+    /// Re-reads every row of every extent this controller leads, settling each (rolling back
+    /// or forward what a crashed primary left in flight) and marking positions found behind,
+    /// so resync restores full redundancy even for rows no host touches. Run after taking
+    /// over extents from a controller that went down. Returns the rows read.
+    ///
+    /// # Errors
+    /// An epoch change stops the pass; it can simply be run again.
+    pub async fn verify_led_rows(&self) -> Result<u64> {
+        let (view, vols) = {
+            let g = self.lock();
+            (
+                g.view.clone(),
+                g.volumes.values().cloned().collect::<Vec<_>>(),
+            )
+        };
+        let mut rows = 0;
+        for vol in vols {
+            let rows_per_extent = vol.meta.layout.geometry.rows_per_extent;
+            for (e, set) in vol.meta.placement.iter().enumerate() {
+                if view.primary(set) != Some(self.id) {
+                    continue;
+                }
+                for row in 0..rows_per_extent {
+                    let g = vol.global_row(e as u64, row);
+                    let _row = vol.rows.lock(g, g + 1).await;
+                    self.still(view.epoch)?;
+                    self.forget_row(&view, &vol, e as u64, row);
+                    match self.row_meta(&view, &vol, e as u64, row).await {
+                        Ok(_) => rows += 1,
+                        Err(e @ VolError::Epoch { .. }) => return Err(e),
+                        Err(err) => {
+                            tracing::warn!(extent = e, row, error = %err, "row could not be verified");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Copies every row marked in the write-intent log whose extent this controller leads and
+    /// whose holder is reachable, then clears the mark. Returns the chunks copied.
+    ///
+    /// # Errors
+    /// Epoch changes and metadata failures stop the pass; it can simply be run again.
+    pub async fn resync(&self) -> Result<u64> {
+        let (view, vols) = {
+            let g = self.lock();
+            (
+                g.view.clone(),
+                g.volumes.values().cloned().collect::<Vec<_>>(),
+            )
+        };
+        let mut copied = 0;
+        for vol in vols {
+            let mut marks = self.env.intents(vol.meta.id);
+            marks.sort_unstable();
+            for mark in marks {
+                let set = &vol.meta.placement[mark.extent as usize];
+                let pos = mark.pos as usize;
+                if view.primary(set) != Some(self.id) || !view.reachable(set[pos]) {
+                    continue;
+                }
+                let g = vol.global_row(mark.extent, mark.row);
+                let _row = vol.rows.lock(g, g + 1).await;
+                self.still(view.epoch)?;
+                match self.resync_row(&view, &vol, mark).await {
+                    Ok(n) => copied += n,
+                    Err(e @ VolError::Epoch { .. }) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(?mark, error = %e, "resync of a row failed; it stays marked");
+                    }
+                }
+            }
+        }
+        self.stats.lock().expect("stats").resync_chunks += copied;
+        Ok(copied)
+    }
+
+    /// Copies one marked chunk to its holder if it is behind (row lock held); clears the mark.
+    async fn resync_row(&self, view: &ClusterView, vol: &Vol, mark: IntentMark) -> Result<u64> {
+        let pos = mark.pos as usize;
+        let set = &vol.meta.placement[mark.extent as usize];
+        let mut copied = 0;
+        let mut meta = self.row_meta(view, vol, mark.extent, mark.row).await?;
+        if meta.is_unknown(pos) {
+            // Did not answer at load: ask again before deciding anything.
+            self.forget_row(view, vol, mark.extent, mark.row);
+            meta = self.row_meta(view, vol, mark.extent, mark.row).await?;
+            if meta.is_unknown(pos) {
+                return Err(VolError::Peer(format!(
+                    "controller {} did not answer for {mark:?}",
+                    set[pos]
+                )));
+            }
+        }
+        {
+            {
+                if meta.is_behind(pos) {
+                    let full = self
+                        .reconstruct(view, vol, mark.extent, mark.row, &meta)
+                        .await?;
+                    let chunk = Chunk {
+                        version: meta.want(pos),
+                        cols: meta.cols.clone(),
+                        data: full[pos].clone(),
+                    };
+                    let addr = Self::addr(vol, mark.extent, mark.row, pos);
+                    self.env
+                        .write_chunk(set[pos], view.epoch, addr, chunk)
+                        .await?;
+                    meta.behind &= !(1 << pos);
+                    self.cache_row(view, vol, mark.extent, mark.row, &meta);
+                    copied += 1;
+                }
+                self.env.clear_intent(mark, meta.version).await?;
+            }
+        }
+        Ok(copied)
+    }
+}

@@ -1,0 +1,1210 @@
+//! Deterministic simulation of a cluster's data path: N controllers' [`Engine`]s in one
+//! thread, driven by one seeded random generator.
+//!
+//! What is simulated: the network (every peer request and chunk-write reply is a message the
+//! simulation delivers in random order, drops, or loses when a controller crashes or is
+//! isolated), the disks (in-memory two-slot stores; read errors; writes torn by a crash), the
+//! metadata log (an ideal replicated log: membership, epochs and write-intent marks, reachable
+//! only from the majority side), and the hosts (random reads and writes through random
+//! controllers, at most a few in flight). Faults: crash + restart, isolation + fencing + heal,
+//! dropped messages, read errors; never more than `m` controllers impaired at once, the
+//! budget the durability invariant allows.
+//!
+//! The checker asserts `../shared/DESIGN.md` invariants 1-3 as the run goes and at the end:
+//! every read returns, per 512-byte block, a write that is not superseded (one that was
+//! resolved, then overwritten by a write issued later and acknowledged before the read
+//! began, must never reappear); every chunk a holder applies carries an epoch no older than the
+//! newest view installed at that holder; after the run, with every controller back and
+//! resynced, and then with `m` controllers killed, every block still reads back as checked.
+//!
+//! Determinism: no clocks, no threads, no hash-order iteration over anything that affects the
+//! schedule; the same seed replays the same run.
+
+use futures::channel::oneshot;
+use futures::executor::LocalPool;
+use futures::future::{AbortHandle, Abortable};
+use futures::task::LocalSpawnExt;
+use futures::FutureExt;
+use raid_engine::cluster::{
+    ClusterEnv, ClusterView, ControllerState, IntentMark, VolError, VolumeMeta,
+};
+use raid_engine::codec::CodecKind;
+use raid_engine::engine::Engine;
+use raid_engine::layout::{ControllerId, Geometry, Layout};
+use raid_engine::shard::{BoxFut, Chunk, ChunkAddr, MemShardStore, ShardError, VolumeId};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+const BLOCK: usize = 512;
+const VOLUME: VolumeId = 1;
+
+/// A small, seedable generator (SplitMix64): the whole schedule comes from it.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    /// True with probability `p` percent.
+    pub fn pct(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
+}
+
+/// Parameters of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct SimConfig {
+    /// Seed of everything.
+    pub seed: u64,
+    /// Controllers.
+    pub controllers: u32,
+    /// Data columns.
+    pub k: usize,
+    /// Parity columns.
+    pub m: usize,
+    /// Scheduler steps with faults.
+    pub steps: u64,
+    /// Host operations in flight at most.
+    pub max_in_flight: usize,
+}
+
+/// What a run did (for the test's sanity checks and the log).
+#[derive(Debug, Default, Clone)]
+pub struct SimReport {
+    /// Host writes acknowledged.
+    pub writes_acked: u64,
+    /// Host writes that failed or were cut off.
+    pub writes_failed: u64,
+    /// Host reads checked.
+    pub reads_checked: u64,
+    /// Host reads that failed.
+    pub reads_failed: u64,
+    /// Crashes injected.
+    pub crashes: u64,
+    /// Isolations injected.
+    pub isolations: u64,
+    /// Chunk writes torn by a crash.
+    pub torn: u64,
+    /// Epoch at the end.
+    pub epoch: u64,
+    /// Chunks copied by resync.
+    pub resynced: u64,
+    /// Rows read through reconstruction.
+    pub degraded_reads: u64,
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+enum Msg {
+    Read(
+        ControllerId,
+        u64,
+        ChunkAddr,
+        Reply<Result<Vec<Chunk>, ShardError>>,
+    ),
+    Write(
+        ControllerId,
+        u64,
+        ChunkAddr,
+        Chunk,
+        Reply<Result<(), ShardError>>,
+    ),
+    /// The reply to an applied chunk write, still on the wire (torn if its sender crashes).
+    WriteAck(ChunkAddr, Reply<Result<(), ShardError>>),
+    FwdWrite(ControllerId, u64, u64, Vec<u8>, Reply<Result<(), VolError>>),
+    FwdRead(
+        ControllerId,
+        u64,
+        u64,
+        u64,
+        Reply<Result<Vec<u8>, VolError>>,
+    ),
+    /// Set (true, with the missed version) or clear (false, up to a version) a mark.
+    Mark(IntentMark, bool, u64, Reply<Result<(), VolError>>),
+}
+
+struct Pending {
+    from: ControllerId,
+    msg: Msg,
+}
+
+/// The ideal metadata log.
+#[derive(Debug)]
+struct Meta {
+    view: ClusterView,
+    /// Write-intent marks and the highest version each missed.
+    intents: BTreeMap<IntentMark, u64>,
+}
+
+#[derive(Clone)]
+struct Shared {
+    queue: Arc<Mutex<Vec<Pending>>>,
+    meta: Arc<Mutex<Meta>>,
+}
+
+/// One controller's window on the simulated cluster.
+struct SimEnv {
+    me: ControllerId,
+    shared: Shared,
+}
+
+impl std::fmt::Debug for SimEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimEnv").field("me", &self.me).finish()
+    }
+}
+
+impl SimEnv {
+    fn send<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> Msg,
+        lost: T,
+    ) -> BoxFut<'_, T> {
+        let (tx, rx) = oneshot::channel();
+        self.shared.queue.lock().expect("queue").push(Pending {
+            from: self.me,
+            msg: make(tx),
+        });
+        Box::pin(rx.map(|r| r.unwrap_or(lost)))
+    }
+}
+
+fn unreachable_vol(to: ControllerId) -> VolError {
+    VolError::Peer(format!("controller {to} unreachable"))
+}
+
+impl ClusterEnv for SimEnv {
+    fn read_chunk(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        addr: ChunkAddr,
+    ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
+        self.send(
+            |r| Msg::Read(to, epoch, addr, r),
+            Err(ShardError::Unreachable(to)),
+        )
+    }
+    fn write_chunk(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        addr: ChunkAddr,
+        chunk: Chunk,
+    ) -> BoxFut<'_, Result<(), ShardError>> {
+        self.send(
+            |r| Msg::Write(to, epoch, addr, chunk, r),
+            Err(ShardError::Unreachable(to)),
+        )
+    }
+    fn forward_write(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        _volume: VolumeId,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        self.send(
+            |r| Msg::FwdWrite(to, epoch, offset, data, r),
+            Err(unreachable_vol(to)),
+        )
+    }
+    fn forward_read(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        _volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> BoxFut<'_, Result<Vec<u8>, VolError>> {
+        self.send(
+            |r| Msg::FwdRead(to, epoch, offset, len, r),
+            Err(unreachable_vol(to)),
+        )
+    }
+    fn mark_intent(&self, mark: IntentMark, missed: u64) -> BoxFut<'_, Result<(), VolError>> {
+        self.send(
+            |r| Msg::Mark(mark, true, missed, r),
+            Err(VolError::Peer("metadata log unreachable".into())),
+        )
+    }
+    fn clear_intent(&self, mark: IntentMark, upto: u64) -> BoxFut<'_, Result<(), VolError>> {
+        self.send(
+            |r| Msg::Mark(mark, false, upto, r),
+            Err(VolError::Peer("metadata log unreachable".into())),
+        )
+    }
+    fn intents(&self, volume: VolumeId) -> Vec<IntentMark> {
+        let m = self.shared.meta.lock().expect("meta");
+        m.intents
+            .keys()
+            .filter(|i| i.volume == volume)
+            .copied()
+            .collect()
+    }
+    fn row_marks(&self, volume: VolumeId, extent: u64, row: u32) -> (u32, u64) {
+        let m = self.shared.meta.lock().expect("meta");
+        m.intents
+            .iter()
+            .filter(|(i, _)| i.volume == volume && i.extent == extent && i.row == row)
+            .fold((0, 0), |(mask, floor), (i, v)| {
+                (mask | 1 << i.pos, floor.max(*v))
+            })
+    }
+}
+
+struct Node {
+    engine: Arc<Engine>,
+    store: Arc<MemShardStore>,
+    alive: bool,
+    isolated: bool,
+    tasks: Vec<AbortHandle>,
+    /// Epoch of the newest view installed here (for the stale-epoch check).
+    installed_epoch: u64,
+    /// Epoch of the last chunk write applied here.
+    last_applied_epoch: u64,
+}
+
+/// One host write as the checker knows it.
+#[derive(Debug, Clone)]
+struct WriteRec {
+    issued: u64,
+    resolved: Option<u64>,
+    acked: bool,
+}
+
+#[derive(Debug, Default)]
+struct History {
+    writes: BTreeMap<u64, WriteRec>,
+    /// Per block: ids of writes that covered it.
+    by_block: BTreeMap<u64, Vec<u64>>,
+}
+
+impl History {
+    /// Whether block `b` may read as write `w` for a read over `[start, end]`.
+    fn allowed(&self, b: u64, w: u64, start: u64, end: u64) -> Result<(), String> {
+        let ids = self.by_block.get(&b).map(Vec::as_slice).unwrap_or(&[]);
+        let rec = |id: u64| self.writes.get(&id);
+        // Write 0 is the volume's initial zeros: issued and acked at time 0.
+        let (w_issued, w_resolved) = if w == 0 {
+            (0, Some(0))
+        } else {
+            let r = rec(w).ok_or_else(|| format!("block {b} holds unknown write {w}"))?;
+            if !ids.contains(&w) {
+                return Err(format!("block {b} holds write {w}, which never covered it"));
+            }
+            (r.issued, r.resolved)
+        };
+        if w_issued > end {
+            return Err(format!(
+                "block {b} holds write {w} issued after the read ended"
+            ));
+        }
+        if let Some(res) = w_resolved {
+            for &a in ids {
+                let ar = rec(a).expect("recorded");
+                if a != w && ar.acked && ar.issued > res && ar.resolved.is_some_and(|t| t < start) {
+                    return Err(format!(
+                        "block {b} reads as write {w} (resolved at {res}), but write {a} \
+                         (issued {}, acked {:?}) superseded it before the read began at {start}",
+                        ar.issued, ar.resolved
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn pattern(id: u64, block: u64) -> [u8; BLOCK] {
+    let mut out = [0u8; BLOCK];
+    if id == 0 {
+        return out;
+    }
+    out[..8].copy_from_slice(&id.to_le_bytes());
+    out[8..16].copy_from_slice(&block.to_le_bytes());
+    let mut x = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ block;
+    for b in &mut out[16..] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    out
+}
+
+/// Decodes which write a block came from, checking every byte.
+fn decode(block: u64, data: &[u8]) -> Result<u64, String> {
+    let id = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+    if data == pattern(id, block) {
+        Ok(id)
+    } else {
+        Err(format!(
+            "block {block} is corrupt: claims write {id}, bytes do not match its pattern"
+        ))
+    }
+}
+
+enum HostDone {
+    Write(u64, Result<(), VolError>),
+    Read(u64, u64, u64, Result<Vec<u8>, VolError>),
+}
+
+/// One simulation run.
+pub struct Sim {
+    cfg: SimConfig,
+    rng: Rng,
+    pool: LocalPool,
+    shared: Shared,
+    nodes: BTreeMap<ControllerId, Node>,
+    vol: VolumeMeta,
+    history: History,
+    now: u64,
+    next_write: u64,
+    in_flight: usize,
+    done: Rc<RefCell<Vec<HostDone>>>,
+    limbo: Rc<RefCell<Vec<(ControllerId, HostDone)>>>,
+    report: SimReport,
+    trace: Vec<String>,
+    /// Controllers crashed and not yet restarted, or isolated, or not yet up again.
+    blocks: u64,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Sim {
+    /// A fresh cluster: every controller up at epoch 1, one volume.
+    ///
+    /// # Panics
+    /// On a geometry the engine refuses.
+    pub fn new(cfg: SimConfig) -> Self {
+        let geometry = Geometry::new(cfg.k, cfg.m, 4096, 4, CodecKind::GfMatrix, None)
+            .expect("simulation geometry");
+        let extents = 2 * u64::from(cfg.controllers);
+        let layout = Layout {
+            size_bytes: extents * geometry.extent_bytes(),
+            geometry,
+        };
+        let ids: Vec<ControllerId> = (1..=cfg.controllers).collect();
+        let vol = VolumeMeta::rotated(VOLUME, layout, &ids).expect("placement");
+        let view = ClusterView {
+            epoch: 1,
+            controllers: ids.iter().map(|&c| (c, ControllerState::Up)).collect(),
+        };
+        let shared = Shared {
+            queue: Arc::new(Mutex::new(Vec::new())),
+            meta: Arc::new(Mutex::new(Meta {
+                view: view.clone(),
+                intents: BTreeMap::new(),
+            })),
+        };
+        let mut sim = Self {
+            cfg,
+            rng: Rng::new(cfg.seed),
+            pool: LocalPool::new(),
+            shared,
+            nodes: BTreeMap::new(),
+            blocks: layout.size_bytes / BLOCK as u64,
+            vol,
+            history: History::default(),
+            now: 0,
+            next_write: 1,
+            in_flight: 0,
+            done: Rc::new(RefCell::new(Vec::new())),
+            limbo: Rc::new(RefCell::new(Vec::new())),
+            report: SimReport::default(),
+            trace: Vec::new(),
+        };
+        for id in ids {
+            let store = Arc::new(MemShardStore::default());
+            let engine = sim.start_engine(id, store.clone());
+            sim.nodes.insert(
+                id,
+                Node {
+                    engine,
+                    store,
+                    alive: true,
+                    isolated: false,
+                    tasks: Vec::new(),
+                    installed_epoch: 1,
+                    last_applied_epoch: 0,
+                },
+            );
+        }
+        sim
+    }
+
+    fn start_engine(&self, id: ControllerId, store: Arc<MemShardStore>) -> Arc<Engine> {
+        let env = Arc::new(SimEnv {
+            me: id,
+            shared: self.shared.clone(),
+        });
+        let view = self.shared.meta.lock().expect("meta").view.clone();
+        let e = Arc::new(Engine::new(id, store, env, view));
+        e.add_volume(self.vol.clone()).expect("volume");
+        e
+    }
+
+    fn log(&mut self, s: String) {
+        self.trace.push(format!("[{}] {s}", self.now));
+        if self.trace.len() > 400 {
+            self.trace.remove(0);
+        }
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        let c = &self.cfg;
+        panic!(
+            "simulation invariant violated: {what}\nlast events:\n  {}\nreplay: SIM_SEED={} SIM_CONTROLLERS={} SIM_K={} SIM_M={} SIM_STEPS={} cargo test -p tests --test simulation replay -- --nocapture",
+            self.trace.join("\n  "),
+            c.seed, c.controllers, c.k, c.m, c.steps
+        );
+    }
+
+    fn spawn_on(&mut self, id: ControllerId, fut: impl std::future::Future<Output = ()> + 'static) {
+        let (h, reg) = AbortHandle::new_pair();
+        self.pool
+            .spawner()
+            .spawn_local(Abortable::new(fut, reg).map(|_| ()))
+            .expect("spawn");
+        self.nodes.get_mut(&id).expect("node").tasks.push(h);
+    }
+
+    /// Whether a message from `a` (possibly crashed since it sent it: packets on the wire
+    /// still arrive) reaches `b`.
+    fn connected(&self, a: ControllerId, b: ControllerId) -> bool {
+        let to_ok = self
+            .nodes
+            .get(&b)
+            .is_some_and(|n| n.alive && (!n.isolated || a == b));
+        let from_ok = self.nodes.get(&a).is_some_and(|n| !n.isolated || a == b);
+        to_ok && from_ok
+    }
+
+    fn majority(&self, a: ControllerId) -> bool {
+        self.nodes.get(&a).is_some_and(|n| n.alive && !n.isolated)
+    }
+
+    /// Impaired: crashed, isolated, or not up in the metadata view.
+    fn impaired(&self) -> usize {
+        let meta = self.shared.meta.lock().expect("meta");
+        self.nodes
+            .iter()
+            .filter(|(id, n)| {
+                !n.alive || n.isolated || meta.view.state(**id) != ControllerState::Up
+            })
+            .count()
+    }
+
+    fn install_view(&mut self, change: impl FnOnce(&mut ClusterView)) {
+        let view = {
+            let mut meta = self.shared.meta.lock().expect("meta");
+            change(&mut meta.view);
+            meta.view.epoch += 1;
+            meta.view.clone()
+        };
+        self.log(format!("epoch {} {:?}", view.epoch, view.controllers));
+        let ids: Vec<ControllerId> = self.nodes.keys().copied().collect();
+        // Host commands cut off by a controller's crash resolve (for the checker) when the
+        // cluster declares it gone: hosts retry on another path only after their session
+        // replacement timeout, which exceeds `down_after` (docs/architecture.md).
+        let gone: Vec<ControllerId> = ids
+            .iter()
+            .copied()
+            .filter(|id| view.state(*id) != ControllerState::Up)
+            .collect();
+        {
+            let mut limbo = self.limbo.borrow_mut();
+            let mut done = self.done.borrow_mut();
+            let (now_done, keep): (Vec<_>, Vec<_>) =
+                limbo.drain(..).partition(|(via, _)| gone.contains(via));
+            done.extend(now_done.into_iter().map(|(_, d)| d));
+            *limbo = keep;
+        }
+        for id in ids {
+            if self.majority(id) {
+                let n = self.nodes.get_mut(&id).expect("node");
+                n.engine.set_view(view.clone());
+                n.installed_epoch = view.epoch;
+            }
+        }
+    }
+
+    /// Delivers one random message; with `faults`, drops some and fails some disk reads.
+    fn deliver(&mut self, faults: bool) {
+        let drop_pct = if faults { 3 } else { 0 };
+        let p = {
+            let mut q = self.shared.queue.lock().expect("queue");
+            if q.is_empty() {
+                return;
+            }
+            let i = self.rng.below(q.len() as u64) as usize;
+            q.swap_remove(i)
+        };
+        let drop = self.rng.pct(drop_pct);
+        match p.msg {
+            Msg::Read(to, epoch, addr, r) => {
+                if drop || !self.connected(p.from, to) {
+                    return;
+                }
+                let n = &self.nodes[&to];
+                let res = if faults && self.rng.pct(2) {
+                    Err(ShardError::Io("simulated read error".into()))
+                } else {
+                    n.engine
+                        .handle_read_chunk(epoch, addr)
+                        .now_or_never()
+                        .expect("memory store is immediate")
+                };
+                let _ = r.send(res);
+            }
+            Msg::Write(to, epoch, addr, chunk, r) => {
+                if drop || !self.connected(p.from, to) {
+                    return;
+                }
+                let n = self.nodes.get_mut(&to).expect("node");
+                let res = n
+                    .engine
+                    .handle_write_chunk(epoch, addr, chunk)
+                    .now_or_never()
+                    .expect("memory store is immediate");
+                if res.is_ok() {
+                    if epoch < n.installed_epoch || epoch < n.last_applied_epoch {
+                        let what = format!(
+                            "controller {to} applied a chunk write of epoch {epoch} after installing epoch {} / applying epoch {}",
+                            n.installed_epoch, n.last_applied_epoch
+                        );
+                        self.fail(&what);
+                    }
+                    n.last_applied_epoch = epoch;
+                    self.shared.queue.lock().expect("queue").push(Pending {
+                        from: to,
+                        msg: Msg::WriteAck(addr, r),
+                    });
+                } else {
+                    let _ = r.send(res);
+                }
+            }
+            Msg::WriteAck(_, r) => {
+                if !drop && self.nodes[&p.from].alive {
+                    let _ = r.send(Ok(()));
+                }
+            }
+            Msg::FwdWrite(to, epoch, off, data, r) => {
+                if drop || !self.connected(p.from, to) {
+                    return;
+                }
+                let e = self.nodes[&to].engine.clone();
+                self.spawn_on(to, async move {
+                    let _ = r.send(e.primary_write(epoch, VOLUME, off, &data).await);
+                });
+            }
+            Msg::FwdRead(to, epoch, off, len, r) => {
+                if drop || !self.connected(p.from, to) {
+                    return;
+                }
+                let e = self.nodes[&to].engine.clone();
+                self.spawn_on(to, async move {
+                    let _ = r.send(e.primary_read(epoch, VOLUME, off, len).await);
+                });
+            }
+            Msg::Mark(mark, set, v, r) => {
+                if drop || !self.majority(p.from) {
+                    return;
+                }
+                let mut meta = self.shared.meta.lock().expect("meta");
+                if set {
+                    let e = meta.intents.entry(mark).or_insert(v);
+                    *e = (*e).max(v);
+                } else if meta.intents.get(&mark).is_some_and(|&missed| missed <= v) {
+                    meta.intents.remove(&mark);
+                }
+                drop_guard(meta);
+                let _ = r.send(Ok(()));
+            }
+        }
+    }
+
+    fn issue_host_op(&mut self) {
+        let ids: Vec<ControllerId> = self.nodes.keys().copied().collect();
+        let via = ids[self.rng.below(ids.len() as u64) as usize];
+        if !self.nodes[&via].alive {
+            return;
+        }
+        let first = self.rng.below(self.blocks);
+        let max = (self.blocks - first).min(40);
+        let blocks = 1 + self.rng.below(max);
+        let engine = self.nodes[&via].engine.clone();
+        let done = self.done.clone();
+        let limbo = self.limbo.clone();
+        self.in_flight += 1;
+        if self.rng.pct(55) {
+            let id = self.next_write;
+            self.next_write += 1;
+            let mut data = Vec::with_capacity(blocks as usize * BLOCK);
+            for b in first..first + blocks {
+                data.extend_from_slice(&pattern(id, b));
+                self.history.by_block.entry(b).or_default().push(id);
+            }
+            self.history.writes.insert(
+                id,
+                WriteRec {
+                    issued: self.now,
+                    resolved: None,
+                    acked: false,
+                },
+            );
+            self.log(format!("write {id} blocks {first}+{blocks} via {via}"));
+            let guard = DoneGuard {
+                done: done.clone(),
+                limbo: limbo.clone(),
+                via,
+                op: Some(HostDone::Write(
+                    id,
+                    Err(VolError::Peer("controller crashed".into())),
+                )),
+            };
+            self.spawn_on(via, async move {
+                let r = engine.write(VOLUME, first * BLOCK as u64, &data).await;
+                guard.finish(HostDone::Write(id, r));
+            });
+        } else {
+            let start = self.now;
+            let guard = DoneGuard {
+                done: done.clone(),
+                limbo: limbo.clone(),
+                via,
+                op: Some(HostDone::Read(
+                    first,
+                    start,
+                    blocks,
+                    Err(VolError::Peer("controller crashed".into())),
+                )),
+            };
+            self.spawn_on(via, async move {
+                let r = engine
+                    .read(VOLUME, first * BLOCK as u64, blocks * BLOCK as u64)
+                    .await;
+                guard.finish(HostDone::Read(first, start, blocks, r));
+            });
+        }
+    }
+
+    fn settle_host_ops(&mut self) {
+        let done: Vec<HostDone> = self.done.borrow_mut().drain(..).collect();
+        for d in done {
+            self.in_flight -= 1;
+            match d {
+                HostDone::Write(id, r) => {
+                    let now = self.now;
+                    let rec = self.history.writes.get_mut(&id).expect("write");
+                    rec.resolved = Some(now);
+                    rec.acked = r.is_ok();
+                    if r.is_ok() {
+                        self.report.writes_acked += 1;
+                    } else {
+                        self.report.writes_failed += 1;
+                    }
+                    self.log(format!("write {id} -> {r:?}"));
+                }
+                HostDone::Read(first, start, blocks, r) => match r {
+                    Ok(data) => {
+                        self.report.reads_checked += 1;
+                        self.check_read(first, blocks, start, &data);
+                    }
+                    Err(_) => self.report.reads_failed += 1,
+                },
+            }
+        }
+    }
+
+    fn check_read(&mut self, first: u64, blocks: u64, start: u64, data: &[u8]) {
+        for i in 0..blocks {
+            let b = first + i;
+            let block = &data[i as usize * BLOCK..(i as usize + 1) * BLOCK];
+            let res = decode(b, block).and_then(|w| self.history.allowed(b, w, start, self.now));
+            if let Err(e) = res {
+                let what = format!("{e}\n{}", self.dump(b * BLOCK as u64, BLOCK as u64));
+                self.fail(&what);
+            }
+        }
+    }
+
+    fn crash(&mut self, id: ControllerId) {
+        self.report.crashes += 1;
+        self.log(format!("crash {id}"));
+        let n = self.nodes.get_mut(&id).expect("node");
+        n.alive = false;
+        for t in n.tasks.drain(..) {
+            t.abort();
+        }
+        // Chunk writes applied but not yet acknowledged may be torn.
+        let mut q = self.shared.queue.lock().expect("queue");
+        let mut torn = Vec::new();
+        q.retain(|p| {
+            if let (true, Msg::WriteAck(addr, _)) = (p.from == id, &p.msg) {
+                torn.push(*addr);
+                false
+            } else {
+                true
+            }
+        });
+        drop(q);
+        for addr in torn {
+            if self.rng.pct(50) {
+                self.nodes[&id].store.tear_newest(addr);
+                self.report.torn += 1;
+            }
+        }
+        // Let aborted tasks finish unwinding so their host ops resolve now.
+        self.pool.run_until_stalled();
+    }
+
+    fn restart(&mut self, id: ControllerId) {
+        self.log(format!("restart {id}"));
+        let store = self.nodes[&id].store.clone();
+        let engine = self.start_engine(id, store);
+        let n = self.nodes.get_mut(&id).expect("node");
+        n.engine = engine;
+        n.alive = true;
+        n.isolated = false;
+        n.installed_epoch = self.shared.meta.lock().expect("meta").view.epoch;
+        n.last_applied_epoch = 0;
+        self.install_view(|v| {
+            v.controllers.insert(id, ControllerState::Resyncing);
+        });
+    }
+
+    /// One fault or membership action.
+    fn membership_step(&mut self) {
+        let (states, marks): (BTreeMap<ControllerId, ControllerState>, Vec<IntentMark>) = {
+            let m = self.shared.meta.lock().expect("meta");
+            (
+                m.view.controllers.clone(),
+                m.intents.keys().copied().collect(),
+            )
+        };
+        let ids: Vec<ControllerId> = self.nodes.keys().copied().collect();
+        let id = ids[self.rng.below(ids.len() as u64) as usize];
+        let n = &self.nodes[&id];
+        let state = states[&id];
+        match (n.alive, n.isolated, state) {
+            (true, false, ControllerState::Up) => {
+                if self.impaired() < self.cfg.m {
+                    if self.rng.pct(70) {
+                        self.crash(id);
+                    } else {
+                        self.report.isolations += 1;
+                        self.log(format!("isolate {id}"));
+                        self.nodes.get_mut(&id).expect("node").isolated = true;
+                    }
+                }
+            }
+            (true, true, ControllerState::Up) => {
+                // The lease runs out before the metadata side declares it down.
+                self.log(format!("fence {id}"));
+                self.nodes[&id].engine.set_fenced(true);
+                self.install_view(|v| {
+                    v.controllers.insert(id, ControllerState::Down);
+                });
+            }
+            (false, _, ControllerState::Up | ControllerState::Resyncing) => {
+                self.install_view(|v| {
+                    v.controllers.insert(id, ControllerState::Down);
+                });
+            }
+            (false, _, ControllerState::Down) => self.restart(id),
+            (true, true, _) => {
+                self.log(format!("heal {id}"));
+                let n = self.nodes.get_mut(&id).expect("node");
+                n.isolated = false;
+                n.engine.set_fenced(false);
+                self.install_view(|v| {
+                    v.controllers.insert(id, ControllerState::Resyncing);
+                });
+            }
+            (true, false, ControllerState::Resyncing) => {
+                let behind = marks
+                    .iter()
+                    .any(|mk| self.vol.placement[mk.extent as usize][mk.pos as usize] == id);
+                if !behind {
+                    self.install_view(|v| {
+                        v.controllers.insert(id, ControllerState::Up);
+                    });
+                } else {
+                    self.resync_pass();
+                }
+            }
+            (true, false, ControllerState::Down) => {
+                self.install_view(|v| {
+                    v.controllers.insert(id, ControllerState::Resyncing);
+                });
+            }
+        }
+    }
+
+    fn resync_pass(&mut self) {
+        let ids: Vec<ControllerId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            if self.nodes[&id].alive && !self.nodes[&id].isolated {
+                let e = self.nodes[&id].engine.clone();
+                self.spawn_on(id, async move {
+                    let _ = e.resync().await;
+                });
+            }
+        }
+    }
+
+    fn step(&mut self, faults: bool) {
+        self.now += 1;
+        let r = self.rng.below(100);
+        if r < 12 && self.in_flight < self.cfg.max_in_flight && faults {
+            self.issue_host_op();
+        } else if r < 14 && faults {
+            self.membership_step();
+        } else if r < 15 && faults {
+            self.resync_pass();
+        } else {
+            self.deliver(faults);
+        }
+        self.pool.run_until_stalled();
+        self.settle_host_ops();
+    }
+
+    /// Runs the faulty phase, then heals everything and checks the whole volume, then kills
+    /// `m` controllers and checks it again.
+    pub fn run(mut self) -> SimReport {
+        for _ in 0..self.cfg.steps {
+            self.step(true);
+        }
+        self.log("healing".into());
+        self.heal_all();
+        let full = self.read_all("after healing");
+        // Lose m controllers: everything must still read back the same.
+        let ids: Vec<ControllerId> = self.nodes.keys().copied().collect();
+        let mut victims = BTreeSet::new();
+        while victims.len() < self.cfg.m {
+            victims.insert(ids[self.rng.below(ids.len() as u64) as usize]);
+        }
+        for &v in &victims {
+            self.crash(v);
+            self.install_view(|view| {
+                view.controllers.insert(v, ControllerState::Down);
+            });
+        }
+        let degraded = self.read_all(&format!("with {victims:?} down"));
+        if full != degraded {
+            let b = full
+                .iter()
+                .zip(&degraded)
+                .position(|(a, b)| a != b)
+                .expect("differ");
+            let what = format!(
+                "with {victims:?} down, block {b} reads as write {} instead of {}",
+                degraded[b], full[b]
+            );
+            self.fail(&what);
+        }
+        self.report.epoch = self.shared.meta.lock().expect("meta").view.epoch;
+        for n in self.nodes.values() {
+            let s = n.engine.stats();
+            self.report.resynced += s.resync_chunks;
+            self.report.degraded_reads += s.degraded_reads;
+        }
+        self.report
+    }
+
+    fn quiesce(&mut self) {
+        for _ in 0..1_000_000 {
+            self.pool.run_until_stalled();
+            self.settle_host_ops();
+            let empty = self.shared.queue.lock().expect("queue").is_empty();
+            // Commands cut off by a crash wait in limbo until the controller is declared gone.
+            if empty && self.in_flight == self.limbo.borrow().len() {
+                return;
+            }
+            self.step(false);
+        }
+        self.fail("the cluster did not quiesce after healing (hung operation)");
+    }
+
+    fn heal_all(&mut self) {
+        self.quiesce();
+        let ids: Vec<ControllerId> = self.nodes.keys().copied().collect();
+        for &id in &ids {
+            if !self.nodes[&id].alive {
+                self.restart(id);
+            } else if self.nodes[&id].isolated {
+                let n = self.nodes.get_mut(&id).expect("node");
+                n.isolated = false;
+                n.engine.set_fenced(false);
+                let view = self.shared.meta.lock().expect("meta").view.clone();
+                n.engine.set_view(view.clone());
+                n.installed_epoch = view.epoch;
+                self.install_view(|v| {
+                    v.controllers.insert(id, ControllerState::Resyncing);
+                });
+            } else if self.shared.meta.lock().expect("meta").view.state(id) == ControllerState::Down
+            {
+                self.install_view(|v| {
+                    v.controllers.insert(id, ControllerState::Resyncing);
+                });
+            }
+        }
+        // The primaries re-read the rows they lead: rows a crashed primary left half-written
+        // are settled and their stale positions marked for resync.
+        let ids: Vec<ControllerId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let e = self.nodes[&id].engine.clone();
+            self.spawn_on(id, async move {
+                let _ = e.verify_led_rows().await;
+            });
+        }
+        self.quiesce();
+        for round in 0..20 {
+            self.resync_pass();
+            self.quiesce();
+            let pending: Vec<IntentMark> = self
+                .shared
+                .meta
+                .lock()
+                .expect("meta")
+                .intents
+                .keys()
+                .copied()
+                .collect();
+            let behind: BTreeSet<ControllerId> = pending
+                .iter()
+                .map(|mk| self.vol.placement[mk.extent as usize][mk.pos as usize])
+                .collect();
+            let states = self
+                .shared
+                .meta
+                .lock()
+                .expect("meta")
+                .view
+                .controllers
+                .clone();
+            for (id, s) in states {
+                if s != ControllerState::Up && !behind.contains(&id) {
+                    self.install_view(|v| {
+                        v.controllers.insert(id, ControllerState::Up);
+                    });
+                }
+            }
+            if pending.is_empty() && self.impaired() == 0 {
+                return;
+            }
+            if round == 19 {
+                let g = self.vol.layout.geometry;
+                let dumps: String = pending
+                    .iter()
+                    .map(|mk| {
+                        let row = mk.extent * u64::from(g.rows_per_extent) + u64::from(mk.row);
+                        self.dump(row * g.row_bytes(), 1)
+                    })
+                    .collect();
+                let what = format!("resync did not converge: marks left {pending:?}\n{dumps}");
+                self.fail(&what);
+            }
+        }
+    }
+
+    /// Every copy of every chunk of the rows under a byte range, for failure reports.
+    fn dump(&self, offset: u64, len: u64) -> String {
+        let mut out = String::new();
+        let g = self.vol.layout.geometry;
+        let meta = self.shared.meta.lock().expect("meta");
+        for span in self.vol.layout.spans(offset, len) {
+            let _ = writeln!(out, "extent {} row {}:", span.extent, span.row);
+            for pos in 0..g.width() {
+                let holder = self.vol.placement[span.extent as usize][pos];
+                let addr = ChunkAddr {
+                    volume: VOLUME,
+                    extent: span.extent,
+                    row: span.row,
+                    pos: pos as u8,
+                };
+                let copies: Vec<(u64, Vec<u64>)> = self.nodes[&holder]
+                    .store
+                    .read_now(addr)
+                    .into_iter()
+                    .map(|c| (c.version, c.cols))
+                    .collect();
+                let marked = meta
+                    .intents
+                    .iter()
+                    .find(|(m, _)| {
+                        m.extent == span.extent && m.row == span.row && m.pos as usize == pos
+                    })
+                    .map(|(_, v)| format!(" (marked, missed {v:x})"))
+                    .unwrap_or_default();
+                let _ = writeln!(out, "  pos {pos} on {holder}: {copies:x?}{marked}");
+            }
+        }
+        out
+    }
+
+    /// Reads every block through a random live controller; returns each block's write id.
+    fn read_all(&mut self, when: &str) -> Vec<u64> {
+        let mut out = Vec::new();
+        let per = 64u64;
+        let mut first = 0;
+        while first < self.blocks {
+            let n = per.min(self.blocks - first);
+            let live: Vec<ControllerId> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.alive)
+                .map(|(id, _)| *id)
+                .collect();
+            let via = live[self.rng.below(live.len() as u64) as usize];
+            let e = self.nodes[&via].engine.clone();
+            let slot = Rc::new(RefCell::new(None));
+            let s2 = slot.clone();
+            self.spawn_on(via, async move {
+                *s2.borrow_mut() =
+                    Some(e.read(VOLUME, first * BLOCK as u64, n * BLOCK as u64).await);
+            });
+            for _ in 0..1_000_000 {
+                self.pool.run_until_stalled();
+                if slot.borrow().is_some() {
+                    break;
+                }
+                self.now += 1;
+                self.deliver(false);
+            }
+            let r = slot.borrow_mut().take();
+            let data = match r {
+                Some(Ok(d)) => d,
+                other => {
+                    let what = format!(
+                        "{when}: reading blocks {first}+{n} via {via} failed: {other:?}\n{}",
+                        self.dump(first * BLOCK as u64, n * BLOCK as u64)
+                    );
+                    self.fail(&what)
+                }
+            };
+            let start = self.now;
+            self.check_read(first, n, start, &data);
+            for i in 0..n {
+                let b = &data[i as usize * BLOCK..(i as usize + 1) * BLOCK];
+                out.push(decode(first + i, b).expect("checked"));
+            }
+            first += n;
+        }
+        // Every acknowledged write's blocks were checked above; make sure there were some.
+        let mut s = String::new();
+        let _ = write!(s, "{when}: {} blocks read", out.len());
+        self.log(s);
+        out
+    }
+}
+
+fn drop_guard<T>(_: T) {}
+
+/// Resolves a host op exactly once, also when its task is aborted by a crash.
+struct DoneGuard {
+    done: Rc<RefCell<Vec<HostDone>>>,
+    limbo: Rc<RefCell<Vec<(ControllerId, HostDone)>>>,
+    via: ControllerId,
+    op: Option<HostDone>,
+}
+
+impl DoneGuard {
+    fn finish(mut self, op: HostDone) {
+        self.done.borrow_mut().push(op);
+        self.op = None;
+    }
+}
+
+impl Drop for DoneGuard {
+    /// Dropped without [`DoneGuard::finish`]: the task was cut off by a crash.
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            self.limbo.borrow_mut().push((self.via, op));
+        }
+    }
+}
+
+impl std::fmt::Debug for DoneGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DoneGuard")
+    }
+}
+
+/// The seeds a run covers: `SIM_SEED` alone, or `SIM_SEEDS` (default `default_count`) seeds
+/// from `SIM_SEED_BASE` (default 1).
+pub fn seeds(default_count: u64) -> Vec<u64> {
+    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    if let Some(s) = var("SIM_SEED") {
+        return vec![s];
+    }
+    let base = var("SIM_SEED_BASE").unwrap_or(1);
+    (base..base + var("SIM_SEEDS").unwrap_or(default_count)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_decode_and_detect_damage() {
+        let p = pattern(42, 7);
+        assert_eq!(decode(7, &p), Ok(42));
+        assert!(decode(8, &p).is_err());
+        let mut bad = p;
+        bad[300] ^= 1;
+        assert!(decode(7, &bad).is_err());
+        assert_eq!(decode(3, &[0u8; BLOCK]), Ok(0));
+    }
+
+    #[test]
+    fn history_refuses_superseded_writes() {
+        let mut h = History::default();
+        h.by_block.insert(5, vec![1, 2]);
+        let w = |issued, resolved, acked| WriteRec {
+            issued,
+            resolved: Some(resolved),
+            acked,
+        };
+        h.writes.insert(1, w(10, 20, true));
+        h.writes.insert(2, w(30, 40, true));
+        assert!(h.allowed(5, 2, 50, 60).is_ok());
+        assert!(
+            h.allowed(5, 1, 50, 60).is_err(),
+            "overwritten and acked before the read"
+        );
+        assert!(
+            h.allowed(5, 1, 35, 60).is_ok(),
+            "concurrent with the overwrite"
+        );
+        assert!(
+            h.allowed(5, 0, 50, 60).is_err(),
+            "zeros after an acked write"
+        );
+        assert!(h.allowed(6, 1, 50, 60).is_err(), "never covered block 6");
+    }
+}
