@@ -845,7 +845,8 @@ impl Engine {
         // A mark tells later loads that the row is at least at the version it missed; a write
         // that reached too few holders to be decoded did not move the row, so its marks say
         // the row is at least at the state before it.
-        let floor = if new.holding(n) >= k {
+        // A write none of whose chunks landed left no copy naming its version either.
+        let floor = if new.holding(n) >= k && missed.len() < targets.len() {
             version
         } else {
             meta.version

@@ -126,8 +126,9 @@ enum Msg {
         Chunk,
         Reply<Result<(), ShardError>>,
     ),
-    /// The reply to an applied chunk write, still on the wire (torn if its sender crashes).
-    WriteAck(ChunkAddr, Reply<Result<(), ShardError>>),
+    /// A chunk write that reached its holder and is going to its disk: reads meanwhile see
+    /// the old copies; a crash now leaves it unwritten or torn.
+    WriteApply(u64, ChunkAddr, Chunk, Reply<Result<(), ShardError>>),
     FwdWrite(ControllerId, u64, u64, Vec<u8>, Reply<Result<(), VolError>>),
     FwdRead(
         ControllerId,
@@ -584,7 +585,17 @@ impl Sim {
                 if drop || !self.connected(p.from, to) {
                     return;
                 }
+                self.shared.queue.lock().expect("queue").push(Pending {
+                    from: to,
+                    msg: Msg::WriteApply(epoch, addr, chunk, r),
+                });
+            }
+            Msg::WriteApply(epoch, addr, chunk, r) => {
+                let to = p.from;
                 let n = self.nodes.get_mut(&to).expect("node");
+                if !n.alive {
+                    return;
+                }
                 let res = n
                     .engine
                     .handle_write_chunk(epoch, addr, chunk)
@@ -599,17 +610,9 @@ impl Sim {
                         self.fail(&what);
                     }
                     n.last_applied_epoch = epoch;
-                    self.shared.queue.lock().expect("queue").push(Pending {
-                        from: to,
-                        msg: Msg::WriteAck(addr, r),
-                    });
-                } else {
-                    let _ = r.send(res);
                 }
-            }
-            Msg::WriteAck(_, r) => {
-                if !drop && self.nodes[&p.from].alive {
-                    let _ = r.send(Ok(()));
+                if !drop {
+                    let _ = r.send(res);
                 }
             }
             Msg::FwdWrite(to, epoch, off, data, r) => {
@@ -760,21 +763,25 @@ impl Sim {
         for t in n.tasks.drain(..) {
             t.abort();
         }
-        // Chunk writes applied but not yet acknowledged may be torn.
+        // Chunk writes on their way to this controller's disk are lost or torn.
         let mut q = self.shared.queue.lock().expect("queue");
-        let mut torn = Vec::new();
-        q.retain(|p| {
-            if let (true, Msg::WriteAck(addr, _)) = (p.from == id, &p.msg) {
-                torn.push(*addr);
-                false
+        let mut cut = Vec::new();
+        let mut i = 0;
+        while i < q.len() {
+            if q[i].from == id && matches!(q[i].msg, Msg::WriteApply(..)) {
+                if let Msg::WriteApply(_, addr, chunk, _) = q.swap_remove(i).msg {
+                    cut.push((addr, chunk));
+                }
             } else {
-                true
+                i += 1;
             }
-        });
+        }
         drop(q);
-        for addr in torn {
+        for (addr, chunk) in cut {
             if self.rng.pct(50) {
-                self.nodes[&id].store.tear_newest(addr);
+                let store = &self.nodes[&id].store;
+                store.write_now(addr, chunk);
+                store.tear_newest(addr);
                 self.report.torn += 1;
             }
         }
