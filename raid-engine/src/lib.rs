@@ -1,18 +1,23 @@
-//! Volumes over backing devices.
+//! Volumes over backing devices and across controllers.
 //!
-//! The product's design puts erasure-coded extents spread across controllers here. This first
-//! slice provides the piece everything else builds on: a [`LocalVolume`], one volume stored
-//! contiguously on one local [`disk_io::Device`] (a single shard, no redundancy), with byte-
-//! granular reads and writes turned into aligned device I/O, and writes serialised per aligned
-//! range so a read-modify-write of a partial page never loses a concurrent update.
+//! Two forms of a volume live here:
+//! - [`engine::Engine`]: one controller's share of a volume erasure-coded across controllers
+//!   (extents, placement, stripe rows, the primary's write path, degraded reads, write-intent
+//!   marks, resync), reaching every shard through [`cluster::ClusterEnv`]. Exercised by the
+//!   deterministic simulation in `tests/`; the appliance wires it to its peer transport and
+//!   metadata log.
+//! - [`LocalVolume`]: one volume stored contiguously on one local [`disk_io::Device`] (a single
+//!   shard, no redundancy), with byte-granular reads and writes turned into aligned device I/O,
+//!   and writes serialised per aligned range so a read-modify-write of a partial page never
+//!   loses a concurrent update. It serves the LUN of a single controller today.
 //!
-//! Invariants:
+//! Invariants (of [`LocalVolume`]; the engine's are in its module doc):
 //! - Every device request is aligned to [`disk_io::IO_ALIGN_BYTES`]; a write that covers part of
 //!   a page reads and rewrites the whole page while holding that page's range lock.
 //! - Two writes whose aligned spans overlap never run at the same time ([`range_lock`]).
 //! - A request outside the volume is refused before any I/O.
 //!
-//! Not here: SCSI (that is `lun`); extents, placement and parity (later slices).
+//! Not here: SCSI (that is `lun`), the transport and the metadata log (`appliance`).
 
 #![forbid(unsafe_code)]
 
