@@ -107,6 +107,18 @@ pub struct IntentMark {
     pub pos: u8,
 }
 
+/// The metadata log's knowledge of one row (see [`ClusterEnv::row_intent`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowIntent {
+    /// Positions with a write-intent mark (bit mask).
+    pub marked: u32,
+    /// Highest version any marked position missed: the row's state is at least that new.
+    pub floor: u64,
+    /// The last rollback: the state chosen (its column versions) and the highest version
+    /// abandoned.
+    pub repair: Option<(Vec<u64>, u64)>,
+}
+
 /// Why a volume operation failed. Each maps to a SCSI status in `lun`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VolError {
@@ -202,14 +214,40 @@ pub trait ClusterEnv: Send + Sync + fmt::Debug {
     ) -> BoxFut<'_, Result<Vec<u8>, VolError>>;
     /// Records durably, cluster-wide, that a holder missed the row state of version
     /// `missed` (a mark keeps the highest version it was set with).
-    fn mark_intent(&self, mark: IntentMark, missed: u64) -> BoxFut<'_, Result<(), VolError>>;
+    /// Refused (an error) when `epoch` is no longer the cluster's: a write of a fenced primary
+    /// must neither be acknowledged nor leave marks that later loads would trust.
+    fn mark_intent(
+        &self,
+        mark: IntentMark,
+        missed: u64,
+        epoch: u64,
+    ) -> BoxFut<'_, Result<(), VolError>>;
     /// Clears a mark once the holder has the row again (state version `upto`).
     /// Only a mark whose missed version is at most `upto` is cleared: a mark set again by a
     /// newer write stays.
-    fn clear_intent(&self, mark: IntentMark, upto: u64) -> BoxFut<'_, Result<(), VolError>>;
+    /// Refused when `epoch` is no longer the cluster's.
+    fn clear_intent(
+        &self,
+        mark: IntentMark,
+        upto: u64,
+        epoch: u64,
+    ) -> BoxFut<'_, Result<(), VolError>>;
     /// Marks of `volume` (this controller's replica of the log).
     fn intents(&self, volume: VolumeId) -> Vec<IntentMark>;
-    /// Positions of one row that are marked (bit mask), and the highest version any of them
-    /// missed: the row's state is at least that new.
-    fn row_marks(&self, volume: VolumeId, extent: u64, row: u32) -> (u32, u64);
+    /// What the log says about one row: marks, the version floor they set, and the last
+    /// repair decision.
+    fn row_intent(&self, volume: VolumeId, extent: u64, row: u32) -> RowIntent;
+    /// Records durably, before a primary rewrites a row it rolled back, which state it chose
+    /// (`cols`) and the highest version it gave up (`upto`): no later load may bring back a
+    /// state with other columns and content at or below `upto`. Refused when `epoch` is no
+    /// longer the cluster's.
+    fn record_repair(
+        &self,
+        volume: VolumeId,
+        extent: u64,
+        row: u32,
+        cols: Vec<u64>,
+        upto: u64,
+        epoch: u64,
+    ) -> BoxFut<'_, Result<(), VolError>>;
 }

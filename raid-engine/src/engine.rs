@@ -50,6 +50,9 @@ struct RowMeta {
     /// Bit `p`: position `p` did not answer when the row was loaded; it is read (copies are
     /// checked by version) but not counted as holding the state.
     unknown: u32,
+    /// Newest version of this row known to have been acknowledged to a host. Every chunk
+    /// written carries it, so no later load rolls the row back below it.
+    acked: u64,
 }
 
 impl RowMeta {
@@ -63,9 +66,45 @@ impl RowMeta {
     fn holding(&self, width: usize) -> usize {
         width - (self.behind | self.unknown).count_ones() as usize
     }
-    /// The version a valid copy at `pos` carries.
+    /// The newest data version in this state: what marks and acknowledgements refer to.
+    fn content(&self) -> u64 {
+        self.cols.iter().copied().max().unwrap_or(0)
+    }
+    /// The version a copy written for this state at `pos` carries.
     fn want(&self, pos: usize) -> u64 {
         self.cols.get(pos).copied().unwrap_or(self.version)
+    }
+    /// Whether copy `c` at `pos` holds this state's content: a data copy iff it is the version
+    /// the state names for its column; a parity copy iff it was computed from the same data
+    /// (same column versions), whatever its own version.
+    fn valid(&self, pos: usize, c: &Chunk) -> bool {
+        match self.cols.get(pos) {
+            Some(&v) => c.version == v,
+            None => c.cols == self.cols,
+        }
+    }
+    /// Whether this state's content at `pos` is all zeros (never written).
+    fn is_zero(&self, pos: usize) -> bool {
+        match self.cols.get(pos) {
+            Some(&v) => v == 0,
+            None => self.cols.iter().all(|&v| v == 0),
+        }
+    }
+    /// The payload of a valid copy, if any.
+    fn pick(&self, pos: usize, copies: &[Chunk], len: usize) -> Option<Vec<u8>> {
+        if self.is_zero(pos) {
+            return Some(zeros(len));
+        }
+        copies
+            .iter()
+            .find(|c| self.valid(pos, c) && c.data.len() == len)
+            .map(|c| c.data.clone())
+    }
+    /// Whether the most recently written copy (or "never written") is valid.
+    fn newest_valid(&self, pos: usize, copies: &[Chunk]) -> bool {
+        copies
+            .first()
+            .map_or(self.is_zero(pos), |c| self.valid(pos, c))
     }
 }
 
@@ -133,22 +172,6 @@ fn epoch_base(epoch: u64) -> u64 {
 /// A chunk of zeros: the content of anything never written (version 0).
 fn zeros(len: usize) -> Vec<u8> {
     vec![0; len]
-}
-
-/// The payload of a copy valid for version `want`, if any.
-fn pick(copies: &[Chunk], want: u64, len: usize) -> Option<Vec<u8>> {
-    if want == 0 {
-        return Some(zeros(len));
-    }
-    copies
-        .iter()
-        .find(|c| c.version == want && c.data.len() == len)
-        .map(|c| c.data.clone())
-}
-
-/// Whether the most recently written copy (or "never written") is valid for `want`.
-fn newest_valid(copies: &[Chunk], want: u64) -> bool {
-    copies.first().map_or(want == 0, |c| c.version == want)
 }
 
 impl Engine {
@@ -515,22 +538,47 @@ impl Engine {
         let copies: Vec<Option<Vec<Chunk>>> = futures::future::join_all(reads).await;
         // Marked positions missed a write: their copies may be read (versions are checked)
         // but never vouch for which state is the newest.
-        let (marked, floor) = self.env.row_marks(vol.meta.id, extent, row);
-        // Candidate states, newest first; "never written" is always a candidate.
+        let intent = self.env.row_intent(vol.meta.id, extent, row);
+        let (marked, mark_floor) = (intent.marked, intent.floor);
+        // Every chunk names the newest acknowledged version its writer knew of.
+        let acked = copies
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|c| c.acked)
+            .max()
+            .unwrap_or(0);
+        let floor = mark_floor.max(acked);
+        // Candidate states (distinct column-version vectors), newest first; "never written"
+        // is always a candidate.
         let mut cands: Vec<(u64, Vec<u64>)> = copies
             .iter()
             .flatten()
             .flatten()
             .filter(|c| c.cols.len() == k)
-            .map(|c| (c.version, c.cols.clone()))
+            .map(|c| {
+                let newest_col = c.cols.iter().copied().max().unwrap_or(0);
+                (c.version.max(newest_col), c.cols.clone())
+            })
             .collect();
         cands.push((0, vec![0; k]));
         cands.sort_by_key(|c| std::cmp::Reverse(c.0));
-        cands.dedup_by_key(|c| c.0);
+        let mut seen = std::collections::HashSet::new();
+        cands.retain(|c| seen.insert(c.1.clone()));
         let mut best = 0;
         let mut rolled_back = false;
         for (version, cols) in cands {
-            if version < floor {
+            // States are compared by content: the newest data version they include (a repair
+            // re-commits a state's content under a new parity version).
+            let content = cols.iter().copied().max().unwrap_or(0);
+            if intent
+                .repair
+                .as_ref()
+                .is_some_and(|(chosen, upto)| *chosen != cols && content <= *upto)
+            {
+                continue; // abandoned by an earlier repair
+            }
+            if content < floor {
                 // A state at least `floor` was written; older ones are stale, whatever their
                 // copies say. Without it the row cannot be served now.
                 break;
@@ -540,14 +588,12 @@ impl Engine {
                 cols,
                 behind: 0,
                 unknown: 0,
+                acked,
             };
             let valid = copies
                 .iter()
                 .enumerate()
-                .filter(|(p, c)| {
-                    c.as_ref()
-                        .is_some_and(|c| pick(c, probe.want(*p), cb).is_some())
-                })
+                .filter(|(p, c)| c.as_ref().is_some_and(|c| probe.pick(*p, c, cb).is_some()))
                 .count();
             best = best.max(valid);
             if valid < k {
@@ -561,11 +607,14 @@ impl Engine {
                     .filter(|&p| {
                         copies[p]
                             .as_ref()
-                            .is_some_and(|c| pick(c, probe.want(p), cb).is_none())
+                            .is_some_and(|c| probe.pick(p, c, cb).is_none())
                     })
                     .collect();
                 let unmarked_lacking = lacking.iter().any(|&p| marked & (1 << p) == 0);
-                if unmarked_lacking || lacking.len() > n - vol.meta.layout.geometry.write_quorum {
+                let refuted =
+                    unmarked_lacking || lacking.len() > n - vol.meta.layout.geometry.write_quorum;
+                // A state a later chunk says was acknowledged is never rolled back.
+                if refuted && content > acked {
                     rolled_back = true;
                     continue;
                 }
@@ -580,9 +629,12 @@ impl Engine {
                 match c {
                     None if marked & (1 << p) == 0 => meta.unknown |= 1 << p,
                     None => {}
-                    Some(c) if !newest_valid(c, meta.want(p)) => meta.behind |= 1 << p,
+                    Some(c) if !meta.newest_valid(p, c) => meta.behind |= 1 << p,
                     Some(_) => {}
                 }
+            }
+            if std::env::var("SIM_DEBUG_ROW").is_ok_and(|r| r == format!("{extent}/{row}")) {
+                eprintln!("LOAD on {} epoch {} chose {meta:x?} rolled_back={rolled_back} marked={marked:b} floor={floor:x} copies={:x?}", self.id, view.epoch, copies.iter().map(|c| c.as_ref().map(|c| c.iter().map(|x| x.version).collect::<Vec<_>>())).collect::<Vec<_>>());
             }
             if rolled_back {
                 // Copies of a newer, never-acknowledged state exist: re-commit this state at
@@ -591,7 +643,7 @@ impl Engine {
                 let mut shards: Vec<Option<Vec<u8>>> = copies
                     .iter()
                     .enumerate()
-                    .map(|(p, c)| c.as_ref().and_then(|c| pick(c, meta.want(p), cb)))
+                    .map(|(p, c)| c.as_ref().and_then(|c| meta.pick(p, c, cb)))
                     .collect();
                 vol.codec
                     .reconstruct(&mut shards)
@@ -601,9 +653,24 @@ impl Engine {
                     .take(k)
                     .map(|s| s.expect("reconstructed"))
                     .collect();
+                // Stale data columns get this state's content under its own versions (so
+                // their copies stay valid for it); parity gets a new version above the
+                // rolled-back state.
                 let touched: Vec<usize> = (0..k).filter(|&c| meta.is_behind(c)).collect();
+                // Everything issued before now, seen here or not, is below a fresh version.
+                let upto = self.new_version(view, &meta);
+                self.env
+                    .record_repair(
+                        vol.meta.id,
+                        extent,
+                        row,
+                        meta.cols.clone(),
+                        upto,
+                        view.epoch,
+                    )
+                    .await?;
                 return self
-                    .commit_row(view, vol, extent, row, &meta, &touched, data)
+                    .commit_row(view, vol, extent, row, &meta, &touched, data, false)
                     .await;
             }
             // Reachable positions that are behind must be fixed by resync: mark them.
@@ -616,7 +683,9 @@ impl Engine {
                         row,
                         pos: p as u8,
                     };
-                    self.env.mark_intent(mark, meta.version).await?;
+                    self.env
+                        .mark_intent(mark, meta.content(), view.epoch)
+                        .await?;
                     newly_marked += 1;
                 }
             }
@@ -648,11 +717,11 @@ impl Engine {
             if meta.is_behind(c) {
                 return (c, None);
             }
-            if meta.want(c) == 0 {
+            if meta.is_zero(c) {
                 return (c, Some(zeros(cb)));
             }
             let got = self.read_pos(view, vol, extent, row, c).await;
-            (c, got.and_then(|copies| pick(&copies, meta.want(c), cb)))
+            (c, got.and_then(|copies| meta.pick(c, &copies, cb)))
         });
         let mut missing = false;
         for (c, d) in futures::future::join_all(direct).await {
@@ -691,11 +760,11 @@ impl Engine {
         let mut pending: FuturesUnordered<_> = order
             .into_iter()
             .map(|p| async move {
-                if meta.want(p) == 0 {
+                if meta.is_zero(p) {
                     return (p, Some(zeros(cb)));
                 }
                 let got = self.read_pos(view, vol, extent, row, p).await;
-                (p, got.and_then(|copies| pick(&copies, meta.want(p), cb)))
+                (p, got.and_then(|copies| meta.pick(p, &copies, cb)))
             })
             .collect();
         while let Some((p, d)) = pending.next().await {
@@ -759,11 +828,32 @@ impl Engine {
             data[c][from - c * cb..to - c * cb].copy_from_slice(&bytes[from - start..to - start]);
         }
         let touched: Vec<usize> = (first..=last).collect();
-        let new = self
-            .commit_row(view, vol, span.extent, span.row, &meta, &touched, data)
-            .await?;
+        let commit = self
+            .commit_row(
+                view,
+                vol,
+                span.extent,
+                span.row,
+                &meta,
+                &touched,
+                data,
+                true,
+            )
+            .await;
+        let mut new = match commit {
+            Ok(new) => new,
+            Err(e) => {
+                // Some chunks may have landed: what the row holds now is for a reload to
+                // settle, not the state cached before this write.
+                self.forget_row(view, vol, span.extent, span.row);
+                return Err(e);
+            }
+        };
         let holding = new.holding(vol.width());
         let quorum = vol.meta.layout.geometry.write_quorum;
+        if holding >= quorum {
+            new.acked = new.content();
+        }
         if holding >= vol.k() {
             self.cache_row(view, vol, span.extent, span.row, &new);
         } else {
@@ -780,8 +870,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Encodes and writes a new state: `touched` data columns and every parity column get a
-    /// new version; positions that miss it are marked (durably) before returning.
+    /// A version for a new state of a row: above its current state, and from this primary's
+    /// counter for the epoch (a reload in the same epoch may not see every version issued), so
+    /// above anything issued before, in this epoch or earlier ones.
+    fn new_version(&self, view: &ClusterView, meta: &RowMeta) -> u64 {
+        let next = self.next_version.fetch_add(1, Ordering::SeqCst) & 0xffff_ffff;
+        (meta.version + 1).max(epoch_base(view.epoch) + next)
+    }
+
+    /// Encodes and writes a new state: the `touched` data columns (under a new version when
+    /// `new_data`, else under the versions `meta` names for them, as repair does) and every
+    /// parity column under a new version; positions not known to hold it afterwards are marked
+    /// (durably) before returning.
     #[allow(clippy::too_many_arguments)]
     async fn commit_row(
         &self,
@@ -792,6 +892,7 @@ impl Engine {
         meta: &RowMeta,
         touched: &[usize],
         data: Vec<Vec<u8>>,
+        new_data: bool,
     ) -> Result<RowMeta> {
         let (k, n, cb) = (vol.k(), vol.width(), vol.chunk());
         let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
@@ -799,14 +900,13 @@ impl Engine {
         vol.codec
             .encode(&refs, &mut parity)
             .map_err(|e| VolError::Peer(e.to_string()))?;
-        // Unique within the row: above its current state, and from this primary's counter
-        // for the epoch (a reload in the same epoch may not see every version issued).
-        let next = self.next_version.fetch_add(1, Ordering::SeqCst) & 0xffff_ffff;
-        let version = (meta.version + 1).max(epoch_base(view.epoch) + next);
+        let version = self.new_version(view, meta);
         let mut new = meta.clone();
         new.version = version;
-        for &c in touched {
-            new.cols[c] = version;
+        if new_data {
+            for &c in touched {
+                new.cols[c] = version;
+            }
         }
         let set = &vol.meta.placement[extent as usize];
         let mut payloads: Vec<Option<Vec<u8>>> = data.into_iter().map(Some).collect();
@@ -814,8 +914,9 @@ impl Engine {
         let targets: Vec<usize> = touched.iter().copied().chain(k..n).collect();
         let sends = targets.iter().map(|&p| {
             let chunk = Chunk {
-                version,
+                version: new.want(p),
                 cols: new.cols.clone(),
+                acked: meta.acked,
                 data: payloads[p].take().expect("payload once"),
             };
             let holder = set[p];
@@ -847,10 +948,17 @@ impl Engine {
         // the row is at least at the state before it.
         // A write none of whose chunks landed left no copy naming its version either.
         let floor = if new.holding(n) >= k && missed.len() < targets.len() {
-            version
+            new.content()
         } else {
-            meta.version
+            meta.content()
         };
+        // Every position not known to hold the new state is marked, not only the targets that
+        // failed: an untouched column that did not answer when the row was loaded may be stale,
+        // and later loads rely on "unmarked and lacking it" proving a state was never
+        // acknowledged.
+        missed.extend((0..n).filter(|&p| new.is_unknown(p)));
+        new.behind |= new.unknown;
+        new.unknown = 0;
         for p in missed {
             let mark = IntentMark {
                 volume: vol.meta.id,
@@ -858,7 +966,7 @@ impl Engine {
                 row,
                 pos: p as u8,
             };
-            self.env.mark_intent(mark, floor).await?;
+            self.env.mark_intent(mark, floor, view.epoch).await?;
         }
         Ok(new)
     }
@@ -1008,6 +1116,7 @@ impl Engine {
                     let chunk = Chunk {
                         version: meta.want(pos),
                         cols: meta.cols.clone(),
+                        acked: meta.acked,
                         data: full[pos].clone(),
                     };
                     let addr = Self::addr(vol, mark.extent, mark.row, pos);
@@ -1018,7 +1127,9 @@ impl Engine {
                     self.cache_row(view, vol, mark.extent, mark.row, &meta);
                     copied += 1;
                 }
-                self.env.clear_intent(mark, meta.version).await?;
+                self.env
+                    .clear_intent(mark, meta.content(), view.epoch)
+                    .await?;
             }
         }
         Ok(copied)

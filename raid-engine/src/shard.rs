@@ -48,6 +48,8 @@ pub struct Chunk {
     pub version: u64,
     /// Version of each data column in the row state this copy belongs to (length `k`).
     pub cols: Vec<u64>,
+    /// Newest row version the writer knew to be acknowledged to a host (never rolled back).
+    pub acked: u64,
     /// Payload (`chunk_bytes`).
     pub data: Vec<u8>,
 }
@@ -57,6 +59,7 @@ impl fmt::Debug for Chunk {
         f.debug_struct("Chunk")
             .field("version", &self.version)
             .field("cols", &self.cols)
+            .field("acked", &self.acked)
             .field("len", &self.data.len())
             .finish()
     }
@@ -66,6 +69,7 @@ impl Chunk {
     /// CRC32C over version, column vector and payload: what a store records and checks.
     pub fn checksum(&self) -> u32 {
         let mut c = crc32c::crc32c(&self.version.to_le_bytes());
+        c = crc32c::crc32c_append(c, &self.acked.to_le_bytes());
         for v in &self.cols {
             c = crc32c::crc32c_append(c, &v.to_le_bytes());
         }
@@ -177,6 +181,7 @@ mod tests {
         Chunk {
             version: v,
             cols: vec![v, 0],
+            acked: 0,
             data: vec![v as u8; 16],
         }
     }

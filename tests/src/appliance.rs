@@ -39,11 +39,15 @@ pub fn binary() -> PathBuf {
     } else {
         "release"
     };
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("target")
-        .join(profile)
-        .join("appliance");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+        },
+        PathBuf::from,
+    );
+    let p = target.join(profile).join("appliance");
     assert!(
         p.exists(),
         "appliance binary not found at {}: run the tests with `cargo test --workspace` (scripts/test.sh does) or set APPLIANCE_BIN",

@@ -26,7 +26,7 @@ use futures::future::{AbortHandle, Abortable};
 use futures::task::LocalSpawnExt;
 use futures::FutureExt;
 use raid_engine::cluster::{
-    ClusterEnv, ClusterView, ControllerState, IntentMark, VolError, VolumeMeta,
+    ClusterEnv, ClusterView, ControllerState, IntentMark, RowIntent, VolError, VolumeMeta,
 };
 use raid_engine::codec::CodecKind;
 use raid_engine::engine::Engine;
@@ -138,7 +138,15 @@ enum Msg {
         Reply<Result<Vec<u8>, VolError>>,
     ),
     /// Set (true, with the missed version) or clear (false, up to a version) a mark.
-    Mark(IntentMark, bool, u64, Reply<Result<(), VolError>>),
+    Mark(IntentMark, bool, u64, u64, Reply<Result<(), VolError>>),
+    /// Record a repair decision: row, chosen columns, abandoned-up-to version, epoch.
+    Repair(
+        (VolumeId, u64, u32),
+        Vec<u64>,
+        u64,
+        u64,
+        Reply<Result<(), VolError>>,
+    ),
 }
 
 struct Pending {
@@ -152,6 +160,8 @@ struct Meta {
     view: ClusterView,
     /// Write-intent marks and the highest version each missed.
     intents: BTreeMap<IntentMark, u64>,
+    /// Repair decisions per row.
+    repairs: BTreeMap<(VolumeId, u64, u32), (Vec<u64>, u64)>,
 }
 
 #[derive(Clone)]
@@ -241,15 +251,25 @@ impl ClusterEnv for SimEnv {
             Err(unreachable_vol(to)),
         )
     }
-    fn mark_intent(&self, mark: IntentMark, missed: u64) -> BoxFut<'_, Result<(), VolError>> {
+    fn mark_intent(
+        &self,
+        mark: IntentMark,
+        missed: u64,
+        epoch: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
         self.send(
-            |r| Msg::Mark(mark, true, missed, r),
+            |r| Msg::Mark(mark, true, missed, epoch, r),
             Err(VolError::Peer("metadata log unreachable".into())),
         )
     }
-    fn clear_intent(&self, mark: IntentMark, upto: u64) -> BoxFut<'_, Result<(), VolError>> {
+    fn clear_intent(
+        &self,
+        mark: IntentMark,
+        upto: u64,
+        epoch: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
         self.send(
-            |r| Msg::Mark(mark, false, upto, r),
+            |r| Msg::Mark(mark, false, upto, epoch, r),
             Err(VolError::Peer("metadata log unreachable".into())),
         )
     }
@@ -261,14 +281,34 @@ impl ClusterEnv for SimEnv {
             .copied()
             .collect()
     }
-    fn row_marks(&self, volume: VolumeId, extent: u64, row: u32) -> (u32, u64) {
+    fn row_intent(&self, volume: VolumeId, extent: u64, row: u32) -> RowIntent {
         let m = self.shared.meta.lock().expect("meta");
-        m.intents
+        let (marked, floor) = m
+            .intents
             .iter()
             .filter(|(i, _)| i.volume == volume && i.extent == extent && i.row == row)
             .fold((0, 0), |(mask, floor), (i, v)| {
                 (mask | 1 << i.pos, floor.max(*v))
-            })
+            });
+        RowIntent {
+            marked,
+            floor,
+            repair: m.repairs.get(&(volume, extent, row)).cloned(),
+        }
+    }
+    fn record_repair(
+        &self,
+        volume: VolumeId,
+        extent: u64,
+        row: u32,
+        cols: Vec<u64>,
+        upto: u64,
+        epoch: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        self.send(
+            |r| Msg::Repair((volume, extent, row), cols, upto, epoch, r),
+            Err(VolError::Peer("metadata log unreachable".into())),
+        )
     }
 }
 
@@ -419,6 +459,7 @@ impl Sim {
             meta: Arc::new(Mutex::new(Meta {
                 view: view.clone(),
                 intents: BTreeMap::new(),
+                repairs: BTreeMap::new(),
             })),
         };
         let mut sim = Self {
@@ -592,6 +633,11 @@ impl Sim {
             }
             Msg::WriteApply(epoch, addr, chunk, r) => {
                 let to = p.from;
+                if std::env::var("SIM_DEBUG_ROW")
+                    .is_ok_and(|r| r == format!("{}/{}", addr.extent, addr.row))
+                {
+                    eprintln!("APPLY [{}] on {to} pos {} v={:x} cols={:x?} epoch {epoch} drop_reply={drop}", self.now, addr.pos, chunk.version, chunk.cols);
+                }
                 let n = self.nodes.get_mut(&to).expect("node");
                 if !n.alive {
                     return;
@@ -633,11 +679,49 @@ impl Sim {
                     let _ = r.send(e.primary_read(epoch, VOLUME, off, len).await);
                 });
             }
-            Msg::Mark(mark, set, v, r) => {
+            Msg::Repair(key, cols, upto, epoch, r) => {
                 if drop || !self.majority(p.from) {
                     return;
                 }
                 let mut meta = self.shared.meta.lock().expect("meta");
+                if epoch != meta.view.epoch {
+                    let ours = meta.view.epoch;
+                    drop_guard(meta);
+                    let _ = r.send(Err(VolError::Epoch {
+                        ours,
+                        theirs: epoch,
+                    }));
+                    return;
+                }
+                meta.repairs.insert(key, (cols, upto));
+                drop_guard(meta);
+                let _ = r.send(Ok(()));
+            }
+            Msg::Mark(mark, set, v, epoch, r) => {
+                if drop || !self.majority(p.from) {
+                    return;
+                }
+                let mut meta = self.shared.meta.lock().expect("meta");
+                if epoch != meta.view.epoch {
+                    let ours = meta.view.epoch;
+                    drop_guard(meta);
+                    let _ = r.send(Err(VolError::Epoch {
+                        ours,
+                        theirs: epoch,
+                    }));
+                    return;
+                }
+                if std::env::var("SIM_DEBUG_ROW")
+                    .is_ok_and(|r| r == format!("{}/{}", mark.extent, mark.row))
+                {
+                    eprintln!(
+                        "MARK [{}] from {} {:?} set={set} v={v:x} had={:x?}",
+                        self.now,
+                        p.from,
+                        mark,
+                        meta.intents.get(&mark)
+                    );
+                }
                 if set {
                     let e = meta.intents.entry(mark).or_insert(v);
                     *e = (*e).max(v);
