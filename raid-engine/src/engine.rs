@@ -624,6 +624,8 @@ impl Engine {
                 });
             }
             let mut meta = probe;
+            // Once served, the chosen state is never rolled back: later writes say so.
+            meta.acked = meta.acked.max(content);
             meta.behind = marked;
             for (p, c) in copies.iter().enumerate() {
                 match c {
@@ -632,9 +634,6 @@ impl Engine {
                     Some(c) if !meta.newest_valid(p, c) => meta.behind |= 1 << p,
                     Some(_) => {}
                 }
-            }
-            if std::env::var("SIM_DEBUG_ROW").is_ok_and(|r| r == format!("{extent}/{row}")) {
-                eprintln!("LOAD on {} epoch {} chose {meta:x?} rolled_back={rolled_back} marked={marked:b} floor={floor:x} copies={:x?}", self.id, view.epoch, copies.iter().map(|c| c.as_ref().map(|c| c.iter().map(|x| x.version).collect::<Vec<_>>())).collect::<Vec<_>>());
             }
             if rolled_back {
                 // Copies of a newer, never-acknowledged state exist: re-commit this state at
@@ -676,7 +675,7 @@ impl Engine {
             // Reachable positions that are behind must be fixed by resync: mark them.
             let mut newly_marked = 0;
             for (p, c) in copies.iter().enumerate() {
-                if c.is_some() && meta.is_behind(p) && marked & (1 << p) == 0 {
+                if c.is_some() && meta.is_behind(p) {
                     let mark = IntentMark {
                         volume: vol.meta.id,
                         extent,

@@ -8,9 +8,11 @@
 //! mid-write needs nothing else ([`crate::engine`]).
 //!
 //! Store contract (every implementation: memory, local disk, remote peer):
-//! - A holder keeps the two most recently written copies of each chunk (two slots). A write
-//!   replaces the older slot and becomes the newest, whatever its version, so a primary can
-//!   roll a row back to its last complete state when the write in flight was torn.
+//! - A holder keeps two copies of each chunk (two slots) and a write always becomes the newest.
+//!   It replaces the older slot when the current newest copy belongs to a state the writer
+//!   knows to be acknowledged (its content version is at most the incoming `acked`), and the
+//!   newest slot otherwise: a copy of the last acknowledged state is never pushed out by
+//!   writes that were not acknowledged, so a primary can always roll a row back to it.
 //! - A write is durable when it returns `Ok` (no acknowledged-but-volatile state).
 //! - A copy whose checksum does not verify is never returned (torn write, bit rot).
 //! - A chunk never written reads as no copies.
@@ -66,6 +68,11 @@ impl fmt::Debug for Chunk {
 }
 
 impl Chunk {
+    /// The newest data version of the row state this copy belongs to.
+    pub fn content(&self) -> u64 {
+        self.cols.iter().copied().max().unwrap_or(0)
+    }
+
     /// CRC32C over version, column vector and payload: what a store records and checks.
     pub fn checksum(&self) -> u32 {
         let mut c = crc32c::crc32c(&self.version.to_le_bytes());
@@ -123,8 +130,13 @@ impl MemShardStore {
         let crc = chunk.checksum();
         let mut s = self.slots.lock().expect("store");
         let v = s.entry(addr).or_default();
-        v.insert(0, Slot { chunk, crc });
-        v.truncate(2);
+        let newest_acked = v.first().is_none_or(|n| n.chunk.content() <= chunk.acked);
+        if newest_acked {
+            v.insert(0, Slot { chunk, crc });
+            v.truncate(2);
+        } else {
+            v[0] = Slot { chunk, crc };
+        }
     }
     /// Reads synchronously.
     pub fn read_now(&self, addr: ChunkAddr) -> Vec<Chunk> {
@@ -181,7 +193,7 @@ mod tests {
         Chunk {
             version: v,
             cols: vec![v, 0],
-            acked: 0,
+            acked: v,
             data: vec![v as u8; 16],
         }
     }
@@ -192,9 +204,20 @@ mod tests {
         assert!(s.read_now(addr()).is_empty());
         s.write_now(addr(), chunk(5));
         s.write_now(addr(), chunk(7));
-        s.write_now(addr(), chunk(6)); // newest by write order, not by version
+        let mut c = chunk(6);
+        c.acked = 7;
+        s.write_now(addr(), c); // newest by write order, not by version
         let got: Vec<u64> = s.read_now(addr()).iter().map(|c| c.version).collect();
         assert_eq!(got, vec![6, 7]);
+        // Writes not known to follow an acknowledged newest copy replace it, keeping the
+        // older slot (the last acknowledged state).
+        let mut unacked = chunk(9);
+        unacked.acked = 3;
+        s.write_now(addr(), unacked.clone());
+        unacked.version = 10;
+        s.write_now(addr(), unacked);
+        let got: Vec<u64> = s.read_now(addr()).iter().map(|c| c.version).collect();
+        assert_eq!(got, vec![10, 7]);
         s.tear_newest(addr());
         let got: Vec<u64> = s.read_now(addr()).iter().map(|c| c.version).collect();
         assert_eq!(got, vec![7]);
