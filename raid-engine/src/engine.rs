@@ -672,10 +672,19 @@ impl Engine {
                     .commit_row(view, vol, extent, row, &meta, &touched, data, false)
                     .await;
             }
-            // Reachable positions that are behind must be fixed by resync: mark them.
+            // Reachable positions that are behind must be fixed by resync: mark them. When the
+            // chosen state is a write no chunk yet calls acknowledged (rolled forward), it is
+            // about to be served, so it gets what an acknowledgement needs: every position not
+            // known to hold it marked, those that did not answer included.
+            let rolled_forward = content > acked;
             let mut newly_marked = 0;
             for (p, c) in copies.iter().enumerate() {
-                if c.is_some() && meta.is_behind(p) {
+                let unanswered = c.is_none() && marked & (1 << p) == 0;
+                if (c.is_some() && meta.is_behind(p)) || (rolled_forward && unanswered) {
+                    if unanswered {
+                        meta.unknown &= !(1 << p);
+                        meta.behind |= 1 << p;
+                    }
                     let mark = IntentMark {
                         volume: vol.meta.id,
                         extent,
