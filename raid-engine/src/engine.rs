@@ -951,14 +951,14 @@ impl Engine {
                 }
             }
         }
-        // A mark tells later loads that the row is at least at the version it missed; a write
-        // that reached too few holders to be decoded did not move the row, so its marks say
-        // the row is at least at the state before it.
-        // A write none of whose chunks landed left no copy naming its version either.
-        let floor = if new.holding(n) >= k && missed.len() < targets.len() {
+        // A mark tells later loads that the row's state is at least what it names: this write
+        // when it is acknowledged, else the newest state already acknowledged or served (an
+        // unacknowledged write may still be rolled back, and holders do not protect its
+        // copies).
+        let floor = if new.holding(n) >= vol.meta.layout.geometry.write_quorum {
             new.content()
         } else {
-            meta.content()
+            meta.acked
         };
         // Every position not known to hold the new state is marked, not only the targets that
         // failed: an untouched column that did not answer when the row was loaded may be stale,
