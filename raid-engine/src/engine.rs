@@ -613,8 +613,8 @@ impl Engine {
                 let unmarked_lacking = lacking.iter().any(|&p| marked & (1 << p) == 0);
                 let refuted =
                     unmarked_lacking || lacking.len() > n - vol.meta.layout.geometry.write_quorum;
-                // A state a later chunk says was acknowledged is never rolled back.
-                if refuted && content > acked {
+                // A state a later chunk or a mark says was acknowledged is never rolled back.
+                if refuted && content > floor {
                     rolled_back = true;
                     continue;
                 }
@@ -624,8 +624,6 @@ impl Engine {
                 });
             }
             let mut meta = probe;
-            // Once served, the chosen state is never rolled back: later writes say so.
-            meta.acked = meta.acked.max(content);
             meta.behind = marked;
             for (p, c) in copies.iter().enumerate() {
                 match c {
@@ -668,9 +666,12 @@ impl Engine {
                         view.epoch,
                     )
                     .await?;
-                return self
+                let mut meta = self
                     .commit_row(view, vol, extent, row, &meta, &touched, data, false)
-                    .await;
+                    .await?;
+                // Served from now on, so never rolled back: later writes say so.
+                meta.acked = meta.acked.max(content);
+                return Ok(meta);
             }
             // Reachable positions that are behind must be fixed by resync: mark them. When the
             // chosen state is a write no chunk yet calls acknowledged (rolled forward), it is
@@ -679,8 +680,12 @@ impl Engine {
             let rolled_forward = content > acked;
             let mut newly_marked = 0;
             for (p, c) in copies.iter().enumerate() {
-                let unanswered = c.is_none() && marked & (1 << p) == 0;
-                if (c.is_some() && meta.is_behind(p)) || (rolled_forward && unanswered) {
+                // Rolling forward re-marks positions already marked too: their marks must now
+                // name this state as the floor.
+                let unanswered = c.is_none();
+                if (c.is_some() && meta.is_behind(p))
+                    || (rolled_forward && (unanswered || meta.is_behind(p)))
+                {
                     if unanswered {
                         meta.unknown &= !(1 << p);
                         meta.behind |= 1 << p;
@@ -700,6 +705,8 @@ impl Engine {
             if newly_marked > 0 {
                 self.stats.lock().expect("stats").rows_behind_found += 1;
             }
+            // Served from now on, so never rolled back: later writes say so.
+            meta.acked = meta.acked.max(content);
             return Ok(meta);
         }
         Err(VolError::TooFewShards {
