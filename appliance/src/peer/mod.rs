@@ -1,0 +1,527 @@
+//! The peer transport: one framed, checksummed, pipelined TCP protocol between controllers.
+//!
+//! It carries shard reads and writes, forwarded host I/O and heartbeats ([`wire::Request`]).
+//! [`PeerClient`] keeps one connection per peer, opened on first use and again after any
+//! failure; many requests share it, each matched to its reply by request id. [`serve`] answers
+//! a listener's connections through a [`PeerHandler`].
+//!
+//! Invariants:
+//! - Every frame carries the sender's id and epoch; the handler (the engine) refuses stale
+//!   epochs with [`wire::RemoteError::StaleEpoch`].
+//! - Requests in flight are bounded per peer on the client ([`PeerLimits::max_in_flight`]) and
+//!   per connection on the server; a request not answered within
+//!   [`PeerLimits::request_timeout`] fails, and its late reply is dropped.
+//! - A connection that delivers a bad frame (checksum, magic, length, unparsable body) is closed
+//!   with a log line; every request waiting on it fails at once, never hangs.
+//! - Peer authentication (mutual TLS with a cluster CA) is not here yet: see
+//!   docs/architecture.md.
+
+pub mod wire;
+
+use raid_engine::shard::BoxFut;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use wire::{Frame, Kind, RemoteError, Reply, Request, WireError, REPLY};
+
+/// Bounds of the transport.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerLimits {
+    /// Requests in flight per peer (client) and per connection (server).
+    pub max_in_flight: usize,
+    /// Time a request may wait for its reply.
+    pub request_timeout: Duration,
+    /// Time a connection attempt may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 128,
+            request_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// Could not connect, connection lost, or no reply in time.
+    #[error("peer {addr}: {what}")]
+    Transport {
+        /// Peer address.
+        addr: SocketAddr,
+        /// What happened.
+        what: String,
+    },
+    /// The peer answered with an error.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    /// The peer's reply did not parse.
+    #[error("peer sent a bad reply: {0}")]
+    Wire(#[from] WireError),
+}
+
+/// Answers requests from peers (the appliance implements it over the engine).
+pub trait PeerHandler: Send + Sync + 'static {
+    /// Handles one request from controller `sender` at `epoch`.
+    fn handle(
+        &self,
+        sender: u32,
+        epoch: u64,
+        req: Request,
+    ) -> BoxFut<'_, Result<Reply, RemoteError>>;
+}
+
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(stream).set_keepalive(true);
+}
+
+/// Reads frames from `rd` into `buf`, returning the next one; `Ok(None)` at a clean end.
+async fn read_frame<R: AsyncReadExt + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Frame>, String> {
+    loop {
+        match wire::decode_frame(buf) {
+            Ok(Some((f, n))) => {
+                buf.drain(..n);
+                return Ok(Some(f));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        // Never read past the end of the frame being assembled (the header bounds it).
+        let want = wire::frame_len(buf).map_or(wire::HEADER_LEN, |n| n) - buf.len();
+        let start = buf.len();
+        buf.resize(start + want.clamp(1, 64 << 10), 0);
+        let got = rd
+            .read(&mut buf[start..])
+            .await
+            .map_err(|e| e.to_string())?;
+        buf.truncate(start + got);
+        if got == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err("connection closed in the middle of a frame".into())
+            };
+        }
+    }
+}
+
+/// Serves peer connections from `listener` until it fails.
+pub async fn serve(
+    listener: TcpListener,
+    me: u32,
+    handler: Arc<dyn PeerHandler>,
+    limits: PeerLimits,
+) {
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "peer accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        tune(&stream);
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_conn(stream, me, handler, limits).await {
+                tracing::warn!(peer = %from, error = %e, "peer connection closed: bad input from the peer");
+            }
+        });
+    }
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    me: u32,
+    handler: Arc<dyn PeerHandler>,
+    limits: PeerLimits,
+) -> Result<(), String> {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(limits.max_in_flight);
+    let writer = tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            if wr.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+    });
+    let permits = Arc::new(Semaphore::new(limits.max_in_flight));
+    let mut buf = Vec::new();
+    let result = loop {
+        let f = match read_frame(&mut rd, &mut buf).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        let req = match Request::decode(f.kind, &f.payload) {
+            Ok(r) => r,
+            Err(e) => break Err(e.to_string()),
+        };
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let handler = handler.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let body = match handler.handle(f.sender, f.epoch, req).await {
+                Ok(r) => r.encode(),
+                Err(e) => {
+                    let mut b = Vec::new();
+                    wire::put_error(&mut b, &e);
+                    b
+                }
+            };
+            let mut out = Vec::with_capacity(wire::HEADER_LEN + body.len());
+            wire::encode_frame(
+                &Frame {
+                    kind: f.kind | REPLY,
+                    sender: me,
+                    epoch: f.epoch,
+                    request_id: f.request_id,
+                    payload: body,
+                },
+                &mut out,
+            );
+            let _ = tx.send(out).await;
+            drop(permit);
+        });
+    };
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+#[derive(Debug)]
+struct Conn {
+    tx: mpsc::Sender<Vec<u8>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
+    dead: AtomicBool,
+}
+
+impl Conn {
+    fn fail_all(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        self.pending.lock().expect("pending").clear();
+    }
+}
+
+/// One peer, as seen by this controller.
+#[derive(Debug)]
+pub struct PeerClient {
+    me: u32,
+    addr: SocketAddr,
+    limits: PeerLimits,
+    in_flight: Semaphore,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    next_id: AtomicU64,
+}
+
+impl PeerClient {
+    /// A client for the peer at `addr`; nothing is connected until the first call.
+    pub fn new(me: u32, addr: SocketAddr, limits: PeerLimits) -> Self {
+        Self {
+            me,
+            addr,
+            limits,
+            in_flight: Semaphore::new(limits.max_in_flight),
+            conn: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn transport(&self, what: impl Into<String>) -> CallError {
+        CallError::Transport {
+            addr: self.addr,
+            what: what.into(),
+        }
+    }
+
+    async fn connection(&self) -> Result<Arc<Conn>, CallError> {
+        let mut g = self.conn.lock().await;
+        if let Some(c) = g.as_ref() {
+            if !c.dead.load(Ordering::SeqCst) {
+                return Ok(c.clone());
+            }
+        }
+        let stream =
+            tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(self.addr))
+                .await
+                .map_err(|_| self.transport("connect timed out"))?
+                .map_err(|e| self.transport(format!("connect: {e}")))?;
+        tune(&stream);
+        let (mut rd, mut wr) = stream.into_split();
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(self.limits.max_in_flight);
+        let conn = Arc::new(Conn {
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+        });
+        let c2 = conn.clone();
+        tokio::spawn(async move {
+            while let Some(bytes) = rx.recv().await {
+                if wr.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            c2.fail_all();
+        });
+        let c3 = conn.clone();
+        let addr = self.addr;
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            loop {
+                match read_frame(&mut rd, &mut buf).await {
+                    Ok(Some(f)) => {
+                        let waiter = c3.pending.lock().expect("pending").remove(&f.request_id);
+                        if let Some(w) = waiter {
+                            let _ = w.send(f);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(peer = %addr, error = %e, "peer connection closed: bad reply stream");
+                        break;
+                    }
+                }
+            }
+            c3.fail_all();
+        });
+        *g = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends `req` at `epoch` and waits for the answer.
+    ///
+    /// # Errors
+    /// [`CallError`].
+    pub async fn call(&self, epoch: u64, req: Request) -> Result<Reply, CallError> {
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .expect("semaphore never closed");
+        let conn = self.connection().await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (kind, body) = req.encode();
+        let mut out = Vec::with_capacity(wire::HEADER_LEN + body.len());
+        wire::encode_frame(
+            &Frame {
+                kind: kind as u8,
+                sender: self.me,
+                epoch,
+                request_id: id,
+                payload: body,
+            },
+            &mut out,
+        );
+        let (tx, rx) = oneshot::channel();
+        conn.pending.lock().expect("pending").insert(id, tx);
+        if conn.dead.load(Ordering::SeqCst) || conn.tx.send(out).await.is_err() {
+            conn.pending.lock().expect("pending").remove(&id);
+            return Err(self.transport("connection lost"));
+        }
+        let reply = match tokio::time::timeout(self.limits.request_timeout, rx).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(_)) => return Err(self.transport("connection lost before the reply")),
+            Err(_) => {
+                conn.pending.lock().expect("pending").remove(&id);
+                return Err(
+                    self.transport(format!("no reply within {:?}", self.limits.request_timeout))
+                );
+            }
+        };
+        if reply.kind != kind as u8 | REPLY {
+            conn.fail_all();
+            return Err(WireError::Malformed("reply kind").into());
+        }
+        match wire::get_status(&reply.payload)? {
+            Ok(r) => Ok(Reply::decode(kind, r)?),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The kind of a request, for logs.
+    pub fn kind_name(k: Kind) -> &'static str {
+        match k {
+            Kind::ReadChunk => "read-chunk",
+            Kind::WriteChunk => "write-chunk",
+            Kind::ForwardWrite => "forward-write",
+            Kind::ForwardRead => "forward-read",
+            Kind::Heartbeat => "heartbeat",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raid_engine::shard::{Chunk, ChunkAddr, MemShardStore};
+
+    /// A holder: chunk reads and writes on a memory store, refusing epochs below `epoch`;
+    /// `stall` makes it never answer.
+    struct Holder {
+        store: MemShardStore,
+        epoch: AtomicU64,
+        stall: AtomicBool,
+    }
+
+    impl PeerHandler for Holder {
+        fn handle(
+            &self,
+            _sender: u32,
+            epoch: u64,
+            req: Request,
+        ) -> BoxFut<'_, Result<Reply, RemoteError>> {
+            Box::pin(async move {
+                if self.stall.load(Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
+                let ours = self.epoch.load(Ordering::SeqCst);
+                if epoch < ours {
+                    return Err(RemoteError::StaleEpoch {
+                        ours,
+                        theirs: epoch,
+                    });
+                }
+                match req {
+                    Request::ReadChunk(a) => Ok(Reply::Copies(self.store.read_now(a))),
+                    Request::WriteChunk(a, c) => {
+                        self.store.write_now(a, c);
+                        Ok(Reply::Done)
+                    }
+                    Request::Heartbeat => Ok(Reply::Done),
+                    _ => Err(RemoteError::Other("not a primary".into())),
+                }
+            })
+        }
+    }
+
+    fn holder() -> Arc<Holder> {
+        Arc::new(Holder {
+            store: MemShardStore::default(),
+            epoch: AtomicU64::new(5),
+            stall: AtomicBool::new(false),
+        })
+    }
+
+    async fn start(h: Arc<Holder>, addr: &str) -> SocketAddr {
+        let l = TcpListener::bind(addr).await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(serve(l, 2, h, PeerLimits::default()));
+        a
+    }
+
+    fn limits() -> PeerLimits {
+        PeerLimits {
+            max_in_flight: 16,
+            request_timeout: Duration::from_millis(300),
+            connect_timeout: Duration::from_millis(300),
+        }
+    }
+
+    fn addr(row: u32) -> ChunkAddr {
+        ChunkAddr {
+            volume: 1,
+            extent: 2,
+            row,
+            pos: 0,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_requests_match_their_replies() {
+        let h = holder();
+        let a = start(h.clone(), "127.0.0.1:0").await;
+        let c = Arc::new(PeerClient::new(1, a, limits()));
+        let writes = (0..200u32).map(|i| {
+            let c = c.clone();
+            async move {
+                let chunk = Chunk {
+                    version: u64::from(i) + 1,
+                    cols: vec![u64::from(i) + 1],
+                    acked: 0,
+                    data: vec![i as u8; 4096],
+                };
+                c.call(5, Request::WriteChunk(addr(i), chunk)).await
+            }
+        });
+        for r in futures::future::join_all(writes).await {
+            assert_eq!(r.unwrap(), Reply::Done);
+        }
+        let reads = (0..200u32).map(|i| {
+            let c = c.clone();
+            async move { (i, c.call(6, Request::ReadChunk(addr(i))).await.unwrap()) }
+        });
+        for (i, r) in futures::future::join_all(reads).await {
+            let Reply::Copies(cs) = r else {
+                panic!("copies expected")
+            };
+            assert_eq!(cs.len(), 1);
+            assert_eq!(cs[0].data, vec![i as u8; 4096]);
+        }
+        assert_eq!(
+            c.call(4, Request::Heartbeat).await,
+            Err(CallError::Remote(RemoteError::StaleEpoch {
+                ours: 5,
+                theirs: 4
+            }))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalls_time_out_and_lost_peers_reconnect() {
+        let h = holder();
+        let a = start(h.clone(), "127.0.0.1:0").await;
+        let c = PeerClient::new(1, a, limits());
+        c.call(5, Request::Heartbeat).await.unwrap();
+        h.stall.store(true, Ordering::SeqCst);
+        let e = c.call(5, Request::Heartbeat).await.unwrap_err();
+        assert!(matches!(e, CallError::Transport { .. }), "{e}");
+        h.stall.store(false, Ordering::SeqCst);
+        c.call(5, Request::Heartbeat).await.unwrap();
+        // A peer that is not there fails fast; one that comes back is reached again.
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ga = gone.local_addr().unwrap();
+        drop(gone);
+        let c2 = PeerClient::new(1, ga, limits());
+        assert!(matches!(
+            c2.call(5, Request::Heartbeat).await,
+            Err(CallError::Transport { .. })
+        ));
+        start(holder(), &ga.to_string()).await;
+        c2.call(5, Request::Heartbeat).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_closes_only_that_connection() {
+        let h = holder();
+        let a = start(h.clone(), "127.0.0.1:0").await;
+        let mut s = TcpStream::connect(a).await.unwrap();
+        s.write_all(&[0x55; 100]).await.unwrap();
+        let mut b = [0u8; 16];
+        // The server closes the connection instead of answering.
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b))
+            .await
+            .expect("closed in time")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        let c = PeerClient::new(1, a, limits());
+        c.call(5, Request::Heartbeat).await.unwrap();
+    }
+}
