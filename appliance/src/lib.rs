@@ -1,10 +1,12 @@
 //! The appliance's reusable parts, shared by the daemon (`src/main.rs`), the tests and the
 //! fuzz targets.
 //!
+//! - [`meta`]: the metadata log (openraft + redb): membership, epochs, write-intent marks.
 //! - [`peer`]: the transport between controllers (frames, messages, client, server).
 //!
 //! Invariant: nothing here panics on bytes from the network.
 
 #![forbid(unsafe_code)]
 
+pub mod meta;
 pub mod peer;

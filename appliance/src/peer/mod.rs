@@ -430,8 +430,8 @@ mod tests {
     fn limits() -> PeerLimits {
         PeerLimits {
             max_in_flight: 16,
-            request_timeout: Duration::from_millis(300),
-            connect_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_millis(1500),
+            connect_timeout: Duration::from_millis(1500),
         }
     }
 
