@@ -2,6 +2,7 @@
 //! fuzz targets.
 //!
 //! - [`meta`]: the metadata log (openraft + redb): membership, epochs, write-intent marks.
+//! - [`node`]: one controller assembled: engine + metadata replica + peer transport.
 //! - [`peer`]: the transport between controllers (frames, messages, client, server).
 //!
 //! Invariant: nothing here panics on bytes from the network.
@@ -9,4 +10,5 @@
 #![forbid(unsafe_code)]
 
 pub mod meta;
+pub mod node;
 pub mod peer;

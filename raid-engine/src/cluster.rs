@@ -117,6 +117,8 @@ pub struct RowIntent {
     /// The last rollback: the state chosen (its column versions) and the highest version
     /// abandoned.
     pub repair: Option<(Vec<u64>, u64)>,
+    /// Highest content version served after a roll-forward: never rolled back below.
+    pub served: u64,
 }
 
 /// Why a volume operation failed. Each maps to a SCSI status in `lun`.
@@ -248,6 +250,17 @@ pub trait ClusterEnv: Send + Sync + fmt::Debug {
         row: u32,
         cols: Vec<u64>,
         upto: u64,
+        epoch: u64,
+    ) -> BoxFut<'_, Result<(), VolError>>;
+    /// Records durably, before a primary serves a row state no chunk yet calls acknowledged
+    /// (a roll-forward after a crash), that the row is at least at `content`. Refused when
+    /// `epoch` is no longer the cluster's.
+    fn record_served(
+        &self,
+        volume: VolumeId,
+        extent: u64,
+        row: u32,
+        content: u64,
         epoch: u64,
     ) -> BoxFut<'_, Result<(), VolError>>;
 }

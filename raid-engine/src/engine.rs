@@ -548,7 +548,7 @@ impl Engine {
             .map(|c| c.acked)
             .max()
             .unwrap_or(0);
-        let floor = mark_floor.max(acked);
+        let floor = mark_floor.max(acked).max(intent.served);
         // Candidate states (distinct column-version vectors), newest first; "never written"
         // is always a candidate.
         let mut cands: Vec<(u64, Vec<u64>)> = copies
@@ -673,23 +673,18 @@ impl Engine {
                 meta.acked = meta.acked.max(content);
                 return Ok(meta);
             }
-            // Reachable positions that are behind must be fixed by resync: mark them. When the
-            // chosen state is a write no chunk yet calls acknowledged (rolled forward), it is
-            // about to be served, so it gets what an acknowledgement needs: every position not
-            // known to hold it marked, those that did not answer included.
-            let rolled_forward = content > acked;
+            // A state no chunk yet calls acknowledged is about to be served: the log records
+            // that the row is at least this new first, so no later load rolls it back.
+            if content > floor {
+                self.env
+                    .record_served(vol.meta.id, extent, row, content, view.epoch)
+                    .await?;
+            }
+            // Reachable positions that are behind must be fixed by resync: mark them (again,
+            // if marked already, so their marks name this state).
             let mut newly_marked = 0;
             for (p, c) in copies.iter().enumerate() {
-                // Rolling forward re-marks positions already marked too: their marks must now
-                // name this state as the floor.
-                let unanswered = c.is_none();
-                if (c.is_some() && meta.is_behind(p))
-                    || (rolled_forward && (unanswered || meta.is_behind(p)))
-                {
-                    if unanswered {
-                        meta.unknown &= !(1 << p);
-                        meta.behind |= 1 << p;
-                    }
+                if c.is_some() && meta.is_behind(p) {
                     let mark = IntentMark {
                         volume: vol.meta.id,
                         extent,

@@ -139,6 +139,8 @@ enum Msg {
     ),
     /// Set (true, with the missed version) or clear (false, up to a version) a mark.
     Mark(IntentMark, bool, u64, u64, Reply<Result<(), VolError>>),
+    /// Record a served floor: row, content version, epoch.
+    Served((VolumeId, u64, u32), u64, u64, Reply<Result<(), VolError>>),
     /// Record a repair decision: row, chosen columns, abandoned-up-to version, epoch.
     Repair(
         (VolumeId, u64, u32),
@@ -162,6 +164,8 @@ struct Meta {
     intents: BTreeMap<IntentMark, u64>,
     /// Repair decisions per row.
     repairs: BTreeMap<(VolumeId, u64, u32), (Vec<u64>, u64)>,
+    /// Served floors per row.
+    served: BTreeMap<(VolumeId, u64, u32), u64>,
 }
 
 #[derive(Clone)]
@@ -294,7 +298,21 @@ impl ClusterEnv for SimEnv {
             marked,
             floor,
             repair: m.repairs.get(&(volume, extent, row)).cloned(),
+            served: m.served.get(&(volume, extent, row)).copied().unwrap_or(0),
         }
+    }
+    fn record_served(
+        &self,
+        volume: VolumeId,
+        extent: u64,
+        row: u32,
+        content: u64,
+        epoch: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        self.send(
+            |r| Msg::Served((volume, extent, row), content, epoch, r),
+            Err(VolError::Peer("metadata log unreachable".into())),
+        )
     }
     fn record_repair(
         &self,
@@ -460,6 +478,7 @@ impl Sim {
                 view: view.clone(),
                 intents: BTreeMap::new(),
                 repairs: BTreeMap::new(),
+                served: BTreeMap::new(),
             })),
         };
         let mut sim = Self {
@@ -678,6 +697,25 @@ impl Sim {
                 self.spawn_on(to, async move {
                     let _ = r.send(e.primary_read(epoch, VOLUME, off, len).await);
                 });
+            }
+            Msg::Served(key, content, epoch, r) => {
+                if drop || !self.majority(p.from) {
+                    return;
+                }
+                let mut meta = self.shared.meta.lock().expect("meta");
+                if epoch != meta.view.epoch {
+                    let ours = meta.view.epoch;
+                    drop_guard(meta);
+                    let _ = r.send(Err(VolError::Epoch {
+                        ours,
+                        theirs: epoch,
+                    }));
+                    return;
+                }
+                let e = meta.served.entry(key).or_insert(content);
+                *e = (*e).max(content);
+                drop_guard(meta);
+                let _ = r.send(Ok(()));
             }
             Msg::Repair(key, cols, upto, epoch, r) => {
                 if drop || !self.majority(p.from) {

@@ -83,6 +83,15 @@ pub enum MetaCommand {
         /// Writer's epoch.
         epoch: u64,
     },
+    /// A primary serves a rolled-forward row state: the row is at least this new.
+    Served {
+        /// Which row.
+        row: RowKey,
+        /// Content version served.
+        content: u64,
+        /// Writer's epoch.
+        epoch: u64,
+    },
     /// A primary rolled a row back.
     Repair {
         /// Which row.
@@ -126,6 +135,9 @@ pub struct MetaState {
     /// Last repair per row.
     #[serde(with = "pairs")]
     pub repairs: BTreeMap<RowKey, (Vec<u64>, u64)>,
+    /// Served floor per row.
+    #[serde(with = "pairs")]
+    pub served: BTreeMap<RowKey, u64>,
 }
 
 /// Maps with composite keys as lists of pairs (JSON objects need string keys).
@@ -177,6 +189,17 @@ impl MetaState {
                 if self.intents.get(mark).is_some_and(|m| m <= upto) {
                     self.intents.remove(mark);
                 }
+            }
+            MetaCommand::Served {
+                row,
+                content,
+                epoch,
+            } => {
+                if *epoch != self.epoch {
+                    return stale(self.epoch, *epoch);
+                }
+                let e = self.served.entry(*row).or_insert(*content);
+                *e = (*e).max(*content);
             }
             MetaCommand::Repair {
                 row,

@@ -118,14 +118,17 @@ async fn read_frame<R: AsyncReadExt + Unpin>(
     }
 }
 
-/// Serves peer connections from `listener` until it fails.
+/// Serves peer connections from `listener`. Dropping (aborting) this future closes every
+/// connection it accepted too.
 pub async fn serve(
     listener: TcpListener,
     me: u32,
     handler: Arc<dyn PeerHandler>,
     limits: PeerLimits,
 ) {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
         let (stream, from) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -136,7 +139,7 @@ pub async fn serve(
         };
         tune(&stream);
         let handler = handler.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             if let Err(e) = serve_conn(stream, me, handler, limits).await {
                 tracing::warn!(peer = %from, error = %e, "peer connection closed: bad input from the peer");
             }
@@ -152,7 +155,8 @@ async fn serve_conn(
 ) -> Result<(), String> {
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(limits.max_in_flight);
-    let writer = tokio::spawn(async move {
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move {
         while let Some(bytes) = rx.recv().await {
             if wr.write_all(&bytes).await.is_err() {
                 break;
@@ -178,7 +182,7 @@ async fn serve_conn(
             .expect("semaphore never closed");
         let handler = handler.clone();
         let tx = tx.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let body = match handler.handle(f.sender, f.epoch, req).await {
                 Ok(r) => r.encode(),
                 Err(e) => {
@@ -203,7 +207,9 @@ async fn serve_conn(
         });
     };
     drop(tx);
-    let _ = writer.await;
+    // Requests in flight finish and their replies are written; dropping this future (the
+    // server stopping) aborts them all.
+    while tasks.join_next().await.is_some() {}
     result
 }
 
@@ -364,6 +370,7 @@ impl PeerClient {
             Kind::ForwardWrite => "forward-write",
             Kind::ForwardRead => "forward-read",
             Kind::Heartbeat => "heartbeat",
+            Kind::Meta => "meta",
         }
     }
 }

@@ -49,6 +49,36 @@ pub enum Kind {
     ForwardRead = 4,
     /// Liveness; answered with an empty reply.
     Heartbeat = 5,
+    /// Metadata log traffic: a Raft RPC or a command for the leader (see [`MetaOp`]).
+    Meta = 6,
+}
+
+/// What a [`Kind::Meta`] request carries (its body is JSON, produced and checked by openraft's
+/// serde types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MetaOp {
+    /// Raft AppendEntries.
+    Append = 1,
+    /// Raft RequestVote.
+    Vote = 2,
+    /// Raft InstallSnapshot.
+    Snapshot = 3,
+    /// A command for the log, sent to the leader by a follower.
+    Write = 4,
+}
+
+impl MetaOp {
+    /// From the wire.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Append,
+            2 => Self::Vote,
+            3 => Self::Snapshot,
+            4 => Self::Write,
+            _ => return None,
+        })
+    }
 }
 
 impl Kind {
@@ -60,6 +90,7 @@ impl Kind {
             3 => Self::ForwardWrite,
             4 => Self::ForwardRead,
             5 => Self::Heartbeat,
+            6 => Self::Meta,
             _ => return None,
         })
     }
@@ -405,6 +436,8 @@ pub enum Request {
     },
     /// Liveness.
     Heartbeat,
+    /// Metadata log traffic.
+    Meta(MetaOp, Vec<u8>),
 }
 
 impl Request {
@@ -442,6 +475,11 @@ impl Request {
                 Kind::ForwardRead
             }
             Self::Heartbeat => Kind::Heartbeat,
+            Self::Meta(op, body) => {
+                out.push(*op as u8);
+                put_bytes(&mut out, body);
+                Kind::Meta
+            }
         };
         (kind, out)
     }
@@ -470,6 +508,10 @@ impl Request {
                 len: r.u32()?,
             },
             Kind::Heartbeat => Self::Heartbeat,
+            Kind::Meta => {
+                let op = MetaOp::from_u8(r.u8()?).ok_or(WireError::Malformed("meta op"))?;
+                Self::Meta(op, r.bytes(MAX_PAYLOAD)?.to_vec())
+            }
         };
         r.end()?;
         Ok(req)
@@ -522,7 +564,7 @@ impl Reply {
                 )
             }
             Kind::WriteChunk | Kind::ForwardWrite | Kind::Heartbeat => Self::Done,
-            Kind::ForwardRead => Self::Data(r.bytes(MAX_PAYLOAD)?.to_vec()),
+            Kind::ForwardRead | Kind::Meta => Self::Data(r.bytes(MAX_PAYLOAD)?.to_vec()),
         };
         r.end()?;
         Ok(reply)
@@ -607,6 +649,7 @@ mod tests {
                 Request::ForwardWrite { volume: vol, offset: off, data: vec![7; len] },
                 Request::ForwardRead { volume: vol, offset: off, len: len as u32 },
                 Request::Heartbeat,
+                Request::Meta(MetaOp::Vote, vec![b'{'; len]),
             ];
             for req in reqs {
                 let (kind, body) = req.encode();

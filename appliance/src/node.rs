@@ -1,0 +1,621 @@
+//! One controller of a cluster, assembled: the data-path engine, the metadata log replica and
+//! the peer transport that joins them to the other controllers.
+//!
+//! - [`NodeEnv`] is the engine's `ClusterEnv`: chunk and forwarded I/O go to peers over
+//!   [`crate::peer`] (or straight to this controller's own engine), write-intent marks and
+//!   repairs are commands on the metadata log (sent to the leader when this replica is not),
+//!   and reads of marks come from this replica's state machine.
+//! - [`ControllerNode`] answers peers ([`PeerHandler`]), carries Raft RPCs for openraft, and
+//!   feeds each newly applied membership view to the engine.
+//!
+//! Invariants:
+//! - A mark is acknowledged to the engine only once the log has committed it.
+//! - The engine's view is never older than what this replica has applied: a watcher installs
+//!   every new epoch as it is applied (so a controller that stops receiving the log keeps its
+//!   old epoch, and holders refuse its requests once they have seen a newer one).
+
+use crate::meta::store::{self, Applied};
+use crate::meta::{MetaCommand, MetaResponse, MetaTypes};
+use crate::peer::wire::{MetaOp, RemoteError, Reply, Request};
+use crate::peer::{self, CallError, PeerClient, PeerHandler, PeerLimits};
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Config, Raft};
+use raid_engine::cluster::{ClusterEnv, IntentMark, RowIntent, VolError, VolumeMeta};
+use raid_engine::engine::Engine;
+use raid_engine::layout::ControllerId;
+use raid_engine::shard::{BoxFut, Chunk, ChunkAddr, ShardError, ShardStore, VolumeId};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// How one controller finds the others.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This controller's id.
+    pub id: ControllerId,
+    /// Peer address of every controller, this one included.
+    pub peers: BTreeMap<ControllerId, SocketAddr>,
+    /// Transport bounds.
+    pub limits: PeerLimits,
+}
+
+/// The engine's window on a real cluster.
+pub struct NodeEnv {
+    me: ControllerId,
+    clients: BTreeMap<ControllerId, Arc<PeerClient>>,
+    engine: OnceLock<Weak<Engine>>,
+    raft: OnceLock<Raft<MetaTypes>>,
+    applied: Arc<Mutex<Applied>>,
+}
+
+impl std::fmt::Debug for NodeEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeEnv")
+            .field("me", &self.me)
+            .field("peers", &self.clients.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn vol_err(e: CallError) -> VolError {
+    match e {
+        CallError::Remote(RemoteError::Epoch { ours, theirs }) => VolError::Epoch { ours, theirs },
+        CallError::Remote(RemoteError::NotPrimary(x)) => VolError::NotPrimary(x),
+        CallError::Remote(RemoteError::Fenced) => VolError::Fenced,
+        other => VolError::Peer(other.to_string()),
+    }
+}
+
+fn shard_err(to: ControllerId, e: CallError) -> ShardError {
+    match e {
+        CallError::Remote(RemoteError::StaleEpoch { ours, theirs }) => {
+            ShardError::StaleEpoch { ours, theirs }
+        }
+        CallError::Transport { .. } => ShardError::Unreachable(to),
+        other => ShardError::Io(other.to_string()),
+    }
+}
+
+impl NodeEnv {
+    fn engine(&self) -> Option<Arc<Engine>> {
+        self.engine.get().and_then(Weak::upgrade)
+    }
+
+    fn client(&self, to: ControllerId) -> Result<&Arc<PeerClient>, ShardError> {
+        self.clients.get(&to).ok_or(ShardError::Unreachable(to))
+    }
+
+    /// Commits `cmd` to the metadata log: directly when this replica leads, else through the
+    /// leader (one retry after a leadership change).
+    pub async fn propose(&self, cmd: MetaCommand) -> Result<MetaResponse, VolError> {
+        let raft = self
+            .raft
+            .get()
+            .ok_or_else(|| VolError::Peer("metadata log not started".into()))?;
+        for _ in 0..3 {
+            match raft.client_write(cmd.clone()).await {
+                Ok(r) => return Ok(r.data),
+                Err(e) => {
+                    let leader = e
+                        .forward_to_leader()
+                        .and_then(|f| f.leader_id)
+                        .map(|l| l as ControllerId);
+                    let Some(leader) = leader.filter(|&l| l != self.me) else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    let body =
+                        serde_json::to_vec(&cmd).map_err(|e| VolError::Peer(e.to_string()))?;
+                    let c = self
+                        .client(leader)
+                        .map_err(|e| VolError::Peer(e.to_string()))?;
+                    match c.call(0, Request::Meta(MetaOp::Write, body)).await {
+                        Ok(Reply::Data(d)) => {
+                            return serde_json::from_slice(&d)
+                                .map_err(|e| VolError::Peer(format!("leader reply: {e}")));
+                        }
+                        Ok(_) => {
+                            return Err(VolError::Peer("leader sent an unexpected reply".into()))
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            }
+        }
+        Err(VolError::Peer(
+            "metadata log has no reachable leader: check that a majority of controllers is up"
+                .into(),
+        ))
+    }
+
+    /// Write-intent marks of `volume` in this replica.
+    pub fn intents_len(&self, volume: VolumeId) -> usize {
+        self.marks(volume).len()
+    }
+
+    /// The write-intent marks of `volume` in this replica.
+    pub fn marks(&self, volume: VolumeId) -> Vec<IntentMark> {
+        self.applied.lock().expect("state").state.marks(volume)
+    }
+
+    async fn propose_checked(&self, cmd: MetaCommand) -> Result<(), VolError> {
+        match self.propose(cmd).await? {
+            MetaResponse::Ok { .. } => Ok(()),
+            MetaResponse::StaleEpoch { ours, theirs } => Err(VolError::Epoch { ours, theirs }),
+        }
+    }
+}
+
+impl ClusterEnv for NodeEnv {
+    fn read_chunk(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        addr: ChunkAddr,
+    ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
+        Box::pin(async move {
+            if to == self.me {
+                let e = self.engine().ok_or(ShardError::Unreachable(to))?;
+                return e.handle_read_chunk(epoch, addr).await;
+            }
+            match self.client(to)?.call(epoch, Request::ReadChunk(addr)).await {
+                Ok(Reply::Copies(c)) => Ok(c),
+                Ok(_) => Err(ShardError::Io("unexpected reply".into())),
+                Err(e) => Err(shard_err(to, e)),
+            }
+        })
+    }
+    fn write_chunk(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        addr: ChunkAddr,
+        chunk: Chunk,
+    ) -> BoxFut<'_, Result<(), ShardError>> {
+        Box::pin(async move {
+            if to == self.me {
+                let e = self.engine().ok_or(ShardError::Unreachable(to))?;
+                return e.handle_write_chunk(epoch, addr, chunk).await;
+            }
+            match self
+                .client(to)?
+                .call(epoch, Request::WriteChunk(addr, chunk))
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) => Err(shard_err(to, e)),
+            }
+        })
+    }
+    fn forward_write(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        volume: VolumeId,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(async move {
+            let c = self.client(to).map_err(|e| VolError::Peer(e.to_string()))?;
+            c.call(
+                epoch,
+                Request::ForwardWrite {
+                    volume,
+                    offset,
+                    data,
+                },
+            )
+            .await
+            .map(|_| ())
+            .map_err(vol_err)
+        })
+    }
+    fn forward_read(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> BoxFut<'_, Result<Vec<u8>, VolError>> {
+        Box::pin(async move {
+            let c = self.client(to).map_err(|e| VolError::Peer(e.to_string()))?;
+            let len = u32::try_from(len).map_err(|_| VolError::OutOfRange { offset, len })?;
+            match c
+                .call(
+                    epoch,
+                    Request::ForwardRead {
+                        volume,
+                        offset,
+                        len,
+                    },
+                )
+                .await
+            {
+                Ok(Reply::Data(d)) => Ok(d),
+                Ok(_) => Err(VolError::Peer("unexpected reply".into())),
+                Err(e) => Err(vol_err(e)),
+            }
+        })
+    }
+    fn mark_intent(
+        &self,
+        mark: IntentMark,
+        missed: u64,
+        epoch: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(self.propose_checked(MetaCommand::Mark {
+            mark: (mark.volume, mark.extent, mark.row, mark.pos),
+            missed,
+            epoch,
+        }))
+    }
+    fn clear_intent(
+        &self,
+        mark: IntentMark,
+        upto: u64,
+        epoch: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(self.propose_checked(MetaCommand::Clear {
+            mark: (mark.volume, mark.extent, mark.row, mark.pos),
+            upto,
+            epoch,
+        }))
+    }
+    fn intents(&self, volume: VolumeId) -> Vec<IntentMark> {
+        self.applied.lock().expect("state").state.marks(volume)
+    }
+    fn row_intent(&self, volume: VolumeId, extent: u64, row: u32) -> RowIntent {
+        let a = self.applied.lock().expect("state");
+        let s = &a.state;
+        let (marked, floor) = s
+            .intents
+            .range((volume, extent, row, 0)..=(volume, extent, row, u8::MAX))
+            .fold((0u32, 0u64), |(m, f), (k, v)| (m | 1 << k.3, f.max(*v)));
+        RowIntent {
+            marked,
+            floor,
+            repair: s.repairs.get(&(volume, extent, row)).cloned(),
+            served: s.served.get(&(volume, extent, row)).copied().unwrap_or(0),
+        }
+    }
+    fn record_served(
+        &self,
+        volume: VolumeId,
+        extent: u64,
+        row: u32,
+        content: u64,
+        epoch: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(self.propose_checked(MetaCommand::Served {
+            row: (volume, extent, row),
+            content,
+            epoch,
+        }))
+    }
+    fn record_repair(
+        &self,
+        volume: VolumeId,
+        extent: u64,
+        row: u32,
+        cols: Vec<u64>,
+        upto: u64,
+        epoch: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(self.propose_checked(MetaCommand::Repair {
+            row: (volume, extent, row),
+            cols,
+            upto,
+            epoch,
+        }))
+    }
+}
+
+/// Raft RPCs over the peer transport.
+#[derive(Debug, Clone)]
+struct RaftNet {
+    clients: BTreeMap<ControllerId, Arc<PeerClient>>,
+}
+
+struct RaftConn {
+    client: Option<Arc<PeerClient>>,
+}
+
+impl RaftNetworkFactory<MetaTypes> for RaftNet {
+    type Network = RaftConn;
+    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> RaftConn {
+        RaftConn {
+            client: u32::try_from(target)
+                .ok()
+                .and_then(|t| self.clients.get(&t).cloned()),
+        }
+    }
+}
+
+fn unreachable<E: std::error::Error>(what: impl ToString) -> RPCError<u64, BasicNode, E> {
+    let e = std::io::Error::other(what.to_string());
+    RPCError::Unreachable(Unreachable::new(&e))
+}
+
+impl RaftConn {
+    async fn rpc<Req: serde::Serialize, Resp: serde::de::DeserializeOwned, E>(
+        &self,
+        op: MetaOp,
+        req: &Req,
+    ) -> Result<Result<Resp, E>, RPCError<u64, BasicNode, E>>
+    where
+        E: std::error::Error + serde::de::DeserializeOwned,
+    {
+        let c = self
+            .client
+            .as_ref()
+            .ok_or_else(|| unreachable("no such peer"))?;
+        let body = serde_json::to_vec(req).map_err(unreachable)?;
+        match c.call(0, Request::Meta(op, body)).await {
+            Ok(Reply::Data(d)) => serde_json::from_slice(&d).map_err(unreachable),
+            Ok(_) => Err(unreachable("unexpected reply")),
+            Err(e) => Err(unreachable(e)),
+        }
+    }
+}
+
+impl RaftNetwork<MetaTypes> for RaftConn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<MetaTypes>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.rpc(MetaOp::Append, &rpc)
+            .await?
+            .map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(0, e)))
+    }
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<MetaTypes>,
+        _option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        self.rpc(MetaOp::Snapshot, &rpc)
+            .await?
+            .map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(0, e)))
+    }
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.rpc(MetaOp::Vote, &rpc)
+            .await?
+            .map_err(|e| RPCError::RemoteError(openraft::error::RemoteError::new(0, e)))
+    }
+}
+
+/// One running controller.
+pub struct ControllerNode {
+    /// Id.
+    pub id: ControllerId,
+    /// The data path.
+    pub engine: Arc<Engine>,
+    /// The engine's environment (also used to propose membership changes).
+    pub env: Arc<NodeEnv>,
+    raft: Raft<MetaTypes>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ControllerNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerNode")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+fn remote(e: impl std::fmt::Display) -> RemoteError {
+    RemoteError::Other(e.to_string())
+}
+
+fn vol_remote(e: VolError) -> RemoteError {
+    match e {
+        VolError::Epoch { ours, theirs } => RemoteError::Epoch { ours, theirs },
+        VolError::NotPrimary(x) => RemoteError::NotPrimary(x),
+        VolError::Fenced => RemoteError::Fenced,
+        other => RemoteError::Other(other.to_string()),
+    }
+}
+
+/// Answers peers on behalf of a node (holds only what it needs, so the node can shut down).
+struct Handler {
+    engine: Arc<Engine>,
+    raft: Raft<MetaTypes>,
+}
+
+impl PeerHandler for Handler {
+    fn handle(
+        &self,
+        _sender: u32,
+        epoch: u64,
+        req: Request,
+    ) -> BoxFut<'_, Result<Reply, RemoteError>> {
+        Box::pin(async move {
+            match req {
+                Request::ReadChunk(a) => match self.engine.handle_read_chunk(epoch, a).await {
+                    Ok(c) => Ok(Reply::Copies(c)),
+                    Err(ShardError::StaleEpoch { ours, theirs }) => {
+                        Err(RemoteError::StaleEpoch { ours, theirs })
+                    }
+                    Err(e) => Err(remote(e)),
+                },
+                Request::WriteChunk(a, c) => {
+                    match self.engine.handle_write_chunk(epoch, a, c).await {
+                        Ok(()) => Ok(Reply::Done),
+                        Err(ShardError::StaleEpoch { ours, theirs }) => {
+                            Err(RemoteError::StaleEpoch { ours, theirs })
+                        }
+                        Err(e) => Err(remote(e)),
+                    }
+                }
+                Request::ForwardWrite {
+                    volume,
+                    offset,
+                    data,
+                } => self
+                    .engine
+                    .primary_write(epoch, volume, offset, &data)
+                    .await
+                    .map(|()| Reply::Done)
+                    .map_err(vol_remote),
+                Request::ForwardRead {
+                    volume,
+                    offset,
+                    len,
+                } => self
+                    .engine
+                    .primary_read(epoch, volume, offset, u64::from(len))
+                    .await
+                    .map(Reply::Data)
+                    .map_err(vol_remote),
+                Request::Heartbeat => Ok(Reply::Done),
+                Request::Meta(op, body) => {
+                    let out = match op {
+                        MetaOp::Append => {
+                            let rpc = serde_json::from_slice(&body).map_err(remote)?;
+                            serde_json::to_vec(&self.raft.append_entries(rpc).await)
+                        }
+                        MetaOp::Vote => {
+                            let rpc = serde_json::from_slice(&body).map_err(remote)?;
+                            serde_json::to_vec(&self.raft.vote(rpc).await)
+                        }
+                        MetaOp::Snapshot => {
+                            let rpc = serde_json::from_slice(&body).map_err(remote)?;
+                            serde_json::to_vec(&self.raft.install_snapshot(rpc).await)
+                        }
+                        MetaOp::Write => {
+                            let cmd: MetaCommand = serde_json::from_slice(&body).map_err(remote)?;
+                            let r = self.raft.client_write(cmd).await.map_err(remote)?;
+                            serde_json::to_vec(&r.data)
+                        }
+                    };
+                    out.map(Reply::Data).map_err(remote)
+                }
+            }
+        })
+    }
+}
+
+impl ControllerNode {
+    /// Starts a controller: opens its metadata store in `dir`, listens for peers on
+    /// `listener`, and serves `volumes` from `shards`.
+    ///
+    /// # Errors
+    /// A message naming what failed (store, volume geometry, Raft start).
+    pub async fn start(
+        cfg: &NodeConfig,
+        dir: &Path,
+        listener: TcpListener,
+        shards: Arc<dyn ShardStore>,
+        volumes: Vec<VolumeMeta>,
+    ) -> Result<Self, String> {
+        let (log, sm) = store::open(&dir.join("metadata.redb"))?;
+        let applied = sm.shared();
+        let clients: BTreeMap<ControllerId, Arc<PeerClient>> = cfg
+            .peers
+            .iter()
+            .filter(|(id, _)| **id != cfg.id)
+            .map(|(id, a)| (*id, Arc::new(PeerClient::new(cfg.id, *a, cfg.limits))))
+            .collect();
+        let env = Arc::new(NodeEnv {
+            me: cfg.id,
+            clients: clients.clone(),
+            engine: OnceLock::new(),
+            raft: OnceLock::new(),
+            applied: applied.clone(),
+        });
+        let view = applied.lock().expect("state").state.view();
+        let engine = Arc::new(Engine::new(cfg.id, shards, env.clone(), view));
+        for v in volumes {
+            engine.add_volume(v).map_err(|e| e.to_string())?;
+        }
+        env.engine
+            .set(Arc::downgrade(&engine))
+            .expect("engine set once");
+        let config = Config {
+            heartbeat_interval: 100,
+            election_timeout_min: 400,
+            election_timeout_max: 800,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| e.to_string())?;
+        let raft = Raft::new(
+            u64::from(cfg.id),
+            Arc::new(config),
+            RaftNet { clients },
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| format!("metadata log: {e}"))?;
+        if env.raft.set(raft.clone()).is_err() {
+            return Err("metadata log started twice".into());
+        }
+        let handler = Arc::new(Handler {
+            engine: engine.clone(),
+            raft: raft.clone(),
+        });
+        let mut tasks = vec![tokio::spawn(peer::serve(
+            listener, cfg.id, handler, cfg.limits,
+        ))];
+        // Install every newly applied membership view in the engine.
+        let (e2, a2) = (Arc::downgrade(&engine), applied);
+        tasks.push(tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                let view = a2.lock().expect("state").state.view();
+                let Some(e) = e2.upgrade() else { break };
+                if view.epoch != last {
+                    last = view.epoch;
+                    e.set_view(view);
+                }
+                drop(e);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+        Ok(Self {
+            id: cfg.id,
+            engine,
+            env,
+            raft,
+            tasks,
+        })
+    }
+
+    /// Forms a new cluster of `members` (run once, on one controller).
+    ///
+    /// # Errors
+    /// When the log was already initialized or no quorum forms.
+    pub async fn initialize(&self, members: &[ControllerId]) -> Result<(), String> {
+        let m: BTreeMap<u64, BasicNode> = members
+            .iter()
+            .map(|&id| (u64::from(id), BasicNode::default()))
+            .collect();
+        self.raft.initialize(m).await.map_err(|e| e.to_string())
+    }
+
+    /// Stops serving peers and the log replica (the data stays on disk).
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = self.raft.shutdown().await;
+    }
+}
