@@ -15,7 +15,7 @@
 //!   old epoch, and holders refuse its requests once they have seen a newer one).
 
 use crate::meta::store::{self, Applied};
-use crate::meta::{MetaCommand, MetaResponse, MetaTypes};
+use crate::meta::{MetaCommand, MetaResponse, MetaTypes, StoredState};
 use crate::peer::wire::{MetaOp, RemoteError, Reply, Request};
 use crate::peer::{self, CallError, PeerClient, PeerHandler, PeerLimits};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
@@ -45,6 +45,34 @@ pub struct NodeConfig {
     pub peers: BTreeMap<ControllerId, SocketAddr>,
     /// Transport bounds.
     pub limits: PeerLimits,
+    /// Membership timers.
+    pub timers: MembershipTimers,
+}
+
+/// Heartbeats, leases and failure detection (`../shared/DESIGN.md` defaults: heartbeat 500 ms,
+/// `down_after` 3 s).
+#[derive(Debug, Clone, Copy)]
+pub struct MembershipTimers {
+    /// Interval of heartbeats to every peer.
+    pub heartbeat: Duration,
+    /// How long a majority's answers keep this controller's lease (must be below
+    /// `down_after`, so a cut-off controller stops serving before the others write around it).
+    pub lease: Duration,
+    /// A controller silent this long is declared down by the metadata leader.
+    pub down_after: Duration,
+    /// Interval of resync passes (copying marked rows this controller leads).
+    pub resync_every: Duration,
+}
+
+impl Default for MembershipTimers {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(500),
+            lease: Duration::from_secs(2),
+            down_after: Duration::from_secs(3),
+            resync_every: Duration::from_secs(1),
+        }
+    }
 }
 
 /// The engine's window on a real cluster.
@@ -433,6 +461,79 @@ fn vol_remote(e: VolError) -> RemoteError {
     }
 }
 
+/// Heartbeats every peer, renews this controller's lease while a majority answers, and — on
+/// the metadata leader — turns silence and return into membership changes: silent past
+/// `down_after` → down; answering again → resyncing; nothing left to copy → up. Also runs
+/// resync passes for the extents this controller leads.
+async fn membership(
+    cfg: NodeConfig,
+    engine: Weak<Engine>,
+    env: Arc<NodeEnv>,
+    raft: Raft<MetaTypes>,
+) {
+    use raid_engine::cluster::ControllerState as S;
+    use tokio::time::Instant;
+    let t = cfg.timers;
+    let started = Instant::now();
+    let mut last_ok: BTreeMap<ControllerId, Instant> =
+        cfg.peers.keys().map(|&id| (id, started)).collect();
+    let mut last_resync = started;
+    let majority = cfg.peers.len() / 2 + 1;
+    loop {
+        tokio::time::sleep(t.heartbeat).await;
+        let Some(engine) = engine.upgrade() else {
+            break;
+        };
+        let epoch = engine.view().epoch;
+        // Leases count from when the heartbeats left, not from when the answers arrived.
+        let sent = Instant::now();
+        let beats = env.clients.iter().map(|(&id, c)| async move {
+            let ok = tokio::time::timeout(t.heartbeat * 2, c.call(epoch, Request::Heartbeat))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            (id, ok)
+        });
+        let results = futures::future::join_all(beats).await;
+        let now = Instant::now();
+        for (id, ok) in results {
+            if ok {
+                last_ok.insert(id, sent);
+            }
+        }
+        last_ok.insert(cfg.id, sent);
+        let answering = last_ok.values().filter(|&&at| at == sent).count();
+        if answering >= majority {
+            engine.renew_lease((sent + t.lease).into_std());
+        }
+        if raft.metrics().borrow().current_leader == Some(u64::from(cfg.id)) {
+            let view = engine.view();
+            for (&id, &at) in &last_ok {
+                let silent = now.duration_since(at);
+                let next = match view.state(id) {
+                    S::Up | S::Resyncing if silent > t.down_after => Some(StoredState::Down),
+                    S::Down if silent < t.heartbeat * 3 => Some(StoredState::Resyncing),
+                    S::Resyncing if engine.marks_held_by(id) == 0 => Some(StoredState::Up),
+                    _ => None,
+                };
+                if let Some(state) = next {
+                    tracing::info!(controller = id, ?state, "membership change");
+                    if let Err(e) = env.propose(MetaCommand::SetState { id, state }).await {
+                        tracing::warn!(controller = id, error = %e, "membership change not committed");
+                    }
+                }
+            }
+        }
+        if now.duration_since(last_resync) >= t.resync_every {
+            last_resync = now;
+            match engine.resync().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(chunks = n, "resync copied chunks"),
+                Err(e) => tracing::debug!(error = %e, "resync pass stopped"),
+            }
+        }
+    }
+}
+
 /// Answers peers on behalf of a node (holds only what it needs, so the node can shut down).
 struct Handler {
     engine: Arc<Engine>,
@@ -590,6 +691,12 @@ impl ControllerNode {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }));
+        tasks.push(tokio::spawn(membership(
+            cfg.clone(),
+            Arc::downgrade(&engine),
+            env.clone(),
+            raft.clone(),
+        )));
         Ok(Self {
             id: cfg.id,
             engine,

@@ -5,8 +5,9 @@
 //! controller can be lost and every block still reads back.
 
 use appliance::meta::{MetaCommand, StoredState};
-use appliance::node::{ControllerNode, NodeConfig};
+use appliance::node::{ControllerNode, MembershipTimers, NodeConfig};
 use appliance::peer::PeerLimits;
+use raid_engine::cluster::ControllerState;
 use raid_engine::cluster::VolumeMeta;
 use raid_engine::codec::CodecKind;
 use raid_engine::layout::{Geometry, Layout};
@@ -67,6 +68,12 @@ impl Harness {
                 id,
                 peers: peers.clone(),
                 limits,
+                timers: MembershipTimers {
+                    heartbeat: Duration::from_millis(100),
+                    lease: Duration::from_millis(1000),
+                    down_after: Duration::from_millis(1500),
+                    resync_every: Duration::from_millis(200),
+                },
             };
             h.cfg.insert(id, cfg);
             h.dirs.insert(id, tempfile::tempdir().unwrap());
@@ -89,6 +96,29 @@ impl Harness {
         self.nodes.insert(id, node);
     }
 
+    /// Waits until every running controller's view has `id` in `state`.
+    async fn wait_state(&self, id: u32, state: ControllerState) {
+        for _ in 0..500 {
+            if self
+                .nodes
+                .values()
+                .all(|n| n.engine.view().state(id) == state)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("controller {id} never became {state:?}");
+    }
+
+    fn resynced(&self) -> u64 {
+        self.nodes
+            .values()
+            .map(|n| n.engine.stats().resync_chunks)
+            .sum()
+    }
+
+    #[allow(dead_code)]
     async fn set_state(&self, via: u32, id: u32, state: StoredState) -> u64 {
         let r = self.nodes[&via]
             .env
@@ -133,8 +163,9 @@ impl Harness {
 async fn three_controllers_write_around_a_stopped_one_and_resync_it() {
     let mut h = Harness::new().await;
     h.nodes[&1].initialize(&[1, 2, 3]).await.unwrap();
+    // The metadata leader brings every answering controller up on its own.
     for id in 1..=3 {
-        h.set_state(1, id, StoredState::Up).await;
+        h.wait_state(id, ControllerState::Up).await;
     }
     let blocks = volume().layout.size_bytes / BLOCK as u64;
     let mut want = BTreeMap::new();
@@ -145,10 +176,10 @@ async fn three_controllers_write_around_a_stopped_one_and_resync_it() {
     }
     h.check_all(2, &want).await;
 
-    // Controller 2 stops; the log (1 and 3 are a majority) declares it down.
+    // Controller 2 stops; the leader declares it down once it has been silent long enough.
     let n2 = h.nodes.remove(&2).unwrap();
     n2.shutdown().await;
-    h.set_state(1, 2, StoredState::Down).await;
+    h.wait_state(2, ControllerState::Down).await;
     // Writes continue around it: every third row. A row is two 4 KiB blocks (k = 2 columns
     // of 4 KiB); controller 2 holds one position of every row and every write reaches the
     // parity column, so each row written now leaves exactly one chunk behind on controller 2.
@@ -167,34 +198,30 @@ async fn three_controllers_write_around_a_stopped_one_and_resync_it() {
         "{:?}",
         h.nodes[&1].env.marks(VOL)
     );
+    let before = h.resynced();
 
-    // It comes back on the same address with its data, catches up, and only the rows written
-    // meanwhile are copied.
+    // It comes back on the same address with its data: the leader moves it to resyncing, the
+    // primaries copy what it missed, and it is up again with nothing left to copy.
     let addr = h.cfg[&2].peers[&2];
     let l = TcpListener::bind(addr).await.unwrap();
     h.start(2, l).await;
-    h.set_state(1, 2, StoredState::Resyncing).await;
-    let mut copied = 0;
-    for id in [1, 3] {
-        copied += h.nodes[&id].engine.resync().await.unwrap();
-    }
+    h.wait_state(2, ControllerState::Up).await;
     assert_eq!(
         h.nodes[&1].env.intents_len(VOL),
         0,
         "marks left after resync"
     );
     assert_eq!(
-        copied,
+        h.resynced() - before,
         rows_written_while_down.len() as u64,
         "resync must copy exactly the rows written while controller 2 was down"
     );
-    h.set_state(1, 2, StoredState::Up).await;
     h.check_all(2, &want).await;
 
     // Full redundancy again: lose controller 3 and everything still reads through 1 and 2.
     let n3 = h.nodes.remove(&3).unwrap();
     n3.shutdown().await;
-    h.set_state(1, 3, StoredState::Down).await;
+    h.wait_state(3, ControllerState::Down).await;
     h.check_all(1, &want).await;
     h.check_all(2, &want).await;
     for (_, n) in std::mem::take(&mut h.nodes) {

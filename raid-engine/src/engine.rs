@@ -138,6 +138,8 @@ impl Vol {
 struct Inner {
     view: Arc<ClusterView>,
     fenced: bool,
+    /// With a lease: host I/O stops at this instant unless the lease is renewed.
+    lease_until: Option<std::time::Instant>,
     volumes: HashMap<VolumeId, Arc<Vol>>,
 }
 
@@ -190,6 +192,7 @@ impl Engine {
             inner: Mutex::new(Inner {
                 view: Arc::new(view),
                 fenced: false,
+                lease_until: None,
                 volumes: HashMap::new(),
             }),
             seen_epoch: AtomicU64::new(epoch),
@@ -249,10 +252,40 @@ impl Engine {
         self.lock().fenced = fenced;
     }
 
+    /// Renews this controller's lease: host I/O is refused after `until` unless renewed again
+    /// (the appliance renews it while a majority answers its heartbeats). Time-based, so a
+    /// process that was frozen past its lease refuses I/O the moment it resumes.
+    pub fn renew_lease(&self, until: std::time::Instant) {
+        let mut g = self.lock();
+        g.lease_until = Some(g.lease_until.map_or(until, |u| u.max(until)));
+    }
+
     /// Whether host I/O is refused.
     pub fn is_fenced(&self) -> bool {
         let g = self.lock();
-        g.fenced || g.view.state(self.id) != ControllerState::Up
+        g.fenced
+            || g.lease_until.is_some_and(|u| std::time::Instant::now() > u)
+            || g.view.state(self.id) != ControllerState::Up
+    }
+
+    /// Write-intent marks whose position `id` holds: the chunks it still has to receive.
+    pub fn marks_held_by(&self, id: ControllerId) -> usize {
+        let vols: Vec<Arc<Vol>> = self.lock().volumes.values().cloned().collect();
+        vols.iter()
+            .map(|v| {
+                self.env
+                    .intents(v.meta.id)
+                    .iter()
+                    .filter(|m| {
+                        v.meta
+                            .placement
+                            .get(m.extent as usize)
+                            .and_then(|set| set.get(m.pos as usize))
+                            == Some(&id)
+                    })
+                    .count()
+            })
+            .sum()
     }
 
     fn volume(&self, id: VolumeId) -> Result<(Arc<ClusterView>, Arc<Vol>)> {
@@ -355,7 +388,8 @@ impl Engine {
         len: u64,
     ) -> Result<(Arc<ClusterView>, Arc<Vol>)> {
         let g = self.lock();
-        if g.fenced {
+        let expired = g.lease_until.is_some_and(|u| std::time::Instant::now() > u);
+        if g.fenced || expired {
             return Err(VolError::Fenced);
         }
         if g.view.epoch != epoch {
