@@ -9,7 +9,7 @@
 use crate::config::Config;
 use iscsi_target::{FabricConfig, Portal, TargetInfo, Timers};
 use lun::{DeviceServer, LogicalUnit, LuIdentity, TargetPort};
-use raid_engine::LocalVolume;
+use raid_engine::{LocalVolume, Volume};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -27,7 +27,7 @@ pub fn volume_id(iqn: &str, name: &str) -> u64 {
 /// A running controller.
 #[derive(Debug)]
 pub struct Controller {
-    volumes: Vec<Arc<LocalVolume>>,
+    volumes: Vec<Arc<Volume>>,
     /// The addresses the portals actually listen on, in config order.
     pub listen: Vec<std::net::SocketAddr>,
     portals: Vec<(iscsi_target::driver::Server, tokio::net::TcpListener)>,
@@ -63,9 +63,9 @@ impl Controller {
                     v.size_bytes
                 ));
             }
-            let vol = Arc::new(
+            let vol = Arc::new(Volume::Local(
                 LocalVolume::new(Arc::new(dev), 0, v.size_bytes).map_err(|e| e.to_string())?,
-            );
+            ));
             let lu = LogicalUnit::new(
                 LuIdentity::for_volume(volume_id(&cfg.iqn, &v.name)),
                 v.block_size,

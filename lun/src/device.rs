@@ -22,7 +22,7 @@ use crate::pr::{self, Access, PrError, PrState};
 use crate::sense::{CommandStatus, SenseReason};
 use crate::task_set::{TaskSet, Ticket};
 use crate::{backend, inquiry, mode, opcodes};
-use raid_engine::LocalVolume;
+use raid_engine::Volume;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -78,7 +78,7 @@ pub struct LogicalUnit {
     identity: LuIdentity,
     block_size: u32,
     blocks: u64,
-    volume: Arc<LocalVolume>,
+    volume: Arc<Volume>,
     write_cache: AtomicBool,
     d_sense: AtomicBool,
     thin: bool,
@@ -106,7 +106,7 @@ impl LogicalUnit {
     ///
     /// # Panics
     /// If the block size is not one of [`crate::constants::BLOCK_SIZES`] (checked by config).
-    pub fn new(identity: LuIdentity, block_size: u32, volume: Arc<LocalVolume>) -> Self {
+    pub fn new(identity: LuIdentity, block_size: u32, volume: Arc<Volume>) -> Self {
         assert!(
             crate::constants::BLOCK_SIZES.contains(&block_size),
             "block size {block_size}"

@@ -94,6 +94,12 @@ pub enum SenseReason {
     UaBusDeviceReset,
     /// The transport delivered less data than the CDB asks for (iSCSI EDTL < SPDTL).
     InvalidFieldInInformationUnit,
+    /// Not ready: asymmetric access state transition (the cluster is changing membership or
+    /// too few shard holders answer); hosts retry.
+    NotReadyTransitioning,
+    /// Not ready: target port in unavailable state (this controller is fenced); multipath
+    /// hosts move to another path.
+    NotReadyUnavailable,
 }
 
 impl SenseReason {
@@ -122,6 +128,8 @@ impl SenseReason {
             Self::UaBusDeviceReset => (SenseKey::UnitAttention, 0x29, 0x03),
             Self::UaCommandsClearedByAnotherInitiator => (SenseKey::UnitAttention, 0x2f, 0x00),
             Self::UaModeParametersChanged => (SenseKey::UnitAttention, 0x2a, 0x01),
+            Self::NotReadyTransitioning => (SenseKey::NotReady, 0x04, 0x0a),
+            Self::NotReadyUnavailable => (SenseKey::NotReady, 0x04, 0x0c),
         }
     }
 

@@ -3,7 +3,7 @@
 
 use lun::cdb::op;
 use lun::*;
-use raid_engine::LocalVolume;
+use raid_engine::{LocalVolume, Volume};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -35,7 +35,9 @@ fn fixture() -> Fixture {
     let mut cfg = disk_io::DeviceConfig::file(dir.path().join("lu.img"), BLOCKS * u64::from(BS));
     cfg.pool_bytes = 32 << 20;
     let dev = Arc::new(disk_io::Device::open(&cfg).unwrap());
-    let vol = Arc::new(LocalVolume::new(dev, 0, BLOCKS * u64::from(BS)).unwrap());
+    let vol = Arc::new(Volume::Local(
+        LocalVolume::new(dev, 0, BLOCKS * u64::from(BS)).unwrap(),
+    ));
     let lu = Arc::new(LogicalUnit::new(LuIdentity::for_volume(0x1234), BS, vol));
     let ds = DeviceServer::new(
         TargetPort {

@@ -4,7 +4,7 @@
 
 use lun::cdb::op;
 use lun::*;
-use raid_engine::LocalVolume;
+use raid_engine::{LocalVolume, Volume};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -29,7 +29,9 @@ fn fixture() -> Fixture {
     let mut cfg = disk_io::DeviceConfig::file(dir.path().join("lu.img"), BLOCKS * BS);
     cfg.pool_bytes = 64 << 20;
     let dev = Arc::new(disk_io::Device::open(&cfg).unwrap());
-    let vol = Arc::new(LocalVolume::new(dev, 0, BLOCKS * BS).unwrap());
+    let vol = Arc::new(Volume::Local(
+        LocalVolume::new(dev, 0, BLOCKS * BS).unwrap(),
+    ));
     let lu = Arc::new(LogicalUnit::new(LuIdentity::for_volume(7), BS as u32, vol));
     let ds = DeviceServer::new(
         TargetPort {

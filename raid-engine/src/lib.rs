@@ -48,15 +48,20 @@ pub enum Error {
     /// The backing device failed.
     #[error("backing device: {0}")]
     Io(#[from] disk_io::IoError),
+    /// The distributed volume could not serve the request now.
+    #[error("cluster: {0}")]
+    Cluster(#[from] cluster::VolError),
 }
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Data read from a volume: a window into a pooled aligned buffer (no copy).
+/// Data read from a volume: a window into pooled aligned buffers (no copy), or bytes that
+/// came over the network.
 #[derive(Debug)]
 pub struct ReadData {
     bufs: Vec<PooledBuf>,
+    owned: Option<Vec<u8>>,
     start: usize,
     len: usize,
 }
@@ -76,6 +81,10 @@ impl ReadData {
     /// If the range is outside the data.
     pub fn copy_to(&self, at: usize, out: &mut [u8]) {
         assert!(at + out.len() <= self.len);
+        if let Some(v) = &self.owned {
+            out.copy_from_slice(&v[at..at + out.len()]);
+            return;
+        }
         let mut pos = self.start + at;
         let mut done = 0;
         for b in &self.bufs {
@@ -168,6 +177,7 @@ impl LocalVolume {
         }
         Ok(ReadData {
             bufs,
+            owned: None,
             start: (offset - a0) as usize,
             len,
         })
@@ -473,5 +483,201 @@ mod tests {
                 Ok(())
             })?;
         }
+    }
+}
+
+/// A volume as the device server sees it: stored on this controller, or erasure-coded across
+/// the cluster through an [`engine::Engine`].
+#[derive(Debug)]
+pub enum Volume {
+    /// One local device (a single controller).
+    Local(LocalVolume),
+    /// Spread over the cluster.
+    Cluster(ClusterVolume),
+}
+
+/// A cluster volume as seen from one controller.
+///
+/// Read-modify-write commands (COMPARE AND WRITE, ORWRITE) are atomic against other commands
+/// through this controller only; across controllers they are not yet (docs/architecture.md).
+#[derive(Debug)]
+pub struct ClusterVolume {
+    engine: Arc<engine::Engine>,
+    id: shard::VolumeId,
+    size_bytes: u64,
+    locks: RangeLock,
+}
+
+impl ClusterVolume {
+    /// Volume `id` of `engine`, `size_bytes` long.
+    pub fn new(engine: Arc<engine::Engine>, id: shard::VolumeId, size_bytes: u64) -> Self {
+        Self {
+            engine,
+            id,
+            size_bytes,
+            locks: RangeLock::default(),
+        }
+    }
+}
+
+impl Volume {
+    /// Size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        match self {
+            Self::Local(v) => v.size_bytes(),
+            Self::Cluster(c) => c.size_bytes,
+        }
+    }
+
+    /// Reads `len` bytes at `offset`.
+    ///
+    /// # Errors
+    /// Out-of-range requests, device and cluster errors.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<ReadData> {
+        match self {
+            Self::Local(v) => v.read(offset, len).await,
+            Self::Cluster(c) => {
+                let data = c.engine.read(c.id, offset, len as u64).await?;
+                Ok(ReadData {
+                    bufs: Vec::new(),
+                    len: data.len(),
+                    owned: Some(data),
+                    start: 0,
+                })
+            }
+        }
+    }
+
+    /// Writes `data` at `offset`; with `fua` it is on stable storage on return (cluster
+    /// writes always are: holders acknowledge only durable chunks).
+    ///
+    /// # Errors
+    /// Out-of-range requests, device and cluster errors.
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        match self {
+            Self::Local(v) => v.write(offset, data, fua).await,
+            Self::Cluster(c) => {
+                let _g = c.lock(offset, data.len() as u64).await;
+                Ok(c.engine.write(c.id, offset, data).await?)
+            }
+        }
+    }
+
+    /// See [`LocalVolume::compare_and_write`].
+    ///
+    /// # Errors
+    /// Out-of-range requests, device and cluster errors.
+    ///
+    /// # Panics
+    /// If `verify` and `data` differ in length.
+    pub async fn compare_and_write(
+        &self,
+        offset: u64,
+        verify: &[u8],
+        data: &[u8],
+        fua: bool,
+    ) -> Result<Option<usize>> {
+        match self {
+            Self::Local(v) => v.compare_and_write(offset, verify, data, fua).await,
+            Self::Cluster(c) => {
+                assert_eq!(verify.len(), data.len());
+                let _g = c.lock(offset, data.len() as u64).await;
+                let current = c.engine.read(c.id, offset, verify.len() as u64).await?;
+                if let Some(i) = current.iter().zip(verify).position(|(a, b)| a != b) {
+                    return Ok(Some(i));
+                }
+                c.engine.write(c.id, offset, data).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// See [`LocalVolume::or_write`].
+    ///
+    /// # Errors
+    /// Out-of-range requests, device and cluster errors.
+    pub async fn or_write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        match self {
+            Self::Local(v) => v.or_write(offset, data, fua).await,
+            Self::Cluster(c) => {
+                let _g = c.lock(offset, data.len() as u64).await;
+                let mut merged = c.engine.read(c.id, offset, data.len() as u64).await?;
+                for (m, d) in merged.iter_mut().zip(data) {
+                    *m |= d;
+                }
+                Ok(c.engine.write(c.id, offset, &merged).await?)
+            }
+        }
+    }
+
+    /// Whether [`Self::unmap`] frees space (otherwise it writes zeros).
+    pub fn supports_unmap(&self) -> bool {
+        match self {
+            Self::Local(v) => v.supports_unmap(),
+            Self::Cluster(_) => false,
+        }
+    }
+
+    /// Deallocates `[offset, offset + len)`: later reads return zeros.
+    ///
+    /// # Errors
+    /// Out-of-range requests, device and cluster errors.
+    pub async fn unmap(&self, offset: u64, len: u64) -> Result<()> {
+        match self {
+            Self::Local(v) => v.unmap(offset, len).await,
+            Self::Cluster(c) => {
+                let _g = c.lock(offset, len).await;
+                let mut pos = offset;
+                while pos < offset + len {
+                    let n = (offset + len - pos).min(1 << 20);
+                    c.engine.write(c.id, pos, &vec![0; n as usize]).await?;
+                    pos += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Allocation runs of `[offset, offset + len)` as `(start, len, allocated)`.
+    ///
+    /// # Errors
+    /// Out-of-range requests and device errors.
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        match self {
+            Self::Local(v) => v.allocation(offset, len),
+            Self::Cluster(c) => {
+                if offset.checked_add(len).is_none_or(|e| e > c.size_bytes) {
+                    return Err(Error::OutOfRange {
+                        offset,
+                        len,
+                        size: c.size_bytes,
+                    });
+                }
+                Ok(vec![(offset, len, true)])
+            }
+        }
+    }
+
+    /// Makes every completed write durable.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub async fn flush(&self) -> Result<()> {
+        match self {
+            Self::Local(v) => v.flush().await,
+            // Holders acknowledge chunk writes only once they are durable.
+            Self::Cluster(_) => Ok(()),
+        }
+    }
+}
+
+impl ClusterVolume {
+    /// Serialises this controller's writes to overlapping ranges (whole 4 KiB pages).
+    async fn lock(&self, offset: u64, len: u64) -> Option<RangeGuard<'_>> {
+        if len == 0 {
+            return None;
+        }
+        let (a0, a1) = LocalVolume::aligned_span(offset, len);
+        Some(self.locks.lock(a0, a1).await)
     }
 }

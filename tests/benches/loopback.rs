@@ -25,7 +25,9 @@ fn bench(c: &mut Criterion) {
             size,
         ))
         .unwrap();
-        let vol = Arc::new(raid_engine::LocalVolume::new(Arc::new(dev), 0, size).unwrap());
+        let vol = Arc::new(raid_engine::Volume::Local(
+            raid_engine::LocalVolume::new(Arc::new(dev), 0, size).unwrap(),
+        ));
         let lu = Arc::new(LogicalUnit::new(LuIdentity::for_volume(1), 512, vol));
         let device = Arc::new(DeviceServer::new(
             TargetPort {
