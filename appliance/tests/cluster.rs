@@ -1,5 +1,5 @@
-//! Three controllers in one process, joined over loopback TCP by the peer transport and the
-//! Raft metadata log: data written through any controller reads back through any other, a
+//! Three controllers in one process, each with its own shard file (io_uring) and metadata
+//! store (redb), joined over loopback TCP by the peer transport and the Raft metadata log: data written through any controller reads back through any other, a
 //! controller that stops is written around (write-intent marks committed to the log), and when
 //! it comes back only the rows written meanwhile are copied to it; afterwards any one
 //! controller can be lost and every block still reads back.
@@ -10,8 +10,8 @@ use appliance::peer::PeerLimits;
 use raid_engine::cluster::ControllerState;
 use raid_engine::cluster::VolumeMeta;
 use raid_engine::codec::CodecKind;
+use raid_engine::disk_store::{store_bytes, DiskShardStore, VolumeSlots};
 use raid_engine::layout::{Geometry, Layout};
-use raid_engine::shard::MemShardStore;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,7 +39,6 @@ fn block(gen: u8, b: u64) -> Vec<u8> {
 struct Harness {
     cfg: BTreeMap<u32, NodeConfig>,
     dirs: BTreeMap<u32, tempfile::TempDir>,
-    stores: BTreeMap<u32, Arc<MemShardStore>>,
     nodes: BTreeMap<u32, ControllerNode>,
 }
 
@@ -60,7 +59,6 @@ impl Harness {
         let mut h = Self {
             cfg: BTreeMap::new(),
             dirs: BTreeMap::new(),
-            stores: BTreeMap::new(),
             nodes: BTreeMap::new(),
         };
         for (id, l) in listeners {
@@ -77,19 +75,35 @@ impl Harness {
             };
             h.cfg.insert(id, cfg);
             h.dirs.insert(id, tempfile::tempdir().unwrap());
-            h.stores.insert(id, Arc::new(MemShardStore::default()));
             h.start(id, l).await;
         }
         h
     }
 
+    /// Starts controller `id` on its shard file (created on first start, reopened after).
     async fn start(&mut self, id: u32, l: TcpListener) {
+        let v = volume();
+        let slots = [VolumeSlots {
+            volume: VOL,
+            extents: v.placement.len() as u64,
+            rows_per_extent: v.layout.geometry.rows_per_extent,
+        }];
+        let chunk = v.layout.geometry.chunk_bytes as usize;
+        let mut dc = disk_io::DeviceConfig::file(
+            self.dirs[&id].path().join("shards.img"),
+            store_bytes(chunk, &slots),
+        );
+        dc.pool_bytes = 16 << 20;
+        let dev = Arc::new(disk_io::Device::open(&dc).unwrap());
+        let store = DiskShardStore::open(dev, chunk, &slots, false)
+            .await
+            .unwrap();
         let node = ControllerNode::start(
             &self.cfg[&id],
             self.dirs[&id].path(),
             l,
-            self.stores[&id].clone(),
-            vec![volume()],
+            Arc::new(store),
+            vec![v],
         )
         .await
         .unwrap();

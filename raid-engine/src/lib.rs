@@ -23,6 +23,7 @@
 
 pub mod cluster;
 pub mod codec;
+pub mod disk_store;
 pub mod engine;
 pub mod layout;
 pub mod range_lock;

@@ -1,0 +1,472 @@
+//! The shard store on a local device: every chunk this controller holds, in two slots, with a
+//! checksummed and versioned superblock and per-slot checksums, through `disk-io` (io_uring).
+//!
+//! Layout (all offsets 4 KiB aligned, so `O_DIRECT` works):
+//!
+//! | offset | content |
+//! | --- | --- |
+//! | 0 | superblock (4 KiB): magic `RNSS`, format, chunk size, chunk capacity, mount count, CRC32C |
+//! | 4096 + (i * 2 + s) * (4096 + chunk) | slot `s` of chunk index `i`: a 4 KiB header, then the payload |
+//!
+//! A chunk's index comes from its volume's base index plus `extent * rows_per_extent + row`
+//! (a controller holds at most one position of a row, so the position is not part of the
+//! index; the header records it and reads check it). Slot allocation is therefore static:
+//! capacity is decided when the store is formatted.
+//!
+//! Invariants (the `shard` module's store contract, on disk):
+//! - Slot headers carry a write sequence number (`mount count << 40 | counter`); the newest
+//!   copy is the one with the highest. The slot replaced follows the two-slot rule of
+//!   [`crate::shard`].
+//! - Every header and payload is checked (CRC32C) when read; a slot that fails is not returned
+//!   (a torn write reads as the copy it was replacing, or as nothing).
+//! - A write returns once it is on stable storage (`RWF_DSYNC`); writes to one chunk are
+//!   serialised (read the two headers, pick the slot, write).
+//! - The superblock is checked at open: wrong magic, format, chunk size or checksum refuses
+//!   the store with the likely cause.
+
+use crate::range_lock::RangeLock;
+use crate::shard::{BoxFut, Chunk, ChunkAddr, ShardError, ShardStore, VolumeId};
+use disk_io::Device;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+const PAGE: usize = 4096;
+const SB_MAGIC: &[u8; 4] = b"RNSS";
+const SLOT_MAGIC: &[u8; 4] = b"RNCH";
+const FORMAT: u32 = 1;
+const MAX_COLS: usize = crate::codec::SHARDS_MAX;
+
+/// Why a store cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreOpenError {
+    /// Device I/O failed.
+    #[error("shard store device: {0}")]
+    Io(#[from] disk_io::IoError),
+    /// Not formatted as a shard store, or damaged.
+    #[error("shard store superblock: {0}")]
+    Superblock(String),
+    /// The device is too small for the chunks it must hold.
+    #[error("shard store needs {need} bytes but the device has {have}: enlarge the backing file or device")]
+    TooSmall {
+        /// Bytes needed.
+        need: u64,
+        /// Bytes available.
+        have: u64,
+    },
+}
+
+/// One volume's share of the store.
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeSlots {
+    /// Volume.
+    pub volume: VolumeId,
+    /// Extents of the volume.
+    pub extents: u64,
+    /// Rows per extent.
+    pub rows_per_extent: u32,
+}
+
+/// The on-disk shard store.
+#[derive(Debug)]
+pub struct DiskShardStore {
+    dev: Arc<Device>,
+    chunk: usize,
+    bases: BTreeMap<VolumeId, (u64, VolumeSlots)>,
+    capacity: u64,
+    seq: AtomicU64,
+    locks: RangeLock,
+}
+
+/// Bytes a store needs for `volumes` with `chunk_bytes` chunks.
+pub fn store_bytes(chunk_bytes: usize, volumes: &[VolumeSlots]) -> u64 {
+    let chunks: u64 = volumes
+        .iter()
+        .map(|v| v.extents * u64::from(v.rows_per_extent))
+        .sum();
+    PAGE as u64 + chunks * 2 * (PAGE + chunk_bytes) as u64
+}
+
+#[derive(Debug, Clone)]
+struct Header {
+    seq: u64,
+    addr: ChunkAddr,
+    version: u64,
+    acked: u64,
+    cols: Vec<u64>,
+    data_len: u32,
+    data_crc: u32,
+}
+
+fn put_header(h: &Header, out: &mut [u8]) {
+    let mut v = Vec::with_capacity(128);
+    v.extend_from_slice(SLOT_MAGIC);
+    v.extend_from_slice(&FORMAT.to_le_bytes());
+    v.extend_from_slice(&h.seq.to_le_bytes());
+    v.extend_from_slice(&h.addr.volume.to_le_bytes());
+    v.extend_from_slice(&h.addr.extent.to_le_bytes());
+    v.extend_from_slice(&h.addr.row.to_le_bytes());
+    v.push(h.addr.pos);
+    v.extend_from_slice(&h.version.to_le_bytes());
+    v.extend_from_slice(&h.acked.to_le_bytes());
+    v.push(h.cols.len() as u8);
+    for c in &h.cols {
+        v.extend_from_slice(&c.to_le_bytes());
+    }
+    v.extend_from_slice(&h.data_len.to_le_bytes());
+    v.extend_from_slice(&h.data_crc.to_le_bytes());
+    let crc = crc32c::crc32c(&v);
+    v.extend_from_slice(&crc.to_le_bytes());
+    out[..v.len()].copy_from_slice(&v);
+}
+
+fn get_header(b: &[u8]) -> Option<Header> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = b.get(at..at + n)?;
+        at += n;
+        Some(s)
+    };
+    let le64 = |s: &[u8]| u64::from_le_bytes(s.try_into().expect("8"));
+    let le32 = |s: &[u8]| u32::from_le_bytes(s.try_into().expect("4"));
+    if take(4)? != SLOT_MAGIC || le32(take(4)?) != FORMAT {
+        return None;
+    }
+    let seq = le64(take(8)?);
+    let volume = le32(take(4)?);
+    let extent = le64(take(8)?);
+    let row = le32(take(4)?);
+    let pos = take(1)?[0];
+    let version = le64(take(8)?);
+    let acked = le64(take(8)?);
+    let n = take(1)?[0] as usize;
+    if n > MAX_COLS {
+        return None;
+    }
+    let mut cols = Vec::with_capacity(n);
+    for _ in 0..n {
+        cols.push(le64(take(8)?));
+    }
+    let data_len = le32(take(4)?);
+    let data_crc = le32(take(4)?);
+    let crc = le32(take(4)?);
+    // magic, format, seq, volume, extent, row, pos, version, acked, ncols, cols, len, crc
+    let end = 4 + 4 + 8 + 4 + 8 + 4 + 1 + 8 + 8 + 1 + 8 * n + 4 + 4;
+    if crc32c::crc32c(&b[..end]) != crc {
+        return None;
+    }
+    Some(Header {
+        seq,
+        addr: ChunkAddr {
+            volume,
+            extent,
+            row,
+            pos,
+        },
+        version,
+        acked,
+        cols,
+        data_len,
+        data_crc,
+    })
+}
+
+impl DiskShardStore {
+    /// Opens the store on `dev`, formatting it when it carries no superblock (`format`) or
+    /// checking it otherwise.
+    ///
+    /// # Errors
+    /// [`StoreOpenError`] naming the problem.
+    pub async fn open(
+        dev: Arc<Device>,
+        chunk_bytes: usize,
+        volumes: &[VolumeSlots],
+        format: bool,
+    ) -> Result<Self, StoreOpenError> {
+        let need = store_bytes(chunk_bytes, volumes);
+        if dev.size_bytes() < need {
+            return Err(StoreOpenError::TooSmall {
+                need,
+                have: dev.size_bytes(),
+            });
+        }
+        let capacity = (need - PAGE as u64) / (2 * (PAGE + chunk_bytes) as u64);
+        let sb = dev.read_into(0, dev.pool().take(PAGE).await).await?;
+        let s = sb.as_slice();
+        let mounts = if &s[..4] == SB_MAGIC {
+            let le32 = |r: std::ops::Range<usize>| u32::from_le_bytes(s[r].try_into().expect("4"));
+            let le64 = |r: std::ops::Range<usize>| u64::from_le_bytes(s[r].try_into().expect("8"));
+            if crc32c::crc32c(&s[..32]) != le32(32..36) {
+                return Err(StoreOpenError::Superblock(
+                    "checksum mismatch: the store's first page is damaged".into(),
+                ));
+            }
+            if le32(4..8) != FORMAT {
+                return Err(StoreOpenError::Superblock(format!(
+                    "format {} is not {FORMAT}: written by another version of the appliance",
+                    le32(4..8)
+                )));
+            }
+            if le32(8..12) as usize != chunk_bytes {
+                return Err(StoreOpenError::Superblock(format!(
+                    "chunk size {} on disk, {chunk_bytes} configured: the volume geometry changed; use the original chunk size",
+                    le32(8..12)
+                )));
+            }
+            if le64(12..20) < capacity {
+                return Err(StoreOpenError::Superblock(format!(
+                    "formatted for {} chunks, {capacity} needed: volumes were added or grown; this needs a rebalance, not a reformat",
+                    le64(12..20)
+                )));
+            }
+            le64(20..28) + 1
+        } else if format || s.iter().all(|&b| b == 0) {
+            1
+        } else {
+            return Err(StoreOpenError::Superblock(
+                "no shard-store superblock and the device is not empty: refusing to overwrite it (check the configured path)".into(),
+            ));
+        };
+        // Write the superblock with the new mount count.
+        let mut b = dev.pool().take(PAGE).await;
+        let o = b.as_mut_slice();
+        o.fill(0);
+        o[..4].copy_from_slice(SB_MAGIC);
+        o[4..8].copy_from_slice(&FORMAT.to_le_bytes());
+        o[8..12].copy_from_slice(&(chunk_bytes as u32).to_le_bytes());
+        o[12..20].copy_from_slice(&capacity.to_le_bytes());
+        o[20..28].copy_from_slice(&mounts.to_le_bytes());
+        let crc = crc32c::crc32c(&o[..32]);
+        o[32..36].copy_from_slice(&crc.to_le_bytes());
+        dev.write_from(0, b, true).await?;
+        let mut bases = BTreeMap::new();
+        let mut next = 0u64;
+        for v in volumes {
+            bases.insert(v.volume, (next, *v));
+            next += v.extents * u64::from(v.rows_per_extent);
+        }
+        Ok(Self {
+            dev,
+            chunk: chunk_bytes,
+            bases,
+            capacity,
+            seq: AtomicU64::new(mounts << 40),
+            locks: RangeLock::default(),
+        })
+    }
+
+    fn index(&self, a: &ChunkAddr) -> Result<u64, ShardError> {
+        let (base, v) = self.bases.get(&a.volume).ok_or_else(|| {
+            ShardError::Io(format!("volume {} has no slots in this store", a.volume))
+        })?;
+        if a.extent >= v.extents || a.row >= v.rows_per_extent {
+            return Err(ShardError::Io(format!("chunk {a:?} is outside its volume")));
+        }
+        Ok(base + a.extent * u64::from(v.rows_per_extent) + u64::from(a.row))
+    }
+
+    fn slot_offset(&self, index: u64, slot: u64) -> u64 {
+        PAGE as u64 + (index * 2 + slot) * (PAGE + self.chunk) as u64
+    }
+
+    /// Both slots, decoded and checked: `(slot, header, payload)` for each valid one.
+    async fn read_slots(&self, a: &ChunkAddr) -> Result<Vec<(u64, Header, Vec<u8>)>, ShardError> {
+        let index = self.index(a)?;
+        let mut out = Vec::new();
+        for slot in 0..2 {
+            let b = self
+                .dev
+                .read_into(
+                    self.slot_offset(index, slot),
+                    self.dev.pool().take(PAGE + self.chunk).await,
+                )
+                .await
+                .map_err(|e| ShardError::Io(e.to_string()))?;
+            let s = b.as_slice();
+            let Some(h) = get_header(&s[..PAGE]) else {
+                continue;
+            };
+            let data = s[PAGE..PAGE + (h.data_len as usize).min(self.chunk)].to_vec();
+            if h.addr != *a
+                || h.data_len as usize > self.chunk
+                || crc32c::crc32c(&data) != h.data_crc
+            {
+                continue;
+            }
+            out.push((slot, h, data));
+        }
+        out.sort_by_key(|(_, h, _)| std::cmp::Reverse(h.seq));
+        Ok(out)
+    }
+
+    /// Number of chunks the store can hold.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+impl ShardStore for DiskShardStore {
+    fn read(&self, addr: ChunkAddr) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
+        Box::pin(async move {
+            Ok(self
+                .read_slots(&addr)
+                .await?
+                .into_iter()
+                .map(|(_, h, data)| Chunk {
+                    version: h.version,
+                    cols: h.cols,
+                    acked: h.acked,
+                    data,
+                })
+                .collect())
+        })
+    }
+
+    fn write(&self, addr: ChunkAddr, chunk: Chunk) -> BoxFut<'_, Result<(), ShardError>> {
+        Box::pin(async move {
+            if chunk.data.len() > self.chunk || chunk.cols.len() > MAX_COLS {
+                return Err(ShardError::Io(format!(
+                    "chunk of {} bytes does not fit {}-byte slots",
+                    chunk.data.len(),
+                    self.chunk
+                )));
+            }
+            let index = self.index(&addr)?;
+            let _g = self.locks.lock(index, index + 1).await;
+            let slots = self.read_slots(&addr).await?;
+            // The two-slot rule: keep the newest copy unless it is not known acknowledged.
+            let target = match slots.first() {
+                None => 0,
+                Some((newest_slot, h, _)) => {
+                    let newest_content = h.cols.iter().copied().max().unwrap_or(0);
+                    if newest_content <= chunk.acked {
+                        1 - newest_slot
+                    } else {
+                        *newest_slot
+                    }
+                }
+            };
+            let header = Header {
+                seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
+                addr,
+                version: chunk.version,
+                acked: chunk.acked,
+                cols: chunk.cols,
+                data_len: chunk.data.len() as u32,
+                data_crc: crc32c::crc32c(&chunk.data),
+            };
+            let mut b = self.dev.pool().take(PAGE + self.chunk).await;
+            let o = b.as_mut_slice();
+            o.fill(0);
+            put_header(&header, &mut o[..PAGE]);
+            o[PAGE..PAGE + chunk.data.len()].copy_from_slice(&chunk.data);
+            self.dev
+                .write_from(self.slot_offset(index, target), b, true)
+                .await
+                .map_err(|e| ShardError::Io(e.to_string()))?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use disk_io::DeviceConfig;
+
+    const VOLS: [VolumeSlots; 1] = [VolumeSlots {
+        volume: 7,
+        extents: 3,
+        rows_per_extent: 4,
+    }];
+
+    fn device(dir: &tempfile::TempDir) -> Arc<Device> {
+        let mut cfg = DeviceConfig::file(dir.path().join("shards.img"), store_bytes(4096, &VOLS));
+        cfg.pool_bytes = 8 << 20;
+        Arc::new(Device::open(&cfg).unwrap())
+    }
+
+    fn addr(row: u32) -> ChunkAddr {
+        ChunkAddr {
+            volume: 7,
+            extent: 2,
+            row,
+            pos: 1,
+        }
+    }
+
+    fn chunk(v: u64, acked: u64) -> Chunk {
+        Chunk {
+            version: v,
+            cols: vec![v, 1],
+            acked,
+            data: vec![v as u8; 4096],
+        }
+    }
+
+    fn versions(c: &[Chunk]) -> Vec<u64> {
+        c.iter().map(|c| c.version).collect()
+    }
+
+    #[tokio::test]
+    async fn keeps_two_slots_by_the_store_contract_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = device(&dir);
+        let s = DiskShardStore::open(dev.clone(), 4096, &VOLS, false)
+            .await
+            .unwrap();
+        assert!(s.read(addr(1)).await.unwrap().is_empty());
+        s.write(addr(1), chunk(5, 5)).await.unwrap();
+        s.write(addr(1), chunk(7, 7)).await.unwrap();
+        assert_eq!(versions(&s.read(addr(1)).await.unwrap()), vec![7, 5]);
+        // Unacknowledged writes replace the newest slot; the acknowledged copy stays.
+        s.write(addr(1), chunk(9, 7)).await.unwrap();
+        s.write(addr(1), chunk(10, 7)).await.unwrap();
+        assert_eq!(versions(&s.read(addr(1)).await.unwrap()), vec![10, 7]);
+        let got = s.read(addr(1)).await.unwrap();
+        assert_eq!(got[0].data, vec![10; 4096]);
+        assert_eq!(got[0].cols, vec![10, 1]);
+        drop(s);
+        // Reopened: same contents, and new writes are newer than old ones.
+        let s = DiskShardStore::open(dev, 4096, &VOLS, false).await.unwrap();
+        assert_eq!(versions(&s.read(addr(1)).await.unwrap()), vec![10, 7]);
+        s.write(addr(1), chunk(11, 11)).await.unwrap();
+        assert_eq!(versions(&s.read(addr(1)).await.unwrap()), vec![11, 10]);
+        // Outside the volume: refused.
+        assert!(s.read(ChunkAddr { row: 4, ..addr(0) }).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn damaged_slots_and_superblocks_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = device(&dir);
+        let s = DiskShardStore::open(dev.clone(), 4096, &VOLS, false)
+            .await
+            .unwrap();
+        s.write(addr(2), chunk(3, 3)).await.unwrap();
+        s.write(addr(2), chunk(4, 4)).await.unwrap();
+        // Flip a payload byte of the newest slot, as a torn write would.
+        let index = s.index(&addr(2)).unwrap();
+        let newest = s.read_slots(&addr(2)).await.unwrap()[0].0;
+        let off = s.slot_offset(index, newest) + PAGE as u64 + 100;
+        let path = dir.path().join("shards.img");
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&[0xee], off).unwrap();
+        }
+        let dev2 = device(&dir);
+        let s2 = DiskShardStore::open(dev2.clone(), 4096, &VOLS, false)
+            .await
+            .unwrap();
+        assert_eq!(versions(&s2.read(addr(2)).await.unwrap()), vec![3]);
+        // Wrong chunk size: refused with the cause named.
+        let e = DiskShardStore::open(dev2, 8192, &VOLS, false)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("chunk size") || e.to_string().contains("needs"),
+            "{e}"
+        );
+    }
+}
