@@ -7,6 +7,7 @@
 
 use iscsi_target::{ChapConfig, ChapSecret};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -60,6 +61,114 @@ struct RawConfig {
     disk: RawDisk,
     #[serde(default, rename = "volume")]
     volumes: Vec<RawVolume>,
+    cluster: Option<RawCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    id: u32,
+    peers: BTreeMap<String, String>,
+    portals: Option<BTreeMap<String, String>>,
+    k: Option<usize>,
+    m: Option<usize>,
+    write_quorum: Option<usize>,
+    chunk: Option<String>,
+    bootstrap: Option<bool>,
+}
+
+/// Membership in a cluster of controllers (`[cluster]`); volumes are then erasure-coded over
+/// every controller listed in `peers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This controller's id.
+    pub id: u32,
+    /// Peer-transport address of every controller (this one included; it listens on its own).
+    pub peers: BTreeMap<u32, SocketAddr>,
+    /// iSCSI portal of every controller, for SendTargets (defaults to this one's portals).
+    pub portals: BTreeMap<u32, SocketAddr>,
+    /// Data columns.
+    pub k: usize,
+    /// Parity columns.
+    pub m: usize,
+    /// Write quorum (default `max(k, k + m - 1)`).
+    pub write_quorum: Option<usize>,
+    /// Chunk size.
+    pub chunk_bytes: u32,
+    /// Whether this controller forms the metadata log (exactly one controller of a new cluster).
+    pub bootstrap: bool,
+}
+
+fn parse_id_map(
+    key: &str,
+    raw: BTreeMap<String, String>,
+) -> Result<BTreeMap<u32, SocketAddr>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (id, addr) in raw {
+        let n: u32 = id.parse().map_err(|_| {
+            invalid(
+                format!("{key}.{id}"),
+                "keys are controller ids (numbers such as \"1\")",
+            )
+        })?;
+        let a: SocketAddr = addr
+            .parse()
+            .map_err(|_| invalid(format!("{key}.{id}"), format!("`{addr}` is not ip:port")))?;
+        out.insert(n, a);
+    }
+    Ok(out)
+}
+
+fn check_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
+    let peers = parse_id_map("cluster.peers", raw.peers)?;
+    if !peers.contains_key(&raw.id) {
+        return Err(invalid(
+            "cluster.peers",
+            format!(
+                "must list this controller (cluster.id = {}) with its own peer address",
+                raw.id
+            ),
+        ));
+    }
+    let portals = parse_id_map("cluster.portals", raw.portals.unwrap_or_default())?;
+    let k = raw.k.unwrap_or(2);
+    let m = raw.m.unwrap_or(1);
+    let chunk_bytes = match raw.chunk {
+        None => 64 << 10,
+        Some(c) => parse_size(&c)
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| {
+                invalid(
+                    "cluster.chunk",
+                    format!("`{c}` is not a size such as \"64KiB\""),
+                )
+            })?,
+    };
+    raid_engine::layout::Geometry::new(
+        k,
+        m,
+        chunk_bytes,
+        1,
+        raid_engine::codec::CodecKind::default(),
+        raw.write_quorum,
+    )
+    .map_err(|e| invalid("cluster", e.to_string()))?;
+    if peers.len() < k + m {
+        return Err(invalid(
+            "cluster.peers",
+            format!("{} controllers cannot hold k + m = {} shards on distinct controllers; list more peers or lower k/m", peers.len(), k + m),
+        ));
+    }
+    Ok(ClusterConfig {
+        id: raw.id,
+        peers,
+        portals,
+        k,
+        m,
+        write_quorum: raw.write_quorum,
+        chunk_bytes,
+        bootstrap: raw.bootstrap.unwrap_or(false),
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +260,8 @@ pub struct Config {
     pub direct: bool,
     /// Volumes, one LUN each.
     pub volumes: Vec<VolumeConfig>,
+    /// Cluster membership; `None` runs a single controller with local volumes.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// One volume.
@@ -388,6 +499,7 @@ impl TryFrom<RawConfig> for Config {
             engine,
             direct: raw.disk.direct.unwrap_or(true),
             volumes,
+            cluster: raw.cluster.map(check_cluster).transpose()?,
         })
     }
 }

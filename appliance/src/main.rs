@@ -31,14 +31,25 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Start a local appliance on loopback with a default 1 GiB volume.
+    /// Start a local cluster on loopback (one process per controller) with a default 1 GiB
+    /// volume served through every controller's portal.
     Up {
-        /// Data directory (created with a default config on first start).
+        /// Data directory (created with default configs on first start; controller i uses
+        /// `c<i>/` inside it).
         #[arg(long, default_value = "appliance-data")]
         data_dir: PathBuf,
-        /// Portal address.
+        /// Portal of the first controller; controller i listens on the next ports.
         #[arg(long, default_value = config::DEFAULT_LISTEN)]
         listen: String,
+        /// Controllers (1 runs a single controller with a local volume).
+        #[arg(long, default_value_t = 3)]
+        controllers: u32,
+        /// Data columns per stripe row.
+        #[arg(long, default_value_t = 2)]
+        k: usize,
+        /// Parity columns per stripe row.
+        #[arg(long, default_value_t = 1)]
+        m: usize,
     },
     /// Run one controller from a config file.
     Run {
@@ -56,9 +67,13 @@ enum Cmd {
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colours only on a terminal: log files stay plain text (greppable).
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
         .init();
 }
 
@@ -84,7 +99,18 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        Cmd::Up { data_dir, listen } => {
+        Cmd::Up {
+            data_dir,
+            listen,
+            controllers,
+            k,
+            m,
+        } if controllers > 1 => {
+            return up_cluster(&data_dir, &listen, controllers, k, m);
+        }
+        Cmd::Up {
+            data_dir, listen, ..
+        } => {
             let path = data_dir.join("appliance.toml");
             if !path.exists() {
                 if let Err(e) = std::fs::create_dir_all(&data_dir)
@@ -130,7 +156,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let controller = match server::Controller::start(&cfg) {
+        let controller = match server::Controller::start(&cfg).await {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -190,6 +216,223 @@ impl Signals {
         tokio::select! {
             _ = self.int.recv() => {}
             _ = self.term.recv() => {}
+        }
+    }
+}
+
+/// `appliance up --controllers N`: writes one config per controller (first start only), runs
+/// each as its own process, prints the portals, and stops them all on Ctrl-C or SIGTERM.
+fn up_cluster(data_dir: &std::path::Path, listen: &str, n: u32, k: usize, m: usize) -> ExitCode {
+    use std::net::SocketAddr;
+    let first: SocketAddr = match listen.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            eprintln!("error: --listen `{listen}` is not ip:port, e.g. 127.0.0.1:3260");
+            return ExitCode::FAILURE;
+        }
+    };
+    if (n as usize) < k + m {
+        eprintln!("error: {n} controllers cannot hold k + m = {} shards on distinct controllers; use --controllers {} or lower --k/--m", k + m, k + m);
+        return ExitCode::FAILURE;
+    }
+    let at = |i: u32, base: u16| SocketAddr::new(first.ip(), base + (i as u16 - 1));
+    let Some(peer_base) = first.port().checked_add(1000) else {
+        eprintln!("error: --listen port too high to derive peer ports (portal + 1000)");
+        return ExitCode::FAILURE;
+    };
+    let ids: Vec<u32> = (1..=n).collect();
+    // Every port must be free before anything starts, so a clash is reported plainly.
+    for &i in &ids {
+        for (what, addr) in [
+            ("listen", at(i, first.port())),
+            ("listen for peers", at(i, peer_base)),
+        ] {
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                eprintln!("error: cannot {what} on {addr}: {e} (another target such as tgtd or a second appliance may hold the port; stop it or pick other ports with --listen)");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let map = |base: u16| {
+        ids.iter()
+            .map(|&i| format!("\"{i}\" = \"{}\"", at(i, base)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut configs = Vec::new();
+    for &i in &ids {
+        let dir = data_dir.join(format!("c{i}"));
+        let path = dir.join("appliance.toml");
+        if !path.exists() {
+            let mut text = config::default_config_text(&at(i, first.port()).to_string());
+            text = text.replace("tpgt = 1\n", &format!("tpgt = {i}\n"));
+            text.push_str(&format!(
+                "\n[cluster]\nid = {i}\npeers = {{ {} }}\nportals = {{ {} }}\nk = {k}\nm = {m}\nbootstrap = {}\n",
+                map(peer_base),
+                map(first.port()),
+                i == 1
+            ));
+            if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, text))
+            {
+                eprintln!(
+                    "error: cannot create {}: {e} (check permissions or pass --data-dir)",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+        match Config::load(&path) {
+            Ok(c) => configs.push((path, c)),
+            Err(e) => {
+                eprintln!(
+                    "error: {e}\n(fix {} or delete {} to start from the defaults)",
+                    path.display(),
+                    data_dir.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: cannot find this program's path to start controllers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut children = Vec::new();
+    for (path, cfg) in &configs {
+        let log = cfg.data_dir.join("appliance.log");
+        let out = std::fs::File::create(&log).and_then(|f| Ok((f.try_clone()?, f)));
+        let Ok((o, e)) = out else {
+            eprintln!("error: cannot write {}", log.display());
+            stop_all(&mut children);
+            return ExitCode::FAILURE;
+        };
+        match std::process::Command::new(&exe)
+            .args(["run", "--config"])
+            .arg(path)
+            .stdout(o)
+            .stderr(e)
+            .spawn()
+        {
+            Ok(c) => children.push(c),
+            Err(err) => {
+                eprintln!("error: cannot start a controller: {err}");
+                stop_all(&mut children);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    // Ready when every portal accepts connections (the volume is served once the cluster
+    // has formed; initiators retry until then).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for (_, cfg) in &configs {
+        while std::net::TcpStream::connect(cfg.listen[0]).is_err() {
+            if std::time::Instant::now() > deadline
+                || children
+                    .iter_mut()
+                    .any(|c| matches!(c.try_wait(), Ok(Some(_))))
+            {
+                eprintln!(
+                    "error: a controller did not start; see {}/c*/appliance.log",
+                    data_dir.display()
+                );
+                stop_all(&mut children);
+                return ExitCode::FAILURE;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let cfg0 = &configs[0].1;
+    println!("appliance cluster is up: {n} controllers, k={k} m={m}");
+    println!("  target IQN : {}", cfg0.iqn);
+    for (i, (_, c)) in configs.iter().enumerate() {
+        println!(
+            "  portal     : {} (controller {}, TPGT {})",
+            c.listen[0],
+            i + 1,
+            i + 1
+        );
+    }
+    for v in &cfg0.volumes {
+        println!(
+            "  LUN {:<7}: {} ({} bytes, {}-byte blocks), through every portal",
+            v.lun, v.name, v.size_bytes, v.block_size
+        );
+    }
+    println!(
+        "  data dir   : {} (logs in c*/appliance.log)",
+        data_dir.display()
+    );
+    println!("  console    : not built yet (the web console arrives with the operator issue)");
+    println!("  try        : iscsi-ls -s iscsi://{}", cfg0.listen[0]);
+    println!("Press Ctrl-C to stop.");
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            stop_all(&mut children);
+            return ExitCode::FAILURE;
+        }
+    };
+    let crashed = rt.block_on(async {
+        match Signals::install() {
+            Ok(s) => {
+                // Stop on a signal, or when a controller exits on its own.
+                let watch = async {
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        if children.iter_mut().any(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+                            break;
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = s.wait() => false,
+                    _ = watch => {
+                        eprintln!("error: a controller exited; stopping the others (see {}/c*/appliance.log)", data_dir.display());
+                        true
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("error: cannot install signal handlers: {e}");
+                true
+            }
+        }
+    });
+    stop_all(&mut children);
+    if crashed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Asks every child to stop (SIGTERM through kill(1); this crate has no unsafe code), then
+/// waits; one that has not stopped after 10 s is killed.
+fn stop_all(children: &mut [std::process::Child]) {
+    for c in children.iter() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for c in children.iter_mut() {
+        loop {
+            match c.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if std::time::Instant::now() > deadline => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
         }
     }
 }

@@ -6,10 +6,15 @@
 //!   the volume name, so it is the same on every start and every controller.
 //! - Every volume is flushed (fdatasync) before the process exits normally.
 
-use crate::config::Config;
+use crate::config::{ClusterConfig, Config, VolumeConfig};
+use appliance::node::{ControllerNode, MembershipTimers, NodeConfig};
+use appliance::peer::PeerLimits;
 use iscsi_target::{FabricConfig, Portal, TargetInfo, Timers};
 use lun::{DeviceServer, LogicalUnit, LuIdentity, TargetPort};
-use raid_engine::{LocalVolume, Volume};
+use raid_engine::cluster::VolumeMeta;
+use raid_engine::disk_store::{store_bytes, DiskShardStore, VolumeSlots};
+use raid_engine::layout::{Geometry, Layout};
+use raid_engine::{ClusterVolume, LocalVolume, Volume};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -28,6 +33,7 @@ pub fn volume_id(iqn: &str, name: &str) -> u64 {
 #[derive(Debug)]
 pub struct Controller {
     volumes: Vec<Arc<Volume>>,
+    node: Option<ControllerNode>,
     /// The addresses the portals actually listen on, in config order.
     pub listen: Vec<std::net::SocketAddr>,
     portals: Vec<(iscsi_target::driver::Server, tokio::net::TcpListener)>,
@@ -38,7 +44,7 @@ impl Controller {
     ///
     /// # Errors
     /// A message naming the likely cause and the fix.
-    pub fn start(cfg: &Config) -> Result<Self, String> {
+    pub async fn start(cfg: &Config) -> Result<Self, String> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
             format!(
                 "cannot create data dir {}: {e} (check permissions or pick another data_dir)",
@@ -47,7 +53,24 @@ impl Controller {
         })?;
         let mut luns = BTreeMap::new();
         let mut volumes = Vec::new();
-        for v in &cfg.volumes {
+        let mut node = None;
+        if let Some(cl) = &cfg.cluster {
+            let (n, vols) = start_cluster(cfg, cl).await?;
+            for (v, vol) in cfg.volumes.iter().zip(vols) {
+                let vol = Arc::new(vol);
+                let lu = LogicalUnit::new(
+                    LuIdentity::for_volume(volume_id(&cfg.iqn, &v.name)),
+                    v.block_size,
+                    Arc::clone(&vol),
+                )
+                .with_pr_store(cfg.data_dir.join(format!("{}.pr", v.name)))
+                .map_err(|e| e.to_string())?;
+                luns.insert(v.lun, Arc::new(lu));
+                volumes.push(vol);
+            }
+            node = Some(n);
+        }
+        for v in cfg.volumes.iter().filter(|_| cfg.cluster.is_none()) {
             let mut dc = disk_io::DeviceConfig::file(
                 cfg.data_dir.join(format!("{}.img", v.name)),
                 v.size_bytes,
@@ -89,17 +112,22 @@ impl Controller {
             .map(|l| l.local_addr().map_err(|e| e.to_string()))
             .collect::<Result<_, _>>()?;
         // Portal i is its own target port group and relative port (tpgt + i): one path each,
-        // the same LUs (and so the same reservations and identity) behind all of them.
+        // the same LUs (and so the same reservations and identity) behind all of them. In a
+        // cluster, controller `id` is target port group `id`.
+        let first = cfg
+            .cluster
+            .as_ref()
+            .map_or(cfg.tpgt, |c| u16::try_from(c.id).unwrap_or(u16::MAX));
         let ports: Vec<TargetPort> = (0..listen.len())
             .map(|i| {
-                let id = cfg.tpgt + i as u16;
+                let id = first + i as u16;
                 TargetPort {
                     relative_port: id,
                     port_group: id,
                 }
             })
             .collect();
-        let all_portals: Vec<Portal> = listen
+        let mut all_portals: Vec<Portal> = listen
             .iter()
             .zip(&ports)
             .map(|(a, p)| Portal {
@@ -107,11 +135,25 @@ impl Controller {
                 tpgt: p.port_group,
             })
             .collect();
+        let mut groups = ports.clone();
+        if let Some(cl) = &cfg.cluster {
+            for (&id, addr) in cl.portals.iter().filter(|(id, _)| **id != cl.id) {
+                let g = u16::try_from(id).unwrap_or(u16::MAX);
+                all_portals.push(Portal {
+                    address: addr.to_string(),
+                    tpgt: g,
+                });
+                groups.push(TargetPort {
+                    relative_port: g,
+                    port_group: g,
+                });
+            }
+        }
         let mut portals = Vec::new();
         let chap_challenges = Arc::new(iscsi_target::ChapChallengeHistory::default());
         for (listener, port) in listeners.into_iter().zip(&ports) {
             let device =
-                Arc::new(DeviceServer::new(*port, luns.clone()).with_port_groups(ports.clone()));
+                Arc::new(DeviceServer::new(*port, luns.clone()).with_port_groups(groups.clone()));
             let fabric = FabricConfig {
                 targets: vec![TargetInfo {
                     name: cfg.iqn.clone(),
@@ -141,6 +183,7 @@ impl Controller {
         }
         Ok(Self {
             volumes,
+            node,
             listen,
             portals,
         })
@@ -159,6 +202,100 @@ impl Controller {
                 tracing::error!(cause = %e, "flush at shutdown failed");
             }
         }
+        if let Some(n) = self.node {
+            n.shutdown().await;
+        }
         tracing::info!("stopped");
     }
+}
+
+/// The cluster geometry of a volume: `rows_per_extent` gives 64 MiB extents (the design's
+/// default), and placement rotates over every controller.
+fn volume_meta(cfg: &Config, cl: &ClusterConfig, v: &VolumeConfig) -> Result<VolumeMeta, String> {
+    let row_bytes = cl.k as u64 * u64::from(cl.chunk_bytes);
+    let rows = u32::try_from(((64u64 << 20) / row_bytes).max(1)).unwrap_or(u32::MAX);
+    let geometry = Geometry::new(
+        cl.k,
+        cl.m,
+        cl.chunk_bytes,
+        rows,
+        raid_engine::codec::CodecKind::default(),
+        cl.write_quorum,
+    )
+    .map_err(|e| format!("cluster geometry: {e}"))?;
+    let layout = Layout {
+        size_bytes: v.size_bytes,
+        geometry,
+    };
+    let ids: Vec<u32> = cl.peers.keys().copied().collect();
+    VolumeMeta::rotated(cluster_volume_id(cfg, v), layout, &ids).map_err(|e| e.to_string())
+}
+
+fn cluster_volume_id(cfg: &Config, v: &VolumeConfig) -> u32 {
+    volume_id(&cfg.iqn, &v.name) as u32
+}
+
+/// Starts this controller's share of the cluster: shard store, metadata replica, peers.
+async fn start_cluster(
+    cfg: &Config,
+    cl: &ClusterConfig,
+) -> Result<(ControllerNode, Vec<Volume>), String> {
+    let metas: Vec<VolumeMeta> = cfg
+        .volumes
+        .iter()
+        .map(|v| volume_meta(cfg, cl, v))
+        .collect::<Result<_, _>>()?;
+    let slots: Vec<VolumeSlots> = metas
+        .iter()
+        .map(|m| VolumeSlots {
+            volume: m.id,
+            extents: m.placement.len() as u64,
+            rows_per_extent: m.layout.geometry.rows_per_extent,
+        })
+        .collect();
+    let chunk = cl.chunk_bytes as usize;
+    let mut dc =
+        disk_io::DeviceConfig::file(cfg.data_dir.join("shards.img"), store_bytes(chunk, &slots));
+    dc.engine = cfg.engine;
+    dc.direct = cfg.direct;
+    let dev = Arc::new(disk_io::Device::open(&dc).map_err(|e| e.to_string())?);
+    let store = DiskShardStore::open(dev, chunk, &slots, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let peer_addr = cl.peers[&cl.id];
+    let listener = tokio::net::TcpListener::bind(peer_addr).await.map_err(|e| {
+        format!("cannot listen for peers on {peer_addr}: {e} (another controller may use the port; check cluster.peers)")
+    })?;
+    let node_cfg = NodeConfig {
+        id: cl.id,
+        peers: cl.peers.clone(),
+        limits: PeerLimits::default(),
+        timers: MembershipTimers::default(),
+    };
+    let node = ControllerNode::start(
+        &node_cfg,
+        &cfg.data_dir,
+        listener,
+        Arc::new(store),
+        metas.clone(),
+    )
+    .await?;
+    if cl.bootstrap {
+        let members: Vec<u32> = cl.peers.keys().copied().collect();
+        match node.initialize(&members).await {
+            Ok(()) => tracing::info!(?members, "metadata log formed"),
+            Err(e) => tracing::info!(reason = %e, "metadata log already formed"),
+        }
+    }
+    let vols = metas
+        .iter()
+        .map(|m| {
+            Volume::Cluster(ClusterVolume::new(
+                node.engine.clone(),
+                m.id,
+                m.layout.size_bytes,
+            ))
+        })
+        .collect();
+    Ok((node, vols))
 }

@@ -22,6 +22,8 @@ fn up_creates_a_config_prints_portal_and_iqn_and_stops_on_sigterm() {
     let mut child = Command::new(BIN)
         .args([
             "up",
+            "--controllers",
+            "1",
             "--data-dir",
             data.to_str().unwrap(),
             "--listen",
@@ -64,6 +66,120 @@ fn up_creates_a_config_prints_portal_and_iqn_and_stops_on_sigterm() {
         .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// A base port whose next two ports and the same three plus 1000 are free (as `up` needs).
+fn free_port_block() -> u16 {
+    for _ in 0..200 {
+        let base = free_port();
+        if base > 60_000 {
+            continue;
+        }
+        let ports = [
+            base,
+            base + 1,
+            base + 2,
+            base + 1000,
+            base + 1001,
+            base + 1002,
+        ];
+        if ports
+            .iter()
+            .all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no block of free loopback ports");
+}
+
+#[test]
+fn up_starts_a_three_controller_cluster_with_one_disk_through_every_portal() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let base = free_port_block();
+    let listen = format!("127.0.0.1:{base}");
+    let mut child = Command::new(BIN)
+        .args([
+            "up",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut l = String::new();
+        if out.read_line(&mut l).unwrap() == 0 || Instant::now() > deadline {
+            break;
+        }
+        let done = l.contains("Press Ctrl-C");
+        lines.push(l);
+        if done {
+            break;
+        }
+    }
+    let text = lines.concat();
+    assert!(text.contains("3 controllers, k=2 m=1"), "{text}");
+    for i in 0..3u16 {
+        assert!(
+            text.contains(&format!(
+                "portal     : 127.0.0.1:{} (controller {}",
+                base + i,
+                i + 1
+            )),
+            "{text}"
+        );
+        assert!(data
+            .join(format!("c{}", i + 1))
+            .join("appliance.toml")
+            .exists());
+    }
+    // SendTargets through any portal lists every controller's portal, each its own TPGT, and
+    // the LUN answers through each (libiscsi's iscsi-ls, installed by the test command).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("iscsi-ls")
+            .args(["-s", &format!("iscsi://127.0.0.1:{}", base + 1)])
+            .output()
+            .expect("iscsi-ls (libiscsi-bin) is installed by scripts/test.sh");
+        let ls = String::from_utf8_lossy(&out.stdout).to_string();
+        let ok = (0..3u16).all(|i| ls.contains(&format!("127.0.0.1:{},{}", base + i, i + 1)))
+            && ls.matches("Lun:0").count() == 3;
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "iscsi-ls never showed the cluster:\n{ls}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    // Every controller stopped with it.
+    for i in 0..3u16 {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", base + i)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "controller {} still listening",
+                i + 1
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 #[test]

@@ -186,10 +186,14 @@ impl Drop for Appliance {
     }
 }
 
-/// Starts `appliance run` on `dir`'s config, appending to its log.
-fn spawn(dir: &std::path::Path) -> Child {
+/// Starts `appliance run` on `dir`'s `appliance.toml`, appending to its `appliance.log`.
+///
+/// # Panics
+/// If the process cannot be started.
+pub fn spawn(dir: &std::path::Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .append(true)
+        .create(true)
         .open(dir.join("appliance.log"))
         .expect("log");
     Command::new(binary())
