@@ -569,6 +569,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cluster_section_is_checked() {
+        let base = "[target]\niqn = \"iqn.2026-11.x:y\"\n[[volume]]\nname = \"v\"\nlun = 0\nsize = \"64MiB\"\n";
+        let peers = "peers = { \"1\" = \"127.0.0.1:4001\", \"2\" = \"127.0.0.1:4002\", \"3\" = \"127.0.0.1:4003\" }\n";
+        let ok = format!("{base}[cluster]\nid = 2\n{peers}k = 2\nm = 1\nchunk = \"16KiB\"\n");
+        let c = Config::parse(&ok, Path::new("c.toml")).unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(
+            (cl.id, cl.k, cl.m, cl.chunk_bytes, cl.peers.len()),
+            (2, 2, 1, 16384, 3)
+        );
+        let err = |extra: &str| {
+            Config::parse(&format!("{base}[cluster]\n{extra}"), Path::new("c.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&format!("id = 9\n{peers}")).contains("cluster.peers"));
+        assert!(err(&format!("id = 1\n{peers}k = 3\nm = 1\n")).contains("cannot hold"));
+        assert!(err(&format!("id = 1\n{peers}chunk = \"5000\"\n")).contains("chunk"));
+        assert!(err("id = 1\npeers = { \"x\" = \"127.0.0.1:1\" }\n").contains("cluster.peers.x"));
+    }
+
+    #[test]
     fn example_config_parses() {
         let text =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
