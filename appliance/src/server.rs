@@ -51,44 +51,24 @@ impl Controller {
                 cfg.data_dir.display()
             )
         })?;
+        // Cluster volumes from the engine, or one local device per volume.
+        let (node, backends) = match &cfg.cluster {
+            Some(cl) => {
+                let (n, vols) = start_cluster(cfg, cl).await?;
+                (Some(n), vols)
+            }
+            None => (
+                None,
+                cfg.volumes
+                    .iter()
+                    .map(|v| local_volume(cfg, v))
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
         let mut luns = BTreeMap::new();
         let mut volumes = Vec::new();
-        let mut node = None;
-        if let Some(cl) = &cfg.cluster {
-            let (n, vols) = start_cluster(cfg, cl).await?;
-            for (v, vol) in cfg.volumes.iter().zip(vols) {
-                let vol = Arc::new(vol);
-                let lu = LogicalUnit::new(
-                    LuIdentity::for_volume(volume_id(&cfg.iqn, &v.name)),
-                    v.block_size,
-                    Arc::clone(&vol),
-                )
-                .with_pr_store(cfg.data_dir.join(format!("{}.pr", v.name)))
-                .map_err(|e| e.to_string())?;
-                luns.insert(v.lun, Arc::new(lu));
-                volumes.push(vol);
-            }
-            node = Some(n);
-        }
-        for v in cfg.volumes.iter().filter(|_| cfg.cluster.is_none()) {
-            let mut dc = disk_io::DeviceConfig::file(
-                cfg.data_dir.join(format!("{}.img", v.name)),
-                v.size_bytes,
-            );
-            dc.engine = cfg.engine;
-            dc.direct = cfg.direct;
-            let dev = disk_io::Device::open(&dc).map_err(|e| e.to_string())?;
-            if dev.size_bytes() < v.size_bytes {
-                return Err(format!(
-                    "backing device for volume {} holds {} bytes but the volume needs {} (use a larger device or a smaller size)",
-                    v.name,
-                    dev.size_bytes(),
-                    v.size_bytes
-                ));
-            }
-            let vol = Arc::new(Volume::Local(
-                LocalVolume::new(Arc::new(dev), 0, v.size_bytes).map_err(|e| e.to_string())?,
-            ));
+        for (v, vol) in cfg.volumes.iter().zip(backends) {
+            let vol = Arc::new(vol);
             let lu = LogicalUnit::new(
                 LuIdentity::for_volume(volume_id(&cfg.iqn, &v.name)),
                 v.block_size,
@@ -207,6 +187,26 @@ impl Controller {
         }
         tracing::info!("stopped");
     }
+}
+
+/// A single controller's volume: one backing file or device of its own.
+fn local_volume(cfg: &Config, v: &VolumeConfig) -> Result<Volume, String> {
+    let mut dc =
+        disk_io::DeviceConfig::file(cfg.data_dir.join(format!("{}.img", v.name)), v.size_bytes);
+    dc.engine = cfg.engine;
+    dc.direct = cfg.direct;
+    let dev = disk_io::Device::open(&dc).map_err(|e| e.to_string())?;
+    if dev.size_bytes() < v.size_bytes {
+        return Err(format!(
+            "backing device for volume {} holds {} bytes but the volume needs {} (use a larger device or a smaller size)",
+            v.name,
+            dev.size_bytes(),
+            v.size_bytes
+        ));
+    }
+    Ok(Volume::Local(
+        LocalVolume::new(Arc::new(dev), 0, v.size_bytes).map_err(|e| e.to_string())?,
+    ))
 }
 
 /// The cluster geometry of a volume: `rows_per_extent` gives 64 MiB extents (the design's

@@ -6,6 +6,25 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_appliance");
 
+/// `up`'s output up to its "Press Ctrl-C" line (or EOF, or the timeout).
+fn banner(child: &mut std::process::Child, within: Duration) -> String {
+    let mut lines = Vec::new();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let deadline = Instant::now() + within;
+    loop {
+        let mut l = String::new();
+        if out.read_line(&mut l).unwrap() == 0 || Instant::now() > deadline {
+            break;
+        }
+        let done = l.contains("Press Ctrl-C");
+        lines.push(l);
+        if done {
+            break;
+        }
+    }
+    lines.concat()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -34,21 +53,7 @@ fn up_creates_a_config_prints_portal_and_iqn_and_stops_on_sigterm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = Vec::new();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut l = String::new();
-        if out.read_line(&mut l).unwrap() == 0 || Instant::now() > deadline {
-            break;
-        }
-        let done = l.contains("Press Ctrl-C");
-        lines.push(l);
-        if done {
-            break;
-        }
-    }
-    let text = lines.concat();
+    let text = banner(&mut child, Duration::from_secs(20));
     assert!(
         text.contains("target IQN : iqn.2026-11.io.rainio:appliance"),
         "{text}"
@@ -112,21 +117,7 @@ fn up_starts_a_three_controller_cluster_with_one_disk_through_every_portal() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut lines = Vec::new();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut l = String::new();
-        if out.read_line(&mut l).unwrap() == 0 || Instant::now() > deadline {
-            break;
-        }
-        let done = l.contains("Press Ctrl-C");
-        lines.push(l);
-        if done {
-            break;
-        }
-    }
-    let text = lines.concat();
+    let text = banner(&mut child, Duration::from_secs(60));
     assert!(text.contains("3 controllers, k=2 m=1"), "{text}");
     for i in 0..3u16 {
         assert!(

@@ -699,77 +699,65 @@ impl Sim {
                 });
             }
             Msg::Served(key, content, epoch, r) => {
-                if drop || !self.majority(p.from) {
-                    return;
-                }
-                let mut meta = self.shared.meta.lock().expect("meta");
-                if epoch != meta.view.epoch {
-                    let ours = meta.view.epoch;
-                    drop_guard(meta);
-                    let _ = r.send(Err(VolError::Epoch {
-                        ours,
-                        theirs: epoch,
-                    }));
-                    return;
-                }
-                let e = meta.served.entry(key).or_insert(content);
-                *e = (*e).max(content);
-                drop_guard(meta);
-                let _ = r.send(Ok(()));
+                self.log_op(p.from, drop, epoch, r, |meta| {
+                    let e = meta.served.entry(key).or_insert(content);
+                    *e = (*e).max(content);
+                });
             }
             Msg::Repair(key, cols, upto, epoch, r) => {
-                if drop || !self.majority(p.from) {
-                    return;
-                }
-                let mut meta = self.shared.meta.lock().expect("meta");
-                if epoch != meta.view.epoch {
-                    let ours = meta.view.epoch;
-                    drop_guard(meta);
-                    let _ = r.send(Err(VolError::Epoch {
-                        ours,
-                        theirs: epoch,
-                    }));
-                    return;
-                }
-                meta.repairs.insert(key, (cols, upto));
-                drop_guard(meta);
-                let _ = r.send(Ok(()));
+                self.log_op(p.from, drop, epoch, r, |meta| {
+                    meta.repairs.insert(key, (cols, upto));
+                });
             }
             Msg::Mark(mark, set, v, epoch, r) => {
-                if drop || !self.majority(p.from) {
-                    return;
-                }
-                let mut meta = self.shared.meta.lock().expect("meta");
-                if epoch != meta.view.epoch {
-                    let ours = meta.view.epoch;
-                    drop_guard(meta);
-                    let _ = r.send(Err(VolError::Epoch {
-                        ours,
-                        theirs: epoch,
-                    }));
-                    return;
-                }
-                if std::env::var("SIM_DEBUG_ROW")
-                    .is_ok_and(|r| r == format!("{}/{}", mark.extent, mark.row))
-                {
-                    eprintln!(
-                        "MARK [{}] from {} {:?} set={set} v={v:x} had={:x?}",
-                        self.now,
-                        p.from,
-                        mark,
-                        meta.intents.get(&mark)
-                    );
-                }
-                if set {
-                    let e = meta.intents.entry(mark).or_insert(v);
-                    *e = (*e).max(v);
-                } else if meta.intents.get(&mark).is_some_and(|&missed| missed <= v) {
-                    meta.intents.remove(&mark);
-                }
-                drop_guard(meta);
-                let _ = r.send(Ok(()));
+                let now = self.now;
+                self.log_op(p.from, drop, epoch, r, |meta| {
+                    if std::env::var("SIM_DEBUG_ROW")
+                        .is_ok_and(|r| r == format!("{}/{}", mark.extent, mark.row))
+                    {
+                        eprintln!(
+                            "MARK [{now}] from {} {mark:?} set={set} v={v:x} had={:x?}",
+                            p.from,
+                            meta.intents.get(&mark)
+                        );
+                    }
+                    if set {
+                        let e = meta.intents.entry(mark).or_insert(v);
+                        *e = (*e).max(v);
+                    } else if meta.intents.get(&mark).is_some_and(|&missed| missed <= v) {
+                        meta.intents.remove(&mark);
+                    }
+                });
             }
         }
+    }
+
+    /// Applies a metadata-log command from `from`: lost when dropped or when `from` cannot
+    /// reach the majority, refused at a stale epoch, else applied by `f`.
+    fn log_op(
+        &self,
+        from: ControllerId,
+        drop: bool,
+        epoch: u64,
+        r: Reply<Result<(), VolError>>,
+        f: impl FnOnce(&mut Meta),
+    ) {
+        if drop || !self.majority(from) {
+            return;
+        }
+        let mut meta = self.shared.meta.lock().expect("meta");
+        if epoch != meta.view.epoch {
+            let ours = meta.view.epoch;
+            drop_guard(meta);
+            let _ = r.send(Err(VolError::Epoch {
+                ours,
+                theirs: epoch,
+            }));
+            return;
+        }
+        f(&mut meta);
+        drop_guard(meta);
+        let _ = r.send(Ok(()));
     }
 
     fn issue_host_op(&mut self) {
