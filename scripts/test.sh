@@ -37,7 +37,8 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "fuzz smoke (${FUZZ_SECONDS:-5}s per target)"
 (
   cd fuzz
-  cargo fuzz build --sanitizer none 2>&1 | tail -1
+  build=$(cargo fuzz build --sanitizer none 2>&1) || { echo "$build" | grep -v '^ *Compiling' | tail -40; echo "fuzz targets do not build" >&2; exit 1; }
+  echo "$build" | tail -1
   for t in $(cargo fuzz list); do
     mkdir -p "corpus/$t"
     # Committed seeds (e.g. real libiscsi sessions, scripts/capture-fuzz-seeds.py) join the corpus.

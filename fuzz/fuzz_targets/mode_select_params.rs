@@ -28,7 +28,9 @@ fn env() -> &'static Env {
             cfg.pool_bytes = 16 << 20;
             cfg.engine = disk_io::EngineChoice::Threads;
             let dev = Arc::new(disk_io::Device::open(&cfg).unwrap());
-            let vol = Arc::new(raid_engine::LocalVolume::new(dev, 0, 1 << 20).unwrap());
+            let vol = Arc::new(raid_engine::Volume::Local(
+                raid_engine::LocalVolume::new(dev, 0, 1 << 20).unwrap(),
+            ));
             let lu = Arc::new(LogicalUnit::new(LuIdentity::for_volume(9), 512, vol));
             DeviceServer::new(
                 TargetPort {

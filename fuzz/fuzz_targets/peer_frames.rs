@@ -19,9 +19,10 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(kind as u8, f.kind);
                 assert_eq!(Request::decode(f.kind, &body).as_ref(), Ok(&req));
             }
-        } else if let (Some(kind), Ok(Ok(r))) =
-            (Kind::from_u8(f.kind & !wire::REPLY), wire::get_status(&f.payload))
-        {
+        } else if let (Some(kind), Ok(Ok(r))) = (
+            Kind::from_u8(f.kind & !wire::REPLY),
+            wire::get_status(&f.payload),
+        ) {
             let _ = Reply::decode(kind, r);
         }
         rest = &rest[n..];
