@@ -213,13 +213,13 @@ async fn sigkill_a_controller_mid_write_and_lose_nothing() {
     )
     .await;
     // The metadata leader declares it down once it has been silent for down_after.
-    wait_log(&c[..2], "membership change controller=3 state=Down").await;
+    wait_log(&c, "membership change controller=3 state=Down").await;
 
     // Restart it: it is resynced (only what it missed is copied), comes back up, and serves
     // the latest data.
     c[2].child = Some(spawn(c[2].dir.path()));
-    wait_log(&c[..2], "membership change controller=3 state=Up").await;
-    wait_log(&c[..2], "resync copied chunks").await;
+    wait_log(&c, "membership change controller=3 state=Up").await;
+    wait_log(&c, "resync copied chunks").await;
     verify(c[2].portal, &want, "after restart, through controller 3").await;
     // And with controller 1 gone too (its shards are redundant again), 2 and 3 serve all.
     c[0].kill9();
@@ -229,4 +229,78 @@ async fn sigkill_a_controller_mid_write_and_lose_nothing() {
         "with controller 1 killed, through controller 2",
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_controller_is_written_around_and_fenced_when_it_resumes() {
+    let c = start_cluster();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut w1 = connect(c[0].portal, deadline).await;
+    let mut via2 = connect(c[1].portal, deadline).await;
+    let mut want = BTreeMap::new();
+    for w in 0..WRITES / 2 {
+        assert!(write(&mut w1, w, 1, deadline).await, "healthy write {w}");
+        want.insert(w, 1);
+    }
+    // Freeze controller 2 for longer than down_after (3 s).
+    let pid2 = c[1].child.as_ref().expect("running").id().to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid2])
+            .status()
+            .expect("kill")
+    };
+    assert!(signal("-STOP").success());
+    let frozen = Instant::now();
+    // Writes through controller 1 continue within a few seconds.
+    let mut first_ack = None;
+    for w in 0..WRITES / 2 {
+        let until = Instant::now() + Duration::from_secs(20);
+        assert!(
+            write(&mut w1, w, 2, until).await,
+            "write {w} while 2 is frozen"
+        );
+        first_ack.get_or_insert_with(|| frozen.elapsed());
+        want.insert(w, 2);
+    }
+    eprintln!(
+        "first write acknowledged {:?} after the freeze; all {} in {:?}",
+        first_ack.unwrap_or_default(),
+        WRITES / 2,
+        frozen.elapsed()
+    );
+    wait_log(&c, "membership change controller=2 state=Down").await;
+    let elapsed = frozen.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "writes took {elapsed:?} to resume"
+    );
+    if frozen.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_secs(4) - frozen.elapsed()).await;
+    }
+    assert!(signal("-CONT").success());
+    // On resuming it refuses I/O (its lease ran out while frozen, its epoch is old) ...
+    let r = via2
+        .command(
+            0,
+            &read16(lba(0), CHUNK_BLOCKS),
+            &[],
+            CHUNK_BLOCKS * BS as u32,
+        )
+        .await
+        .expect("the session survives the freeze");
+    assert_eq!(
+        r.status, 2,
+        "a resumed controller must not serve before catching up"
+    );
+    assert_eq!(
+        r.sense.get(2).map(|k| k & 0xf),
+        Some(2),
+        "NOT READY: {:02x?}",
+        r.sense
+    );
+    // ... until it has caught up: then it serves the latest data.
+    wait_log(&c, "membership change controller=2 state=Up").await;
+    verify(c[1].portal, &want, "after the freeze, through controller 2").await;
+    drop(via2);
 }
