@@ -36,9 +36,12 @@ async fn main() -> ExitCode {
     let tasks = (0..sessions).map(|s| {
         let iqn = iqn.clone();
         tokio::spawn(async move {
-            let mut i = Initiator::login(portal, &LoginOptions::normal(&iqn))
-                .await
-                .expect("login");
+            // One ISID per session: the same ISID would reinstate (end) the others.
+            let opts = LoginOptions {
+                isid: 0x8012_3456_7800 + s,
+                ..LoginOptions::normal(&iqn)
+            };
+            let mut i = Initiator::login(portal, &opts).await.expect("login");
             let data = vec![0x5au8 ^ s as u8; bytes as usize];
             let mut ops = 0u64;
             let mut off = 0u64;
