@@ -45,7 +45,12 @@ impl Drop for Ctrl {
 }
 
 fn start_cluster() -> Vec<Ctrl> {
-    let ids = [1u32, 2, 3];
+    start_cluster_of(3, 2, 1)
+}
+
+/// `n` controllers, `k` + `m` geometry.
+fn start_cluster_of(n: u32, k: usize, m: usize) -> Vec<Ctrl> {
+    let ids: Vec<u32> = (1..=n).collect();
     let portals: BTreeMap<u32, SocketAddr> = ids
         .iter()
         .map(|&i| (i, format!("127.0.0.1:{}", free_port()).parse().unwrap()))
@@ -64,7 +69,7 @@ fn start_cluster() -> Vec<Ctrl> {
         .map(|&i| {
             let dir = tempfile::tempdir().unwrap();
             let cfg = format!(
-                "data_dir = \".\"\nlog_level = \"info\"\n[iscsi]\nlisten = \"{}\"\ntpgt = {i}\n[target]\niqn = \"{IQN}\"\n[[volume]]\nname = \"vol0\"\nlun = 0\nsize = \"64MiB\"\nblock_size = 512\n[cluster]\nid = {i}\npeers = {{ {} }}\nportals = {{ {} }}\nk = 2\nm = 1\nchunk = \"16KiB\"\nbootstrap = {}\n",
+                "data_dir = \".\"\nlog_level = \"info\"\n[iscsi]\nlisten = \"{}\"\ntpgt = {i}\n[target]\niqn = \"{IQN}\"\n[[volume]]\nname = \"vol0\"\nlun = 0\nsize = \"64MiB\"\nblock_size = 512\n[cluster]\nid = {i}\npeers = {{ {} }}\nportals = {{ {} }}\nk = {k}\nm = {m}\nchunk = \"16KiB\"\nbootstrap = {}\n",
                 portals[&i],
                 map(&peers),
                 map(&portals),
@@ -303,4 +308,119 @@ async fn a_frozen_controller_is_written_around_and_fenced_when_it_resumes() {
     wait_log(&c, "membership change controller=2 state=Up").await;
     verify(c[1].portal, &want, "after the freeze, through controller 2").await;
     drop(via2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_controllers_k3_m2_lose_two_at_once_reads_go_on_writes_fail_cleanly() {
+    let mut c = start_cluster_of(5, 3, 2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut w1 = connect(c[0].portal, deadline).await;
+    let mut want: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for w in 0..WRITES / 2 {
+        assert!(write(&mut w1, w, 1, deadline).await, "healthy write {w}");
+        want.insert(w, vec![1]);
+    }
+    // Two controllers killed at once, mid-loop: with write_quorum = max(k, k+m-1) = 4 and
+    // three holders left, writes must fail (NOT READY), never be acknowledged short of quorum.
+    let mut acked_with_two_down = 0;
+    for w in 0..16 {
+        if w == 4 {
+            c[3].kill9();
+            c[4].kill9();
+        }
+        let until = Instant::now() + Duration::from_secs(if w < 4 { 20 } else { 1 });
+        if write(&mut w1, w, 2, until).await {
+            want.insert(w, vec![2]);
+            if w >= 4 {
+                acked_with_two_down += 1;
+            }
+        } else {
+            // Not acknowledged: either generation may be on disk.
+            want.insert(w, vec![1, 2]);
+            w1 = connect(c[0].portal, Instant::now() + Duration::from_secs(30)).await;
+        }
+    }
+    wait_log(&c[..3], "membership change controller=4 state=Down").await;
+    wait_log(&c[..3], "membership change controller=5 state=Down").await;
+    // Acknowledged writes after both were declared down would violate write_quorum.
+    let after_down = write(&mut w1, 0, 3, Instant::now() + Duration::from_secs(3)).await;
+    assert!(
+        !after_down,
+        "a write was acknowledged with only 3 of 5 holders (write_quorum 4)"
+    );
+    want.insert(0, vec![1, 2, 3]);
+    eprintln!(
+        "{acked_with_two_down} writes acknowledged between the kills and the down declaration"
+    );
+    // Reads go on through the three survivors.
+    verify_any(
+        c[1].portal,
+        &want,
+        "with two of five down, through controller 2",
+    )
+    .await;
+    verify_any(
+        c[2].portal,
+        &want,
+        "with two of five down, through controller 3",
+    )
+    .await;
+    // Both come back; once up, writes are acknowledged again and read back everywhere.
+    c[3].child = Some(spawn(c[3].dir.path()));
+    c[4].child = Some(spawn(c[4].dir.path()));
+    wait_log(&c, "membership change controller=4 state=Up").await;
+    wait_log(&c, "membership change controller=5 state=Up").await;
+    let mut w1 = connect(c[0].portal, Instant::now() + Duration::from_secs(30)).await;
+    for w in 0..WRITES / 2 {
+        assert!(
+            write(&mut w1, w, 4, Instant::now() + Duration::from_secs(20)).await,
+            "write {w} after both returned"
+        );
+        want.insert(w, vec![4]);
+    }
+    for (i, ctrl) in c.iter().enumerate() {
+        verify_any(
+            ctrl.portal,
+            &want,
+            &format!("after recovery, through controller {}", i + 1),
+        )
+        .await;
+    }
+}
+
+/// Like [`verify`], accepting any of several generations per write (for unacknowledged ones).
+async fn verify_any(addr: SocketAddr, want: &BTreeMap<u64, Vec<u32>>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = connect(addr, deadline).await;
+    for (&w, gens) in want {
+        loop {
+            let r = i
+                .command(
+                    0,
+                    &read16(lba(w), CHUNK_BLOCKS),
+                    &[],
+                    CHUNK_BLOCKS * BS as u32,
+                )
+                .await
+                .expect("read");
+            if r.status == 0 {
+                // An unacknowledged write may have landed on some blocks and not others: each
+                // 512-byte block must be one of the generations, whole.
+                let pats: Vec<Vec<u8>> = gens.iter().map(|&g| pattern(g, w)).collect();
+                for (b, got) in r.data.chunks(BS).enumerate() {
+                    assert!(
+                        pats.iter().any(|p| &p[b * BS..(b + 1) * BS] == got),
+                        "{what}: block {b} of write {w} through {addr} is none of generations {gens:?}"
+                    );
+                }
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: read {w} through {addr} kept failing: sense {:02x?}",
+                r.sense
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
