@@ -94,8 +94,22 @@ struct Header {
     version: u64,
     acked: u64,
     cols: Vec<u64>,
+    acked_cols: Vec<u64>,
     data_len: u32,
     data_crc: u32,
+}
+
+impl Header {
+    /// The copy this header describes, without its payload (for the two-slot rule).
+    fn as_chunk(&self) -> Chunk {
+        Chunk {
+            version: self.version,
+            cols: self.cols.clone(),
+            acked: self.acked,
+            acked_cols: self.acked_cols.clone(),
+            data: Vec::new(),
+        }
+    }
 }
 
 fn put_header(h: &Header, out: &mut [u8]) {
@@ -111,6 +125,10 @@ fn put_header(h: &Header, out: &mut [u8]) {
     v.extend_from_slice(&h.acked.to_le_bytes());
     v.push(h.cols.len() as u8);
     for c in &h.cols {
+        v.extend_from_slice(&c.to_le_bytes());
+    }
+    v.push(h.acked_cols.len() as u8);
+    for c in &h.acked_cols {
         v.extend_from_slice(&c.to_le_bytes());
     }
     v.extend_from_slice(&h.data_len.to_le_bytes());
@@ -147,11 +165,20 @@ fn get_header(b: &[u8]) -> Option<Header> {
     for _ in 0..n {
         cols.push(le64(take(8)?));
     }
+    let na = take(1)?[0] as usize;
+    if na > MAX_COLS {
+        return None;
+    }
+    let mut acked_cols = Vec::with_capacity(na);
+    for _ in 0..na {
+        acked_cols.push(le64(take(8)?));
+    }
     let data_len = le32(take(4)?);
     let data_crc = le32(take(4)?);
     let crc = le32(take(4)?);
-    // magic, format, seq, volume, extent, row, pos, version, acked, ncols, cols, len, crc
-    let end = 4 + 4 + 8 + 4 + 8 + 4 + 1 + 8 + 8 + 1 + 8 * n + 4 + 4;
+    // magic, format, seq, volume, extent, row, pos, version, acked, ncols, cols, nacked,
+    // acked cols, len, crc
+    let end = 4 + 4 + 8 + 4 + 8 + 4 + 1 + 8 + 8 + 1 + 8 * n + 1 + 8 * na + 4 + 4;
     if crc32c::crc32c(&b[..end]) != crc {
         return None;
     }
@@ -166,6 +193,7 @@ fn get_header(b: &[u8]) -> Option<Header> {
         version,
         acked,
         cols,
+        acked_cols,
         data_len,
         data_crc,
     })
@@ -316,6 +344,7 @@ impl ShardStore for DiskShardStore {
                     version: h.version,
                     cols: h.cols,
                     acked: h.acked,
+                    acked_cols: h.acked_cols,
                     data,
                 })
                 .collect())
@@ -324,7 +353,10 @@ impl ShardStore for DiskShardStore {
 
     fn write(&self, addr: ChunkAddr, chunk: Chunk) -> BoxFut<'_, Result<(), ShardError>> {
         Box::pin(async move {
-            if chunk.data.len() > self.chunk || chunk.cols.len() > MAX_COLS {
+            if chunk.data.len() > self.chunk
+                || chunk.cols.len() > MAX_COLS
+                || chunk.acked_cols.len() > MAX_COLS
+            {
                 return Err(ShardError::Io(format!(
                     "chunk of {} bytes does not fit {}-byte slots",
                     chunk.data.len(),
@@ -334,12 +366,12 @@ impl ShardStore for DiskShardStore {
             let index = self.index(&addr)?;
             let _g = self.locks.lock(index, index + 1).await;
             let slots = self.read_slots(&addr).await?;
-            // The two-slot rule: keep the newest copy unless it is not known acknowledged.
+            // The two-slot rule (`shard::keep_newest`).
             let target = match slots.first() {
                 None => 0,
                 Some((newest_slot, h, _)) => {
-                    let newest_content = h.cols.iter().copied().max().unwrap_or(0);
-                    if newest_content <= chunk.acked {
+                    let older = slots.get(1).map(|(_, o, _)| o.as_chunk());
+                    if crate::shard::keep_newest(addr.pos, &chunk, &h.as_chunk(), older.as_ref()) {
                         1 - newest_slot
                     } else {
                         *newest_slot
@@ -352,6 +384,7 @@ impl ShardStore for DiskShardStore {
                 version: chunk.version,
                 acked: chunk.acked,
                 cols: chunk.cols,
+                acked_cols: chunk.acked_cols,
                 data_len: chunk.data.len() as u32,
                 data_crc: crc32c::crc32c(&chunk.data),
             };
@@ -400,6 +433,7 @@ mod tests {
             version: v,
             cols: vec![v, 1],
             acked,
+            acked_cols: Vec::new(),
             data: vec![v as u8; 4096],
         }
     }

@@ -53,6 +53,8 @@ struct RowMeta {
     /// Newest version of this row known to have been acknowledged to a host. Every chunk
     /// written carries it, so no later load rolls the row back below it.
     acked: u64,
+    /// Column versions of that state (holders keep the copy valid for it); empty if unknown.
+    acked_cols: Vec<u64>,
 }
 
 impl RowMeta {
@@ -623,6 +625,7 @@ impl Engine {
                 behind: 0,
                 unknown: 0,
                 acked,
+                acked_cols: Vec::new(),
             };
             let valid = copies
                 .iter()
@@ -705,6 +708,7 @@ impl Engine {
                     .await?;
                 // Served from now on, so never rolled back: later writes say so.
                 meta.acked = meta.acked.max(content);
+                meta.acked_cols = meta.cols.clone();
                 return Ok(meta);
             }
             // A state no chunk yet calls acknowledged is about to be served: the log records
@@ -736,6 +740,7 @@ impl Engine {
             }
             // Served from now on, so never rolled back: later writes say so.
             meta.acked = meta.acked.max(content);
+            meta.acked_cols = meta.cols.clone();
             return Ok(meta);
         }
         Err(VolError::TooFewShards {
@@ -897,6 +902,7 @@ impl Engine {
         let quorum = vol.meta.layout.geometry.write_quorum;
         if holding >= quorum {
             new.acked = new.content();
+            new.acked_cols = new.cols.clone();
         }
         if holding >= vol.k() {
             self.cache_row(view, vol, span.extent, span.row, &new);
@@ -961,6 +967,7 @@ impl Engine {
                 version: new.want(p),
                 cols: new.cols.clone(),
                 acked: meta.acked,
+                acked_cols: meta.acked_cols.clone(),
                 data: payloads[p].take().expect("payload once"),
             };
             let holder = set[p];
@@ -1161,6 +1168,7 @@ impl Engine {
                         version: meta.want(pos),
                         cols: meta.cols.clone(),
                         acked: meta.acked,
+                        acked_cols: meta.acked_cols.clone(),
                         data: full[pos].clone(),
                     };
                     let addr = Self::addr(vol, mark.extent, mark.row, pos);

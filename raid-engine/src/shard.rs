@@ -52,6 +52,9 @@ pub struct Chunk {
     pub cols: Vec<u64>,
     /// Newest row version the writer knew to be acknowledged to a host (never rolled back).
     pub acked: u64,
+    /// Column versions of that acknowledged (or served) state; empty when unknown. A holder
+    /// keeps the copy valid for it (see [`keep_newest`]).
+    pub acked_cols: Vec<u64>,
     /// Payload (`chunk_bytes`).
     pub data: Vec<u8>,
 }
@@ -62,6 +65,7 @@ impl fmt::Debug for Chunk {
             .field("version", &self.version)
             .field("cols", &self.cols)
             .field("acked", &self.acked)
+            .field("acked_cols", &self.acked_cols)
             .field("len", &self.data.len())
             .finish()
     }
@@ -77,11 +81,35 @@ impl Chunk {
     pub fn checksum(&self) -> u32 {
         let mut c = crc32c::crc32c(&self.version.to_le_bytes());
         c = crc32c::crc32c_append(c, &self.acked.to_le_bytes());
+        for v in &self.acked_cols {
+            c = crc32c::crc32c_append(c, &v.to_le_bytes());
+        }
         for v in &self.cols {
             c = crc32c::crc32c_append(c, &v.to_le_bytes());
         }
         crc32c::crc32c_append(c, &self.data)
     }
+}
+
+/// The two-slot rule, shared by every store: whether a write of `incoming` at position `pos`
+/// keeps the current `newest` copy (replacing the older slot) or replaces `newest` (keeping
+/// the older). The copy valid for the acknowledged state the writer names is always kept;
+/// without that information, the newest is kept when its content is at most `acked`.
+pub fn keep_newest(pos: u8, incoming: &Chunk, newest: &Chunk, older: Option<&Chunk>) -> bool {
+    let a = &incoming.acked_cols;
+    if !a.is_empty() {
+        let valid = |c: &Chunk| match a.get(pos as usize) {
+            Some(&v) => c.version == v,
+            None => c.cols == *a,
+        };
+        if valid(newest) {
+            return true;
+        }
+        if older.is_some_and(valid) {
+            return false;
+        }
+    }
+    newest.content() <= incoming.acked
 }
 
 /// Why a shard operation failed.
@@ -130,8 +158,10 @@ impl MemShardStore {
         let crc = chunk.checksum();
         let mut s = self.slots.lock().expect("store");
         let v = s.entry(addr).or_default();
-        let newest_acked = v.first().is_none_or(|n| n.chunk.content() <= chunk.acked);
-        if newest_acked {
+        let keep = v
+            .first()
+            .is_none_or(|n| keep_newest(addr.pos, &chunk, &n.chunk, v.get(1).map(|o| &o.chunk)));
+        if keep {
             v.insert(0, Slot { chunk, crc });
             v.truncate(2);
         } else {
@@ -194,6 +224,7 @@ mod tests {
             version: v,
             cols: vec![v, 0],
             acked: v,
+            acked_cols: Vec::new(),
             data: vec![v as u8; 16],
         }
     }
@@ -218,6 +249,16 @@ mod tests {
         s.write_now(addr(), unacked);
         let got: Vec<u64> = s.read_now(addr()).iter().map(|c| c.version).collect();
         assert_eq!(got, vec![10, 7]);
+        // Naming the acknowledged state's columns keeps exactly the copy valid for it, even
+        // when it is not the newest (position 0 wants version 7).
+        let mut named = chunk(12);
+        named.acked = 100;
+        named.acked_cols = vec![7, 0];
+        s.write_now(addr(), named.clone());
+        named.version = 13;
+        s.write_now(addr(), named);
+        let got: Vec<u64> = s.read_now(addr()).iter().map(|c| c.version).collect();
+        assert_eq!(got, vec![13, 7]);
         s.tear_newest(addr());
         let got: Vec<u64> = s.read_now(addr()).iter().map(|c| c.version).collect();
         assert_eq!(got, vec![7]);

@@ -463,6 +463,7 @@ mod tests {
                     version: u64::from(i) + 1,
                     cols: vec![u64::from(i) + 1],
                     acked: 0,
+                    acked_cols: Vec::new(),
                     data: vec![i as u8; 4096],
                 };
                 c.call(5, Request::WriteChunk(addr(i), chunk)).await

@@ -298,6 +298,10 @@ pub fn put_chunk(out: &mut Vec<u8>, c: &Chunk) {
     for v in &c.cols {
         out.extend_from_slice(&v.to_be_bytes());
     }
+    out.push(c.acked_cols.len() as u8);
+    for v in &c.acked_cols {
+        out.extend_from_slice(&v.to_be_bytes());
+    }
     put_bytes(out, &c.data);
 }
 
@@ -313,11 +317,17 @@ pub fn get_chunk(r: &mut Reader<'_>) -> Result<Chunk, WireError> {
         return Err(WireError::Malformed("chunk"));
     }
     let cols = (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?;
+    let na = r.u8()? as usize;
+    if na > MAX_COLS {
+        return Err(WireError::Malformed("chunk"));
+    }
+    let acked_cols = (0..na).map(|_| r.u64()).collect::<Result<_, _>>()?;
     let data = r.bytes(MAX_PAYLOAD)?.to_vec();
     Ok(Chunk {
         version,
         cols,
         acked,
+        acked_cols,
         data,
     })
 }
@@ -581,6 +591,7 @@ mod tests {
             version: v,
             cols: vec![v, v + 1, 0],
             acked: v / 2,
+            acked_cols: vec![v / 2, 0, 1],
             data: (0..len).map(|i| (i as u8) ^ (v as u8)).collect(),
         }
     }
