@@ -57,6 +57,16 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Show a running cluster as one controller sees it: controllers, states, epoch, leader,
+    /// chunks still to resync.
+    Status {
+        /// A controller's peer address (`up` uses portal port + 1000, e.g. 127.0.0.1:4260).
+        #[arg(long, default_value = "127.0.0.1:4260")]
+        peer: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a config file and exit.
     CheckConfig {
         /// Path to the TOML config.
@@ -80,6 +90,7 @@ fn init_logging(level: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (cfg, banner) = match cli.cmd {
+        Cmd::Status { peer, json } => return status(&peer, json),
         Cmd::CheckConfig { config } => {
             return match Config::load(&config) {
                 Ok(_) => {
@@ -367,6 +378,10 @@ fn up_cluster(data_dir: &std::path::Path, listen: &str, n: u32, k: usize, m: usi
     );
     println!("  console    : not built yet (the web console arrives with the operator issue)");
     println!("  try        : iscsi-ls -s iscsi://{}", cfg0.listen[0]);
+    println!(
+        "  status     : appliance status --peer {}",
+        at(1, peer_base)
+    );
     println!("Press Ctrl-C to stop.");
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -435,4 +450,69 @@ fn stop_all(children: &mut [std::process::Child]) {
             }
         }
     }
+}
+
+/// `appliance status`: asks one controller over the peer protocol and prints its view.
+fn status(peer: &str, json: bool) -> ExitCode {
+    use appliance::peer::wire::{MetaOp, Reply, Request};
+    let Ok(addr) = peer.parse::<std::net::SocketAddr>() else {
+        eprintln!("error: --peer `{peer}` is not ip:port, e.g. 127.0.0.1:4260");
+        return ExitCode::FAILURE;
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = appliance::peer::PeerClient::new(0, addr, appliance::peer::PeerLimits::default());
+    let reply = rt.block_on(client.call(0, Request::Meta(MetaOp::Status, Vec::new())));
+    let body = match reply {
+        Ok(Reply::Data(d)) => d,
+        Ok(_) => {
+            eprintln!("error: {addr} sent an unexpected reply (is it an appliance controller?)");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("error: {e} (is a controller running with this peer address? `appliance up` prints it)");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return ExitCode::SUCCESS;
+    }
+    let r: appliance::node::StatusReport = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot read the status from {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "cluster epoch {}, metadata leader {}, as seen by controller {}{}",
+        r.epoch,
+        r.leader.map_or("none".into(), |l| l.to_string()),
+        r.id,
+        if r.fenced {
+            " (which refuses I/O now)"
+        } else {
+            ""
+        }
+    );
+    println!("  controller  state");
+    for (id, state) in &r.controllers {
+        println!("  {id:<10}  {state}");
+    }
+    if r.behind.is_empty() {
+        println!("  volumes: healthy (no chunk waiting for resync)");
+    }
+    for (v, n) in &r.behind {
+        println!("  volume {v:#010x}: degraded, {n} chunk(s) to resync");
+    }
+    ExitCode::SUCCESS
 }

@@ -538,6 +538,58 @@ async fn membership(
 struct Handler {
     engine: Arc<Engine>,
     raft: Raft<MetaTypes>,
+    env: Arc<NodeEnv>,
+}
+
+/// One controller's answer to `appliance status`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StatusReport {
+    /// The controller that answered.
+    pub id: ControllerId,
+    /// Its view's epoch.
+    pub epoch: u64,
+    /// The metadata log's leader, as it knows it.
+    pub leader: Option<u64>,
+    /// Every controller and its state (up, resyncing, down).
+    pub controllers: Vec<(ControllerId, String)>,
+    /// Per volume with chunks still to copy: id and write-intent marks.
+    pub behind: Vec<(VolumeId, usize)>,
+    /// Whether this controller refuses host I/O now (no lease, or not up).
+    pub fenced: bool,
+    /// Chunks this controller has copied by resync since it started.
+    pub resync_chunks: u64,
+}
+
+impl Handler {
+    fn status(&self) -> StatusReport {
+        let view = self.engine.view();
+        let vols: std::collections::BTreeSet<VolumeId> = self
+            .env
+            .applied
+            .lock()
+            .expect("state")
+            .state
+            .intents
+            .keys()
+            .map(|k| k.0)
+            .collect();
+        StatusReport {
+            id: self.env.me,
+            epoch: view.epoch,
+            leader: self.raft.metrics().borrow().current_leader,
+            controllers: view
+                .controllers
+                .iter()
+                .map(|(id, s)| (*id, format!("{s:?}").to_lowercase()))
+                .collect(),
+            behind: vols
+                .into_iter()
+                .map(|v| (v, self.env.intents_len(v)))
+                .collect(),
+            fenced: self.engine.is_fenced(),
+            resync_chunks: self.engine.stats().resync_chunks,
+        }
+    }
 }
 
 impl PeerHandler for Handler {
@@ -605,6 +657,7 @@ impl PeerHandler for Handler {
                             let r = self.raft.client_write(cmd).await.map_err(remote)?;
                             serde_json::to_vec(&r.data)
                         }
+                        MetaOp::Status => serde_json::to_vec(&self.status()),
                     };
                     out.map(Reply::Data).map_err(remote)
                 }
@@ -672,6 +725,7 @@ impl ControllerNode {
         let handler = Arc::new(Handler {
             engine: engine.clone(),
             raft: raft.clone(),
+            env: env.clone(),
         });
         let mut tasks = vec![tokio::spawn(peer::serve(
             listener, cfg.id, handler, cfg.limits,

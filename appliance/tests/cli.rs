@@ -153,6 +153,32 @@ fn up_starts_a_three_controller_cluster_with_one_disk_through_every_portal() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // `appliance status` through any controller's peer address shows all three up.
+    assert!(
+        text.contains(&format!(
+            "appliance status --peer 127.0.0.1:{}",
+            base + 1000
+        )),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(BIN)
+            .args(["status", "--peer", &format!("127.0.0.1:{}", base + 1002)])
+            .output()
+            .unwrap();
+        let st = String::from_utf8_lossy(&out.stdout).to_string();
+        let up = st.lines().filter(|l| l.trim_end().ends_with(" up")).count();
+        if out.status.success() && up == 3 && st.contains("healthy") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed three controllers up:\n{st}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

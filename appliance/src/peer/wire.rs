@@ -66,6 +66,8 @@ pub enum MetaOp {
     Snapshot = 3,
     /// A command for the log, sent to the leader by a follower.
     Write = 4,
+    /// The controller's view of the cluster, for `appliance status` (JSON reply).
+    Status = 5,
 }
 
 impl MetaOp {
@@ -76,6 +78,7 @@ impl MetaOp {
             2 => Self::Vote,
             3 => Self::Snapshot,
             4 => Self::Write,
+            5 => Self::Status,
             _ => return None,
         })
     }
