@@ -383,13 +383,9 @@ fn up_cluster(data_dir: &std::path::Path, listen: &str, n: u32, k: usize, m: usi
         at(1, peer_base)
     );
     println!("Press Ctrl-C to stop.");
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+    let rt = match small_runtime() {
+        Some(rt) => rt,
+        None => {
             stop_all(&mut children);
             return ExitCode::FAILURE;
         }
@@ -459,15 +455,8 @@ fn status(peer: &str, json: bool) -> ExitCode {
         eprintln!("error: --peer `{peer}` is not ip:port, e.g. 127.0.0.1:4260");
         return ExitCode::FAILURE;
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = small_runtime() else {
+        return ExitCode::FAILURE;
     };
     let client = appliance::peer::PeerClient::new(0, addr, appliance::peer::PeerLimits::default());
     let reply = rt.block_on(client.call(0, Request::Meta(MetaOp::Status, Vec::new())));
@@ -515,4 +504,19 @@ fn status(peer: &str, json: bool) -> ExitCode {
         println!("  volume {v:#010x}: degraded, {n} chunk(s) to resync");
     }
     ExitCode::SUCCESS
+}
+
+/// A single-threaded runtime for the CLI's own waits and calls; `None` (with the cause
+/// printed) when the OS refuses one.
+fn small_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            None
+        }
+    }
 }

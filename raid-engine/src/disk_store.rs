@@ -365,6 +365,8 @@ impl ShardStore for DiskShardStore {
             }
             let index = self.index(&addr)?;
             let _g = self.locks.lock(index, index + 1).await;
+            // Whole slots, payloads included: the slot rule may only keep a copy whose
+            // checksum verifies (a torn payload behind a good header must not be kept).
             let slots = self.read_slots(&addr).await?;
             // The two-slot rule (`shard::keep_newest`).
             let target = match slots.first() {

@@ -57,6 +57,14 @@ pub enum Error {
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Refuses `[offset, offset + len)` unless it lies inside a volume of `size` bytes.
+fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|e| e > size) {
+        return Err(Error::OutOfRange { offset, len, size });
+    }
+    Ok(())
+}
+
 /// Data read from a volume: a window into pooled aligned buffers (no copy), or bytes that
 /// came over the network.
 #[derive(Debug)]
@@ -151,14 +159,7 @@ impl LocalVolume {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
-        if offset.checked_add(len).is_none_or(|e| e > self.size_bytes) {
-            return Err(Error::OutOfRange {
-                offset,
-                len,
-                size: self.size_bytes,
-            });
-        }
-        Ok(())
+        check_range(offset, len, self.size_bytes)
     }
 
     /// Reads `len` bytes at `offset`.
@@ -647,13 +648,7 @@ impl Volume {
         match self {
             Self::Local(v) => v.allocation(offset, len),
             Self::Cluster(c) => {
-                if offset.checked_add(len).is_none_or(|e| e > c.size_bytes) {
-                    return Err(Error::OutOfRange {
-                        offset,
-                        len,
-                        size: c.size_bytes,
-                    });
-                }
+                check_range(offset, len, c.size_bytes)?;
                 Ok(vec![(offset, len, true)])
             }
         }
