@@ -4,7 +4,7 @@
 # in /dev/shm, driven through the first portal by the same clients: libiscsi's iscsi-perf for
 # reads and the project's write-load (tests/src/bin/write-load.rs) for writes (libiscsi has
 # no write benchmark). Prints a Markdown table with single-controller and cluster figures
-# and their ratio.
+# and their ratio, then healthy against degraded random reads (controller 3 killed).
 #
 #   scripts/bench-cluster.sh [seconds-per-job]
 set -euo pipefail
@@ -63,6 +63,19 @@ pid=$!; pids+=("$pid")
 wait_port "$base"; wait_port $((base + 2))
 sleep 3 # the metadata log forms and brings every controller up
 run_jobs cluster "127.0.0.1:$base"
+# Degraded reads: random 4 KiB reads (32 sessions, one command each) over the whole volume,
+# and over only the data chunks controller 3 holds, healthy and then with controller 3 killed
+# (every read of the second kind is then reconstructed from the other two).
+rr() { target/release/write-load randread "127.0.0.1:$base" "$iqn" 32 4096 "$secs" 268435456 "$@"; }
+lost=lost=3/3/2/1/65536
+res[healthy,randread-all]=$(rr); res[healthy,randread-lost]=$(rr "$lost")
+pid3=$(sed -nE 's/.*controller 3, TPGT 3, pid ([0-9]+).*/\1/p' "$work/cluster.out")
+kill -KILL "$pid3"
+for _ in $(seq 100); do
+  target/release/appliance status --peer "127.0.0.1:$((base + 1000))" | grep -Eq '^ +3 +down' && break
+  sleep 0.2
+done
+res[degraded,randread-all]=$(rr); res[degraded,randread-lost]=$(rr "$lost")
 kill -TERM "$pid"; wait "$pid" || true
 
 echo "| job | 1 controller IOPS (MB/s) | 3 controllers k=2 m=1 IOPS (MB/s) | cluster / single |"
@@ -71,4 +84,13 @@ for jn in seq1m-read rand4k-read-qd32 seq64k-write-4sessions rand4k-write-1sessi
   read -r si sm <<<"${res[single,$jn]}"; read -r ci cm <<<"${res[cluster,$jn]}"
   ratio=$(python3 -c "print(f'{float($ci)/float($si):.2f}' if float($si) else 'n/a')")
   echo "| $jn | $si ($sm) | $ci ($cm) | $ratio |"
+done
+
+echo
+echo "| 4 KiB random reads, 32 sessions, 3 controllers | healthy IOPS (MB/s) | controller 3 killed IOPS (MB/s) | degraded / healthy |"
+echo "| --- | --- | --- | --- |"
+for jn in randread-all randread-lost; do
+  read -r hi hm <<<"${res[healthy,$jn]}"; read -r di dm <<<"${res[degraded,$jn]}"
+  ratio=$(python3 -c "print(f'{float($di)/float($hi):.2f}' if float($hi) else 'n/a')")
+  echo "| $jn | $hi ($hm) | $di ($dm) | $ratio |"
 done

@@ -360,10 +360,11 @@ fn up_cluster(data_dir: &std::path::Path, listen: &str, n: u32, k: usize, m: usi
     println!("  target IQN : {}", cfg0.iqn);
     for (i, (_, c)) in configs.iter().enumerate() {
         println!(
-            "  portal     : {} (controller {}, TPGT {})",
+            "  portal     : {} (controller {}, TPGT {}, pid {})",
             c.listen[0],
             i + 1,
-            i + 1
+            i + 1,
+            children[i].id()
         );
     }
     for v in &cfg0.volumes {
@@ -393,11 +394,26 @@ fn up_cluster(data_dir: &std::path::Path, listen: &str, n: u32, k: usize, m: usi
     let crashed = rt.block_on(async {
         match Signals::install() {
             Ok(s) => {
-                // Stop on a signal, or when a controller exits on its own.
+                // Stop on a signal. A controller that exits on its own is reported and the
+                // others keep serving (that is what the cluster is for); when none is left,
+                // stop.
                 let watch = async {
+                    let mut gone = vec![false; children.len()];
                     loop {
                         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        if children.iter_mut().any(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+                        for (i, c) in children.iter_mut().enumerate() {
+                            if let (false, Ok(Some(st))) = (gone[i], c.try_wait()) {
+                                gone[i] = true;
+                                eprintln!(
+                                    "controller {} (pid {}) exited ({st}); the others keep serving. Its log: {}; restart it with: appliance run --config {}",
+                                    i + 1,
+                                    c.id(),
+                                    configs[i].0.with_file_name("appliance.log").display(),
+                                    configs[i].0.display()
+                                );
+                            }
+                        }
+                        if gone.iter().all(|&g| g) {
                             break;
                         }
                     }
@@ -405,7 +421,7 @@ fn up_cluster(data_dir: &std::path::Path, listen: &str, n: u32, k: usize, m: usi
                 tokio::select! {
                     _ = s.wait() => false,
                     _ = watch => {
-                        eprintln!("error: a controller exited; stopping the others (see {}/c*/appliance.log)", data_dir.display());
+                        eprintln!("error: every controller has exited (see {}/c*/appliance.log)", data_dir.display());
                         true
                     }
                 }
@@ -472,9 +488,10 @@ fn status(peer: &str, json: bool) -> ExitCode {
         }
     };
     if json {
-        println!("{}", String::from_utf8_lossy(&body));
-        return ExitCode::SUCCESS;
+        return print_out(&format!("{}\n", String::from_utf8_lossy(&body)));
     }
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let r: appliance::node::StatusReport = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -482,7 +499,8 @@ fn status(peer: &str, json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!(
+    let _ = writeln!(
+        out,
         "cluster epoch {}, metadata leader {}, as seen by controller {}{}",
         r.epoch,
         r.leader.map_or("none".into(), |l| l.to_string()),
@@ -493,17 +511,89 @@ fn status(peer: &str, json: bool) -> ExitCode {
             ""
         }
     );
-    println!("  controller  state");
+    let _ = writeln!(out, "  controller  state");
     for (id, state) in &r.controllers {
-        println!("  {id:<10}  {state}");
+        let _ = writeln!(out, "  {id:<10}  {state}");
     }
-    if r.behind.is_empty() {
-        println!("  volumes: healthy (no chunk waiting for resync)");
+    let _ = writeln!(out, "  volume      size        health");
+    for v in &r.volumes {
+        let mut line = format!(
+            "  {:#010x}  {:<10}  {}",
+            v.id,
+            human_bytes(v.size_bytes),
+            v.health
+        );
+        if v.rows_behind > 0 {
+            let per: Vec<String> = v
+                .chunks_behind
+                .iter()
+                .map(|(c, n)| format!("{n} on controller {c}"))
+                .collect();
+            line += &format!(
+                ", {} row(s) behind (chunks: {})",
+                v.rows_behind,
+                per.join(", ")
+            );
+        }
+        let _ = writeln!(out, "{line}");
+        if let Some(p) = &v.resync {
+            let _ = writeln!(out, "              resync {}", progress_line(p));
+        }
     }
-    for (v, n) in &r.behind {
-        println!("  volume {v:#010x}: degraded, {n} chunk(s) to resync");
+    print_out(&out)
+}
+
+/// Writes `s` to stdout; a reader that went away (`| head`) is not an error worth a panic.
+fn print_out(s: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut o = std::io::stdout().lock();
+    match o.write_all(s.as_bytes()).and_then(|()| o.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
     }
-    ExitCode::SUCCESS
+}
+
+/// `[#####...............]  25%  16/64 chunks  12.3 chunks/s  ETA 4s`
+fn progress_line(p: &appliance::node::ResyncProgress) -> String {
+    const WIDTH: usize = 20;
+    let frac = if p.total == 0 {
+        1.0
+    } else {
+        p.done as f64 / p.total as f64
+    };
+    let filled = ((frac * WIDTH as f64).round() as usize).min(WIDTH);
+    let eta = p
+        .eta_secs
+        .map_or_else(|| "ETA unknown".to_string(), |s| format!("ETA {s:.0}s"));
+    format!(
+        "[{}{}] {:>3.0}%  {}/{} chunks  {:.1} chunks/s  {eta}",
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled),
+        frac * 100.0,
+        p.done,
+        p.total,
+        p.chunks_per_sec
+    )
+}
+
+/// Sizes in binary units, as operators write them in the config ("64 MiB").
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 || v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// A single-threaded runtime for the CLI's own waits and calls; `None` (with the cause

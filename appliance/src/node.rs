@@ -82,6 +82,79 @@ pub struct NodeEnv {
     engine: OnceLock<Weak<Engine>>,
     raft: OnceLock<Raft<MetaTypes>>,
     applied: Arc<Mutex<Applied>>,
+    /// Resync progress per volume (see [`ResyncJob`]).
+    jobs: Mutex<BTreeMap<VolumeId, ResyncJob>>,
+}
+
+/// One volume's resync, as far as this replica of the log shows it: it starts when chunks are
+/// behind on reachable holders and ends when none are left. `peak` is the largest such backlog
+/// seen since it started, so `peak - behind` is what has been copied (new writes around a
+/// holder raise the peak).
+#[derive(Debug, Clone, Copy)]
+struct ResyncJob {
+    started: std::time::Instant,
+    peak: usize,
+}
+
+impl ResyncJob {
+    /// Updates `volume`'s job for a backlog of `behind` chunks on reachable holders at `now`
+    /// and returns its progress (none when nothing is behind: the job is over).
+    fn track(
+        jobs: &mut BTreeMap<VolumeId, ResyncJob>,
+        volume: VolumeId,
+        behind: usize,
+        now: std::time::Instant,
+    ) -> Option<ResyncProgress> {
+        if behind == 0 {
+            jobs.remove(&volume);
+            return None;
+        }
+        let job = jobs.entry(volume).or_insert(ResyncJob {
+            started: now,
+            peak: behind,
+        });
+        job.peak = job.peak.max(behind);
+        let done = job.peak - behind;
+        let secs = now.saturating_duration_since(job.started).as_secs_f64();
+        let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+        Some(ResyncProgress {
+            total: job.peak,
+            done,
+            chunks_per_sec: rate,
+            eta_secs: (rate > 0.0).then(|| behind as f64 / rate),
+        })
+    }
+}
+
+/// Health of one volume in a [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeStatus {
+    /// Volume id.
+    pub id: VolumeId,
+    /// Logical size in bytes.
+    pub size_bytes: u64,
+    /// `healthy`; `degraded` (a holder is down: reduced redundancy, writes go around it);
+    /// `resyncing` (every holder is back; chunks they missed are being copied).
+    pub health: String,
+    /// Stripe rows with at least one chunk behind.
+    pub rows_behind: usize,
+    /// Chunks behind, per holder.
+    pub chunks_behind: Vec<(ControllerId, usize)>,
+    /// The running resync, if chunks are behind on reachable holders.
+    pub resync: Option<ResyncProgress>,
+}
+
+/// Progress of a running resync.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ResyncProgress {
+    /// Chunks to copy since the job started (the largest backlog seen).
+    pub total: usize,
+    /// Chunks copied so far.
+    pub done: usize,
+    /// Average rate since the job started.
+    pub chunks_per_sec: f64,
+    /// Seconds left at that rate (none before the first copy).
+    pub eta_secs: Option<f64>,
 }
 
 impl std::fmt::Debug for NodeEnv {
@@ -167,6 +240,44 @@ impl NodeEnv {
     /// Write-intent marks of `volume` in this replica.
     pub fn intents_len(&self, volume: VolumeId) -> usize {
         self.marks(volume).len()
+    }
+
+    /// Health and resync progress of every volume `engine` serves, from this replica of the
+    /// log and its view of membership; updates the progress tracking.
+    pub fn volume_status(&self, engine: &Engine) -> Vec<VolumeStatus> {
+        use raid_engine::cluster::ControllerState as S;
+        let view = engine.view();
+        let now = std::time::Instant::now();
+        let mut jobs = self.jobs.lock().expect("jobs");
+        engine
+            .backlog()
+            .into_iter()
+            .map(|b| {
+                let down = b.holders.iter().any(|&c| view.state(c) == S::Down);
+                let reachable: usize = b
+                    .chunks_by
+                    .iter()
+                    .filter(|(&c, _)| view.state(c) != S::Down)
+                    .map(|(_, n)| n)
+                    .sum();
+                let resync = ResyncJob::track(&mut jobs, b.volume, reachable, now);
+                let health = if down {
+                    "degraded"
+                } else if b.rows_behind > 0 {
+                    "resyncing"
+                } else {
+                    "healthy"
+                };
+                VolumeStatus {
+                    id: b.volume,
+                    size_bytes: b.size_bytes,
+                    health: health.into(),
+                    rows_behind: b.rows_behind,
+                    chunks_behind: b.chunks_by.into_iter().collect(),
+                    resync,
+                }
+            })
+            .collect()
     }
 
     /// The write-intent marks of `volume` in this replica.
@@ -463,8 +574,7 @@ fn vol_remote(e: VolError) -> RemoteError {
 
 /// Heartbeats every peer, renews this controller's lease while a majority answers, and — on
 /// the metadata leader — turns silence and return into membership changes: silent past
-/// `down_after` → down; answering again → resyncing; nothing left to copy → up. Also runs
-/// resync passes for the extents this controller leads.
+/// `down_after` → down; answering again → resyncing; nothing left to copy → up.
 async fn membership(
     cfg: NodeConfig,
     engine: Weak<Engine>,
@@ -477,7 +587,6 @@ async fn membership(
     let started = Instant::now();
     let mut last_ok: BTreeMap<ControllerId, Instant> =
         cfg.peers.keys().map(|&id| (id, started)).collect();
-    let mut last_resync = started;
     let majority = cfg.peers.len() / 2 + 1;
     loop {
         tokio::time::sleep(t.heartbeat).await;
@@ -523,14 +632,25 @@ async fn membership(
                 }
             }
         }
-        if now.duration_since(last_resync) >= t.resync_every {
-            last_resync = now;
-            match engine.resync().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(chunks = n, "resync copied chunks"),
-                Err(e) => tracing::debug!(error = %e, "resync pass stopped"),
-            }
+    }
+}
+
+/// Resync passes for the extents this controller leads, in their own task so a long pass
+/// never delays heartbeats (and with them this controller's lease). Each pass also updates
+/// the progress figures `appliance status` shows.
+async fn resync_loop(every: Duration, engine: Weak<Engine>, env: Arc<NodeEnv>) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(engine) = engine.upgrade() else {
+            break;
+        };
+        env.volume_status(&engine);
+        match engine.resync().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(chunks = n, "resync copied chunks"),
+            Err(e) => tracing::debug!(error = %e, "resync pass stopped"),
         }
+        env.volume_status(&engine);
     }
 }
 
@@ -552,8 +672,8 @@ pub struct StatusReport {
     pub leader: Option<u64>,
     /// Every controller and its state (up, resyncing, down).
     pub controllers: Vec<(ControllerId, String)>,
-    /// Per volume with chunks still to copy: id and write-intent marks.
-    pub behind: Vec<(VolumeId, usize)>,
+    /// Every volume's health, rows behind and resync progress.
+    pub volumes: Vec<VolumeStatus>,
     /// Whether this controller refuses host I/O now (no lease, or not up).
     pub fenced: bool,
     /// Chunks this controller has copied by resync since it started.
@@ -563,16 +683,6 @@ pub struct StatusReport {
 impl Handler {
     fn status(&self) -> StatusReport {
         let view = self.engine.view();
-        let vols: std::collections::BTreeSet<VolumeId> = self
-            .env
-            .applied
-            .lock()
-            .expect("state")
-            .state
-            .intents
-            .keys()
-            .map(|k| k.0)
-            .collect();
         StatusReport {
             id: self.env.me,
             epoch: view.epoch,
@@ -582,10 +692,7 @@ impl Handler {
                 .iter()
                 .map(|(id, s)| (*id, format!("{s:?}").to_lowercase()))
                 .collect(),
-            behind: vols
-                .into_iter()
-                .map(|v| (v, self.env.intents_len(v)))
-                .collect(),
+            volumes: self.env.volume_status(&self.engine),
             fenced: self.engine.is_fenced(),
             resync_chunks: self.engine.stats().resync_chunks,
         }
@@ -693,6 +800,7 @@ impl ControllerNode {
             engine: OnceLock::new(),
             raft: OnceLock::new(),
             applied: applied.clone(),
+            jobs: Mutex::new(BTreeMap::new()),
         });
         let view = applied.lock().expect("state").state.view();
         let engine = Arc::new(Engine::new(cfg.id, shards, env.clone(), view));
@@ -751,6 +859,11 @@ impl ControllerNode {
             env.clone(),
             raft.clone(),
         )));
+        tasks.push(tokio::spawn(resync_loop(
+            cfg.timers.resync_every,
+            Arc::downgrade(&engine),
+            env.clone(),
+        )));
         Ok(Self {
             id: cfg.id,
             engine,
@@ -778,5 +891,35 @@ impl ControllerNode {
             t.abort();
         }
         let _ = self.raft.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn resync_progress_counts_copies_against_the_largest_backlog() {
+        let mut jobs = BTreeMap::new();
+        let t0 = Instant::now();
+        let p = ResyncJob::track(&mut jobs, 7, 40, t0).expect("running");
+        assert_eq!((p.total, p.done, p.eta_secs), (40, 0, None));
+        // New writes around a holder raise the total; copies lower the backlog.
+        ResyncJob::track(&mut jobs, 7, 50, t0 + Duration::from_secs(1));
+        let p = ResyncJob::track(&mut jobs, 7, 30, t0 + Duration::from_secs(4)).expect("running");
+        assert_eq!((p.total, p.done), (50, 20));
+        assert!((p.chunks_per_sec - 5.0).abs() < 1e-9, "{p:?}");
+        assert!(
+            (p.eta_secs.expect("rate known") - 6.0).abs() < 1e-9,
+            "{p:?}"
+        );
+        // Done: the job ends, and a later backlog starts a new one.
+        assert_eq!(
+            ResyncJob::track(&mut jobs, 7, 0, t0 + Duration::from_secs(9)),
+            None
+        );
+        let p = ResyncJob::track(&mut jobs, 7, 3, t0 + Duration::from_secs(10)).expect("new");
+        assert_eq!((p.total, p.done), (3, 0));
     }
 }

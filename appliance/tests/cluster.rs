@@ -163,7 +163,16 @@ impl Harness {
     async fn check_all(&self, via: u32, want: &BTreeMap<u64, u8>) {
         let e = &self.nodes[&via].engine;
         for (&b, &gen) in want {
-            let got = e.read(VOL, b * BLOCK as u64, BLOCK as u64).await;
+            // A membership change during the read refuses it (the host sees NOT READY and
+            // retries); retry likewise, for a while.
+            let mut got = e.read(VOL, b * BLOCK as u64, BLOCK as u64).await;
+            for _ in 0..100 {
+                if !matches!(got, Err(raid_engine::cluster::VolError::Epoch { .. })) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                got = e.read(VOL, b * BLOCK as u64, BLOCK as u64).await;
+            }
             assert_eq!(
                 got.as_deref().map_err(|e| e.to_string()),
                 Ok(&block(gen, b)[..]),

@@ -156,6 +156,24 @@ pub struct EngineStats {
     pub resync_chunks: u64,
 }
 
+/// What one volume still has to copy, from the replicated write-intent log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeBacklog {
+    /// Volume.
+    pub volume: VolumeId,
+    /// Its logical size.
+    pub size_bytes: u64,
+    /// Every controller holding some of its shards.
+    pub holders: std::collections::BTreeSet<ControllerId>,
+    /// Stripe rows with at least one position behind.
+    pub rows_behind: usize,
+    /// Chunks behind, per holder.
+    pub chunks_by: std::collections::BTreeMap<ControllerId, usize>,
+}
+
+/// Rows one resync pass copies at a time.
+const RESYNC_PARALLEL: usize = 16;
+
 /// One controller's data path.
 #[derive(Debug)]
 pub struct Engine {
@@ -288,6 +306,40 @@ impl Engine {
                     .count()
             })
             .sum()
+    }
+
+    /// Per volume: the controllers holding its shards, the rows with a write-intent mark, and
+    /// the marked chunks per holder (what each still has to receive).
+    pub fn backlog(&self) -> Vec<VolumeBacklog> {
+        let vols: Vec<Arc<Vol>> = self.lock().volumes.values().cloned().collect();
+        let mut out: Vec<VolumeBacklog> = vols
+            .iter()
+            .map(|v| {
+                let marks = self.env.intents(v.meta.id);
+                let mut chunks_by = std::collections::BTreeMap::new();
+                let mut rows = std::collections::BTreeSet::new();
+                for m in &marks {
+                    if let Some(&c) = v
+                        .meta
+                        .placement
+                        .get(m.extent as usize)
+                        .and_then(|set| set.get(m.pos as usize))
+                    {
+                        *chunks_by.entry(c).or_insert(0) += 1;
+                    }
+                    rows.insert((m.extent, m.row));
+                }
+                VolumeBacklog {
+                    volume: v.meta.id,
+                    size_bytes: v.meta.layout.size_bytes,
+                    holders: v.meta.placement.iter().flatten().copied().collect(),
+                    rows_behind: rows.len(),
+                    chunks_by,
+                }
+            })
+            .collect();
+        out.sort_by_key(|b| b.volume);
+        out
     }
 
     fn volume(&self, id: VolumeId) -> Result<(Arc<ClusterView>, Arc<Vol>)> {
@@ -1115,29 +1167,44 @@ impl Engine {
                 g.volumes.values().cloned().collect::<Vec<_>>(),
             )
         };
-        let mut copied = 0;
+        let mut todo = Vec::new();
         for vol in vols {
             let mut marks = self.env.intents(vol.meta.id);
             marks.sort_unstable();
             for mark in marks {
                 let set = &vol.meta.placement[mark.extent as usize];
-                let pos = mark.pos as usize;
-                if view.primary(set) != Some(self.id) || !view.reachable(set[pos]) {
-                    continue;
-                }
-                let g = vol.global_row(mark.extent, mark.row);
-                let _row = vol.rows.lock(g, g + 1).await;
-                self.still(view.epoch)?;
-                match self.resync_row(&view, &vol, mark).await {
-                    Ok(n) => copied += n,
-                    Err(e @ VolError::Epoch { .. }) => return Err(e),
-                    Err(e) => {
-                        tracing::warn!(?mark, error = %e, "resync of a row failed; it stays marked");
-                    }
+                if view.primary(set) == Some(self.id) && view.reachable(set[mark.pos as usize]) {
+                    todo.push((vol.clone(), mark));
                 }
             }
         }
+        // Rows are copied RESYNC_PARALLEL at a time (each under its row lock), so the pass is
+        // not bounded by one round trip per chunk.
+        let view = &view;
+        let results: Vec<Result<u64>> = futures::stream::iter(todo)
+            .map(|(vol, mark)| async move {
+                let g = vol.global_row(mark.extent, mark.row);
+                let _row = vol.rows.lock(g, g + 1).await;
+                self.still(view.epoch)?;
+                self.resync_row(view, &vol, mark)
+                    .await
+                    .inspect_err(|e| {
+                        if !matches!(e, VolError::Epoch { .. }) {
+                            tracing::warn!(?mark, error = %e, "resync of a row failed; it stays marked");
+                        }
+                    })
+            })
+            .buffer_unordered(RESYNC_PARALLEL)
+            .collect()
+            .await;
+        let copied: u64 = results.iter().filter_map(|r| r.as_ref().ok()).sum();
         self.stats.lock().expect("stats").resync_chunks += copied;
+        if let Some(Err(e)) = results
+            .into_iter()
+            .find(|r| matches!(r, Err(VolError::Epoch { .. } | VolError::Fenced)))
+        {
+            return Err(e);
+        }
         Ok(copied)
     }
 

@@ -1,8 +1,11 @@
 //! Real processes: three `appliance run` controllers (k=2, m=1) on loopback, each with its own
 //! portal, peer port, data dir and shard file. A checksummed pattern is written over iSCSI
-//! through one portal while another controller is killed with SIGKILL; writing and reading go
-//! on through the surviving portals; the killed controller is restarted and, once it has
-//! caught up, every block reads back as last acknowledged through every portal.
+//! through one portal while a controller (the primary of the rows being written, then
+//! another) is killed with SIGKILL; writing and reading go on through the surviving portals;
+//! `appliance status` shows exactly the rows written around it; the killed controller is
+//! restarted, resync copies exactly those rows, and every block reads back as last
+//! acknowledged through every portal. Also: a frozen controller (SIGSTOP), and five
+//! controllers (k=3, m=2) losing two at once.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,6 +24,7 @@ const WRITES: u64 = 96;
 struct Ctrl {
     dir: tempfile::TempDir,
     portal: SocketAddr,
+    peer: SocketAddr,
     child: Option<Child>,
 }
 
@@ -80,6 +84,7 @@ fn start_cluster_of(n: u32, k: usize, m: usize) -> Vec<Ctrl> {
             Ctrl {
                 dir,
                 portal: portals[&i],
+                peer: peers[&i],
                 child: Some(child),
             }
         })
@@ -154,57 +159,161 @@ async fn wait_log(c: &[Ctrl], text: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_a_controller_mid_write_and_lose_nothing() {
-    let mut c = start_cluster();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut w1 = connect(c[0].portal, deadline).await;
-    let mut want = BTreeMap::new();
-    for w in 0..WRITES {
-        assert!(write(&mut w1, w, 1, deadline).await, "healthy write {w}");
-        want.insert(w, 1);
+/// `appliance status --peer ... --json` of one controller, as an operator would run it.
+fn status(c: &Ctrl) -> Option<serde_json::Value> {
+    let out = std::process::Command::new(tests::appliance::binary())
+        .args(["status", "--peer", &c.peer.to_string(), "--json"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
     }
-    verify(c[1].portal, &want, "healthy, through controller 2").await;
+    serde_json::from_slice(&out.stdout).ok()
+}
 
-    // Kill controller 3 with SIGKILL in the middle of the write loop, keep writing.
+/// Polls `c`'s status (up to 30 s) until `ok` holds; returns that status.
+async fn wait_status(
+    c: &Ctrl,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(c);
+        if let Some(s) = s.as_ref().filter(|s| ok(s)) {
+            return s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status of {} never showed {what}; last: {s:?}",
+            c.peer
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The only volume's entry in a status.
+fn vol0(s: &serde_json::Value) -> &serde_json::Value {
+    &s["volumes"][0]
+}
+
+/// Chunks copied by resync, summed over the controllers that answer.
+fn resync_total(c: &[Ctrl]) -> u64 {
+    c.iter()
+        .filter(|c| c.child.is_some())
+        .filter_map(status)
+        .map(|s| s["resync_chunks"].as_u64().expect("resync_chunks"))
+        .sum()
+}
+
+/// One round: with the cluster healthy, writes generation `gen` of every write through
+/// controller `via`, SIGKILLs controller `victim` a third of the way in, keeps writing, checks
+/// the rows it missed are exactly those written after the kill, restarts it, and checks resync
+/// copied exactly those rows (one chunk each: with k + m = 3 controllers every row has one
+/// chunk on every controller) before it serves the latest data.
+async fn kill_write_restart(
+    c: &mut [Ctrl],
+    victim: usize,
+    via: usize,
+    want: &mut BTreeMap<u64, u32>,
+    gen: u32,
+) {
+    let id = victim + 1;
+    wait_status(&c[via], "a healthy volume", |s| {
+        vol0(s)["health"] == "healthy" && s["fenced"] == false
+    })
+    .await;
+    let copied_before = resync_total(c);
+    let mut w1 = connect(c[via].portal, Instant::now() + Duration::from_secs(30)).await;
+    let mut missed = 0usize;
     for w in 0..WRITES {
         if w == WRITES / 3 {
-            c[2].kill9();
+            c[victim].kill9();
         }
         let until = Instant::now() + Duration::from_secs(30);
-        if write(&mut w1, w, 2, until).await {
-            want.insert(w, 2);
-        } else {
+        if !write(&mut w1, w, gen, until).await {
             // Not acknowledged: either generation may be on disk. Overwrite it until it is.
-            w1 = connect(c[0].portal, Instant::now() + Duration::from_secs(30)).await;
+            w1 = connect(c[via].portal, Instant::now() + Duration::from_secs(30)).await;
             assert!(
-                write(&mut w1, w, 2, until).await,
+                write(&mut w1, w, gen, until).await,
                 "write {w} never acknowledged"
             );
-            want.insert(w, 2);
+        }
+        want.insert(w, gen);
+        if w >= WRITES / 3 {
+            missed += 1;
         }
     }
     verify(
-        c[1].portal,
-        &want,
-        "with controller 3 killed, through controller 2",
+        c[via].portal,
+        want,
+        &format!(
+            "with controller {id} killed, through controller {}",
+            via + 1
+        ),
     )
     .await;
-    // The metadata leader declares it down once it has been silent for down_after.
-    wait_log(&c, "membership change controller=3 state=Down").await;
-
-    // Restart it: it is resynced (only what it missed is copied), comes back up, and serves
-    // the latest data.
-    c[2].child = Some(spawn(c[2].dir.path()));
-    wait_log(&c, "membership change controller=3 state=Up").await;
-    wait_log(&c, "resync copied chunks").await;
-    verify(c[2].portal, &want, "after restart, through controller 3").await;
-    // And with controller 1 gone too (its shards are redundant again), 2 and 3 serve all.
-    c[0].kill9();
+    wait_log(c, &format!("membership change controller={id} state=Down")).await;
+    // The write-intent log names exactly the rows written while it was away, all on it.
+    let s = wait_status(
+        &c[via],
+        "the rows written around the killed controller",
+        |s| vol0(s)["health"] == "degraded" && vol0(s)["rows_behind"] == missed,
+    )
+    .await;
+    assert_eq!(
+        vol0(&s)["chunks_behind"],
+        serde_json::json!([[id, missed]]),
+        "{s}"
+    );
+    // Restart it: resync copies exactly those chunks, then it is up and serves the latest data.
+    c[victim].child = Some(spawn(c[victim].dir.path()));
+    wait_log(c, &format!("membership change controller={id} state=Up")).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while resync_total(c) < copied_before + missed as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        resync_total(c) - copied_before,
+        missed as u64,
+        "resync must copy only the {missed} rows written while controller {id} was down"
+    );
+    wait_status(&c[victim], "a healthy volume after resync", |s| {
+        vol0(s)["health"] == "healthy"
+    })
+    .await;
     verify(
-        c[1].portal,
+        c[victim].portal,
+        want,
+        &format!("after restart, through controller {id}"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_the_primary_then_another_controller_mid_write_and_lose_nothing() {
+    let mut c = start_cluster();
+    // Everything this test writes lies in extent 0; its primary is the first controller of its
+    // placement set.
+    let set = raid_engine::layout::rotated_placement(0, &[1, 2, 3], 3).unwrap();
+    let primary = set[0] as usize - 1;
+    let other = (primary + 1) % 3;
+    let last = (primary + 2) % 3;
+    let mut want = BTreeMap::new();
+    // Round 1: kill the primary of the rows being written, writing through another portal.
+    kill_write_restart(&mut c, primary, other, &mut want, 1).await;
+    // Round 2: kill a non-primary holder, writing through the primary's portal.
+    kill_write_restart(&mut c, last, primary, &mut want, 2).await;
+    // With any one controller gone now, the other two serve everything.
+    c[other].kill9();
+    verify(
+        c[last].portal,
         &want,
-        "with controller 1 killed, through controller 2",
+        &format!(
+            "with controller {} killed, through controller {}",
+            other + 1,
+            last + 1
+        ),
     )
     .await;
 }
