@@ -540,6 +540,9 @@ fn status(peer: &str, json: bool) -> ExitCode {
             let _ = writeln!(out, "              resync {}", progress_line(p));
         }
     }
+    for p in &r.problems {
+        let _ = writeln!(out, "  problem: {p}");
+    }
     print_out(&out)
 }
 

@@ -47,6 +47,9 @@ pub struct NodeConfig {
     pub limits: PeerLimits,
     /// Membership timers.
     pub timers: MembershipTimers,
+    /// Whether this controller forms the cluster: it records its config's volumes in the
+    /// metadata log. The others serve a volume once the log's record matches their own.
+    pub bootstrap: bool,
 }
 
 /// Heartbeats, leases and failure detection (`../shared/DESIGN.md` defaults: heartbeat 500 ms,
@@ -84,6 +87,8 @@ pub struct NodeEnv {
     applied: Arc<Mutex<Applied>>,
     /// Resync progress per volume (see [`ResyncJob`]).
     jobs: Mutex<BTreeMap<VolumeId, ResyncJob>>,
+    /// Volumes this controller does not serve, and why (for status).
+    problems: Mutex<BTreeMap<VolumeId, String>>,
 }
 
 /// One volume's resync, as far as this replica of the log shows it: it starts when chunks are
@@ -277,6 +282,16 @@ impl NodeEnv {
                     resync,
                 }
             })
+            .collect()
+    }
+
+    /// Volumes this controller does not serve, and why.
+    pub fn problems(&self) -> Vec<String> {
+        self.problems
+            .lock()
+            .expect("problems")
+            .values()
+            .cloned()
             .collect()
     }
 
@@ -635,6 +650,79 @@ async fn membership(
     }
 }
 
+/// Serves the volumes of this controller's config once the metadata log agrees on them: the
+/// bootstrap controller records each in the log (the first record of an id wins, so a
+/// misconfigured controller joining later cannot redefine one), and each is served only if the log's
+/// record is the same as ours, geometry, codec and placement included (they are an on-disk
+/// format; serving a different one would write chunks the others cannot read). A difference,
+/// or a volume the log has and the config lacks, is logged with the fix and shown in status.
+async fn adopt_volumes(
+    wanted: Vec<(String, VolumeMeta)>,
+    define: bool,
+    engine: Weak<Engine>,
+    env: Arc<NodeEnv>,
+) {
+    let mut pending: Vec<crate::meta::VolumeRecord> = wanted
+        .iter()
+        .map(|(name, meta)| crate::meta::VolumeRecord::new(name, meta))
+        .collect();
+    let mut foreign_reported = std::collections::BTreeSet::new();
+    let mut proposed = std::time::Instant::now() - Duration::from_secs(3600);
+    loop {
+        let Some(engine) = engine.upgrade() else {
+            break;
+        };
+        let in_log = env.applied.lock().expect("state").state.volumes.clone();
+        let mut propose = Vec::new();
+        pending.retain(|ours| {
+            let Some(theirs) = in_log.get(&ours.id) else {
+                propose.push(ours.clone());
+                return true;
+            };
+            let diff = ours.differences(theirs);
+            let outcome = if diff.is_empty() {
+                theirs
+                    .meta()
+                    .and_then(|m| engine.add_volume(m).map_err(|e| e.to_string()))
+            } else {
+                Err(format!(
+                    "volume {}: this controller's config differs from the cluster's record ({}); make its [[volume]] and [cluster] settings match the other controllers' and restart it",
+                    ours.name,
+                    diff.join("; ")
+                ))
+            };
+            match outcome {
+                Ok(()) => tracing::info!(volume = %ours.name, id = ours.id, "serving volume (as recorded in the metadata log)"),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    env.problems.lock().expect("problems").insert(ours.id, e);
+                }
+            }
+            false
+        });
+        for (id, v) in &in_log {
+            if !wanted.iter().any(|(_, m)| m.id == *id) && foreign_reported.insert(*id) {
+                let e = format!(
+                    "volume {} is in the cluster but not in this controller's config; add the same [[volume]] entry as on the other controllers and restart it",
+                    v.name
+                );
+                tracing::warn!("{e}");
+                env.problems.lock().expect("problems").insert(*id, e);
+            }
+        }
+        drop(engine);
+        if define && !propose.is_empty() && proposed.elapsed() > Duration::from_secs(1) {
+            proposed = std::time::Instant::now();
+            for v in propose {
+                if let Err(e) = env.propose(MetaCommand::CreateVolume(v)).await {
+                    tracing::debug!(error = %e, "volume not yet recorded (metadata log not ready)");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Resync passes for the extents this controller leads, in their own task so a long pass
 /// never delays heartbeats (and with them this controller's lease). Each pass also updates
 /// the progress figures `appliance status` shows.
@@ -678,6 +766,9 @@ pub struct StatusReport {
     pub fenced: bool,
     /// Chunks this controller has copied by resync since it started.
     pub resync_chunks: u64,
+    /// Volumes this controller does not serve, and why.
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
 
 impl Handler {
@@ -695,6 +786,7 @@ impl Handler {
             volumes: self.env.volume_status(&self.engine),
             fenced: self.engine.is_fenced(),
             resync_chunks: self.engine.stats().resync_chunks,
+            problems: self.env.problems(),
         }
     }
 }
@@ -784,7 +876,7 @@ impl ControllerNode {
         dir: &Path,
         listener: TcpListener,
         shards: Arc<dyn ShardStore>,
-        volumes: Vec<VolumeMeta>,
+        volumes: Vec<(String, VolumeMeta)>,
     ) -> Result<Self, String> {
         let (log, sm) = store::open(&dir.join("metadata.redb"))?;
         let applied = sm.shared();
@@ -801,12 +893,10 @@ impl ControllerNode {
             raft: OnceLock::new(),
             applied: applied.clone(),
             jobs: Mutex::new(BTreeMap::new()),
+            problems: Mutex::new(BTreeMap::new()),
         });
         let view = applied.lock().expect("state").state.view();
         let engine = Arc::new(Engine::new(cfg.id, shards, env.clone(), view));
-        for v in volumes {
-            engine.add_volume(v).map_err(|e| e.to_string())?;
-        }
         env.engine
             .set(Arc::downgrade(&engine))
             .expect("engine set once");
@@ -858,6 +948,12 @@ impl ControllerNode {
             Arc::downgrade(&engine),
             env.clone(),
             raft.clone(),
+        )));
+        tasks.push(tokio::spawn(adopt_volumes(
+            volumes,
+            cfg.bootstrap,
+            Arc::downgrade(&engine),
+            env.clone(),
         )));
         tasks.push(tokio::spawn(resync_loop(
             cfg.timers.resync_every,

@@ -240,11 +240,12 @@ async fn start_cluster(
     cfg: &Config,
     cl: &ClusterConfig,
 ) -> Result<(ControllerNode, Vec<Volume>), String> {
-    let metas: Vec<VolumeMeta> = cfg
+    let named: Vec<(String, VolumeMeta)> = cfg
         .volumes
         .iter()
-        .map(|v| volume_meta(cfg, cl, v))
-        .collect::<Result<_, _>>()?;
+        .map(|v| Ok((v.name.clone(), volume_meta(cfg, cl, v)?)))
+        .collect::<Result<_, String>>()?;
+    let metas: Vec<VolumeMeta> = named.iter().map(|(_, m)| m.clone()).collect();
     let slots: Vec<VolumeSlots> = metas
         .iter()
         .map(|m| VolumeSlots {
@@ -271,15 +272,10 @@ async fn start_cluster(
         peers: cl.peers.clone(),
         limits: PeerLimits::default(),
         timers: MembershipTimers::default(),
+        bootstrap: cl.bootstrap,
     };
-    let node = ControllerNode::start(
-        &node_cfg,
-        &cfg.data_dir,
-        listener,
-        Arc::new(store),
-        metas.clone(),
-    )
-    .await?;
+    let node =
+        ControllerNode::start(&node_cfg, &cfg.data_dir, listener, Arc::new(store), named).await?;
     if cl.bootstrap {
         let members: Vec<u32> = cl.peers.keys().copied().collect();
         match node.initialize(&members).await {

@@ -72,6 +72,7 @@ impl Harness {
                     down_after: Duration::from_millis(1500),
                     resync_every: Duration::from_millis(200),
                 },
+                bootstrap: id == 1,
             };
             h.cfg.insert(id, cfg);
             h.dirs.insert(id, tempfile::tempdir().unwrap());
@@ -82,7 +83,11 @@ impl Harness {
 
     /// Starts controller `id` on its shard file (created on first start, reopened after).
     async fn start(&mut self, id: u32, l: TcpListener) {
-        let v = volume();
+        self.start_with(id, l, volume()).await;
+    }
+
+    /// Like [`Self::start`], with its own definition of the volume.
+    async fn start_with(&mut self, id: u32, l: TcpListener, v: VolumeMeta) {
         let slots = [VolumeSlots {
             volume: VOL,
             extents: v.placement.len() as u64,
@@ -103,7 +108,7 @@ impl Harness {
             self.dirs[&id].path(),
             l,
             Arc::new(store),
-            vec![v],
+            vec![("vol".into(), v)],
         )
         .await
         .unwrap();
@@ -152,6 +157,21 @@ impl Harness {
         panic!("epoch {epoch} not installed everywhere");
     }
 
+    /// Waits until every running controller serves the volume (its record is in the log).
+    async fn wait_volume(&self) {
+        for _ in 0..300 {
+            if self
+                .nodes
+                .values()
+                .all(|n| n.engine.backlog().iter().any(|b| b.volume == VOL))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the volume was never adopted from the metadata log");
+    }
+
     async fn write(&self, via: u32, b: u64, gen: u8) -> Result<(), String> {
         self.nodes[&via]
             .engine
@@ -190,6 +210,7 @@ async fn three_controllers_write_around_a_stopped_one_and_resync_it() {
     for id in 1..=3 {
         h.wait_state(id, ControllerState::Up).await;
     }
+    h.wait_volume().await;
     let blocks = volume().layout.size_bytes / BLOCK as u64;
     let mut want = BTreeMap::new();
     // Healthy: every block written through a rotating controller, read through another.
@@ -229,6 +250,7 @@ async fn three_controllers_write_around_a_stopped_one_and_resync_it() {
     let l = TcpListener::bind(addr).await.unwrap();
     h.start(2, l).await;
     h.wait_state(2, ControllerState::Up).await;
+    h.wait_volume().await;
     assert_eq!(
         h.nodes[&1].env.intents_len(VOL),
         0,
@@ -247,6 +269,58 @@ async fn three_controllers_write_around_a_stopped_one_and_resync_it() {
     h.wait_state(3, ControllerState::Down).await;
     h.check_all(1, &want).await;
     h.check_all(2, &want).await;
+    for (_, n) in std::mem::take(&mut h.nodes) {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_whose_volume_differs_from_the_log_refuses_to_serve_it() {
+    let mut h = Harness::new().await;
+    h.nodes[&1].initialize(&[1, 2, 3]).await.unwrap();
+    for id in 1..=3 {
+        h.wait_state(id, ControllerState::Up).await;
+    }
+    h.wait_volume().await;
+    h.write(1, 0, 1).await.unwrap();
+    // Controller 3 comes back with a different geometry for the same volume (k=1, m=2): the
+    // log's record wins, so it must not serve the volume, and it says why.
+    let n3 = h.nodes.remove(&3).unwrap();
+    n3.shutdown().await;
+    let g = Geometry::new(1, 2, 4096, 8, CodecKind::GfMatrix, None).unwrap();
+    let layout = Layout {
+        size_bytes: 6 * g.extent_bytes(),
+        geometry: g,
+    };
+    let other = VolumeMeta::rotated(VOL, layout, &[1, 2, 3]).unwrap();
+    let addr = h.cfg[&3].peers[&3];
+    let l = TcpListener::bind(addr).await.unwrap();
+    h.dirs.insert(3, tempfile::tempdir().unwrap());
+    h.start_with(3, l, other).await;
+    let mut problems = Vec::new();
+    for _ in 0..300 {
+        problems = h.nodes[&3].env.problems();
+        if !problems.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("k is 1 here but 2 in the cluster"),
+        "{problems:?}"
+    );
+    assert!(
+        h.nodes[&3].engine.backlog().is_empty(),
+        "it must not serve the volume"
+    );
+    let r = h.nodes[&3].engine.read(VOL, 0, BLOCK as u64).await;
+    assert!(
+        matches!(r, Err(raid_engine::cluster::VolError::NoVolume(VOL))),
+        "{r:?}"
+    );
+    // The others keep serving the volume as recorded.
+    h.check_all(2, &BTreeMap::from([(0, 1)])).await;
     for (_, n) in std::mem::take(&mut h.nodes) {
         n.shutdown().await;
     }

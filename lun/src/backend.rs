@@ -8,7 +8,7 @@ fn cluster_error(e: &raid_engine::cluster::VolError, lba: u64) -> SenseReason {
     match e {
         V::OutOfRange { .. } => SenseReason::LbaOutOfRange,
         V::Fenced => SenseReason::NotReadyUnavailable,
-        V::NoVolume(_) => SenseReason::InternalTargetFailure,
+        V::NoVolume(_) => SenseReason::NotReadyBecomingReady,
         other => {
             tracing::warn!(cause = %other, lba, "volume I/O must be retried (cluster state)");
             SenseReason::NotReadyTransitioning

@@ -100,6 +100,9 @@ pub enum SenseReason {
     /// Not ready: target port in unavailable state (this controller is fenced); multipath
     /// hosts move to another path.
     NotReadyUnavailable,
+    /// Not ready: the logical unit is becoming ready (its volume is not yet agreed by the
+    /// cluster's metadata log); hosts retry.
+    NotReadyBecomingReady,
 }
 
 impl SenseReason {
@@ -130,6 +133,7 @@ impl SenseReason {
             Self::UaModeParametersChanged => (SenseKey::UnitAttention, 0x2a, 0x01),
             Self::NotReadyTransitioning => (SenseKey::NotReady, 0x04, 0x0a),
             Self::NotReadyUnavailable => (SenseKey::NotReady, 0x04, 0x0c),
+            Self::NotReadyBecomingReady => (SenseKey::NotReady, 0x04, 0x01),
         }
     }
 

@@ -1,5 +1,6 @@
-//! The cluster's metadata log: membership, epochs, write-intent marks and repair records,
-//! replicated by openraft and kept in a redb file per controller.
+//! The cluster's metadata log: membership, epochs, volumes (geometry and placement),
+//! write-intent marks and repair records, replicated by openraft and kept in a redb file per
+//! controller.
 //!
 //! Why openraft 0.9: maintained, Jepsen-style tested, and its storage and network are ours to
 //! plug (redb here; the peer transport next); the 0.10 line's simulation runtime is not
@@ -13,13 +14,17 @@
 //!   [`MetaCommand::Repair`]) are refused unless it is the current epoch, so a fenced primary
 //!   cannot leave marks behind.
 //! - Every membership change ([`MetaCommand::SetState`]) advances the epoch by one.
+//! - A volume's record, once in the log, is never replaced: its geometry and codec are an
+//!   on-disk format.
 
 pub mod store;
 
 #[cfg(test)]
 mod cluster_tests;
 
-use raid_engine::cluster::{ClusterView, ControllerState, IntentMark};
+use raid_engine::cluster::{ClusterView, ControllerState, IntentMark, VolumeMeta};
+use raid_engine::codec::CodecKind;
+use raid_engine::layout::{Geometry, Layout};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -92,6 +97,9 @@ pub enum MetaCommand {
         /// Writer's epoch.
         epoch: u64,
     },
+    /// A volume joins the cluster. The first record for an id wins; a later one for the same
+    /// id changes nothing (controllers compare their own definition with the winner's).
+    CreateVolume(VolumeRecord),
     /// A primary rolled a row back.
     Repair {
         /// Which row.
@@ -103,6 +111,138 @@ pub enum MetaCommand {
         /// Writer's epoch.
         epoch: u64,
     },
+}
+
+/// A volume as the log records it: what every controller must serve identically (its
+/// geometry and codec are an on-disk format, its placement says who holds what).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// Cluster-wide id.
+    pub id: u32,
+    /// Name in the config.
+    pub name: String,
+    /// Logical size in bytes.
+    pub size_bytes: u64,
+    /// Data columns per row.
+    pub k: usize,
+    /// Parity columns per row.
+    pub m: usize,
+    /// Bytes per chunk.
+    pub chunk_bytes: u32,
+    /// Rows per extent.
+    pub rows_per_extent: u32,
+    /// Erasure code (`raid_engine::codec::CodecKind::code`).
+    pub codec: u8,
+    /// Shards that must hold a write before it is acknowledged.
+    pub write_quorum: usize,
+    /// Placement set of each extent.
+    pub placement: Vec<Vec<u32>>,
+}
+
+impl VolumeRecord {
+    /// The record of `meta`, named `name`.
+    pub fn new(name: &str, meta: &VolumeMeta) -> Self {
+        let g = meta.layout.geometry;
+        Self {
+            id: meta.id,
+            name: name.to_string(),
+            size_bytes: meta.layout.size_bytes,
+            k: g.k,
+            m: g.m,
+            chunk_bytes: g.chunk_bytes,
+            rows_per_extent: g.rows_per_extent,
+            codec: g.codec.code(),
+            write_quorum: g.write_quorum,
+            placement: meta.placement.clone(),
+        }
+    }
+
+    /// The engine's form.
+    ///
+    /// # Errors
+    /// A description of what is invalid (an unknown codec, a bad geometry, a placement that
+    /// does not cover the volume).
+    pub fn meta(&self) -> Result<VolumeMeta, String> {
+        let codec = CodecKind::from_code(self.codec)
+            .ok_or_else(|| format!("volume {}: unknown codec {}", self.name, self.codec))?;
+        let geometry = Geometry::new(
+            self.k,
+            self.m,
+            self.chunk_bytes,
+            self.rows_per_extent,
+            codec,
+            Some(self.write_quorum),
+        )
+        .map_err(|e| format!("volume {}: {e}", self.name))?;
+        let layout = Layout {
+            size_bytes: self.size_bytes,
+            geometry,
+        };
+        if self.placement.len() as u64 != layout.extent_count()
+            || self.placement.iter().any(|s| s.len() != geometry.width())
+        {
+            return Err(format!(
+                "volume {}: placement does not match its {} extents of {} shards",
+                self.name,
+                layout.extent_count(),
+                geometry.width()
+            ));
+        }
+        Ok(VolumeMeta {
+            id: self.id,
+            layout,
+            placement: self.placement.clone(),
+        })
+    }
+
+    /// How `self` (this controller's definition) differs from `cluster` (the log's), one
+    /// phrase per field, for an operator.
+    pub fn differences(&self, cluster: &Self) -> Vec<String> {
+        let mut d = Vec::new();
+        let mut cmp = |what: &str, ours: String, theirs: String| {
+            if ours != theirs {
+                d.push(format!("{what} is {ours} here but {theirs} in the cluster"));
+            }
+        };
+        cmp("name", self.name.clone(), cluster.name.clone());
+        cmp(
+            "size",
+            self.size_bytes.to_string(),
+            cluster.size_bytes.to_string(),
+        );
+        cmp("k", self.k.to_string(), cluster.k.to_string());
+        cmp("m", self.m.to_string(), cluster.m.to_string());
+        cmp(
+            "chunk",
+            self.chunk_bytes.to_string(),
+            cluster.chunk_bytes.to_string(),
+        );
+        cmp(
+            "rows per extent",
+            self.rows_per_extent.to_string(),
+            cluster.rows_per_extent.to_string(),
+        );
+        cmp("codec", self.codec.to_string(), cluster.codec.to_string());
+        cmp(
+            "write_quorum",
+            self.write_quorum.to_string(),
+            cluster.write_quorum.to_string(),
+        );
+        if self.placement != cluster.placement {
+            let first = self
+                .placement
+                .iter()
+                .zip(&cluster.placement)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            d.push(format!(
+                "placement of extent {first} is {:?} here but {:?} in the cluster (are cluster.peers the same everywhere?)",
+                self.placement.get(first),
+                cluster.placement.get(first)
+            ));
+        }
+        d
+    }
 }
 
 /// What applying a command returned.
@@ -138,6 +278,9 @@ pub struct MetaState {
     /// Served floor per row.
     #[serde(with = "pairs")]
     pub served: BTreeMap<RowKey, u64>,
+    /// Volumes by id.
+    #[serde(default)]
+    pub volumes: BTreeMap<u32, VolumeRecord>,
 }
 
 /// Maps with composite keys as lists of pairs (JSON objects need string keys).
@@ -200,6 +343,9 @@ impl MetaState {
                 }
                 let e = self.served.entry(*row).or_insert(*content);
                 *e = (*e).max(*content);
+            }
+            MetaCommand::CreateVolume(v) => {
+                self.volumes.entry(v.id).or_insert_with(|| v.clone());
             }
             MetaCommand::Repair {
                 row,
@@ -290,5 +436,47 @@ mod tests {
         });
         assert!(s.intents.is_empty());
         assert_eq!(s.view().state(1), ControllerState::Up);
+    }
+
+    fn record(k: usize, m: usize) -> VolumeRecord {
+        let geometry = Geometry::new(k, m, 4096, 8, CodecKind::default(), None).unwrap();
+        let layout = Layout {
+            size_bytes: 3 * geometry.extent_bytes(),
+            geometry,
+        };
+        VolumeRecord::new(
+            "vol0",
+            &VolumeMeta::rotated(9, layout, &[1, 2, 3, 4, 5]).unwrap(),
+        )
+    }
+
+    #[test]
+    fn the_first_volume_record_wins_and_round_trips_to_the_engine_form() {
+        let mut s = MetaState::default();
+        let first = record(2, 1);
+        s.apply(&MetaCommand::CreateVolume(first.clone()));
+        let mut other = record(3, 2);
+        other.name = "vol0-renamed".into();
+        s.apply(&MetaCommand::CreateVolume(other.clone()));
+        assert_eq!(s.volumes[&9], first, "an on-disk format is never replaced");
+        let meta = first.meta().unwrap();
+        assert_eq!(VolumeRecord::new("vol0", &meta), first);
+        let d = other.differences(&first);
+        assert!(
+            d.iter().any(|x| x == "k is 3 here but 2 in the cluster"),
+            "{d:?}"
+        );
+        assert!(
+            d.iter().any(|x| x.starts_with("name is vol0-renamed")),
+            "{d:?}"
+        );
+        assert!(first.differences(&first).is_empty());
+        // A record that does not describe a usable volume is refused with the reason.
+        let mut bad = first.clone();
+        bad.placement.pop();
+        assert!(bad.meta().unwrap_err().contains("placement"));
+        bad = first.clone();
+        bad.codec = 77;
+        assert!(bad.meta().unwrap_err().contains("unknown codec"));
     }
 }
