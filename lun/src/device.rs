@@ -15,6 +15,7 @@
 //! Not here (next slices): persistent reservations, unit attentions, task set management,
 //! MODE SELECT, thin provisioning.
 
+use crate::alua::{self, AccessStates};
 use crate::cdb::{self, Cdb};
 use crate::command::{CommandOutcome, DataIn, ItNexus, ScsiCommand};
 use crate::constants::{PHYSICAL_BLOCK_BYTES, TRANSFER_BYTES_MAX};
@@ -99,6 +100,8 @@ pub struct LogicalUnit {
     /// Bumped by LOGICAL UNIT RESET, target resets and CLEAR TASK SET; tasks admitted
     /// before the bump are aborted.
     epoch: std::sync::atomic::AtomicU64,
+    /// The generation of the shared access states this LU last announced to its nexuses.
+    alua_announced: std::sync::atomic::AtomicU64,
 }
 
 impl LogicalUnit {
@@ -128,6 +131,7 @@ impl LogicalUnit {
             ever_seen: Mutex::new(BTreeSet::new()),
             pr_store: None,
             epoch: std::sync::atomic::AtomicU64::new(0),
+            alua_announced: std::sync::atomic::AtomicU64::new(0),
         }
     }
     /// Identity.
@@ -197,6 +201,24 @@ impl LogicalUnit {
             .insert(nexus.clone())
         {
             self.queue_ua(nexus, SenseReason::UaPowerOnReset);
+        }
+    }
+
+    /// Raises ASYMMETRIC ACCESS STATE CHANGED for every known nexus if `generation` (of the
+    /// shared access states) is one this LU has not announced yet.
+    fn announce_access_states(&self, generation: u64) {
+        if self.alua_announced.swap(generation, Ordering::AcqRel) == generation {
+            return;
+        }
+        let all: Vec<ItNexus> = self
+            .nexuses
+            .lock()
+            .expect("nexus lock")
+            .iter()
+            .cloned()
+            .collect();
+        for n in all {
+            self.queue_ua(&n, SenseReason::UaAsymmetricAccessStateChanged);
         }
     }
 
@@ -324,6 +346,8 @@ pub struct DeviceServer {
     /// Every target port (group) that serves these LUs, this one included, for REPORT TARGET
     /// PORT GROUPS.
     port_groups: Vec<TargetPort>,
+    /// Access states of the groups (shared by every port of this controller).
+    alua: Arc<AccessStates>,
 }
 
 impl DeviceServer {
@@ -337,7 +361,14 @@ impl DeviceServer {
             luns,
             port,
             port_groups: vec![port],
+            alua: Arc::default(),
         }
+    }
+
+    /// Shares `alua` (set from the cluster's membership) as the access states of the groups.
+    pub fn with_access_states(mut self, alua: Arc<AccessStates>) -> Self {
+        self.alua = alua;
+        self
     }
 
     /// Declares every target port that serves the same LUs (each its own target port group),
@@ -496,6 +527,9 @@ impl DeviceServer {
         wanted: &mut Option<u64>,
     ) -> Result<DataIn, Failure> {
         let nexus = &cmd.nexus;
+        // An access state changed since this LU last said so: every nexus it knows gets
+        // ASYMMETRIC ACCESS STATE CHANGED, once (a nexus first met after the change does not).
+        lu.announce_access_states(self.alua.generation());
         lu.note_nexus(nexus);
         // SPC-4 §5.14: INQUIRY and REPORT LUNS neither report nor clear a unit attention;
         // REQUEST SENSE reports it as its data and clears it.
@@ -512,6 +546,7 @@ impl DeviceServer {
                 }
             }
         }
+        alua::gate(self.alua.state(self.port.port_group), &c)?;
         let access = access_class(&c);
         // SPC-2 reservation: only the holder gets past, except for always-allowed commands
         // and RELEASE (which is a no-op for others).
@@ -1068,8 +1103,10 @@ impl DeviceServer {
     fn report_target_port_groups(&self, extended: bool) -> Vec<u8> {
         let mut body = Vec::new();
         for g in &self.port_groups {
-            // Every group active/optimized; PREF marks the group the command came through.
-            body.push(if *g == self.port { 0x80 } else { 0 });
+            // Each group's state from the cluster; PREF marks the group the command came
+            // through.
+            let state = self.alua.state(g.port_group).code();
+            body.push(if *g == self.port { 0x80 | state } else { state });
             body.push(0x80 | 0x08 | 0x01); // T_SUP, U_SUP, AO_SUP
             body.extend_from_slice(&g.port_group.to_be_bytes());
             body.extend_from_slice(&[0, 0, 0, 1]); // reserved, status code, vendor, port count

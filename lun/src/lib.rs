@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alua;
 pub mod backend;
 pub mod cdb;
 pub mod command;

@@ -92,6 +92,9 @@ pub enum SenseReason {
     UaCommandsClearedByAnotherInitiator,
     /// Unit attention: a logical unit or target reset happened.
     UaBusDeviceReset,
+    /// Unit attention: the access state of a target port group changed (re-read REPORT
+    /// TARGET PORT GROUPS).
+    UaAsymmetricAccessStateChanged,
     /// The transport delivered less data than the CDB asks for (iSCSI EDTL < SPDTL).
     InvalidFieldInInformationUnit,
     /// Not ready: asymmetric access state transition (the cluster is changing membership or
@@ -129,6 +132,7 @@ impl SenseReason {
             Self::UaReservationsReleased => (SenseKey::UnitAttention, 0x2a, 0x04),
             Self::UaRegistrationsPreempted => (SenseKey::UnitAttention, 0x2a, 0x05),
             Self::UaBusDeviceReset => (SenseKey::UnitAttention, 0x29, 0x03),
+            Self::UaAsymmetricAccessStateChanged => (SenseKey::UnitAttention, 0x2a, 0x06),
             Self::UaCommandsClearedByAnotherInitiator => (SenseKey::UnitAttention, 0x2f, 0x00),
             Self::UaModeParametersChanged => (SenseKey::UnitAttention, 0x2a, 0x01),
             Self::NotReadyTransitioning => (SenseKey::NotReady, 0x04, 0x0a),
