@@ -969,6 +969,52 @@ impl ControllerNode {
         })
     }
 
+    /// Keeps `alua` (the access states this controller's ports report) in step with the
+    /// cluster: a controller that is up is active/optimized, one resyncing transitioning, one
+    /// down unavailable; this controller's own group is unavailable while it refuses I/O
+    /// (no lease, fenced) even before the others declare it down.
+    pub fn publish_access_states(&mut self, alua: Arc<lun::alua::AccessStates>) {
+        use lun::alua::AccessState as A;
+        use raid_engine::cluster::ControllerState as S;
+        let engine = Arc::downgrade(&self.engine);
+        let me = self.id;
+        let members: Vec<ControllerId> = self.env.clients.keys().copied().chain([me]).collect();
+        self.tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(e) = engine.upgrade() else { break };
+                let view = e.view();
+                // A controller the log has not placed yet (before the cluster forms) is
+                // becoming ready: transitioning.
+                let states = members
+                    .iter()
+                    .map(|&id| {
+                        let a = match view.controllers.get(&id) {
+                            Some(S::Up) => A::ActiveOptimized,
+                            Some(S::Resyncing) | None => A::Transitioning,
+                            Some(S::Down) => A::Unavailable,
+                        };
+                        let a = if id == me && a == A::ActiveOptimized && e.is_fenced() {
+                            A::Unavailable
+                        } else {
+                            a
+                        };
+                        (u16::try_from(id).unwrap_or(u16::MAX), a)
+                    })
+                    .collect();
+                drop(e);
+                let shown = format!("{states:?}");
+                if alua.set_all(states) {
+                    tracing::info!(
+                        generation = alua.generation(),
+                        states = %shown,
+                        "target port group access states changed"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+
     /// Forms a new cluster of `members` (run once, on one controller).
     ///
     /// # Errors

@@ -52,7 +52,7 @@ impl Controller {
             )
         })?;
         // Cluster volumes from the engine, or one local device per volume.
-        let (node, backends) = match &cfg.cluster {
+        let (mut node, backends) = match &cfg.cluster {
             Some(cl) => {
                 let (n, vols) = start_cluster(cfg, cl).await?;
                 (Some(n), vols)
@@ -129,11 +129,20 @@ impl Controller {
                 });
             }
         }
+        // One set of access states for every port of this controller, kept in step with the
+        // cluster's membership (all active/optimized for a single controller).
+        let alua = Arc::new(lun::alua::AccessStates::default());
+        if let Some(n) = node.as_mut() {
+            n.publish_access_states(alua.clone());
+        }
         let mut portals = Vec::new();
         let chap_challenges = Arc::new(iscsi_target::ChapChallengeHistory::default());
         for (listener, port) in listeners.into_iter().zip(&ports) {
-            let device =
-                Arc::new(DeviceServer::new(*port, luns.clone()).with_port_groups(groups.clone()));
+            let device = Arc::new(
+                DeviceServer::new(*port, luns.clone())
+                    .with_port_groups(groups.clone())
+                    .with_access_states(alua.clone()),
+            );
             let fabric = FabricConfig {
                 targets: vec![TargetInfo {
                     name: cfg.iqn.clone(),

@@ -382,6 +382,12 @@ impl DeviceServer {
         self
     }
 
+    /// Whether target port group `group` can serve (is not unavailable): discovery lists only
+    /// the portals of such groups.
+    pub fn group_serving(&self, group: u16) -> bool {
+        self.alua.state(group) != alua::AccessState::Unavailable
+    }
+
     /// The LUNs.
     pub fn luns(&self) -> &BTreeMap<u16, Arc<LogicalUnit>> {
         &self.luns

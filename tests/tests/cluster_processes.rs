@@ -577,3 +577,139 @@ async fn verify_any(addr: SocketAddr, want: &BTreeMap<u64, Vec<u32>>, what: &str
         }
     }
 }
+
+const RTPG: [u8; 12] = [0xa3, 0x0a, 0, 0, 0, 0, 0x04, 0, 0, 0, 0, 0];
+const TUR: [u8; 6] = [0; 6];
+
+/// Whether a response is the unit attention ASYMMETRIC ACCESS STATE CHANGED (06/2A/06).
+fn is_alua_ua(r: &tests::initiator::ScsiResult) -> bool {
+    r.status == 2
+        && r.sense.get(2).map(|k| k & 0xf) == Some(6)
+        && r.sense.get(12) == Some(&0x2a)
+        && r.sense.get(13) == Some(&0x06)
+}
+
+/// REPORT TARGET PORT GROUPS through `i`: (group, access state) pairs by group, or `None` when the
+/// command got a CHECK CONDITION (a unit attention, reported once).
+async fn groups(i: &mut Initiator) -> Option<Vec<(u16, u8)>> {
+    let r = i.command(0, &RTPG, &[], 1024).await.expect("rtpg");
+    if r.status != 0 {
+        assert!(
+            is_alua_ua(&r),
+            "RTPG: status {:#x} sense {:02x?}",
+            r.status,
+            r.sense
+        );
+        return None;
+    }
+    let len = u32::from_be_bytes(r.data[..4].try_into().unwrap()) as usize;
+    Some(
+        r.data[4..4 + len]
+            .chunks(12)
+            .map(|g| (u16::from_be_bytes([g[2], g[3]]), g[0] & 0x0f))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    )
+}
+
+/// Portals SendTargets lists through `addr`.
+async fn discovered(addr: SocketAddr) -> Vec<String> {
+    let mut d = Initiator::login(addr, &LoginOptions::discovery())
+        .await
+        .expect("discovery login");
+    d.send_targets()
+        .await
+        .expect("SendTargets")
+        .into_iter()
+        .filter(|(k, _)| k == "TargetAddress")
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// Polls TEST UNIT READY and REPORT TARGET PORT GROUPS through `i` until the groups read
+/// `want`; returns how many ASYMMETRIC ACCESS STATE CHANGED unit attentions it got meanwhile.
+async fn until_groups(i: &mut Initiator, want: &[(u16, u8)], what: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut uas = 0;
+    loop {
+        let r = i.command(0, &TUR, &[], 0).await.expect("tur");
+        if is_alua_ua(&r) {
+            uas += 1;
+        }
+        let g = groups(i).await;
+        eprintln!(
+            "{what}: tur {:#x} {:02x?} groups {g:?}",
+            r.status,
+            r.sense.get(12..14)
+        );
+        match g {
+            Some(g) if g == want => return uas,
+            Some(_) => {}
+            None => uas += 1,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: groups never read {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alua_groups_follow_membership_and_discovery_drops_an_unavailable_controller() {
+    let mut c = start_cluster();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut s = Vec::new();
+    for ctrl in &c {
+        s.push(connect(ctrl.portal, deadline).await);
+    }
+    let healthy = [(1, 0), (2, 0), (3, 0)];
+    // Every portal reports every controller's group, active/optimized, and SendTargets
+    // through any portal lists all three.
+    for (n, i) in s.iter_mut().enumerate() {
+        until_groups(
+            i,
+            &healthy,
+            &format!("healthy, through controller {}", n + 1),
+        )
+        .await;
+    }
+    for ctrl in &c {
+        assert_eq!(discovered(ctrl.portal).await.len(), 3);
+    }
+    // Controller 3 dies: the survivors report its group unavailable, each of their nexuses
+    // gets ASYMMETRIC ACCESS STATE CHANGED exactly once, and discovery leaves its portal out.
+    c[2].kill9();
+    let without3 = [(1, 0), (2, 0), (3, 3)];
+    for (n, i) in s.iter_mut().take(2).enumerate() {
+        let uas = until_groups(i, &without3, &format!("controller 3 down, via {}", n + 1)).await;
+        assert_eq!(
+            uas,
+            1,
+            "unit attentions through controller {}: {}",
+            n + 1,
+            c[n].log()
+        );
+        for _ in 0..3 {
+            let r = i.command(0, &TUR, &[], 0).await.expect("tur");
+            assert_eq!(r.status, 0, "a second unit attention: {:02x?}", r.sense);
+        }
+    }
+    for ctrl in &c[..2] {
+        let portals = discovered(ctrl.portal).await;
+        assert_eq!(portals.len(), 2, "{portals:?}");
+        assert!(
+            !portals
+                .iter()
+                .any(|p| p.starts_with(&c[2].portal.to_string())),
+            "{portals:?}"
+        );
+    }
+    // It returns: after catching up it is active/optimized again everywhere and listed again.
+    c[2].child = Some(spawn(c[2].dir.path()));
+    until_groups(&mut s[0], &healthy, "controller 3 back, via 1").await;
+    let mut back = connect(c[2].portal, Instant::now() + Duration::from_secs(30)).await;
+    until_groups(&mut back, &healthy, "controller 3 back, via 3").await;
+    assert_eq!(discovered(c[0].portal).await.len(), 3);
+}

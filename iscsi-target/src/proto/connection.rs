@@ -1657,7 +1657,13 @@ impl Connection {
                 continue;
             }
             text::push(out, "TargetName", &target.name);
-            for p in &target.portals {
+            // A portal whose controller is unavailable (fenced, down) is left out, so hosts
+            // discover only paths that can serve.
+            for p in target
+                .portals
+                .iter()
+                .filter(|p| target.device.group_serving(p.tpgt))
+            {
                 text::push(out, "TargetAddress", &format!("{},{}", p.address, p.tpgt));
             }
         }
