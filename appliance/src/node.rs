@@ -564,6 +564,8 @@ pub struct ControllerNode {
     pub env: Arc<NodeEnv>,
     raft: Raft<MetaTypes>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The metadata store, to wait for its closing at shutdown.
+    database: std::sync::Weak<redb::Database>,
 }
 
 impl std::fmt::Debug for ControllerNode {
@@ -879,6 +881,7 @@ impl ControllerNode {
         volumes: Vec<(String, VolumeMeta)>,
     ) -> Result<Self, String> {
         let (log, sm) = store::open(&dir.join("metadata.redb"))?;
+        let database = log.database();
         let applied = sm.shared();
         let clients: BTreeMap<ControllerId, Arc<PeerClient>> = cfg
             .peers
@@ -966,6 +969,7 @@ impl ControllerNode {
             env,
             raft,
             tasks,
+            database,
         })
     }
 
@@ -1032,7 +1036,25 @@ impl ControllerNode {
         for t in &self.tasks {
             t.abort();
         }
+        // Wait for the tasks to be gone, so what they hold (the metadata store among it) is
+        // released when this returns and the controller can be started again at once.
+        for t in self.tasks {
+            let _ = t.await;
+        }
         let _ = self.raft.shutdown().await;
+        let database = self.database;
+        drop((self.engine, self.env, self.raft));
+        // openraft's workers drop their handles on the store as they wind down.
+        for _ in 0..500 {
+            if database.strong_count() == 0 {
+                // The last handle is gone; its drop (which releases the file lock) may still
+                // be finishing on another thread.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::warn!("the metadata store is still open 5 s after shutdown");
     }
 }
 

@@ -295,8 +295,11 @@ async fn a_controller_whose_volume_differs_from_the_log_refuses_to_serve_it() {
     let other = VolumeMeta::rotated(VOL, layout, &[1, 2, 3]).unwrap();
     let addr = h.cfg[&3].peers[&3];
     let l = TcpListener::bind(addr).await.unwrap();
-    h.dirs.insert(3, tempfile::tempdir().unwrap());
+    // Its metadata replica stays (a controller never rejoins with a wiped log); its shard
+    // file is laid out afresh for the other geometry.
+    std::fs::remove_file(h.dirs[&3].path().join("shards.img")).unwrap();
     h.start_with(3, l, other).await;
+    h.wait_state(3, ControllerState::Up).await;
     let mut problems = Vec::new();
     for _ in 0..300 {
         problems = h.nodes[&3].env.problems();

@@ -355,3 +355,11 @@ impl RaftStateMachine<MetaTypes> for StateMachine {
         )
     }
 }
+
+impl LogStore {
+    /// The store's database, without keeping it open: it is closed once every reader and
+    /// writer openraft holds is gone.
+    pub fn database(&self) -> std::sync::Weak<Database> {
+        Arc::downgrade(&self.db)
+    }
+}
