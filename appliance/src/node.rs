@@ -89,6 +89,14 @@ pub struct NodeEnv {
     jobs: Mutex<BTreeMap<VolumeId, ResyncJob>>,
     /// Volumes this controller does not serve, and why (for status).
     problems: Mutex<BTreeMap<VolumeId, String>>,
+    /// Logical units whose reservation state comes from the log, by key.
+    luns: Mutex<BTreeMap<u64, Weak<lun::LogicalUnit>>>,
+    /// The log index up to which reservation state is installed in those logical units.
+    installed: std::sync::atomic::AtomicU64,
+    /// The reservation version last installed (`u64::MAX`: none yet).
+    installed_version: std::sync::atomic::AtomicU64,
+    /// Membership timers (for how long a reservation change waits for the others).
+    timers: MembershipTimers,
 }
 
 /// One volume's resync, as far as this replica of the log shows it: it starts when chunks are
@@ -202,13 +210,18 @@ impl NodeEnv {
     /// Commits `cmd` to the metadata log: directly when this replica leads, else through the
     /// leader (one retry after a leadership change).
     pub async fn propose(&self, cmd: MetaCommand) -> Result<MetaResponse, VolError> {
+        self.propose_at(cmd).await.map(|(_, r)| r)
+    }
+
+    /// Like [`Self::propose`], also returning the entry's log index.
+    pub async fn propose_at(&self, cmd: MetaCommand) -> Result<(u64, MetaResponse), VolError> {
         let raft = self
             .raft
             .get()
             .ok_or_else(|| VolError::Peer("metadata log not started".into()))?;
         for _ in 0..3 {
             match raft.client_write(cmd.clone()).await {
-                Ok(r) => return Ok(r.data),
+                Ok(r) => return Ok((r.log_id.index, r.data)),
                 Err(e) => {
                     let leader = e
                         .forward_to_leader()
@@ -285,6 +298,112 @@ impl NodeEnv {
             .collect()
     }
 
+    /// Takes the reservation state of `lu` (key `key`) from the log from now on; it refuses
+    /// commands until the first install (next pass of the installer, within milliseconds).
+    pub fn register_lu(&self, key: u64, lu: &Arc<lun::LogicalUnit>) {
+        self.luns
+            .lock()
+            .expect("luns")
+            .insert(key, Arc::downgrade(lu));
+        // Make the installer visit every logical unit again.
+        self.installed_version
+            .store(u64::MAX, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Installs the applied reservation state in every registered logical unit when it has
+    /// changed, raises the unit attentions of changes applied since, and records the log
+    /// index that is now installed.
+    fn install_scsi(&self) {
+        use std::sync::atomic::Ordering as O;
+        let (version, index, states, events) = {
+            let mut a = self.applied.lock().expect("state");
+            let events = std::mem::take(&mut a.state.scsi_events);
+            let version = a.state.scsi_version;
+            let states =
+                (version != self.installed_version.load(O::Acquire)).then(|| a.state.scsi.clone());
+            (version, a.last.map_or(0, |l| l.index), states, events)
+        };
+        if let Some(states) = states {
+            let luns = self.luns.lock().expect("luns").clone();
+            for (key, lu) in luns {
+                let Some(lu) = lu.upgrade() else { continue };
+                let uas: Vec<(lun::ItNexus, lun::SenseReason)> = events
+                    .iter()
+                    .filter(|(k, _)| *k == key)
+                    .flat_map(|(_, u)| u.iter().cloned())
+                    .collect();
+                lu.install_shared(&states.get(&key).cloned().unwrap_or_default(), &uas);
+            }
+            self.installed_version.store(version, O::Release);
+        }
+        self.installed.fetch_max(index, O::AcqRel);
+    }
+
+    /// Waits until every controller that may accept I/O (up in this view) has installed the
+    /// reservation state up to log `index`. One that has not confirmed within `down_after` is
+    /// declared down, and the wait goes on for a lease period (its lease cannot be renewed
+    /// while it is down: peers refuse its heartbeats), so it serves nothing older.
+    async fn await_installed(&self, index: u64) -> Result<(), lun::SenseReason> {
+        use raid_engine::cluster::ControllerState as S;
+        use std::sync::atomic::Ordering as O;
+        let engine = self
+            .engine()
+            .ok_or(lun::SenseReason::NotReadyTransitioning)?;
+        let deadline = tokio::time::Instant::now() + self.timers.down_after;
+        loop {
+            let view = engine.view();
+            let mut behind = Vec::new();
+            for (&id, &st) in &view.controllers {
+                if st != S::Up {
+                    continue;
+                }
+                let done = if id == self.me {
+                    self.installed.load(O::Acquire) >= index
+                } else {
+                    let Ok(c) = self.client(id) else { continue };
+                    match tokio::time::timeout(
+                        self.timers.heartbeat,
+                        c.call(0, Request::Meta(MetaOp::Installed, Vec::new())),
+                    )
+                    .await
+                    {
+                        Ok(Ok(Reply::Data(d))) => {
+                            serde_json::from_slice::<u64>(&d).is_ok_and(|i| i >= index)
+                        }
+                        _ => false,
+                    }
+                };
+                if !done {
+                    behind.push(id);
+                }
+            }
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                if behind.contains(&self.me) {
+                    return Err(lun::SenseReason::NotReadyTransitioning);
+                }
+                for id in behind {
+                    tracing::warn!(
+                        controller = id,
+                        index,
+                        "did not confirm a reservation change in time; declaring it down"
+                    );
+                    let _ = self
+                        .propose(MetaCommand::SetState {
+                            id,
+                            state: StoredState::Down,
+                        })
+                        .await;
+                }
+                tokio::time::sleep(self.timers.lease + self.timers.heartbeat).await;
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Volumes this controller does not serve, and why.
     pub fn problems(&self) -> Vec<String> {
         self.problems
@@ -302,9 +421,36 @@ impl NodeEnv {
 
     async fn propose_checked(&self, cmd: MetaCommand) -> Result<(), VolError> {
         match self.propose(cmd).await? {
-            MetaResponse::Ok { .. } => Ok(()),
+            MetaResponse::Ok { .. } | MetaResponse::Scsi(_) => Ok(()),
             MetaResponse::StaleEpoch { ours, theirs } => Err(VolError::Epoch { ours, theirs }),
         }
+    }
+}
+
+impl lun::shared::SharedScsi for NodeEnv {
+    fn submit(&self, lu: u64, change: lun::shared::ScsiChange) -> lun::shared::ChangeFuture<'_> {
+        use lun::SenseReason as R;
+        Box::pin(async move {
+            let engine = self.engine().ok_or(R::NotReadyTransitioning)?;
+            if engine.is_fenced() {
+                return Err(R::NotReadyUnavailable);
+            }
+            let epoch = engine.view().epoch;
+            let (index, resp) = self
+                .propose_at(MetaCommand::Scsi { lu, change, epoch })
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "reservation change not ordered; the host retries");
+                    R::NotReadyTransitioning
+                })?;
+            let outcome = match resp {
+                MetaResponse::Scsi(o) => o,
+                MetaResponse::StaleEpoch { .. } => return Err(R::NotReadyTransitioning),
+                MetaResponse::Ok { .. } => return Err(R::InternalTargetFailure),
+            };
+            self.await_installed(index).await?;
+            Ok(outcome)
+        })
     }
 }
 
@@ -796,7 +942,7 @@ impl Handler {
 impl PeerHandler for Handler {
     fn handle(
         &self,
-        _sender: u32,
+        sender: u32,
         epoch: u64,
         req: Request,
     ) -> BoxFut<'_, Result<Reply, RemoteError>> {
@@ -838,6 +984,14 @@ impl PeerHandler for Handler {
                     .await
                     .map(Reply::Data)
                     .map_err(vol_remote),
+                // A controller the log has declared down gets no answer that would renew its
+                // lease: it stops serving within a lease period even if it never hears why.
+                Request::Heartbeat
+                    if self.engine.view().state(sender)
+                        == raid_engine::cluster::ControllerState::Down =>
+                {
+                    Err(RemoteError::Fenced)
+                }
                 Request::Heartbeat => Ok(Reply::Done),
                 Request::Meta(op, body) => {
                     let out = match op {
@@ -856,9 +1010,15 @@ impl PeerHandler for Handler {
                         MetaOp::Write => {
                             let cmd: MetaCommand = serde_json::from_slice(&body).map_err(remote)?;
                             let r = self.raft.client_write(cmd).await.map_err(remote)?;
-                            serde_json::to_vec(&r.data)
+                            serde_json::to_vec(&(r.log_id.index, r.data))
                         }
                         MetaOp::Status => serde_json::to_vec(&self.status()),
+                        MetaOp::Installed => serde_json::to_vec(
+                            &self
+                                .env
+                                .installed
+                                .load(std::sync::atomic::Ordering::Acquire),
+                        ),
                     };
                     out.map(Reply::Data).map_err(remote)
                 }
@@ -897,6 +1057,10 @@ impl ControllerNode {
             applied: applied.clone(),
             jobs: Mutex::new(BTreeMap::new()),
             problems: Mutex::new(BTreeMap::new()),
+            luns: Mutex::new(BTreeMap::new()),
+            installed: std::sync::atomic::AtomicU64::new(0),
+            installed_version: std::sync::atomic::AtomicU64::new(u64::MAX),
+            timers: cfg.timers,
         });
         let view = applied.lock().expect("state").state.view();
         let engine = Arc::new(Engine::new(cfg.id, shards, env.clone(), view));
@@ -931,11 +1095,14 @@ impl ControllerNode {
         let mut tasks = vec![tokio::spawn(peer::serve(
             listener, cfg.id, handler, cfg.limits,
         ))];
-        // Install every newly applied membership view in the engine.
-        let (e2, a2) = (Arc::downgrade(&engine), applied);
+        // Install every newly applied membership view in the engine, and reservation state
+        // in the logical units (that first: a controller that sees itself up again has the
+        // reservations of everything before).
+        let (e2, a2, env2) = (Arc::downgrade(&engine), applied, env.clone());
         tasks.push(tokio::spawn(async move {
             let mut last = 0;
             loop {
+                env2.install_scsi();
                 let view = a2.lock().expect("state").state.view();
                 let Some(e) = e2.upgrade() else { break };
                 if view.epoch != last {

@@ -69,14 +69,21 @@ impl Controller {
         let mut volumes = Vec::new();
         for (v, vol) in cfg.volumes.iter().zip(backends) {
             let vol = Arc::new(vol);
-            let lu = LogicalUnit::new(
-                LuIdentity::for_volume(volume_id(&cfg.iqn, &v.name)),
-                v.block_size,
-                Arc::clone(&vol),
-            )
-            .with_pr_store(cfg.data_dir.join(format!("{}.pr", v.name)))
-            .map_err(|e| e.to_string())?;
-            luns.insert(v.lun, Arc::new(lu));
+            let key = volume_id(&cfg.iqn, &v.name);
+            let lu = LogicalUnit::new(LuIdentity::for_volume(key), v.block_size, Arc::clone(&vol));
+            // In a cluster, reservations live in the metadata log (and so survive a restart
+            // of every controller); a single controller keeps APTPL state in a file.
+            let lu = match &node {
+                Some(n) => Arc::new(lu.with_shared_state(key, n.env.clone())),
+                None => Arc::new(
+                    lu.with_pr_store(cfg.data_dir.join(format!("{}.pr", v.name)))
+                        .map_err(|e| e.to_string())?,
+                ),
+            };
+            if let Some(n) = &node {
+                n.env.register_lu(key, &lu);
+            }
+            luns.insert(v.lun, lu);
             volumes.push(vol);
         }
         // Bind every portal first: SendTargets on each lists them all.

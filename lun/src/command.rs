@@ -8,7 +8,9 @@
 use crate::sense::{CommandStatus, SenseReason};
 
 /// An I_T nexus: one initiator port (name + ISID) through one target port.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ItNexus {
     /// iSCSI initiator name.
     pub initiator_name: String,

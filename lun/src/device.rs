@@ -21,6 +21,7 @@ use crate::command::{CommandOutcome, DataIn, ItNexus, ScsiCommand};
 use crate::constants::{PHYSICAL_BLOCK_BYTES, TRANSFER_BYTES_MAX};
 use crate::pr::{self, Access, PrError, PrState};
 use crate::sense::{CommandStatus, SenseReason};
+use crate::shared::{ChangeOutcome, ScsiChange, SharedLuState, SharedScsi};
 use crate::task_set::{TaskSet, Ticket};
 use crate::{backend, inquiry, mode, opcodes};
 use raid_engine::Volume;
@@ -102,6 +103,11 @@ pub struct LogicalUnit {
     epoch: std::sync::atomic::AtomicU64,
     /// The generation of the shared access states this LU last announced to its nexuses.
     alua_announced: std::sync::atomic::AtomicU64,
+    /// In a cluster: this LU's key in the metadata log and where its reservation changes go.
+    shared: Option<(u64, Arc<dyn SharedScsi>)>,
+    /// Whether the shared state has been installed once (until then only INQUIRY and the
+    /// reports run: reservations are not known yet).
+    shared_ready: AtomicBool,
 }
 
 impl LogicalUnit {
@@ -132,7 +138,44 @@ impl LogicalUnit {
             pr_store: None,
             epoch: std::sync::atomic::AtomicU64::new(0),
             alua_announced: std::sync::atomic::AtomicU64::new(0),
+            shared: None,
+            shared_ready: AtomicBool::new(false),
         }
+    }
+
+    /// Sends reservation changes (PR OUT, RESERVE, RELEASE) to `log` under `key` instead of
+    /// applying them here; the state comes back through [`Self::install_shared`].
+    pub fn with_shared_state(mut self, key: u64, log: Arc<dyn SharedScsi>) -> Self {
+        self.shared = Some((key, log));
+        self
+    }
+
+    /// Installs the cluster's reservation state and raises `unit_attentions` for the nexuses
+    /// this controller knows (each controller raises those of its own, once).
+    pub fn install_shared(
+        &self,
+        state: &SharedLuState,
+        unit_attentions: &[(ItNexus, SenseReason)],
+    ) {
+        *self.pr.lock().expect("pr lock") = state.pr.clone();
+        *self.spc2.lock().expect("spc2 lock") = state.spc2.clone();
+        let known = self.nexuses.lock().expect("nexus lock").clone();
+        for (n, r) in unit_attentions {
+            if known.contains(n) {
+                self.queue_ua(n, *r);
+            }
+        }
+        self.shared_ready.store(true, Ordering::Release);
+    }
+
+    /// Orders `change` through the cluster and maps its outcome.
+    async fn submit_shared(&self, change: ScsiChange) -> Option<Result<DataIn, Failure>> {
+        let (key, log) = self.shared.as_ref()?;
+        Some(match log.submit(*key, change).await {
+            Ok(ChangeOutcome::Done) => Ok(DataIn::None),
+            Ok(ChangeOutcome::Conflict) => Err(Failure::Conflict),
+            Ok(ChangeOutcome::Sense(r)) | Err(r) => Err(Failure::Sense(r)),
+        })
     }
     /// Identity.
     pub fn identity(&self) -> &LuIdentity {
@@ -553,6 +596,20 @@ impl DeviceServer {
             }
         }
         alua::gate(self.alua.state(self.port.port_group), &c)?;
+        if lu.shared.is_some()
+            && !lu.shared_ready.load(Ordering::Acquire)
+            && !matches!(
+                c,
+                Cdb::Inquiry { .. }
+                    | Cdb::ReportLuns { .. }
+                    | Cdb::RequestSense { .. }
+                    | Cdb::ReportTargetPortGroups { .. }
+                    | Cdb::ReportSupportedOpcodes { .. }
+                    | Cdb::ReportSupportedTmfs { .. }
+            )
+        {
+            return Err(Failure::Sense(SenseReason::NotReadyBecomingReady));
+        }
         let access = access_class(&c);
         // SPC-2 reservation: only the holder gets past, except for always-allowed commands
         // and RELEASE (which is a no-op for others).
@@ -595,6 +652,13 @@ impl DeviceServer {
             } => {
                 *wanted = Some(u64::from(param_len));
                 let op = pr::decode_out(service_action, type_code, param_len, &cmd.data_out)?;
+                let change = ScsiChange::PrOut {
+                    nexus: nexus.clone(),
+                    op: op.clone(),
+                };
+                if let Some(r) = lu.submit_shared(change).await {
+                    return r;
+                }
                 let effects = {
                     let mut pr = lu.pr.lock().expect("pr lock");
                     // Apply to a copy; commit only once it is durable where APTPL asks for it.
@@ -626,6 +690,12 @@ impl DeviceServer {
                 Ok(DataIn::None)
             }
             Cdb::Reserve => {
+                let change = ScsiChange::Reserve {
+                    nexus: nexus.clone(),
+                };
+                if let Some(r) = lu.submit_shared(change).await {
+                    return r;
+                }
                 // SPC-4 §5.12.3: with persistent registrations present, RESERVE conflicts.
                 if !lu.pr.lock().expect("pr lock").registrations.is_empty() {
                     return Err(Failure::Conflict);
@@ -640,6 +710,12 @@ impl DeviceServer {
                 }
             }
             Cdb::Release => {
+                let change = ScsiChange::Release {
+                    nexus: nexus.clone(),
+                };
+                if let Some(r) = lu.submit_shared(change).await {
+                    return r;
+                }
                 let mut spc2 = lu.spc2.lock().expect("spc2 lock");
                 if spc2.as_ref() == Some(nexus) {
                     *spc2 = None;

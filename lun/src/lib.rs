@@ -23,6 +23,8 @@ pub mod params;
 pub mod pr;
 pub mod pr_store;
 pub mod sense;
+mod serde_pairs;
+pub mod shared;
 pub mod task_set;
 
 pub use command::{CommandOutcome, DataIn, ItNexus, ScsiCommand, TaskAttr};

@@ -24,7 +24,9 @@ use crate::sense::SenseReason;
 use std::collections::BTreeMap;
 
 /// Reservation types (SPC-4 table 170).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum PrType {
     /// Write Exclusive.
     WriteExclusive,
@@ -98,7 +100,7 @@ pub enum Access {
 }
 
 /// A decoded PERSISTENT RESERVE OUT.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PrOut {
     /// REGISTER (`ignore`: REGISTER AND IGNORE EXISTING KEY).
     Register {
@@ -176,7 +178,7 @@ pub enum PrOut {
 }
 
 /// How a PR OUT ended, when not GOOD.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PrError {
     /// RESERVATION CONFLICT status.
     Conflict,
@@ -185,7 +187,7 @@ pub enum PrError {
 }
 
 /// What a successful PR OUT causes elsewhere.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PrEffects {
     /// Unit attentions to queue, per nexus.
     pub unit_attentions: Vec<(ItNexus, SenseReason)>,
@@ -194,7 +196,7 @@ pub struct PrEffects {
 }
 
 /// One registration.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Registration {
     /// Its key.
     pub key: u64,
@@ -203,7 +205,7 @@ pub struct Registration {
 }
 
 /// The reservation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reservation {
     /// Holder (for all-registrants types, the nexus that reserved; every registrant holds it).
     pub holder: ItNexus,
@@ -212,11 +214,12 @@ pub struct Reservation {
 }
 
 /// Persistent reservation state of one logical unit.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PrState {
     /// PRgeneration.
     pub generation: u32,
     /// Registrations by I_T nexus.
+    #[serde(with = "crate::serde_pairs")]
     pub registrations: BTreeMap<ItNexus, Registration>,
     /// The reservation, if any.
     pub reservation: Option<Reservation>,

@@ -29,7 +29,7 @@ pub enum SenseKey {
 
 /// Why a command ended in CHECK CONDITION (or, for [`SenseReason::NoSense`], what REQUEST
 /// SENSE reports).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SenseReason {
     /// Nothing to report.
     NoSense,

@@ -171,7 +171,7 @@ async fn connect(addr: SocketAddr, deadline: Instant) -> Initiator {
     }
 }
 
-/// Writes write `w` at generation `gen`, retrying NOT READY (cluster changing) until the
+/// Writes write `w` at generation `gen`, retrying NOT READY and UNIT ATTENTION until the
 /// deadline. Returns whether it was acknowledged.
 async fn write(i: &mut Initiator, w: u64, gen: u32, deadline: Instant) -> bool {
     let data = pattern(gen, w);
@@ -181,7 +181,9 @@ async fn write(i: &mut Initiator, w: u64, gen: u32, deadline: Instant) -> bool {
             .await
         {
             Ok(r) if r.status == 0 => return true,
-            Ok(r) if r.status == 2 && r.sense.get(2).map(|k| k & 0xf) == Some(2) => {}
+            // NOT READY (cluster changing) and UNIT ATTENTION (e.g. access states changed)
+            // are retried, as hosts do.
+            Ok(r) if r.status == 2 && matches!(r.sense.get(2).map(|k| k & 0xf), Some(2 | 6)) => {}
             Ok(r) => panic!("write {w}: status {:#x} sense {:02x?}", r.status, r.sense),
             Err(_) => return false,
         }
@@ -431,8 +433,9 @@ async fn a_frozen_controller_is_written_around_and_fenced_when_it_resumes() {
         tokio::time::sleep(Duration::from_secs(4) - frozen.elapsed()).await;
     }
     assert!(signal("-CONT").success());
-    // On resuming it refuses I/O (its lease ran out while frozen, its epoch is old) ...
-    let r = via2
+    // On resuming it refuses I/O (its lease ran out while frozen, its epoch is old); a unit
+    // attention (its access state changed) may come first ...
+    let mut r = via2
         .command(
             0,
             &read16(lba(0), CHUNK_BLOCKS),
@@ -441,6 +444,17 @@ async fn a_frozen_controller_is_written_around_and_fenced_when_it_resumes() {
         )
         .await
         .expect("the session survives the freeze");
+    while r.status == 2 && r.sense.get(2).map(|k| k & 0xf) == Some(6) {
+        r = via2
+            .command(
+                0,
+                &read16(lba(0), CHUNK_BLOCKS),
+                &[],
+                CHUNK_BLOCKS * BS as u32,
+            )
+            .await
+            .expect("the session survives the freeze");
+    }
     assert_eq!(
         r.status, 2,
         "a resumed controller must not serve before catching up"
@@ -712,4 +726,129 @@ async fn alua_groups_follow_membership_and_discovery_drops_an_unavailable_contro
     let mut back = connect(c[2].portal, Instant::now() + Duration::from_secs(30)).await;
     until_groups(&mut back, &healthy, "controller 3 back, via 3").await;
     assert_eq!(discovered(c[0].portal).await.len(), 3);
+}
+
+/// A session of initiator `name` through `addr`, past its first unit attentions.
+async fn session_of(addr: SocketAddr, name: &str) -> Initiator {
+    let opts = LoginOptions {
+        initiator_name: format!("iqn.2026-11.io.rainio:{name}"),
+        ..LoginOptions::normal(IQN)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(mut i) = Initiator::login(addr, &opts).await {
+            // TEST UNIT READY until GOOD: past POWER ON and any ALUA unit attention, and the
+            // volume served.
+            loop {
+                match i.command(0, &TUR, &[], 0).await {
+                    Ok(r) if r.status == 0 => return i,
+                    Ok(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no usable session on {addr}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// PERSISTENT RESERVE OUT: `sa` service action, `ty` type, with `key` and `sa_key`.
+async fn pr_out(i: &mut Initiator, sa: u8, ty: u8, key: u64, sa_key: u64) -> (u8, Vec<u8>) {
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x5f;
+    cdb[1] = sa;
+    cdb[2] = ty;
+    cdb[8] = 24;
+    let mut p = vec![0u8; 24];
+    p[..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    let r = i.command(0, &cdb, &p, 24).await.expect("PR OUT");
+    (r.status, r.sense)
+}
+
+/// PERSISTENT RESERVE IN, READ RESERVATION: (key, type) of the reservation, if any.
+async fn read_reservation(i: &mut Initiator) -> Option<(u64, u8)> {
+    let cdb = [0x5e, 1, 0, 0, 0, 0, 0, 0, 64, 0];
+    let r = i.command(0, &cdb, &[], 64).await.expect("PR IN");
+    assert_eq!(r.status, 0, "PR IN: {:02x?}", r.sense);
+    let len = u32::from_be_bytes(r.data[4..8].try_into().unwrap());
+    (len >= 16).then(|| {
+        (
+            u64::from_be_bytes(r.data[8..16].try_into().unwrap()),
+            r.data[21] & 0x0f,
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_taken_through_one_controller_is_enforced_through_the_others_at_once() {
+    let c = start_cluster();
+    const REGISTER: u8 = 0;
+    const RESERVE: u8 = 1;
+    const RELEASE: u8 = 2;
+    const WRITE_EXCLUSIVE: u8 = 1;
+    const CONFLICT: u8 = 0x18;
+    let key = 0xabcd;
+    // Host H registers its key through controller A (1) and through B (2), and reserves
+    // Write Exclusive through B.
+    let mut h_a = session_of(c[0].portal, "host-h").await;
+    let mut h_b = session_of(c[1].portal, "host-h").await;
+    // Host X, never registered, on controller C (3).
+    let mut x_c = session_of(c[2].portal, "host-x").await;
+    let data = pattern(7, 0);
+    assert_eq!(pr_out(&mut h_a, REGISTER, 0, 0, key).await.0, 0);
+    assert_eq!(pr_out(&mut h_b, REGISTER, 0, 0, key).await.0, 0);
+    let (st, sense) = pr_out(&mut h_b, RESERVE, WRITE_EXCLUSIVE, key, 0).await;
+    assert_eq!(st, 0, "RESERVE through B: {sense:02x?}");
+    // At once, through C: a write from X conflicts, reads pass, and the reservation shows.
+    let r = x_c
+        .command(0, &write16(lba(0), CHUNK_BLOCKS), &data, data.len() as u32)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status, CONFLICT,
+        "X's write through C right after RESERVE through B"
+    );
+    let r = x_c
+        .command(0, &read16(lba(0), CHUNK_BLOCKS), &[], data.len() as u32)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 0, "reads pass Write Exclusive: {:02x?}", r.sense);
+    assert_eq!(
+        read_reservation(&mut x_c).await,
+        Some((key, WRITE_EXCLUSIVE))
+    );
+    // The holder writes through B; a registered but non-holding nexus (H through A) is
+    // refused under Write Exclusive, like any other.
+    let r = h_b
+        .command(0, &write16(lba(0), CHUNK_BLOCKS), &data, data.len() as u32)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 0, "the holder writes: {:02x?}", r.sense);
+    let r = h_a
+        .command(0, &write16(lba(1), CHUNK_BLOCKS), &data, data.len() as u32)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status, CONFLICT,
+        "H through A does not hold the reservation"
+    );
+    // X cannot release what it does not hold (no effect), H releases through B, and X's
+    // write through C goes through at once.
+    assert_eq!(
+        pr_out(&mut x_c, RELEASE, WRITE_EXCLUSIVE, 0, 0).await.0,
+        CONFLICT
+    );
+    assert_eq!(
+        pr_out(&mut h_b, RELEASE, WRITE_EXCLUSIVE, key, 0).await.0,
+        0
+    );
+    let r = x_c
+        .command(0, &write16(lba(0), CHUNK_BLOCKS), &data, data.len() as u32)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 0, "after RELEASE: {:02x?}", r.sense);
+    assert_eq!(read_reservation(&mut h_a).await, None);
 }

@@ -22,6 +22,8 @@ pub mod store;
 #[cfg(test)]
 mod cluster_tests;
 
+use lun::shared::{ChangeOutcome, ScsiChange, SharedLuState};
+use lun::{ItNexus, SenseReason};
 use raid_engine::cluster::{ClusterView, ControllerState, IntentMark, VolumeMeta};
 use raid_engine::codec::CodecKind;
 use raid_engine::layout::{Geometry, Layout};
@@ -95,6 +97,16 @@ pub enum MetaCommand {
         /// Content version served.
         content: u64,
         /// Writer's epoch.
+        epoch: u64,
+    },
+    /// A reservation change of a logical unit (PR OUT, RESERVE, RELEASE), applied by every
+    /// controller to the same state.
+    Scsi {
+        /// The logical unit's key.
+        lu: u64,
+        /// The change.
+        change: ScsiChange,
+        /// Submitter's epoch.
         epoch: u64,
     },
     /// A volume joins the cluster. The first record for an id wins; a later one for the same
@@ -253,6 +265,8 @@ pub enum MetaResponse {
         /// Epoch after the command.
         epoch: u64,
     },
+    /// A reservation change was applied (or refused by the reservation rules): its outcome.
+    Scsi(ChangeOutcome),
     /// Refused: the command named another epoch.
     StaleEpoch {
         /// The log's epoch.
@@ -281,6 +295,16 @@ pub struct MetaState {
     /// Volumes by id.
     #[serde(default)]
     pub volumes: BTreeMap<u32, VolumeRecord>,
+    /// Reservation state per logical unit key.
+    #[serde(default)]
+    pub scsi: BTreeMap<u64, SharedLuState>,
+    /// Advances with every applied reservation change (controllers install on change).
+    #[serde(default)]
+    pub scsi_version: u64,
+    /// Unit attentions from changes applied by this replica and not yet raised by its
+    /// controller (not replicated: each replica produces its own as it applies).
+    #[serde(skip)]
+    pub scsi_events: Vec<(u64, Vec<(ItNexus, SenseReason)>)>,
 }
 
 /// Maps with composite keys as lists of pairs (JSON objects need string keys).
@@ -343,6 +367,17 @@ impl MetaState {
                 }
                 let e = self.served.entry(*row).or_insert(*content);
                 *e = (*e).max(*content);
+            }
+            MetaCommand::Scsi { lu, change, epoch } => {
+                if *epoch != self.epoch {
+                    return stale(self.epoch, *epoch);
+                }
+                let (outcome, uas) = self.scsi.entry(*lu).or_default().apply(change);
+                self.scsi_version += 1;
+                if !uas.is_empty() {
+                    self.scsi_events.push((*lu, uas));
+                }
+                return MetaResponse::Scsi(outcome);
             }
             MetaCommand::CreateVolume(v) => {
                 self.volumes.entry(v.id).or_insert_with(|| v.clone());

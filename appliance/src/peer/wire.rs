@@ -68,6 +68,9 @@ pub enum MetaOp {
     Write = 4,
     /// The controller's view of the cluster, for `appliance status` (JSON reply).
     Status = 5,
+    /// The highest log index whose reservation state the controller has installed in its
+    /// logical units (JSON number reply).
+    Installed = 6,
 }
 
 impl MetaOp {
@@ -79,6 +82,7 @@ impl MetaOp {
             3 => Self::Snapshot,
             4 => Self::Write,
             5 => Self::Status,
+            6 => Self::Installed,
             _ => return None,
         })
     }
