@@ -327,12 +327,12 @@ impl NodeEnv {
             let luns = self.luns.lock().expect("luns").clone();
             for (key, lu) in luns {
                 let Some(lu) = lu.upgrade() else { continue };
-                let uas: Vec<(lun::ItNexus, lun::SenseReason)> = events
+                let mine: Vec<lun::shared::LuEvents> = events
                     .iter()
                     .filter(|(k, _)| *k == key)
-                    .flat_map(|(_, u)| u.iter().cloned())
+                    .map(|(_, e)| e.clone())
                     .collect();
-                lu.install_shared(&states.get(&key).cloned().unwrap_or_default(), &uas);
+                lu.install_shared(&states.get(&key).cloned().unwrap_or_default(), &mine);
             }
             self.installed_version.store(version, O::Release);
         }

@@ -21,7 +21,7 @@ use crate::command::{CommandOutcome, DataIn, ItNexus, ScsiCommand};
 use crate::constants::{PHYSICAL_BLOCK_BYTES, TRANSFER_BYTES_MAX};
 use crate::pr::{self, Access, PrError, PrState};
 use crate::sense::{CommandStatus, SenseReason};
-use crate::shared::{ChangeOutcome, ScsiChange, SharedLuState, SharedScsi};
+use crate::shared::{ChangeOutcome, LuEvents, ScsiChange, SharedLuState, SharedScsi};
 use crate::task_set::{TaskSet, Ticket};
 use crate::{backend, inquiry, mode, opcodes};
 use raid_engine::Volume;
@@ -152,17 +152,18 @@ impl LogicalUnit {
 
     /// Installs the cluster's reservation state and raises `unit_attentions` for the nexuses
     /// this controller knows (each controller raises those of its own, once).
-    pub fn install_shared(
-        &self,
-        state: &SharedLuState,
-        unit_attentions: &[(ItNexus, SenseReason)],
-    ) {
+    pub fn install_shared(&self, state: &SharedLuState, events: &[LuEvents]) {
         *self.pr.lock().expect("pr lock") = state.pr.clone();
         *self.spc2.lock().expect("spc2 lock") = state.spc2.clone();
-        let known = self.nexuses.lock().expect("nexus lock").clone();
-        for (n, r) in unit_attentions {
-            if known.contains(n) {
-                self.queue_ua(n, *r);
+        for e in events {
+            if let Some(by) = &e.reset {
+                self.reset_local(by);
+            }
+            let known = self.nexuses.lock().expect("nexus lock").clone();
+            for (n, r) in &e.unit_attentions {
+                if known.contains(n) {
+                    self.queue_ua(n, *r);
+                }
             }
         }
         self.shared_ready.store(true, Ordering::Release);
@@ -282,19 +283,46 @@ impl LogicalUnit {
     }
 
     /// The I_T nexus is gone (session closed): its SPC-2 reservation and pending unit
-    /// attentions go with it; persistent registrations stay.
-    pub fn nexus_lost(&self, nexus: &ItNexus) {
-        let mut spc2 = self.spc2.lock().expect("spc2 lock");
-        if spc2.as_ref() == Some(nexus) {
-            *spc2 = None;
-        }
+    /// attentions go with it; persistent registrations stay. In a cluster the release goes
+    /// through the log (when this nexus holds the reservation).
+    pub async fn nexus_lost(&self, nexus: &ItNexus) {
         self.ua.lock().expect("ua lock").remove(nexus);
         self.nexuses.lock().expect("nexus lock").remove(nexus);
+        let holds = self.spc2.lock().expect("spc2 lock").as_ref() == Some(nexus);
+        if !holds {
+            return;
+        }
+        let change = ScsiChange::Release {
+            nexus: nexus.clone(),
+        };
+        match self.submit_shared(change).await {
+            None => *self.spc2.lock().expect("spc2 lock") = None,
+            Some(Ok(_)) => {}
+            Some(Err(_)) => tracing::warn!(
+                initiator = %nexus.initiator_name,
+                "the session ended but its reservation could not be released through the cluster; it is released by the next RELEASE or reset"
+            ),
+        }
     }
 
     /// LOGICAL UNIT RESET (or a target reset): SPC-2 reservations are released and every nexus
-    /// gets a BUS DEVICE RESET unit attention. Persistent reservations survive.
-    pub fn reset(&self, by: &ItNexus) {
+    /// gets a BUS DEVICE RESET unit attention; tasks are aborted. Persistent reservations
+    /// survive. In a cluster this happens on every controller (through the log) before it
+    /// returns.
+    pub async fn reset(&self, by: &ItNexus) {
+        let change = ScsiChange::Reset { by: by.clone() };
+        match self.submit_shared(change).await {
+            None => self.reset_local(by),
+            Some(Ok(_)) => {}
+            Some(Err(_)) => {
+                tracing::warn!("the reset could not be ordered through the cluster; applied on this controller only");
+                self.reset_local(by);
+            }
+        }
+    }
+
+    /// The reset on this controller.
+    fn reset_local(&self, by: &ItNexus) {
         *self.spc2.lock().expect("spc2 lock") = None;
         self.epoch.fetch_add(1, Ordering::AcqRel);
         // SAM-5 §6.3.3: the unit attention goes to every I_T nexus, the requester's included
@@ -727,17 +755,18 @@ impl DeviceServer {
     }
 
     /// The I_T nexus is gone: tell every LU.
-    pub fn nexus_lost(&self, nexus: &ItNexus) {
+    pub async fn nexus_lost(&self, nexus: &ItNexus) {
         for lu in self.luns.values() {
-            lu.nexus_lost(nexus);
+            lu.nexus_lost(nexus).await;
         }
     }
 
-    /// A LOGICAL UNIT RESET from `by` (`lun` set) or a target reset (`lun` None).
-    pub fn reset(&self, by: &ItNexus, lun: Option<u64>) {
+    /// A LOGICAL UNIT RESET from `by` (`lun` set) or a target reset (`lun` None). Returns
+    /// once it has taken effect (in a cluster: on every controller).
+    pub async fn reset(&self, by: &ItNexus, lun: Option<u64>) {
         for (l, lu) in &self.luns {
             if lun.is_none_or(|raw| decode_lun(raw) == Some(*l)) {
-                lu.reset(by);
+                lu.reset(by).await;
             }
         }
     }

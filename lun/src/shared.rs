@@ -12,8 +12,9 @@
 //!   controller computes the same state and the same outcome (GOOD, RESERVATION CONFLICT or
 //!   the sense), so the controller that submitted the command can answer with the outcome the
 //!   log's leader computed.
-//! - Unit attentions that follow from a change are named by I_T nexus; each controller raises
-//!   those of the nexuses it knows (its own), once.
+//! - Unit attentions that follow from a change are named by I_T nexus (or, for a reset, are
+//!   for every nexus); each controller raises those of the nexuses it knows (its own), once,
+//!   and on a reset aborts its own tasks of the LU.
 //! - A submitted change completes only after every controller that may accept I/O has
 //!   installed it (the `SharedScsi` implementation waits, or fences the laggard).
 
@@ -39,11 +40,27 @@ pub enum ScsiChange {
         /// Issuer.
         nexus: ItNexus,
     },
-    /// SPC-2 RELEASE from `nexus`.
+    /// SPC-2 RELEASE from `nexus` (also sent when its session ends).
     Release {
         /// Issuer.
         nexus: ItNexus,
     },
+    /// LOGICAL UNIT RESET (or a target reset) from `by`: the SPC-2 reservation is released,
+    /// every controller aborts the LU's tasks and raises BUS DEVICE RESET for every nexus.
+    Reset {
+        /// Issuer.
+        by: ItNexus,
+    },
+}
+
+/// What an applied change asks every controller to do besides installing the new state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LuEvents {
+    /// Unit attentions for these nexuses (each controller raises those it knows).
+    pub unit_attentions: Vec<(ItNexus, SenseReason)>,
+    /// A reset: abort the tasks admitted so far and raise BUS DEVICE RESET for every nexus
+    /// (the issuer's included, SAM-5 §6.3.3).
+    pub reset: Option<ItNexus>,
 }
 
 /// How a change ended for the command that asked for it.
@@ -69,23 +86,30 @@ pub struct SharedLuState {
 impl SharedLuState {
     /// Applies `change`: the outcome for its issuer, and the unit attentions it causes (by
     /// nexus; each controller raises those of its own nexuses).
-    pub fn apply(&mut self, change: &ScsiChange) -> (ChangeOutcome, Vec<(ItNexus, SenseReason)>) {
+    pub fn apply(&mut self, change: &ScsiChange) -> (ChangeOutcome, LuEvents) {
+        let none = LuEvents::default();
         match change {
             ScsiChange::PrOut { nexus, op } => match self.pr.apply(nexus, op.clone()) {
-                Ok(effects) => (ChangeOutcome::Done, effects.unit_attentions),
-                Err(PrError::Conflict) => (ChangeOutcome::Conflict, Vec::new()),
-                Err(PrError::Sense(r)) => (ChangeOutcome::Sense(r), Vec::new()),
+                Ok(effects) => (
+                    ChangeOutcome::Done,
+                    LuEvents {
+                        unit_attentions: effects.unit_attentions,
+                        reset: None,
+                    },
+                ),
+                Err(PrError::Conflict) => (ChangeOutcome::Conflict, none),
+                Err(PrError::Sense(r)) => (ChangeOutcome::Sense(r), none),
             },
             ScsiChange::Reserve { nexus } => {
                 // SPC-4 §5.12.3: with persistent registrations present, RESERVE conflicts.
                 if !self.pr.registrations.is_empty() {
-                    return (ChangeOutcome::Conflict, Vec::new());
+                    return (ChangeOutcome::Conflict, none);
                 }
                 match &self.spc2 {
-                    Some(h) if h != nexus => (ChangeOutcome::Conflict, Vec::new()),
+                    Some(h) if h != nexus => (ChangeOutcome::Conflict, none),
                     _ => {
                         self.spc2 = Some(nexus.clone());
-                        (ChangeOutcome::Done, Vec::new())
+                        (ChangeOutcome::Done, none)
                     }
                 }
             }
@@ -93,7 +117,17 @@ impl SharedLuState {
                 if self.spc2.as_ref() == Some(nexus) {
                     self.spc2 = None;
                 }
-                (ChangeOutcome::Done, Vec::new())
+                (ChangeOutcome::Done, none)
+            }
+            ScsiChange::Reset { by } => {
+                self.spc2 = None;
+                (
+                    ChangeOutcome::Done,
+                    LuEvents {
+                        unit_attentions: Vec::new(),
+                        reset: Some(by.clone()),
+                    },
+                )
             }
         }
     }

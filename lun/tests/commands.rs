@@ -406,7 +406,7 @@ async fn spc2_reserve_conflicts_until_release_reset_or_nexus_loss() {
         run_as(&f, 2, &reserve, vec![]).await.status,
         CommandStatus::ReservationConflict
     );
-    f.ds.reset(&nexus_of(1), None);
+    f.ds.reset(&nexus_of(1), None).await;
     assert_eq!(
         run_as(&f, 2, &reserve, vec![]).await.status,
         GOOD_AFTER_UA,
@@ -417,7 +417,7 @@ async fn spc2_reserve_conflicts_until_release_reset_or_nexus_loss() {
         expect::GOOD,
         "a reset releases it"
     );
-    f.ds.nexus_lost(&nexus_of(2));
+    f.ds.nexus_lost(&nexus_of(2)).await;
     assert_eq!(
         run_as(&f, 1, &reserve, vec![]).await.status,
         GOOD_AFTER_UA,
@@ -765,7 +765,7 @@ async fn reset_and_clear_task_set_abort_other_nexuses_tasks_with_a_unit_attentio
     run_as(&f, 1, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![]).await;
     run_as(&f, 2, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![]).await;
     let pending = f.ds.admit(cmd(2));
-    f.ds.reset(&nexus_of(1), Some(encode_lun(0)));
+    f.ds.reset(&nexus_of(1), Some(encode_lun(0))).await;
     assert_eq!(f.ds.run(pending).await.status, CommandStatus::TaskAborted);
     let ua = run_as(&f, 2, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], vec![]).await;
     assert_eq!(

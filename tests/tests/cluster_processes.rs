@@ -852,3 +852,124 @@ async fn a_reservation_taken_through_one_controller_is_enforced_through_the_othe
     assert_eq!(r.status, 0, "after RELEASE: {:02x?}", r.sense);
     assert_eq!(read_reservation(&mut h_a).await, None);
 }
+
+/// Runs `iscsi-test-cu` on `tests` with its two paths through portals `a` and `b` of `urls`;
+/// returns the parsed results (and keeps the log under target/conformance).
+fn run_cu(
+    portals: &[SocketAddr],
+    tests: &str,
+    a: usize,
+    b: usize,
+) -> Vec<tests::cunit::TestResult> {
+    let url = |i: usize| format!("iscsi://{}/{IQN}/0", portals[i]);
+    let (_, out) = tests::appliance::run_tool(
+        "iscsi-test-cu",
+        &[
+            "--dataloss",
+            "--verbose",
+            "--initiator-name",
+            "iqn.2026-11.io.rainio:cluster-cu-1",
+            "--initiator-name-2",
+            "iqn.2026-11.io.rainio:cluster-cu-2",
+            "--test",
+            tests,
+            &url(a),
+            &url(b),
+        ],
+    );
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/conformance");
+    std::fs::create_dir_all(&dir).expect("results dir");
+    let name = tests.replace('*', "_");
+    std::fs::write(
+        dir.join(format!("cluster-{name}-{}-{}.log", a + 1, b + 1)),
+        &out,
+    )
+    .expect("write log");
+    tests::cunit::parse(&out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iscsi_test_cu_with_its_paths_on_different_controllers() {
+    use tests::cunit::Outcome;
+    let c = start_cluster();
+    // Wait until every controller serves (the suite's first commands would see NOT READY).
+    for ctrl in &c {
+        drop(connect(ctrl.portal, Instant::now() + Duration::from_secs(60)).await);
+    }
+    let expected: std::collections::BTreeMap<String, String> = tests::cunit::parse_expected(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../conformance/expected-failures-cluster.txt"
+        ))
+        .expect("conformance/expected-failures-cluster.txt"),
+    )
+    .expect("every line has a reason")
+    .into_iter()
+    .collect();
+    // Everything, its second path (MultipathIO, the second initiator of the reservation
+    // tests) on another controller; then the multipath and reservation suites between the
+    // other pairs, so every controller is on both ends.
+    let plan: [(usize, usize, &str); 5] = [
+        (0, 2, "ALL"),
+        (1, 2, "ALL.MultipathIO"),
+        (1, 0, "ALL.MultipathIO"),
+        (1, 2, "ALL.Pr*"),
+        (2, 1, "ALL.Reserve6"),
+    ];
+    let portals: Vec<SocketAddr> = c.iter().map(|c| c.portal).collect();
+    let mut runs = Vec::new();
+    for (a, b, t) in plan {
+        // MultipathIO.CompareAndWrite in libiscsi 1.19 zeroes LBAs 0-255 with WRITE SAME but
+        // then expects zeros at LBAs 0-256: LBA 256 must be zero before each run (it is on a
+        // fresh LU; an earlier run leaves it written).
+        let mut z = connect(c[a].portal, Instant::now() + Duration::from_secs(30)).await;
+        let r = z
+            .command(0, &write16(256, 1), &[0u8; BS], BS as u32)
+            .await
+            .expect("zero LBA 256");
+        assert_eq!(r.status, 0, "zero LBA 256: {:02x?}", r.sense);
+        drop(z);
+        let p = portals.clone();
+        let results = tokio::task::spawn_blocking(move || run_cu(&p, t, a, b))
+            .await
+            .expect("iscsi-test-cu runs");
+        runs.push((a, b, t, results));
+    }
+    let mut problems = Vec::new();
+    let mut total = 0;
+    for (a, b, t, results) in runs {
+        assert!(
+            !results.is_empty(),
+            "{t} through {} and {} ran nothing",
+            a + 1,
+            b + 1
+        );
+        if t == "ALL" {
+            assert!(
+                results.len() >= 200,
+                "the whole ALL family: {}",
+                results.len()
+            );
+        }
+        for r in &results {
+            total += 1;
+            let listed = expected.contains_key(&r.name);
+            if r.outcome == Outcome::Fail && !listed {
+                problems.push(format!(
+                    "{} failed (paths on controllers {} and {}); not in conformance/expected-failures-cluster.txt",
+                    r.name,
+                    a + 1,
+                    b + 1
+                ));
+            }
+            if r.outcome != Outcome::Fail && listed {
+                problems.push(format!(
+                    "{} no longer fails: remove it from conformance/expected-failures-cluster.txt",
+                    r.name
+                ));
+            }
+        }
+    }
+    eprintln!("iscsi-test-cu across controllers: {total} results");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

@@ -22,8 +22,7 @@ pub mod store;
 #[cfg(test)]
 mod cluster_tests;
 
-use lun::shared::{ChangeOutcome, ScsiChange, SharedLuState};
-use lun::{ItNexus, SenseReason};
+use lun::shared::{ChangeOutcome, LuEvents, ScsiChange, SharedLuState};
 use raid_engine::cluster::{ClusterView, ControllerState, IntentMark, VolumeMeta};
 use raid_engine::codec::CodecKind;
 use raid_engine::layout::{Geometry, Layout};
@@ -304,7 +303,7 @@ pub struct MetaState {
     /// Unit attentions from changes applied by this replica and not yet raised by its
     /// controller (not replicated: each replica produces its own as it applies).
     #[serde(skip)]
-    pub scsi_events: Vec<(u64, Vec<(ItNexus, SenseReason)>)>,
+    pub scsi_events: Vec<(u64, LuEvents)>,
 }
 
 /// Maps with composite keys as lists of pairs (JSON objects need string keys).
@@ -372,10 +371,10 @@ impl MetaState {
                 if *epoch != self.epoch {
                     return stale(self.epoch, *epoch);
                 }
-                let (outcome, uas) = self.scsi.entry(*lu).or_default().apply(change);
+                let (outcome, events) = self.scsi.entry(*lu).or_default().apply(change);
                 self.scsi_version += 1;
-                if !uas.is_empty() {
-                    self.scsi_events.push((*lu, uas));
+                if events != LuEvents::default() {
+                    self.scsi_events.push((*lu, events));
                 }
                 return MetaResponse::Scsi(outcome);
             }

@@ -191,10 +191,20 @@ impl Server {
                     }
                     Event::Reset { nexus, lun } => {
                         if let Some(dev) = conn.device() {
-                            dev.reset(&nexus, lun);
+                            // Awaited before the TMF response goes out (it is transmitted
+                            // below), so the reset has taken effect everywhere first.
+                            dev.reset(&nexus, lun).await;
                         }
                     }
-                    Event::Close { reason } => closing = Some(reason),
+                    Event::Close { reason } => {
+                        // The nexus ends before the last response (a Logout Response) goes
+                        // out: its SPC-2 reservation is released (cluster-wide) by the time
+                        // the initiator hears the logout completed.
+                        if let (Some(dev), Some(nexus)) = (conn.device(), conn.nexus()) {
+                            dev.nexus_lost(&nexus).await;
+                        }
+                        closing = Some(reason);
+                    }
                 }
             }
             if conn.poll_transmit(&mut outbuf) {
@@ -246,7 +256,7 @@ impl Server {
             }
         }
         if let (Some(dev), Some(nexus)) = (conn.device(), conn.nexus()) {
-            dev.nexus_lost(&nexus);
+            dev.nexus_lost(&nexus).await;
         }
         if let Some(key) = session_key {
             let mut s = self.registry.sessions.lock().expect("registry lock");
