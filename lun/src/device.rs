@@ -103,6 +103,9 @@ pub struct LogicalUnit {
     epoch: std::sync::atomic::AtomicU64,
     /// The generation of the shared access states this LU last announced to its nexuses.
     alua_announced: std::sync::atomic::AtomicU64,
+    /// Per nexus: bumped when its tasks are aborted (PREEMPT AND ABORT); tasks admitted
+    /// before the bump end TASK ABORTED.
+    nexus_aborts: Mutex<BTreeMap<ItNexus, u64>>,
     /// In a cluster: this LU's key in the metadata log and where its reservation changes go.
     shared: Option<(u64, Arc<dyn SharedScsi>)>,
     /// Whether the shared state has been installed once (until then only INQUIRY and the
@@ -138,6 +141,7 @@ impl LogicalUnit {
             pr_store: None,
             epoch: std::sync::atomic::AtomicU64::new(0),
             alua_announced: std::sync::atomic::AtomicU64::new(0),
+            nexus_aborts: Mutex::new(BTreeMap::new()),
             shared: None,
             shared_ready: AtomicBool::new(false),
         }
@@ -158,6 +162,9 @@ impl LogicalUnit {
         for e in events {
             if let Some(by) = &e.reset {
                 self.reset_local(by);
+            }
+            for n in &e.abort {
+                self.abort_nexus(n);
             }
             let known = self.nexuses.lock().expect("nexus lock").clone();
             for (n, r) in &e.unit_attentions {
@@ -321,6 +328,26 @@ impl LogicalUnit {
         }
     }
 
+    /// The abort generation of `nexus` (see `nexus_aborts`).
+    fn abort_generation(&self, nexus: &ItNexus) -> u64 {
+        self.nexus_aborts
+            .lock()
+            .expect("abort lock")
+            .get(nexus)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Aborts every task of `nexus` admitted so far (PREEMPT AND ABORT of its registration).
+    fn abort_nexus(&self, nexus: &ItNexus) {
+        *self
+            .nexus_aborts
+            .lock()
+            .expect("abort lock")
+            .entry(nexus.clone())
+            .or_default() += 1;
+    }
+
     /// The reset on this controller.
     fn reset_local(&self, by: &ItNexus) {
         *self.spc2.lock().expect("spc2 lock") = None;
@@ -469,15 +496,16 @@ impl DeviceServer {
     /// follow admission order.
     pub fn admit(&self, cmd: ScsiCommand) -> Admitted {
         let lu = decode_lun(cmd.lun).and_then(|l| self.luns.get(&l)).cloned();
-        let (ticket, full, epoch) = match &lu {
+        let (ticket, full, epoch, nexus_epoch) = match &lu {
             Some(lu) => {
                 let epoch = lu.epoch.load(Ordering::Acquire);
+                let ne = lu.abort_generation(&cmd.nexus);
                 match lu.tasks.admit(cmd.attr, &cmd.nexus) {
-                    Some(t) => (Some(t), false, epoch),
-                    None => (None, true, epoch),
+                    Some(t) => (Some(t), false, epoch, ne),
+                    None => (None, true, epoch, ne),
                 }
             }
-            None => (None, false, 0),
+            None => (None, false, 0, 0),
         };
         Admitted {
             cmd,
@@ -485,6 +513,7 @@ impl DeviceServer {
             full,
             lu,
             epoch,
+            nexus_epoch,
         }
     }
 
@@ -496,12 +525,13 @@ impl DeviceServer {
         if let Some(t) = &a.ticket {
             t.wait_turn().await;
         }
-        let cleared = |a: &Admitted| {
-            a.lu.as_ref()
-                .is_some_and(|lu| lu.epoch.load(Ordering::Acquire) != a.epoch)
+        let cleared = |lu: Option<&Arc<LogicalUnit>>, epoch: u64, ne: u64, n: &ItNexus| {
+            lu.is_some_and(|lu| {
+                lu.epoch.load(Ordering::Acquire) != epoch || lu.abort_generation(n) != ne
+            })
         };
-        // A reset or CLEAR TASK SET from another nexus while this task waited: it never runs.
-        if cleared(&a) {
+        // A reset, CLEAR TASK SET or PREEMPT AND ABORT while this task waited: it never runs.
+        if cleared(a.lu.as_ref(), a.epoch, a.nexus_epoch, &a.cmd.nexus) {
             return CommandOutcome::status(CommandStatus::TaskAborted);
         }
         let Admitted {
@@ -509,11 +539,13 @@ impl DeviceServer {
             ticket,
             lu,
             epoch,
+            nexus_epoch,
             ..
         } = a;
+        let nexus = cmd.nexus.clone();
         let outcome = self.execute_now(cmd).await;
         drop(ticket);
-        if lu.is_some_and(|lu| lu.epoch.load(Ordering::Acquire) != epoch) {
+        if cleared(lu.as_ref(), epoch, nexus_epoch, &nexus) {
             return CommandOutcome::status(CommandStatus::TaskAborted);
         }
         outcome
@@ -712,8 +744,8 @@ impl DeviceServer {
                 for (n, reason) in effects.unit_attentions {
                     lu.queue_ua(&n, reason);
                 }
-                if !effects.abort.is_empty() {
-                    tracing::info!(nexuses = effects.abort.len(), "PREEMPT AND ABORT");
+                for n in &effects.abort {
+                    lu.abort_nexus(n);
                 }
                 Ok(DataIn::None)
             }
@@ -1244,6 +1276,8 @@ pub struct Admitted {
     lu: Option<Arc<LogicalUnit>>,
     /// The LU's reset epoch at admission: a later reset or CLEAR TASK SET aborts the task.
     epoch: u64,
+    /// Its nexus's abort generation at admission: a later PREEMPT AND ABORT aborts it.
+    nexus_epoch: u64,
 }
 
 /// Why a command did not end GOOD, before sense encoding.

@@ -61,6 +61,8 @@ pub struct LuEvents {
     /// A reset: abort the tasks admitted so far and raise BUS DEVICE RESET for every nexus
     /// (the issuer's included, SAM-5 §6.3.3).
     pub reset: Option<ItNexus>,
+    /// PREEMPT AND ABORT: abort the tasks of these nexuses (on whichever controller they are).
+    pub abort: Vec<ItNexus>,
 }
 
 /// How a change ended for the command that asked for it.
@@ -95,6 +97,7 @@ impl SharedLuState {
                     LuEvents {
                         unit_attentions: effects.unit_attentions,
                         reset: None,
+                        abort: effects.abort,
                     },
                 ),
                 Err(PrError::Conflict) => (ChangeOutcome::Conflict, none),
@@ -126,6 +129,7 @@ impl SharedLuState {
                     LuEvents {
                         unit_attentions: Vec::new(),
                         reset: Some(by.clone()),
+                        abort: Vec::new(),
                     },
                 )
             }
