@@ -159,7 +159,13 @@ impl LogicalUnit {
     pub fn install_shared(&self, state: &SharedLuState, events: &[LuEvents]) {
         *self.pr.lock().expect("pr lock") = state.pr.clone();
         *self.spc2.lock().expect("spc2 lock") = state.spc2.clone();
+        self.write_cache
+            .store(!state.write_cache_off, Ordering::Relaxed);
+        self.d_sense.store(state.d_sense, Ordering::Relaxed);
         for e in events {
+            if let Some(by) = &e.mode_changed_by {
+                self.ua_others(by, SenseReason::UaModeParametersChanged);
+            }
             if let Some(by) = &e.reset {
                 self.reset_local(by);
             }
@@ -325,6 +331,21 @@ impl LogicalUnit {
                 tracing::warn!("the reset could not be ordered through the cluster; applied on this controller only");
                 self.reset_local(by);
             }
+        }
+    }
+
+    /// Raises `reason` for every nexus this LU knows except `but`.
+    fn ua_others(&self, but: &ItNexus, reason: SenseReason) {
+        let others: Vec<ItNexus> = self
+            .nexuses
+            .lock()
+            .expect("nexus lock")
+            .iter()
+            .filter(|n| *n != but)
+            .cloned()
+            .collect();
+        for n in others {
+            self.queue_ua(&n, reason);
         }
     }
 
@@ -966,6 +987,24 @@ impl DeviceServer {
             Cdb::ModeSelect { ten, param_len } => {
                 *wanted = Some(u64::from(param_len));
                 let changes = mode::parse_select(lu, ten, param_len, &cmd.data_out)?;
+                if lu.shared.is_some() {
+                    if changes.wce == Some(false) {
+                        lu.volume
+                            .flush()
+                            .await
+                            .map_err(|e| backend::write_error(&e, 0))?;
+                    }
+                    let change = ScsiChange::ModeSelect {
+                        nexus: cmd.nexus.clone(),
+                        wce: changes.wce,
+                        d_sense: changes.d_sense,
+                    };
+                    return match lu.submit_shared(change).await {
+                        Some(Ok(d)) => Ok(d),
+                        Some(Err(Failure::Sense(r))) => Err(r),
+                        _ => Err(SenseReason::InternalTargetFailure),
+                    };
+                }
                 let mut changed = false;
                 if let Some(w) = changes.wce {
                     changed |= lu.write_cache.swap(w, Ordering::Relaxed) != w;
@@ -981,17 +1020,7 @@ impl DeviceServer {
                     changed |= lu.d_sense.swap(d, Ordering::Relaxed) != d;
                 }
                 if changed {
-                    let others: Vec<ItNexus> = lu
-                        .nexuses
-                        .lock()
-                        .expect("nexus lock")
-                        .iter()
-                        .filter(|n| **n != cmd.nexus)
-                        .cloned()
-                        .collect();
-                    for n in others {
-                        lu.queue_ua(&n, SenseReason::UaModeParametersChanged);
-                    }
+                    lu.ua_others(&cmd.nexus, SenseReason::UaModeParametersChanged);
                 }
                 Ok(DataIn::None)
             }

@@ -1,4 +1,4 @@
-//! Reservation state shared by every controller of a cluster.
+//! Reservation state (and the changeable mode values) shared by every controller of a cluster.
 //!
 //! Why it exists: a host that reserves a LUN through one controller must see the reservation
 //! enforced through every other controller from the moment its command completes. So PR OUT,
@@ -45,6 +45,15 @@ pub enum ScsiChange {
         /// Issuer.
         nexus: ItNexus,
     },
+    /// MODE SELECT from `nexus` changing the changeable values (None: unchanged).
+    ModeSelect {
+        /// Issuer (it gets no MODE PARAMETERS CHANGED unit attention).
+        nexus: ItNexus,
+        /// Caching page WCE.
+        wce: Option<bool>,
+        /// Control page D_SENSE.
+        d_sense: Option<bool>,
+    },
     /// LOGICAL UNIT RESET (or a target reset) from `by`: the SPC-2 reservation is released,
     /// every controller aborts the LU's tasks and raises BUS DEVICE RESET for every nexus.
     Reset {
@@ -63,6 +72,9 @@ pub struct LuEvents {
     pub reset: Option<ItNexus>,
     /// PREEMPT AND ABORT: abort the tasks of these nexuses (on whichever controller they are).
     pub abort: Vec<ItNexus>,
+    /// Mode parameters changed by this nexus: every other nexus gets MODE PARAMETERS
+    /// CHANGED.
+    pub mode_changed_by: Option<ItNexus>,
 }
 
 /// How a change ended for the command that asked for it.
@@ -83,6 +95,12 @@ pub struct SharedLuState {
     pub pr: PrState,
     /// SPC-2 reservation holder.
     pub spc2: Option<ItNexus>,
+    /// Caching page WCE cleared (the write cache is on by default).
+    #[serde(default)]
+    pub write_cache_off: bool,
+    /// Control page D_SENSE: descriptor-format sense.
+    #[serde(default)]
+    pub d_sense: bool,
 }
 
 impl SharedLuState {
@@ -96,8 +114,8 @@ impl SharedLuState {
                     ChangeOutcome::Done,
                     LuEvents {
                         unit_attentions: effects.unit_attentions,
-                        reset: None,
                         abort: effects.abort,
+                        ..LuEvents::default()
                     },
                 ),
                 Err(PrError::Conflict) => (ChangeOutcome::Conflict, none),
@@ -122,14 +140,34 @@ impl SharedLuState {
                 }
                 (ChangeOutcome::Done, none)
             }
+            ScsiChange::ModeSelect {
+                nexus,
+                wce,
+                d_sense,
+            } => {
+                let before = (self.write_cache_off, self.d_sense);
+                if let Some(w) = wce {
+                    self.write_cache_off = !w;
+                }
+                if let Some(d) = d_sense {
+                    self.d_sense = *d;
+                }
+                let changed = before != (self.write_cache_off, self.d_sense);
+                (
+                    ChangeOutcome::Done,
+                    LuEvents {
+                        mode_changed_by: changed.then(|| nexus.clone()),
+                        ..LuEvents::default()
+                    },
+                )
+            }
             ScsiChange::Reset { by } => {
                 self.spc2 = None;
                 (
                     ChangeOutcome::Done,
                     LuEvents {
-                        unit_attentions: Vec::new(),
                         reset: Some(by.clone()),
-                        abort: Vec::new(),
+                        ..LuEvents::default()
                     },
                 )
             }

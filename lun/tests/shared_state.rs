@@ -3,7 +3,8 @@
 //! order and installed in every LU before the submitter answers, as the appliance's log
 //! does): a reservation taken through one is enforced through the others, PREEMPT AND ABORT
 //! through one aborts the preempted nexus's tasks queued on another, and a LU reset through
-//! one aborts tasks and raises BUS DEVICE RESET on all.
+//! one aborts tasks and raises BUS DEVICE RESET on all, and MODE SELECT through one changes
+//! the mode values everywhere.
 
 use lun::shared::{ChangeFuture, ScsiChange, SharedLuState, SharedScsi};
 use lun::*;
@@ -152,4 +153,34 @@ fn reservations_aborts_and_resets_reach_every_controller() {
         run(b, &z_b, &WRITE10, vec![0; 512]),
         CommandStatus::ReservationConflict
     );
+    // MODE SELECT through A turns the write cache off: MODE SENSE through C shows it, and
+    // the nexuses on B and C (not the issuer) get MODE PARAMETERS CHANGED once.
+    let sense = |d: &DeviceServer, n: &ItNexus| {
+        let r = futures::executor::block_on(d.execute(ScsiCommand {
+            data_in_len: 255,
+            ..cmd(n, &[0x1a, 0x08, 0x08, 0, 255, 0], vec![])
+        }));
+        assert_eq!(r.status, CommandStatus::Good);
+        let DataIn::Bytes(b) = r.data_in else {
+            panic!("no mode data")
+        };
+        b
+    };
+    let ms = sense(a, &x_a);
+    assert_eq!(ms[6] & 0x04, 0x04, "WCE on by default");
+    let mut list = vec![0u8, 0, 0, 0];
+    let mut caching = ms[4..24].to_vec();
+    caching[0] &= 0x3f;
+    caching[2] &= !0x04;
+    list.extend_from_slice(&caching);
+    let sel = [0x15, 0x10, 0, 0, list.len() as u8, 0];
+    assert_eq!(run(a, &x_a, &sel, list), CommandStatus::Good);
+    for (d, n) in [(b, &z_b), (c, &y_c)] {
+        assert_eq!(
+            run(d, n, &TUR, vec![]),
+            CommandStatus::CheckCondition(SenseReason::UaModeParametersChanged)
+        );
+    }
+    assert_eq!(run(a, &x_a, &TUR, vec![]), CommandStatus::Good);
+    assert_eq!(sense(c, &y_c)[6] & 0x04, 0, "WCE off through C too");
 }
