@@ -153,8 +153,9 @@ fn reservations_aborts_and_resets_reach_every_controller() {
         run(b, &z_b, &WRITE10, vec![0; 512]),
         CommandStatus::ReservationConflict
     );
-    // MODE SELECT through A turns the write cache off: MODE SENSE through C shows it, and
-    // the nexuses on B and C (not the issuer) get MODE PARAMETERS CHANGED once.
+    // MODE SELECT through C (by Y, the reservation holder) turns the write cache off: MODE
+    // SENSE through A shows it, and the nexuses on A and B (not the issuer) get MODE
+    // PARAMETERS CHANGED once.
     let sense = |d: &DeviceServer, n: &ItNexus| {
         let r = futures::executor::block_on(d.execute(ScsiCommand {
             data_in_len: 255,
@@ -174,13 +175,13 @@ fn reservations_aborts_and_resets_reach_every_controller() {
     caching[2] &= !0x04;
     list.extend_from_slice(&caching);
     let sel = [0x15, 0x10, 0, 0, list.len() as u8, 0];
-    assert_eq!(run(a, &x_a, &sel, list), CommandStatus::Good);
-    for (d, n) in [(b, &z_b), (c, &y_c)] {
+    assert_eq!(run(c, &y_c, &sel, list), CommandStatus::Good);
+    for (d, n) in [(a, &x_a), (b, &z_b)] {
         assert_eq!(
             run(d, n, &TUR, vec![]),
             CommandStatus::CheckCondition(SenseReason::UaModeParametersChanged)
         );
     }
-    assert_eq!(run(a, &x_a, &TUR, vec![]), CommandStatus::Good);
-    assert_eq!(sense(c, &y_c)[6] & 0x04, 0, "WCE off through C too");
+    assert_eq!(run(c, &y_c, &TUR, vec![]), CommandStatus::Good);
+    assert_eq!(sense(a, &x_a)[6] & 0x04, 0, "WCE off through A too");
 }
