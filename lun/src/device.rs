@@ -167,7 +167,7 @@ impl LogicalUnit {
                 self.ua_others(by, SenseReason::UaModeParametersChanged);
             }
             if let Some(by) = &e.reset {
-                self.reset_local(by);
+                self.reset_tasks(by);
             }
             for n in &e.abort {
                 self.abort_nexus(n);
@@ -180,6 +180,17 @@ impl LogicalUnit {
             }
         }
         self.shared_ready.store(true, Ordering::Release);
+    }
+
+    /// The state a cluster shares for this LU, as this LU holds it now (reservations, SPC-2
+    /// holder, mode values): for status and for checking that controllers agree.
+    pub fn shared_snapshot(&self) -> SharedLuState {
+        SharedLuState {
+            pr: self.pr.lock().expect("pr lock").clone(),
+            spc2: self.spc2.lock().expect("spc2 lock").clone(),
+            write_cache_off: !self.write_cache.load(Ordering::Relaxed),
+            d_sense: self.d_sense.load(Ordering::Relaxed),
+        }
     }
 
     /// Orders `change` through the cluster and maps its outcome.
@@ -372,6 +383,13 @@ impl LogicalUnit {
     /// The reset on this controller.
     fn reset_local(&self, by: &ItNexus) {
         *self.spc2.lock().expect("spc2 lock") = None;
+        self.reset_tasks(by);
+    }
+
+    /// A reset's effect on this controller's tasks and nexuses (the SPC-2 release is state:
+    /// in a cluster it comes with the installed state, which later entries may already have
+    /// changed again).
+    fn reset_tasks(&self, by: &ItNexus) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         // SAM-5 §6.3.3: the unit attention goes to every I_T nexus, the requester's included
         // (libiscsi's MultipathIO.Reset checks each path).

@@ -6,4 +6,5 @@
 pub mod appliance;
 pub mod cunit;
 pub mod initiator;
+pub mod scsi_sim;
 pub mod sim;

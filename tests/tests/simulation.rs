@@ -70,3 +70,46 @@ fn replay() {
     eprintln!("{r:?}");
     assert!(r.reads_checked > 0);
 }
+
+/// The SCSI context shared by the controllers (reservations, resets, mode values and their
+/// unit attentions): see `tests::scsi_sim`. CI runs 40 seeds of 3 controllers; `SIM_SEEDS`
+/// runs more.
+#[test]
+fn scsi_context_three_controllers() {
+    let steps = env_u64("SCSI_SIM_STEPS", 600);
+    let mut total = tests::scsi_sim::ScsiSimReport::default();
+    for seed in seeds(40) {
+        let r = tests::scsi_sim::ScsiSim::new(tests::scsi_sim::ScsiSimConfig {
+            seed,
+            controllers: 3,
+            steps,
+        })
+        .run();
+        total.changes += r.changes;
+        total.completed += r.completed;
+        total.conflicts += r.conflicts;
+        total.unit_attentions += r.unit_attentions;
+        total.fenced += r.fenced;
+        total.crashes += r.crashes;
+    }
+    eprintln!("scsi context: {total:?}");
+    // The runs must have exercised the interesting paths.
+    assert!(total.completed > 0, "no change completed");
+    assert!(total.conflicts > 0, "no reservation conflict");
+    assert!(total.unit_attentions > 0, "no unit attention");
+    assert!(total.fenced > 0, "no controller was fenced for lagging");
+    assert!(total.crashes > 0, "no controller crashed");
+}
+
+/// Replays one SCSI-context run (`SCSI_SIM_SEED`, `SCSI_SIM_CONTROLLERS`, `SCSI_SIM_STEPS`),
+/// as printed by a failing run.
+#[test]
+fn scsi_context_replay() {
+    let r = tests::scsi_sim::ScsiSim::new(tests::scsi_sim::ScsiSimConfig {
+        seed: env_u64("SCSI_SIM_SEED", 1),
+        controllers: env_u64("SCSI_SIM_CONTROLLERS", 3) as u16,
+        steps: env_u64("SCSI_SIM_STEPS", 600),
+    })
+    .run();
+    eprintln!("{r:?}");
+}
