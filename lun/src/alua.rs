@@ -86,6 +86,21 @@ impl AccessStates {
     }
 }
 
+/// The commands that only report and so run whatever the port's state (and before a
+/// cluster LU's shared state is installed): INQUIRY, REPORT LUNS, REPORT TARGET PORT GROUPS,
+/// REQUEST SENSE and the command and TMF reports.
+pub fn reporting(c: &Cdb) -> bool {
+    matches!(
+        c,
+        Cdb::Inquiry { .. }
+            | Cdb::ReportLuns { .. }
+            | Cdb::ReportTargetPortGroups { .. }
+            | Cdb::RequestSense { .. }
+            | Cdb::ReportSupportedOpcodes { .. }
+            | Cdb::ReportSupportedTmfs { .. }
+    )
+}
+
 /// Whether `c` may run through a port whose group is in state `s`: SPC-4 §5.16.2.4 lets
 /// INQUIRY, REPORT LUNS, REPORT TARGET PORT GROUPS, REQUEST SENSE and the command/TMF
 /// reports through in the transitioning and unavailable states; everything else gets NOT
@@ -95,17 +110,8 @@ impl AccessStates {
 /// # Errors
 /// The sense for a refused command.
 pub fn gate(s: AccessState, c: &Cdb) -> Result<(), SenseReason> {
-    let always = matches!(
-        c,
-        Cdb::Inquiry { .. }
-            | Cdb::ReportLuns { .. }
-            | Cdb::ReportTargetPortGroups { .. }
-            | Cdb::RequestSense { .. }
-            | Cdb::ReportSupportedOpcodes { .. }
-            | Cdb::ReportSupportedTmfs { .. }
-    );
     match s {
-        _ if always => Ok(()),
+        _ if reporting(c) => Ok(()),
         AccessState::ActiveOptimized => Ok(()),
         AccessState::Transitioning => Err(SenseReason::NotReadyTransitioning),
         AccessState::Unavailable => Err(SenseReason::NotReadyUnavailable),

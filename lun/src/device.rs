@@ -695,18 +695,7 @@ impl DeviceServer {
             }
         }
         alua::gate(self.alua.state(self.port.port_group), &c)?;
-        if lu.shared.is_some()
-            && !lu.shared_ready.load(Ordering::Acquire)
-            && !matches!(
-                c,
-                Cdb::Inquiry { .. }
-                    | Cdb::ReportLuns { .. }
-                    | Cdb::RequestSense { .. }
-                    | Cdb::ReportTargetPortGroups { .. }
-                    | Cdb::ReportSupportedOpcodes { .. }
-                    | Cdb::ReportSupportedTmfs { .. }
-            )
-        {
+        if lu.shared.is_some() && !lu.shared_ready.load(Ordering::Acquire) && !alua::reporting(&c) {
             return Err(Failure::Sense(SenseReason::NotReadyBecomingReady));
         }
         let access = access_class(&c);

@@ -23,7 +23,7 @@ pub mod params;
 pub mod pr;
 pub mod pr_store;
 pub mod sense;
-mod serde_pairs;
+pub mod serde_pairs;
 pub mod shared;
 pub mod task_set;
 

@@ -4,6 +4,10 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 
+/// Serializes a map as a sequence of `(key, value)` pairs.
+///
+/// # Errors
+/// The serializer's.
 pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
     m: &BTreeMap<K, V>,
     s: S,
@@ -11,6 +15,10 @@ pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
     s.collect_seq(m.iter())
 }
 
+/// Reads a sequence of `(key, value)` pairs back into a map.
+///
+/// # Errors
+/// The deserializer's.
 pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
 where
     K: Deserialize<'de> + Ord,

@@ -283,13 +283,13 @@ pub struct MetaState {
     /// Controllers and their states.
     pub controllers: BTreeMap<u32, StoredState>,
     /// Write-intent marks with the version each missed.
-    #[serde(with = "pairs")]
+    #[serde(with = "lun::serde_pairs")]
     pub intents: BTreeMap<MarkKey, u64>,
     /// Last repair per row.
-    #[serde(with = "pairs")]
+    #[serde(with = "lun::serde_pairs")]
     pub repairs: BTreeMap<RowKey, (Vec<u64>, u64)>,
     /// Served floor per row.
-    #[serde(with = "pairs")]
+    #[serde(with = "lun::serde_pairs")]
     pub served: BTreeMap<RowKey, u64>,
     /// Volumes by id.
     #[serde(default)]
@@ -304,28 +304,6 @@ pub struct MetaState {
     /// controller (not replicated: each replica produces its own as it applies).
     #[serde(skip)]
     pub scsi_events: Vec<(u64, LuEvents)>,
-}
-
-/// Maps with composite keys as lists of pairs (JSON objects need string keys).
-mod pairs {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-    use std::collections::BTreeMap;
-
-    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
-        m: &BTreeMap<K, V>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.collect_seq(m.iter())
-    }
-
-    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
-    where
-        K: Deserialize<'de> + Ord,
-        V: Deserialize<'de>,
-        D: Deserializer<'de>,
-    {
-        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
-    }
 }
 
 impl MetaState {
