@@ -366,6 +366,109 @@ impl Initiator {
         self.itt
     }
 
+    /// Sends a SCSI command that carries no data-out (with task attribute `attr`: 1 SIMPLE,
+    /// 2 ORDERED) without waiting; returns its ITT for [`Self::recv_status`].
+    ///
+    /// # Errors
+    /// Socket errors.
+    pub async fn send_command(
+        &mut self,
+        lun: u64,
+        cdb: &[u8],
+        attr: u8,
+        edtl: u32,
+    ) -> Result<u32, InitiatorError> {
+        let itt = self.next_itt();
+        let mut c16 = [0u8; 16];
+        c16[..cdb.len().min(16)].copy_from_slice(&cdb[..cdb.len().min(16)]);
+        let bhs = Bhs::ScsiCommand(ScsiCommandPdu {
+            immediate: false,
+            final_: true,
+            read: edtl > 0,
+            write: false,
+            attr,
+            lun,
+            itt,
+            edtl,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            cdb: c16,
+        });
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        self.send(&bhs, &[]).await?;
+        Ok(itt)
+    }
+
+    /// Sends a WRITE SAME-like command whose whole data-out (`data`, at most the first burst)
+    /// goes as immediate data, without waiting; returns its ITT for [`Self::recv_status`].
+    ///
+    /// # Errors
+    /// Socket errors.
+    pub async fn send_write_same(
+        &mut self,
+        lun: u64,
+        cdb: &[u8],
+        data: &[u8],
+    ) -> Result<u32, InitiatorError> {
+        let itt = self.next_itt();
+        let mut c16 = [0u8; 16];
+        c16[..cdb.len().min(16)].copy_from_slice(&cdb[..cdb.len().min(16)]);
+        let bhs = Bhs::ScsiCommand(ScsiCommandPdu {
+            immediate: false,
+            final_: true,
+            read: false,
+            write: true,
+            attr: 1,
+            lun,
+            itt,
+            edtl: data.len() as u32,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            cdb: c16,
+        });
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        self.send(&bhs, data).await?;
+        Ok(itt)
+    }
+
+    /// Waits for the status of the next command that completes (of those sent with
+    /// [`Self::send_command`]): its ITT and SAM status. Data-In is skipped.
+    ///
+    /// # Errors
+    /// Socket and protocol errors.
+    pub async fn recv_status(&mut self) -> Result<(u32, u8), InitiatorError> {
+        loop {
+            let (bhs, _) = self.recv().await?;
+            match bhs {
+                Bhs::DataIn(d) if d.has_status => {
+                    self.exp_stat_sn = d.stat_sn.wrapping_add(1);
+                    return Ok((d.itt, d.status));
+                }
+                Bhs::DataIn(_) => {}
+                Bhs::ScsiResponse(r) => {
+                    self.exp_stat_sn = r.stat_sn.wrapping_add(1);
+                    return Ok((r.itt, r.status));
+                }
+                Bhs::NopIn(n) if n.ttt != RESERVED_TAG => {
+                    let reply = Bhs::NopOut(NopOut {
+                        immediate: true,
+                        lun: 0,
+                        itt: RESERVED_TAG,
+                        ttt: n.ttt,
+                        cmd_sn: self.cmd_sn,
+                        exp_stat_sn: self.exp_stat_sn,
+                    });
+                    self.send(&reply, &[]).await?;
+                }
+                other => {
+                    return Err(InitiatorError::Protocol(format!(
+                        "unexpected PDU {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+
     /// Runs one SCSI command to completion.
     ///
     /// # Errors

@@ -968,3 +968,92 @@ async fn iscsi_test_cu_with_its_paths_on_different_controllers() {
     eprintln!("iscsi-test-cu across controllers: {total} results");
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempt_and_abort_through_one_controller_aborts_tasks_queued_on_another() {
+    let c = start_cluster();
+    const REGISTER: u8 = 0;
+    const RESERVE: u8 = 1;
+    const PREEMPT_AND_ABORT: u8 = 5;
+    const WRITE_EXCLUSIVE: u8 = 1;
+    let (kx, ky) = (0x1111, 0x2222);
+    // X registers and reserves through A; Y registers through C.
+    let mut x_a = session_of(c[0].portal, "host-x").await;
+    let mut y_c = session_of(c[2].portal, "host-y").await;
+    assert_eq!(pr_out(&mut x_a, REGISTER, 0, 0, kx).await.0, 0);
+    assert_eq!(pr_out(&mut x_a, RESERVE, WRITE_EXCLUSIVE, kx, 0).await.0, 0);
+    assert_eq!(pr_out(&mut y_c, REGISTER, 0, 0, ky).await.0, 0);
+    // On A: seven 8 MiB WRITE SAMEs (SIMPLE; 8 MiB is the most one may cover), and an
+    // ORDERED TEST UNIT READY queued behind them in the task set.
+    let per = (8u64 << 20) / BS as u64;
+    let mut long = Vec::new();
+    for i in 0..7u64 {
+        let mut ws = [0u8; 16];
+        ws[0] = 0x93; // WRITE SAME(16)
+        ws[2..10].copy_from_slice(&(i * per).to_be_bytes());
+        ws[10..14].copy_from_slice(&(per as u32).to_be_bytes());
+        long.push(
+            x_a.send_write_same(0, &ws, &[0u8; BS])
+                .await
+                .expect("write same"),
+        );
+    }
+    let queued = x_a
+        .send_command(0, &[0; 6], 2, 0)
+        .await
+        .expect("ordered tur");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Y preempts X's registration and reservation, and aborts its tasks, through C.
+    let (st, sense) = pr_out(&mut y_c, PREEMPT_AND_ABORT, WRITE_EXCLUSIVE, ky, kx).await;
+    assert_eq!(st, 0, "PREEMPT AND ABORT through C: {sense:02x?}");
+    // Aborted tasks end without a response (TAS=0; the host learns from the unit attention):
+    // collect what answers until A has been quiet for 5 s.
+    let mut got = BTreeMap::new();
+    while let Ok(r) = tokio::time::timeout(Duration::from_secs(5), x_a.recv_status()).await {
+        let (itt, status) = r.expect("status");
+        got.insert(itt, status);
+    }
+    assert!(
+        !got.contains_key(&queued),
+        "the task queued on A behind the long writes must be aborted, not answered: {got:?}"
+    );
+    for itt in &long {
+        // Each long write completed before the abort, or was aborted (no response).
+        assert!(got.get(itt).is_none_or(|&s| s == 0), "{got:?}");
+    }
+    eprintln!(
+        "on A: {} of 7 long writes answered GOOD before the abort; the queued task was aborted",
+        got.len()
+    );
+    // The session on A is alive and its nexus learns why: REGISTRATIONS PREEMPTED.
+    let r = x_a
+        .command(0, &[0; 6], &[], 0)
+        .await
+        .expect("tur after the abort");
+    assert_eq!(
+        (r.status, r.sense.get(12).copied(), r.sense.get(13).copied()),
+        (2, Some(0x2a), Some(0x05)),
+        "X through A must see REGISTRATIONS PREEMPTED: {:02x?}",
+        r.sense
+    );
+    // X is preempted everywhere: its write through A conflicts, Y holds the reservation.
+    let r = x_a
+        .command(
+            0,
+            &write16(lba(0), CHUNK_BLOCKS),
+            &pattern(1, 0),
+            (CHUNK_BLOCKS as usize * BS) as u32,
+        )
+        .await
+        .unwrap();
+    assert!(
+        r.status == 0x18 || (r.status == 2 && r.sense.get(2).map(|k| k & 0xf) == Some(6)),
+        "X after the preemption: {:#x} {:02x?}",
+        r.status,
+        r.sense
+    );
+    assert_eq!(
+        read_reservation(&mut y_c).await,
+        Some((ky, WRITE_EXCLUSIVE))
+    );
+}
