@@ -228,8 +228,7 @@ fn local_volume(cfg: &Config, v: &VolumeConfig) -> Result<Volume, String> {
 /// The cluster geometry of a volume: `rows_per_extent` gives 64 MiB extents (the design's
 /// default), and placement rotates over every controller.
 fn volume_meta(cfg: &Config, cl: &ClusterConfig, v: &VolumeConfig) -> Result<VolumeMeta, String> {
-    let row_bytes = cl.k as u64 * u64::from(cl.chunk_bytes);
-    let rows = u32::try_from(((64u64 << 20) / row_bytes).max(1)).unwrap_or(u32::MAX);
+    let rows = raid_engine::layout::default_rows_per_extent(cl.k, cl.chunk_bytes);
     let geometry = Geometry::new(
         cl.k,
         cl.m,

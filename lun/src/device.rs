@@ -275,7 +275,11 @@ impl LogicalUnit {
     /// Raises ASYMMETRIC ACCESS STATE CHANGED for every known nexus if `generation` (of the
     /// shared access states) is one this LU has not announced yet.
     fn announce_access_states(&self, generation: u64) {
-        if self.alua_announced.swap(generation, Ordering::AcqRel) == generation {
+        // A plain load first: every command passes here, and a swap would write the shared
+        // cache line each time.
+        if self.alua_announced.load(Ordering::Acquire) == generation
+            || self.alua_announced.swap(generation, Ordering::AcqRel) == generation
+        {
             return;
         }
         let all: Vec<ItNexus> = self

@@ -71,6 +71,16 @@ pub struct Geometry {
     pub write_quorum: usize,
 }
 
+/// The logical size of an extent (`../shared/DESIGN.md` default: 64 MiB).
+pub const EXTENT_BYTES_DEFAULT: u64 = 64 << 20;
+
+/// Rows per extent for `k` data chunks of `chunk_bytes` each, so an extent holds about
+/// [`EXTENT_BYTES_DEFAULT`] of logical data (at least one row).
+pub fn default_rows_per_extent(k: usize, chunk_bytes: u32) -> u32 {
+    let row_bytes = (k as u64 * u64::from(chunk_bytes)).max(1);
+    u32::try_from((EXTENT_BYTES_DEFAULT / row_bytes).max(1)).unwrap_or(u32::MAX)
+}
+
 impl Geometry {
     /// A checked geometry; `write_quorum` defaults to `max(k, k + m - 1)`.
     ///

@@ -366,6 +366,48 @@ impl Initiator {
         self.itt
     }
 
+    /// Builds the next SCSI Command PDU (new ITT, this CmdSN, which then advances).
+    fn command_pdu(
+        &mut self,
+        lun: u64,
+        cdb: &[u8],
+        attr: u8,
+        write: bool,
+        edtl: u32,
+    ) -> (u32, Bhs) {
+        let itt = self.next_itt();
+        let mut c16 = [0u8; 16];
+        c16[..cdb.len().min(16)].copy_from_slice(&cdb[..cdb.len().min(16)]);
+        let bhs = Bhs::ScsiCommand(ScsiCommandPdu {
+            immediate: false,
+            final_: true,
+            read: !write && edtl > 0,
+            write,
+            attr,
+            lun,
+            itt,
+            edtl,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            cdb: c16,
+        });
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        (itt, bhs)
+    }
+
+    /// Answers a target's NOP-In ping.
+    async fn answer_nop(&mut self, ttt: u32) -> Result<(), InitiatorError> {
+        let reply = Bhs::NopOut(NopOut {
+            immediate: true,
+            lun: 0,
+            itt: RESERVED_TAG,
+            ttt,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+        });
+        self.send(&reply, &[]).await
+    }
+
     /// Sends a SCSI command that carries no data-out (with task attribute `attr`: 1 SIMPLE,
     /// 2 ORDERED) without waiting; returns its ITT for [`Self::recv_status`].
     ///
@@ -378,23 +420,7 @@ impl Initiator {
         attr: u8,
         edtl: u32,
     ) -> Result<u32, InitiatorError> {
-        let itt = self.next_itt();
-        let mut c16 = [0u8; 16];
-        c16[..cdb.len().min(16)].copy_from_slice(&cdb[..cdb.len().min(16)]);
-        let bhs = Bhs::ScsiCommand(ScsiCommandPdu {
-            immediate: false,
-            final_: true,
-            read: edtl > 0,
-            write: false,
-            attr,
-            lun,
-            itt,
-            edtl,
-            cmd_sn: self.cmd_sn,
-            exp_stat_sn: self.exp_stat_sn,
-            cdb: c16,
-        });
-        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        let (itt, bhs) = self.command_pdu(lun, cdb, attr, false, edtl);
         self.send(&bhs, &[]).await?;
         Ok(itt)
     }
@@ -410,23 +436,7 @@ impl Initiator {
         cdb: &[u8],
         data: &[u8],
     ) -> Result<u32, InitiatorError> {
-        let itt = self.next_itt();
-        let mut c16 = [0u8; 16];
-        c16[..cdb.len().min(16)].copy_from_slice(&cdb[..cdb.len().min(16)]);
-        let bhs = Bhs::ScsiCommand(ScsiCommandPdu {
-            immediate: false,
-            final_: true,
-            read: false,
-            write: true,
-            attr: 1,
-            lun,
-            itt,
-            edtl: data.len() as u32,
-            cmd_sn: self.cmd_sn,
-            exp_stat_sn: self.exp_stat_sn,
-            cdb: c16,
-        });
-        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        let (itt, bhs) = self.command_pdu(lun, cdb, 1, true, data.len() as u32);
         self.send(&bhs, data).await?;
         Ok(itt)
     }
@@ -449,17 +459,7 @@ impl Initiator {
                     self.exp_stat_sn = r.stat_sn.wrapping_add(1);
                     return Ok((r.itt, r.status));
                 }
-                Bhs::NopIn(n) if n.ttt != RESERVED_TAG => {
-                    let reply = Bhs::NopOut(NopOut {
-                        immediate: true,
-                        lun: 0,
-                        itt: RESERVED_TAG,
-                        ttt: n.ttt,
-                        cmd_sn: self.cmd_sn,
-                        exp_stat_sn: self.exp_stat_sn,
-                    });
-                    self.send(&reply, &[]).await?;
-                }
+                Bhs::NopIn(n) if n.ttt != RESERVED_TAG => self.answer_nop(n.ttt).await?,
                 other => {
                     return Err(InitiatorError::Protocol(format!(
                         "unexpected PDU {other:?}"
@@ -480,28 +480,12 @@ impl Initiator {
         data_out: &[u8],
         edtl: u32,
     ) -> Result<ScsiResult, InitiatorError> {
-        let itt = self.next_itt();
-        let mut c16 = [0u8; 16];
-        c16[..cdb.len().min(16)].copy_from_slice(&cdb[..cdb.len().min(16)]);
         let write = !data_out.is_empty();
         let imm = data_out
             .len()
             .min(self.first_burst as usize)
             .min(self.target_mrdsl as usize);
-        let bhs = Bhs::ScsiCommand(ScsiCommandPdu {
-            immediate: false,
-            final_: true,
-            read: !write && edtl > 0,
-            write,
-            attr: 1,
-            lun,
-            itt,
-            edtl,
-            cmd_sn: self.cmd_sn,
-            exp_stat_sn: self.exp_stat_sn,
-            cdb: c16,
-        });
-        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        let (itt, bhs) = self.command_pdu(lun, cdb, 1, write, edtl);
         self.send(&bhs, &data_out[..imm]).await?;
         let mut result = ScsiResult::default();
         loop {
@@ -555,17 +539,7 @@ impl Initiator {
                     }
                     return Ok(result);
                 }
-                Bhs::NopIn(n) if n.ttt != RESERVED_TAG => {
-                    let reply = Bhs::NopOut(NopOut {
-                        immediate: true,
-                        lun: 0,
-                        itt: RESERVED_TAG,
-                        ttt: n.ttt,
-                        cmd_sn: self.cmd_sn,
-                        exp_stat_sn: self.exp_stat_sn,
-                    });
-                    self.send(&reply, &[]).await?;
-                }
+                Bhs::NopIn(n) if n.ttt != RESERVED_TAG => self.answer_nop(n.ttt).await?,
                 other => {
                     return Err(InitiatorError::Protocol(format!(
                         "unexpected PDU {other:?}"

@@ -95,8 +95,7 @@ fn start_cluster_of(n: u32, k: usize, m: usize) -> Vec<Ctrl> {
 /// chunks, 64 MiB extents, rotated placement over controllers 1..=n).
 fn layout(k: usize, m: usize) -> raid_engine::layout::Layout {
     let chunk = 16u32 << 10;
-    let row_bytes = k as u64 * u64::from(chunk);
-    let rows = u32::try_from(((64u64 << 20) / row_bytes).max(1)).unwrap();
+    let rows = raid_engine::layout::default_rows_per_extent(k, chunk);
     raid_engine::layout::Layout {
         size_bytes: 64 << 20,
         geometry: raid_engine::layout::Geometry::new(

@@ -113,8 +113,7 @@ fn parse_lost(s: &str) -> Option<Lost> {
     let [ctrl, n, k, m, chunk] = v[..] else {
         return None;
     };
-    let row_bytes = k * chunk;
-    let rows = u32::try_from(((64u64 << 20) / row_bytes).max(1)).ok()?;
+    let rows = raid_engine::layout::default_rows_per_extent(k as usize, u32::try_from(chunk).ok()?);
     let geometry = raid_engine::layout::Geometry::new(
         k as usize,
         m as usize,
