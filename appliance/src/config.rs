@@ -62,6 +62,25 @@ struct RawConfig {
     #[serde(default, rename = "volume")]
     volumes: Vec<RawVolume>,
     cluster: Option<RawCluster>,
+    api: Option<RawApi>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: String,
+    admin_password_hash: Option<String>,
+}
+
+/// The operator API and web console (`[api]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// Where the API and console listen (plain HTTP; put it on a management network or
+    /// loopback).
+    pub listen: SocketAddr,
+    /// The admin password as an argon2 PHC string (`appliance hash-password` makes one);
+    /// `None`: every login is refused until one is set.
+    pub admin_password_hash: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,6 +281,8 @@ pub struct Config {
     pub volumes: Vec<VolumeConfig>,
     /// Cluster membership; `None` runs a single controller with local volumes.
     pub cluster: Option<ClusterConfig>,
+    /// Operator API and console; `None`: not served.
+    pub api: Option<ApiConfig>,
 }
 
 /// One volume.
@@ -281,6 +302,68 @@ pub struct VolumeConfig {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3260";
 /// The default target name.
 pub const DEFAULT_IQN: &str = "iqn.2026-11.io.rainio:appliance";
+
+/// A volume name: letters, digits, '-' and '_' (it names files), 1 to 64 of them.
+///
+/// # Errors
+/// What is wrong, for the operator.
+pub fn check_volume_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+    {
+        return Err("use 1 to 64 letters, digits, '-' and '_'".into());
+    }
+    Ok(())
+}
+
+/// A logical block size the device server supports.
+///
+/// # Errors
+/// What is wrong, for the operator.
+pub fn check_block_size(b: u32) -> Result<(), String> {
+    if lun::constants::BLOCK_SIZES.contains(&b) {
+        Ok(())
+    } else {
+        Err("must be 512 or 4096".into())
+    }
+}
+
+/// A volume size such as `1GiB`: at least 1 MiB, a multiple of 4 KiB.
+///
+/// # Errors
+/// What is wrong, for the operator.
+pub fn check_volume_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)
+        .ok_or_else(|| format!("`{s}` is not a size such as \"1GiB\" or \"512MiB\""))?;
+    if n < 1 << 20 || n % 4096 != 0 {
+        return Err("must be at least 1MiB and a multiple of 4KiB".into());
+    }
+    Ok(n)
+}
+
+fn check_api(raw: RawApi) -> Result<ApiConfig, ConfigError> {
+    let listen: SocketAddr = raw.listen.parse().map_err(|_| {
+        invalid(
+            "api.listen",
+            format!("`{}` is not ip:port, e.g. \"127.0.0.1:8080\"", raw.listen),
+        )
+    })?;
+    if let Some(h) = &raw.admin_password_hash {
+        if !h.starts_with("$argon2") {
+            return Err(invalid(
+                "api.admin_password_hash",
+                "must be an argon2 hash such as `appliance hash-password` prints (never the password itself)",
+            ));
+        }
+    }
+    Ok(ApiConfig {
+        listen,
+        admin_password_hash: raw.admin_password_hash,
+    })
+}
 
 /// Parses a size such as `1GiB`, `512MiB`, `4096` (bytes).
 pub fn parse_size(s: &str) -> Option<u64> {
@@ -440,17 +523,7 @@ impl TryFrom<RawConfig> for Config {
         let mut volumes: Vec<VolumeConfig> = Vec::new();
         for (i, v) in raw.volumes.into_iter().enumerate() {
             let key = |k: &str| format!("volume[{i}].{k}");
-            if v.name.is_empty()
-                || !v
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-            {
-                return Err(invalid(
-                    key("name"),
-                    "use letters, digits, '-' and '_' only",
-                ));
-            }
+            check_volume_name(&v.name).map_err(|m| invalid(key("name"), m))?;
             if volumes.iter().any(|o| o.name == v.name) {
                 return Err(invalid(key("name"), format!("`{}` is used twice", v.name)));
             }
@@ -460,21 +533,8 @@ impl TryFrom<RawConfig> for Config {
                 return Err(invalid(key("lun"), "must be unique and below 256"));
             }
             let block_size = v.block_size.unwrap_or(512);
-            if !lun::constants::BLOCK_SIZES.contains(&block_size) {
-                return Err(invalid(key("block_size"), "must be 512 or 4096"));
-            }
-            let size_bytes = parse_size(&v.size).ok_or_else(|| {
-                invalid(
-                    key("size"),
-                    format!("`{}` is not a size such as \"1GiB\" or \"512MiB\"", v.size),
-                )
-            })?;
-            if size_bytes < 1 << 20 || size_bytes % 4096 != 0 {
-                return Err(invalid(
-                    key("size"),
-                    "must be at least 1MiB and a multiple of 4KiB",
-                ));
-            }
+            check_block_size(block_size).map_err(|m| invalid(key("block_size"), m))?;
+            let size_bytes = check_volume_size(&v.size).map_err(|m| invalid(key("size"), m))?;
             volumes.push(VolumeConfig {
                 name: v.name,
                 lun: v.lun,
@@ -500,6 +560,7 @@ impl TryFrom<RawConfig> for Config {
             direct: raw.disk.direct.unwrap_or(true),
             volumes,
             cluster: raw.cluster.map(check_cluster).transpose()?,
+            api: raw.api.map(check_api).transpose()?,
         })
     }
 }

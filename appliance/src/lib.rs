@@ -9,6 +9,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod config;
+pub mod events;
 pub mod meta;
 pub mod node;
 pub mod peer;
+pub mod server;

@@ -9,11 +9,9 @@
 
 #![forbid(unsafe_code)]
 
-mod config;
-mod server;
-
+use appliance::config::{self, Config};
+use appliance::server;
 use clap::{Parser, Subcommand};
-use config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio::sync::watch;
@@ -50,7 +48,12 @@ enum Cmd {
         /// Parity columns per stripe row.
         #[arg(long, default_value_t = 1)]
         m: usize,
+        /// Web console and API of the first controller; controller i uses the next ports.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        api: String,
     },
+    /// Read a password on stdin and print its argon2 hash for `api.admin_password_hash`.
+    HashPassword,
     /// Run one controller from a config file.
     Run {
         /// Path to the TOML config.
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (cfg, banner) = match cli.cmd {
         Cmd::Status { peer, json } => return status(&peer, json),
+        Cmd::HashPassword => return hash_password(),
         Cmd::CheckConfig { config } => {
             return match Config::load(&config) {
                 Ok(_) => {
@@ -116,16 +120,30 @@ fn main() -> ExitCode {
             controllers,
             k,
             m,
+            api,
         } if controllers > 1 => {
-            return up_cluster(&data_dir, &listen, controllers, k, m);
+            return up_cluster(&data_dir, &listen, controllers, k, m, &api);
         }
         Cmd::Up {
-            data_dir, listen, ..
+            data_dir,
+            listen,
+            api,
+            ..
         } => {
             let path = data_dir.join("appliance.toml");
             if !path.exists() {
-                if let Err(e) = std::fs::create_dir_all(&data_dir)
-                    .and_then(|_| std::fs::write(&path, config::default_config_text(&listen)))
+                let text = match first_password(&data_dir) {
+                    Ok(hash) => format!(
+                        "{}\n[api]\nlisten = \"{api}\"\nadmin_password_hash = \"{hash}\"\n",
+                        config::default_config_text(&listen)
+                    ),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                if let Err(e) =
+                    std::fs::create_dir_all(&data_dir).and_then(|_| std::fs::write(&path, text))
                 {
                     eprintln!(
                         "error: cannot create {}: {e} (check permissions or pass --data-dir)",
@@ -188,7 +206,8 @@ fn main() -> ExitCode {
             }
             println!("  data dir   : {}", cfg.data_dir.display());
             println!(
-                "  console    : not built yet (the web console arrives with the operator issue)"
+                "  console    : {}",
+                console_line(cfg.api.as_ref(), &cfg.data_dir)
             );
             println!(
                 "  try        : iscsi-ls -s iscsi://{}",
@@ -233,7 +252,14 @@ impl Signals {
 
 /// `appliance up --controllers N`: writes one config per controller (first start only), runs
 /// each as its own process, prints the portals, and stops them all on Ctrl-C or SIGTERM.
-fn up_cluster(data_dir: &std::path::Path, listen: &str, n: u32, k: usize, m: usize) -> ExitCode {
+fn up_cluster(
+    data_dir: &std::path::Path,
+    listen: &str,
+    n: u32,
+    k: usize,
+    m: usize,
+    api: &str,
+) -> ExitCode {
     use std::net::SocketAddr;
     let first: SocketAddr = match listen.parse() {
         Ok(a) => a,
@@ -242,6 +268,14 @@ fn up_cluster(data_dir: &std::path::Path, listen: &str, n: u32, k: usize, m: usi
             return ExitCode::FAILURE;
         }
     };
+    let api_first: SocketAddr = match api.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            eprintln!("error: --api `{api}` is not ip:port, e.g. 127.0.0.1:8080");
+            return ExitCode::FAILURE;
+        }
+    };
+    let api_at = |i: u32| SocketAddr::new(api_first.ip(), api_first.port() + (i as u16 - 1));
     if (n as usize) < k + m {
         eprintln!("error: {n} controllers cannot hold k + m = {} shards on distinct controllers; use --controllers {} or lower --k/--m", k + m, k + m);
         return ExitCode::FAILURE;
@@ -257,6 +291,7 @@ fn up_cluster(data_dir: &std::path::Path, listen: &str, n: u32, k: usize, m: usi
         for (what, addr) in [
             ("listen", at(i, first.port())),
             ("listen for peers", at(i, peer_base)),
+            ("serve the console on", api_at(i)),
         ] {
             if let Err(e) = std::net::TcpListener::bind(addr) {
                 eprintln!("error: cannot {what} on {addr}: {e} (another target such as tgtd or a second appliance may hold the port; stop it or pick other ports with --listen)");
@@ -271,10 +306,20 @@ fn up_cluster(data_dir: &std::path::Path, listen: &str, n: u32, k: usize, m: usi
             .join(", ")
     };
     let mut configs = Vec::new();
+    let mut hash = None;
     for &i in &ids {
         let dir = data_dir.join(format!("c{i}"));
         let path = dir.join("appliance.toml");
         if !path.exists() {
+            if hash.is_none() {
+                match first_password(data_dir) {
+                    Ok(h) => hash = Some(h),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             let mut text = config::default_config_text(&at(i, first.port()).to_string());
             text = text.replace("tpgt = 1\n", &format!("tpgt = {i}\n"));
             text.push_str(&format!(
@@ -282,6 +327,11 @@ fn up_cluster(data_dir: &std::path::Path, listen: &str, n: u32, k: usize, m: usi
                 map(peer_base),
                 map(first.port()),
                 i == 1
+            ));
+            text.push_str(&format!(
+                "\n[api]\nlisten = \"{}\"\nadmin_password_hash = \"{}\"\n",
+                api_at(i),
+                hash.as_deref().unwrap_or_default()
             ));
             if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, text))
             {
@@ -377,7 +427,10 @@ fn up_cluster(data_dir: &std::path::Path, listen: &str, n: u32, k: usize, m: usi
         "  data dir   : {} (logs in c*/appliance.log)",
         data_dir.display()
     );
-    println!("  console    : not built yet (the web console arrives with the operator issue)");
+    println!(
+        "  console    : {}",
+        console_line(cfg0.api.as_ref(), data_dir)
+    );
     println!("  try        : iscsi-ls -s iscsi://{}", cfg0.listen[0]);
     println!(
         "  status     : appliance status --peer {}",
@@ -544,6 +597,67 @@ fn status(peer: &str, json: bool) -> ExitCode {
         let _ = writeln!(out, "  problem: {p}");
     }
     print_out(&out)
+}
+
+/// The first start's admin password: random, written to `<data_dir>/admin-password` (mode
+/// 0600, for the operator to read once and change), returned as its argon2 hash.
+fn first_password(data_dir: &std::path::Path) -> Result<String, String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = data_dir.join("admin-password");
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut raw = [0u8; 20];
+    getrandom::fill(&mut raw)
+        .map_err(|e| format!("no OS randomness for the admin password: {e}"))?;
+    let password: String = raw
+        .iter()
+        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
+        .collect();
+    std::fs::create_dir_all(data_dir)
+        .and_then(|()| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            writeln!(f, "{password}")
+        })
+        .map_err(|e| {
+            format!(
+                "cannot write {}: {e} (check permissions or pass --data-dir)",
+                path.display()
+            )
+        })?;
+    appliance::api::auth::hash_password(&password)
+}
+
+/// The banner's console line.
+fn console_line(api: Option<&config::ApiConfig>, data_dir: &std::path::Path) -> String {
+    match api {
+        Some(a) => format!(
+            "http://{} (user admin, password in {})",
+            a.listen,
+            data_dir.join("admin-password").display()
+        ),
+        None => "not configured (add an [api] section with listen and admin_password_hash to the config)".into(),
+    }
+}
+
+/// `appliance hash-password`: one line from stdin to an argon2 hash on stdout.
+fn hash_password() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("error: cannot read the password from stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    match appliance::api::auth::hash_password(line.trim_end_matches(['\r', '\n'])) {
+        Ok(h) => print_out(&format!("{h}\n")),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Writes `s` to stdout; a reader that went away (`| head`) is not an error worth a panic.

@@ -97,7 +97,15 @@ pub struct NodeEnv {
     installed_version: std::sync::atomic::AtomicU64,
     /// Membership timers (for how long a reservation change waits for the others).
     timers: MembershipTimers,
+    /// Where volumes created at run time (recorded in the log, not in the config) go to be
+    /// served; unset: such volumes are reported as problems.
+    runtime_volumes: OnceLock<tokio::sync::mpsc::UnboundedSender<crate::meta::VolumeRecord>>,
+    /// This controller's live figures (I/O, sessions, portals) for status answers.
+    live: OnceLock<LiveSource>,
 }
+
+/// Produces a controller's live figures (installed by the server, which owns the portals).
+pub type LiveSource = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// One volume's resync, as far as this replica of the log shows it: it starts when chunks are
 /// behind on reachable holders and ends when none are left. `peak` is the largest such backlog
@@ -849,7 +857,20 @@ async fn adopt_volumes(
             false
         });
         for (id, v) in &in_log {
-            if !wanted.iter().any(|(_, m)| m.id == *id) && foreign_reported.insert(*id) {
+            if wanted.iter().any(|(_, m)| m.id == *id) {
+                continue;
+            }
+            // Created at run time (through the API): served by every controller from the
+            // log's record alone, once the server listens for such volumes.
+            if v.lun.is_some() {
+                if let Some(tx) = env.runtime_volumes.get() {
+                    if foreign_reported.insert(*id) {
+                        let _ = tx.send(v.clone());
+                    }
+                }
+                continue;
+            }
+            if foreign_reported.insert(*id) {
                 let e = format!(
                     "volume {} is in the cluster but not in this controller's config; add the same [[volume]] entry as on the other controllers and restart it",
                     v.name
@@ -897,6 +918,110 @@ struct Handler {
     env: Arc<NodeEnv>,
 }
 
+/// What the operator API needs of a node: its status, its peers' and the volume records.
+#[derive(Clone)]
+pub struct NodeHandle {
+    engine: Arc<Engine>,
+    env: Arc<NodeEnv>,
+    raft: Raft<MetaTypes>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle")
+            .field("id", &self.env.me)
+            .finish()
+    }
+}
+
+impl NodeHandle {
+    /// The data path (to serve a volume created at run time).
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.clone()
+    }
+
+    /// The node's environment (the shared SCSI state of its logical units).
+    pub fn env(&self) -> Arc<NodeEnv> {
+        self.env.clone()
+    }
+
+    /// This controller's id.
+    pub fn id(&self) -> ControllerId {
+        self.env.me
+    }
+
+    /// This controller's status, as `appliance status` shows it.
+    pub fn status(&self) -> StatusReport {
+        status_of(&self.engine, &self.env, &self.raft)
+    }
+
+    /// Every other controller's status, asked over the peer transport (at most `wait` each,
+    /// all at once), with the round trip; a controller that does not answer gets the reason.
+    pub async fn peer_statuses(&self, wait: Duration) -> Vec<PeerStatus> {
+        let asks = self.env.clients.iter().map(|(id, c)| async move {
+            let t0 = std::time::Instant::now();
+            let r =
+                tokio::time::timeout(wait, c.call(0, Request::Meta(MetaOp::Status, Vec::new())))
+                    .await;
+            let report = match r {
+                Err(_) => Err(format!("no answer within {} ms", wait.as_millis())),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok(Reply::Data(d))) => {
+                    serde_json::from_slice(&d).map_err(|e| format!("unreadable status: {e}"))
+                }
+                Ok(Ok(_)) => Err("unexpected reply".to_string()),
+            };
+            PeerStatus {
+                id: *id,
+                report,
+                rtt: t0.elapsed(),
+            }
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// The volumes recorded in the metadata log, by id.
+    pub fn volume_records(&self) -> BTreeMap<u32, crate::meta::VolumeRecord> {
+        self.env
+            .applied
+            .lock()
+            .expect("state")
+            .state
+            .volumes
+            .clone()
+    }
+
+    /// Records a new volume in the metadata log; every controller then serves it. Returns the
+    /// record the log holds for that id (the first one recorded wins).
+    ///
+    /// # Errors
+    /// When the log has no reachable leader.
+    pub async fn create_volume(
+        &self,
+        rec: crate::meta::VolumeRecord,
+    ) -> Result<crate::meta::VolumeRecord, String> {
+        let id = rec.id;
+        self.env
+            .propose(MetaCommand::CreateVolume(rec))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.volume_records()
+            .remove(&id)
+            .ok_or_else(|| "the volume record was not applied".to_string())
+    }
+}
+
+/// A peer's status answer (or why there is none) and how long it took.
+#[derive(Debug)]
+pub struct PeerStatus {
+    /// The peer.
+    pub id: ControllerId,
+    /// Its status.
+    pub report: Result<StatusReport, String>,
+    /// Round trip of the status call.
+    pub rtt: Duration,
+}
+
 /// One controller's answer to `appliance status`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StatusReport {
@@ -917,25 +1042,53 @@ pub struct StatusReport {
     /// Volumes this controller does not serve, and why.
     #[serde(default)]
     pub problems: Vec<String>,
+    /// The metadata log as this replica sees it.
+    #[serde(default)]
+    pub log: LogFigures,
+    /// Live figures from the server (I/O per volume, sessions, portals); `null` when none.
+    #[serde(default)]
+    pub live: serde_json::Value,
+}
+
+/// The metadata log's progress on one replica.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct LogFigures {
+    /// Current term.
+    pub term: u64,
+    /// Index of the last log entry.
+    pub last_index: u64,
+    /// Index of the last applied entry.
+    pub applied: u64,
+}
+
+fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusReport {
+    let view = engine.view();
+    let m = raft.metrics().borrow().clone();
+    StatusReport {
+        id: env.me,
+        epoch: view.epoch,
+        leader: m.current_leader,
+        controllers: view
+            .controllers
+            .iter()
+            .map(|(id, s)| (*id, format!("{s:?}").to_lowercase()))
+            .collect(),
+        volumes: env.volume_status(engine),
+        fenced: engine.is_fenced(),
+        resync_chunks: engine.stats().resync_chunks,
+        problems: env.problems(),
+        log: LogFigures {
+            term: m.current_term,
+            last_index: m.last_log_index.unwrap_or(0),
+            applied: m.last_applied.map_or(0, |l| l.index),
+        },
+        live: env.live.get().map_or(serde_json::Value::Null, |f| f()),
+    }
 }
 
 impl Handler {
     fn status(&self) -> StatusReport {
-        let view = self.engine.view();
-        StatusReport {
-            id: self.env.me,
-            epoch: view.epoch,
-            leader: self.raft.metrics().borrow().current_leader,
-            controllers: view
-                .controllers
-                .iter()
-                .map(|(id, s)| (*id, format!("{s:?}").to_lowercase()))
-                .collect(),
-            volumes: self.env.volume_status(&self.engine),
-            fenced: self.engine.is_fenced(),
-            resync_chunks: self.engine.stats().resync_chunks,
-            problems: self.env.problems(),
-        }
+        status_of(&self.engine, &self.env, &self.raft)
     }
 }
 
@@ -1061,6 +1214,8 @@ impl ControllerNode {
             installed: std::sync::atomic::AtomicU64::new(0),
             installed_version: std::sync::atomic::AtomicU64::new(u64::MAX),
             timers: cfg.timers,
+            runtime_volumes: OnceLock::new(),
+            live: OnceLock::new(),
         });
         let view = applied.lock().expect("state").state.view();
         let engine = Arc::new(Engine::new(cfg.id, shards, env.clone(), view));
@@ -1196,6 +1351,30 @@ impl ControllerNode {
             .map(|&id| (u64::from(id), BasicNode::default()))
             .collect();
         self.raft.initialize(m).await.map_err(|e| e.to_string())
+    }
+
+    /// Volumes created at run time arrive here (each once, when this replica first sees its
+    /// record), to be opened and served by the caller. Call once, right after `start`.
+    pub fn runtime_volumes(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<crate::meta::VolumeRecord>> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.env.runtime_volumes.set(tx).ok().map(|()| rx)
+    }
+
+    /// Installs the source of this controller's live figures in its status answers.
+    pub fn set_live(&self, f: LiveSource) {
+        let _ = self.env.live.set(f);
+    }
+
+    /// A handle for the operator API (clone it freely; drop every clone before
+    /// [`ControllerNode::shutdown`], which waits for the metadata store to close).
+    pub fn handle(&self) -> NodeHandle {
+        NodeHandle {
+            engine: self.engine.clone(),
+            env: self.env.clone(),
+            raft: self.raft.clone(),
+        }
     }
 
     /// Stops serving peers and the log replica (the data stays on disk).

@@ -1,22 +1,38 @@
 //! Wires one controller together: opens backing devices, builds the device server, starts the
-//! portal, and shuts down cleanly (initiators asked to log out, writes flushed).
+//! portal and the operator API, and shuts down cleanly (initiators asked to log out, writes
+//! flushed).
+//!
+//! It also holds what the operator API sees of the controller ([`Shared`]): the LUN table
+//! every port serves, the portals' session registries, the node's status, the served volumes
+//! and the events log; and it creates volumes at run time.
 //!
 //! Invariants:
 //! - A volume's identity (NAA designator, serial) is a pure function of the target IQN and
 //!   the volume name, so it is the same on every start and every controller.
 //! - Every volume is flushed (fdatasync) before the process exits normally.
+//! - A volume created at run time is durable before it is served: in a cluster its record is
+//!   in the metadata log (every controller serves it from there, also after a restart); on a
+//!   single controller it is in `volumes.json`, replaced by rename.
+//! - Every port of a controller serves one LUN table, so a new volume appears on all of its
+//!   paths at once.
 
 use crate::config::{ClusterConfig, Config, VolumeConfig};
-use appliance::node::{ControllerNode, MembershipTimers, NodeConfig};
-use appliance::peer::PeerLimits;
+use crate::events::EventLog;
+use crate::node::{ControllerNode, MembershipTimers, NodeConfig, NodeHandle};
+use crate::peer::PeerLimits;
+use iscsi_target::driver::Registry;
 use iscsi_target::{FabricConfig, Portal, TargetInfo, Timers};
+use lun::device::LunTable;
 use lun::{DeviceServer, LogicalUnit, LuIdentity, TargetPort};
 use raid_engine::cluster::VolumeMeta;
 use raid_engine::disk_store::{store_bytes, DiskShardStore, VolumeSlots};
 use raid_engine::layout::{Geometry, Layout};
+use raid_engine::shard::StoreSet;
 use raid_engine::{ClusterVolume, LocalVolume, Volume};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
 
 /// FNV-1a 64: a stable id from the target and volume names.
@@ -29,18 +45,536 @@ pub fn volume_id(iqn: &str, name: &str) -> u64 {
     h
 }
 
+/// One served volume, as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// Name.
+    pub name: String,
+    /// LUN (the same through every portal).
+    pub lun: u16,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Data columns per stripe row (1 on a single controller).
+    pub k: usize,
+    /// Parity columns per stripe row (0 on a single controller).
+    pub m: usize,
+    /// Created through the API (not in the config file).
+    pub runtime: bool,
+}
+
+/// A request for a new volume (validated by the API, checked again here).
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// LUN; `None`: the lowest free one.
+    pub lun: Option<u16>,
+    /// Data columns (cluster only; default the cluster's).
+    pub k: Option<usize>,
+    /// Parity columns (cluster only; default the cluster's).
+    pub m: Option<usize>,
+}
+
+/// Why a volume could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The request conflicts with a volume that exists (name or LUN).
+    #[error("{message}")]
+    Conflict {
+        /// The request field.
+        field: &'static str,
+        /// What conflicts.
+        message: String,
+    },
+    /// A value the cluster cannot serve.
+    #[error("{message}")]
+    Invalid {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The controller could not do it now (metadata log unreachable, disk error).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+struct Served {
+    info: VolumeInfo,
+    volume: Arc<Volume>,
+    lu: Arc<LogicalUnit>,
+}
+
+/// What the operator API sees of a running controller.
+pub struct Shared {
+    /// The controller's config.
+    pub cfg: Config,
+    /// The LUNs every portal of this controller serves.
+    pub luns: Arc<LunTable>,
+    /// Session registries, one per portal.
+    pub registries: Vec<Arc<Registry>>,
+    /// Portal addresses.
+    pub listen: Vec<SocketAddr>,
+    /// The API's own address, once bound.
+    pub api_addr: Mutex<Option<SocketAddr>>,
+    /// The events log.
+    pub events: EventLog,
+    node: RwLock<Option<NodeHandle>>,
+    volumes: Mutex<BTreeMap<String, Served>>,
+    stores: Option<Arc<StoreSet>>,
+    creating: tokio::sync::Mutex<()>,
+    started: std::time::Instant,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("iqn", &self.cfg.iqn)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One logged-in session, as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionView {
+    /// The controller it is logged in to.
+    pub controller: u32,
+    /// InitiatorName.
+    pub initiator: String,
+    /// ISID, 12 hex digits.
+    pub isid: String,
+    /// TSIH.
+    pub tsih: u16,
+    /// Initiator address.
+    pub peer: String,
+    /// Portal.
+    pub portal: String,
+    /// Target portal group.
+    pub tpgt: u16,
+    /// Login time, seconds since the Unix epoch.
+    pub since_unix: u64,
+    /// Negotiated parameters.
+    pub params: BTreeMap<String, String>,
+    /// Commands in flight now.
+    pub in_flight: u64,
+    /// Commands answered since login.
+    pub commands: u64,
+}
+
+/// One volume's I/O counters on one controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeIo {
+    /// Volume name.
+    pub name: String,
+    /// Counters.
+    pub io: lun::stats::IoSnapshot,
+}
+
+/// A controller's live figures (in its status answers, so any controller can show every
+/// controller's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LiveFigures {
+    /// Portals.
+    pub portals: Vec<String>,
+    /// Operator API address.
+    pub api: Option<String>,
+    /// Seconds since the controller started.
+    pub uptime_secs: u64,
+    /// I/O per volume.
+    pub volumes: Vec<VolumeIo>,
+    /// Logged-in sessions.
+    pub sessions: Vec<SessionView>,
+    /// Bytes of backing storage this controller holds.
+    pub capacity_bytes: u64,
+}
+
+impl Shared {
+    /// The node, in a cluster (none once the controller is stopping).
+    pub fn node(&self) -> Option<NodeHandle> {
+        self.node.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// This controller's id (1 on a single controller).
+    pub fn id(&self) -> u32 {
+        self.cfg.cluster.as_ref().map_or(1, |c| c.id)
+    }
+
+    /// The served volumes, by name.
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        self.volumes
+            .lock()
+            .expect("volumes")
+            .values()
+            .map(|s| s.info.clone())
+            .collect()
+    }
+
+    /// This controller's live figures.
+    pub fn live(&self) -> LiveFigures {
+        let vols = self.volumes.lock().expect("volumes");
+        let volumes = vols
+            .values()
+            .map(|s| VolumeIo {
+                name: s.info.name.clone(),
+                io: s.lu.stats.snapshot(),
+            })
+            .collect();
+        let capacity_bytes = match &self.cfg.cluster {
+            Some(_) => std::fs::read_dir(&self.cfg.data_dir)
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("shards"))
+                        .filter_map(|e| e.metadata().ok())
+                        .map(|m| m.len())
+                        .sum()
+                })
+                .unwrap_or(0),
+            None => vols.values().map(|s| s.info.size_bytes).sum(),
+        };
+        drop(vols);
+        let id = self.id();
+        let sessions = self
+            .registries
+            .iter()
+            .flat_map(|r| r.sessions())
+            .map(|i| SessionView {
+                controller: id,
+                initiator: i.initiator_name.clone(),
+                isid: format!("{:012x}", i.isid),
+                tsih: i.tsih,
+                peer: i.peer.to_string(),
+                portal: i.portal.to_string(),
+                tpgt: i.tpgt,
+                since_unix: i.since_unix,
+                params: i.params.iter().cloned().collect(),
+                in_flight: i.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                commands: i.commands.load(std::sync::atomic::Ordering::Relaxed),
+            })
+            .collect();
+        LiveFigures {
+            portals: self.listen.iter().map(ToString::to_string).collect(),
+            api: self
+                .api_addr
+                .lock()
+                .expect("api addr")
+                .map(|a| a.to_string()),
+            uptime_secs: self.started.elapsed().as_secs(),
+            volumes,
+            sessions,
+            capacity_bytes,
+        }
+    }
+
+    fn lun_taken(&self, lun: u16) -> bool {
+        self.luns.get(lun).is_some()
+            || self
+                .node()
+                .is_some_and(|n| n.volume_records().values().any(|r| r.lun == Some(lun)))
+    }
+
+    /// Creates and serves a volume (in a cluster: on every controller).
+    ///
+    /// # Errors
+    /// [`CreateError`] naming the field or the cause.
+    pub async fn create_volume(&self, req: NewVolume) -> Result<VolumeInfo, CreateError> {
+        let _one_at_a_time = self.creating.lock().await;
+        crate::config::check_volume_name(&req.name).map_err(|message| CreateError::Invalid {
+            field: "name",
+            message,
+        })?;
+        crate::config::check_block_size(req.block_size).map_err(|message| {
+            CreateError::Invalid {
+                field: "block_size",
+                message,
+            }
+        })?;
+        if req.size_bytes < 1 << 20 || !req.size_bytes.is_multiple_of(4096) {
+            return Err(CreateError::Invalid {
+                field: "size",
+                message: "must be at least 1MiB and a multiple of 4KiB".into(),
+            });
+        }
+        let key = volume_id(&self.cfg.iqn, &req.name);
+        let exists = self
+            .volumes
+            .lock()
+            .expect("volumes")
+            .contains_key(&req.name)
+            || self.node().is_some_and(|n| {
+                n.volume_records()
+                    .values()
+                    .any(|r| r.name == req.name || u64::from(r.id) == key & 0xffff_ffff)
+            });
+        if exists {
+            return Err(CreateError::Conflict {
+                field: "name",
+                message: format!(
+                    "a volume named {} exists already; pick another name",
+                    req.name
+                ),
+            });
+        }
+        let lun = match req.lun {
+            Some(l) if usize::from(l) >= lun::constants::LUNS_MAX => {
+                return Err(CreateError::Invalid {
+                    field: "lun",
+                    message: format!("must be below {}", lun::constants::LUNS_MAX),
+                })
+            }
+            Some(l) if self.lun_taken(l) => {
+                return Err(CreateError::Conflict {
+                    field: "lun",
+                    message: format!(
+                        "LUN {l} is in use; leave it empty to take the lowest free one"
+                    ),
+                })
+            }
+            Some(l) => l,
+            None => (0..lun::constants::LUNS_MAX as u16)
+                .find(|l| !self.lun_taken(*l))
+                .ok_or(CreateError::Conflict {
+                    field: "lun",
+                    message: "every LUN is in use; delete a volume first".into(),
+                })?,
+        };
+        let info = match (&self.cfg.cluster, self.node()) {
+            (Some(cl), Some(node)) => {
+                let (k, m) = (req.k.unwrap_or(cl.k), req.m.unwrap_or(cl.m));
+                let controllers = cl.peers.len();
+                if k == 0 || k + m > controllers {
+                    return Err(CreateError::Invalid {
+                        field: if k == 0 { "k" } else { "m" },
+                        message: format!("k + m must be between 1 and the number of controllers ({controllers}), each shard on its own controller"),
+                    });
+                }
+                let quorum = if (k, m) == (cl.k, cl.m) {
+                    cl.write_quorum
+                } else {
+                    None
+                };
+                let geometry = Geometry::new(
+                    k,
+                    m,
+                    cl.chunk_bytes,
+                    raid_engine::layout::default_rows_per_extent(k, cl.chunk_bytes),
+                    raid_engine::codec::CodecKind::default(),
+                    quorum,
+                )
+                .map_err(|e| CreateError::Invalid {
+                    field: "k",
+                    message: e.to_string(),
+                })?;
+                let layout = Layout {
+                    size_bytes: req.size_bytes,
+                    geometry,
+                };
+                let ids: Vec<u32> = cl.peers.keys().copied().collect();
+                let meta = VolumeMeta::rotated(key as u32, layout, &ids).map_err(|e| {
+                    CreateError::Invalid {
+                        field: "size",
+                        message: e.to_string(),
+                    }
+                })?;
+                let mut rec = crate::meta::VolumeRecord::new(&req.name, &meta);
+                rec.lun = Some(lun);
+                rec.block_size = Some(req.block_size);
+                let won = node
+                    .create_volume(rec.clone())
+                    .await
+                    .map_err(CreateError::Unavailable)?;
+                if won != rec {
+                    return Err(CreateError::Conflict {
+                        field: "name",
+                        message: format!(
+                            "volume id {} is taken by volume {}; pick another name",
+                            rec.id, won.name
+                        ),
+                    });
+                }
+                // Served here once the record is applied and the shard store opened.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                loop {
+                    if let Some(s) = self.volumes.lock().expect("volumes").get(&req.name) {
+                        break s.info.clone();
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return Err(CreateError::Unavailable(format!(
+                            "volume {} is recorded in the cluster but this controller has not opened it within 30 s; see its log",
+                            req.name
+                        )));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+            _ => {
+                let info = VolumeInfo {
+                    name: req.name.clone(),
+                    lun,
+                    size_bytes: req.size_bytes,
+                    block_size: req.block_size,
+                    k: 1,
+                    m: 0,
+                    runtime: true,
+                };
+                self.serve_local(info.clone())?;
+                if let Err(e) = self.save_local_runtime() {
+                    self.unserve(&info.name);
+                    return Err(CreateError::Unavailable(e));
+                }
+                info
+            }
+        };
+        self.events.push(
+            "volume.created",
+            format!(
+                "volume {} created: {} bytes, LUN {}, k={} m={}",
+                info.name, info.size_bytes, info.lun, info.k, info.m
+            ),
+        );
+        Ok(info)
+    }
+
+    fn unserve(&self, name: &str) {
+        if let Some(s) = self.volumes.lock().expect("volumes").remove(name) {
+            self.luns.remove(s.info.lun);
+        }
+    }
+
+    fn insert_served(
+        &self,
+        info: VolumeInfo,
+        volume: Arc<Volume>,
+        lu: Arc<LogicalUnit>,
+    ) -> Result<(), CreateError> {
+        if !self.luns.insert(info.lun, Arc::clone(&lu)) {
+            return Err(CreateError::Conflict {
+                field: "lun",
+                message: format!("LUN {} is in use", info.lun),
+            });
+        }
+        self.volumes
+            .lock()
+            .expect("volumes")
+            .insert(info.name.clone(), Served { info, volume, lu });
+        Ok(())
+    }
+
+    /// A single controller's volume: its own backing file, reservations in a file.
+    fn serve_local(&self, info: VolumeInfo) -> Result<(), CreateError> {
+        let vc = VolumeConfig {
+            name: info.name.clone(),
+            lun: info.lun,
+            size_bytes: info.size_bytes,
+            block_size: info.block_size,
+        };
+        let vol = Arc::new(local_volume(&self.cfg, &vc).map_err(CreateError::Unavailable)?);
+        let key = volume_id(&self.cfg.iqn, &info.name);
+        let lu = LogicalUnit::new(
+            LuIdentity::for_volume(key),
+            info.block_size,
+            Arc::clone(&vol),
+        )
+        .with_pr_store(self.cfg.data_dir.join(format!("{}.pr", info.name)))
+        .map_err(|e| CreateError::Unavailable(e.to_string()))?;
+        self.insert_served(info, vol, Arc::new(lu))
+    }
+
+    fn save_local_runtime(&self) -> Result<(), String> {
+        let list: Vec<VolumeInfo> = self.volumes().into_iter().filter(|v| v.runtime).collect();
+        let path = self.cfg.data_dir.join("volumes.json");
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(&list).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| {
+                format!(
+                    "cannot write {}: {e} (check the data directory's permissions and free space)",
+                    path.display()
+                )
+            })
+    }
+
+    /// Serves a volume the metadata log records but the config does not (created at run
+    /// time): its own shard store file, the engine, a logical unit sharing SCSI state
+    /// through the log.
+    async fn serve_record(&self, rec: crate::meta::VolumeRecord) -> Result<(), String> {
+        let (Some(node), Some(stores), Some(lun), Some(block_size)) =
+            (self.node(), &self.stores, rec.lun, rec.block_size)
+        else {
+            return Err("not a run-time volume record".into());
+        };
+        let meta = rec.meta()?;
+        let slots = VolumeSlots {
+            volume: meta.id,
+            extents: meta.placement.len() as u64,
+            rows_per_extent: meta.layout.geometry.rows_per_extent,
+        };
+        let chunk = meta.layout.geometry.chunk_bytes as usize;
+        let mut dc = disk_io::DeviceConfig::file(
+            self.cfg
+                .data_dir
+                .join(format!("shards-{:08x}.img", meta.id)),
+            store_bytes(chunk, &[slots]),
+        );
+        dc.engine = self.cfg.engine;
+        dc.direct = self.cfg.direct;
+        let dev = Arc::new(disk_io::Device::open(&dc).map_err(|e| e.to_string())?);
+        let store = DiskShardStore::open(dev, chunk, &[slots], false)
+            .await
+            .map_err(|e| e.to_string())?;
+        stores.add(meta.id, Arc::new(store));
+        let engine = node.engine();
+        engine.add_volume(meta.clone()).map_err(|e| e.to_string())?;
+        let vol = Arc::new(Volume::Cluster(ClusterVolume::new(
+            engine,
+            meta.id,
+            meta.layout.size_bytes,
+        )));
+        let key = volume_id(&self.cfg.iqn, &rec.name);
+        let env = node.env();
+        let lu = Arc::new(
+            LogicalUnit::new(LuIdentity::for_volume(key), block_size, Arc::clone(&vol))
+                .with_shared_state(key, env.clone()),
+        );
+        env.register_lu(key, &lu);
+        let info = VolumeInfo {
+            name: rec.name.clone(),
+            lun,
+            size_bytes: rec.size_bytes,
+            block_size,
+            k: rec.k,
+            m: rec.m,
+            runtime: true,
+        };
+        self.insert_served(info, vol, lu)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(volume = %rec.name, lun, "serving a volume created at run time");
+        Ok(())
+    }
+}
+
 /// A running controller.
 #[derive(Debug)]
 pub struct Controller {
-    volumes: Vec<Arc<Volume>>,
+    shared: Arc<Shared>,
     node: Option<ControllerNode>,
     /// The addresses the portals actually listen on, in config order.
-    pub listen: Vec<std::net::SocketAddr>,
+    pub listen: Vec<SocketAddr>,
     portals: Vec<(iscsi_target::driver::Server, tokio::net::TcpListener)>,
+    api: Option<tokio::net::TcpListener>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Controller {
-    /// Opens devices and binds the portal.
+    /// Opens devices and binds the portal (and the API, when configured).
     ///
     /// # Errors
     /// A message naming the likely cause and the fix.
@@ -52,12 +586,13 @@ impl Controller {
             )
         })?;
         // Cluster volumes from the engine, or one local device per volume.
-        let (mut node, backends) = match &cfg.cluster {
+        let (node, stores, backends) = match &cfg.cluster {
             Some(cl) => {
-                let (n, vols) = start_cluster(cfg, cl).await?;
-                (Some(n), vols)
+                let (n, stores, vols) = start_cluster(cfg, cl).await?;
+                (Some(n), Some(stores), vols)
             }
             None => (
+                None,
                 None,
                 cfg.volumes
                     .iter()
@@ -65,8 +600,9 @@ impl Controller {
                     .collect::<Result<_, _>>()?,
             ),
         };
+        let (k, m) = cfg.cluster.as_ref().map_or((1, 0), |c| (c.k, c.m));
+        let mut served = BTreeMap::new();
         let mut luns = BTreeMap::new();
-        let mut volumes = Vec::new();
         for (v, vol) in cfg.volumes.iter().zip(backends) {
             let vol = Arc::new(vol);
             let key = volume_id(&cfg.iqn, &v.name);
@@ -83,9 +619,25 @@ impl Controller {
             if let Some(n) = &node {
                 n.env.register_lu(key, &lu);
             }
-            luns.insert(v.lun, lu);
-            volumes.push(vol);
+            luns.insert(v.lun, Arc::clone(&lu));
+            served.insert(
+                v.name.clone(),
+                Served {
+                    info: VolumeInfo {
+                        name: v.name.clone(),
+                        lun: v.lun,
+                        size_bytes: v.size_bytes,
+                        block_size: v.block_size,
+                        k,
+                        m,
+                        runtime: false,
+                    },
+                    volume: vol,
+                    lu,
+                },
+            );
         }
+        let table = Arc::new(LunTable::new(luns));
         // Bind every portal first: SendTargets on each lists them all.
         let mut listeners = Vec::new();
         for addr in &cfg.listen {
@@ -139,6 +691,7 @@ impl Controller {
         // One set of access states for every port of this controller, kept in step with the
         // cluster's membership (all active/optimized for a single controller).
         let alua = Arc::new(lun::alua::AccessStates::default());
+        let mut node = node;
         if let Some(n) = node.as_mut() {
             n.publish_access_states(alua.clone());
         }
@@ -146,7 +699,8 @@ impl Controller {
         let chap_challenges = Arc::new(iscsi_target::ChapChallengeHistory::default());
         for (listener, port) in listeners.into_iter().zip(&ports) {
             let device = Arc::new(
-                DeviceServer::new(*port, luns.clone())
+                DeviceServer::new(*port, BTreeMap::new())
+                    .with_lun_table(Arc::clone(&table))
                     .with_port_groups(groups.clone())
                     .with_access_states(alua.clone()),
             );
@@ -177,12 +731,96 @@ impl Controller {
                 listener,
             ));
         }
+        let api = match &cfg.api {
+            Some(a) => Some(tokio::net::TcpListener::bind(a.listen).await.map_err(|e| {
+                format!("cannot listen for the API and console on {}: {e} (another program may use the port; change api.listen)", a.listen)
+            })?),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
+            luns: table,
+            registries: portals
+                .iter()
+                .map(|(s, _)| Arc::clone(s.registry()))
+                .collect(),
+            listen: listen.clone(),
+            api_addr: Mutex::new(api.as_ref().and_then(|l| l.local_addr().ok())),
+            events: EventLog::open(&cfg.data_dir.join("events.jsonl")),
+            node: RwLock::new(node.as_ref().map(ControllerNode::handle)),
+            volumes: Mutex::new(served),
+            stores,
+            creating: tokio::sync::Mutex::new(()),
+            started: std::time::Instant::now(),
+        });
+        let mut tasks = Vec::new();
+        match &node {
+            Some(n) => {
+                let weak = Arc::downgrade(&shared);
+                n.set_live(Box::new(move || {
+                    weak.upgrade()
+                        .and_then(|s| serde_json::to_value(s.live()).ok())
+                        .unwrap_or(serde_json::Value::Null)
+                }));
+                if let Some(mut rx) = n.runtime_volumes() {
+                    let weak = Arc::downgrade(&shared);
+                    tasks.push(tokio::spawn(async move {
+                        while let Some(rec) = rx.recv().await {
+                            let Some(s) = weak.upgrade() else { break };
+                            let name = rec.name.clone();
+                            if let Err(e) = s.serve_record(rec).await {
+                                tracing::error!(volume = %name, "cannot serve a volume created at run time: {e}");
+                                s.events.push("volume.problem", format!("volume {name} is not served by this controller: {e}"));
+                            }
+                        }
+                    }));
+                }
+                tasks.push(tokio::spawn(crate::events::watch_cluster(Arc::downgrade(
+                    &shared,
+                ))));
+            }
+            None => {
+                // Volumes created through the API on an earlier run.
+                let path = cfg.data_dir.join("volumes.json");
+                if path.exists() {
+                    let list: Vec<VolumeInfo> = std::fs::read(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                        .map_err(|e| format!("cannot read {}: {e} (restore it from a backup, or remove it to forget the volumes created through the API)", path.display()))?;
+                    for v in list {
+                        let name = v.name.clone();
+                        shared
+                            .serve_local(v)
+                            .map_err(|e| format!("volume {name} from {}: {e}", path.display()))?;
+                    }
+                }
+            }
+        }
+        shared.events.push(
+            "controller.started",
+            format!(
+                "controller {} started, portals {}",
+                shared.id(),
+                listen
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
         Ok(Self {
-            volumes,
+            shared,
             node,
             listen,
             portals,
+            api,
+            tasks,
         })
+    }
+
+    /// What the operator API sees of this controller.
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
     }
 
     /// Serves until `shutdown` turns true, then flushes every volume.
@@ -192,12 +830,39 @@ impl Controller {
             let rx = shutdown.clone();
             serving.spawn(async move { server.serve(listener, rx).await });
         }
+        if let Some(listener) = self.api {
+            let app = crate::api::router(crate::api::ApiState::new(Arc::clone(&self.shared)));
+            let mut rx = shutdown.clone();
+            serving.spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+                {
+                    tracing::error!(cause = %e, "the API server stopped");
+                }
+            });
+        }
         while serving.join_next().await.is_some() {}
-        for v in &self.volumes {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let served: Vec<Arc<Volume>> = self
+            .shared
+            .volumes
+            .lock()
+            .expect("volumes")
+            .values()
+            .map(|s| Arc::clone(&s.volume))
+            .collect();
+        for v in &served {
             if let Err(e) = v.flush().await {
                 tracing::error!(cause = %e, "flush at shutdown failed");
             }
         }
+        *self.shared.node.write().unwrap_or_else(|p| p.into_inner()) = None;
         if let Some(n) = self.node {
             n.shutdown().await;
         }
@@ -254,7 +919,7 @@ fn cluster_volume_id(cfg: &Config, v: &VolumeConfig) -> u32 {
 async fn start_cluster(
     cfg: &Config,
     cl: &ClusterConfig,
-) -> Result<(ControllerNode, Vec<Volume>), String> {
+) -> Result<(ControllerNode, Arc<StoreSet>, Vec<Volume>), String> {
     let named: Vec<(String, VolumeMeta)> = cfg
         .volumes
         .iter()
@@ -289,8 +954,9 @@ async fn start_cluster(
         timers: MembershipTimers::default(),
         bootstrap: cl.bootstrap,
     };
+    let stores = Arc::new(StoreSet::new(Arc::new(store)));
     let node =
-        ControllerNode::start(&node_cfg, &cfg.data_dir, listener, Arc::new(store), named).await?;
+        ControllerNode::start(&node_cfg, &cfg.data_dir, listener, stores.clone(), named).await?;
     if cl.bootstrap {
         let members: Vec<u32> = cl.peers.keys().copied().collect();
         match node.initialize(&members).await {
@@ -308,5 +974,5 @@ async fn start_cluster(
             ))
         })
         .collect();
-    Ok((node, vols))
+    Ok((node, stores, vols))
 }

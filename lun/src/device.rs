@@ -106,6 +106,8 @@ pub struct LogicalUnit {
     /// Per nexus: bumped when its tasks are aborted (PREEMPT AND ABORT); tasks admitted
     /// before the bump end TASK ABORTED.
     nexus_aborts: Mutex<BTreeMap<ItNexus, u64>>,
+    /// I/O counters of this LU on this controller.
+    pub stats: crate::stats::IoStats,
     /// In a cluster: this LU's key in the metadata log and where its reservation changes go.
     shared: Option<(u64, Arc<dyn SharedScsi>)>,
     /// Whether the shared state has been installed once (until then only INQUIRY and the
@@ -142,6 +144,7 @@ impl LogicalUnit {
             epoch: std::sync::atomic::AtomicU64::new(0),
             alua_announced: std::sync::atomic::AtomicU64::new(0),
             nexus_aborts: Mutex::new(BTreeMap::new()),
+            stats: crate::stats::IoStats::default(),
             shared: None,
             shared_ready: AtomicBool::new(false),
         }
@@ -479,10 +482,59 @@ pub fn encode_lun(lun: u16) -> u64 {
     u64::from_be_bytes([b0, lun as u8, 0, 0, 0, 0, 0, 0])
 }
 
+/// The LUNs a controller exports, shared by its ports. Readers take a snapshot (an `Arc`
+/// clone under a read lock held for a moment); a volume created or deleted at run time swaps
+/// in a new map, so a command never sees a half-updated table.
+#[derive(Debug, Default)]
+pub struct LunTable(std::sync::RwLock<Arc<BTreeMap<u16, Arc<LogicalUnit>>>>);
+
+impl LunTable {
+    /// A table holding `luns`.
+    pub fn new(luns: BTreeMap<u16, Arc<LogicalUnit>>) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(luns)))
+    }
+
+    /// The LUNs now.
+    pub fn load(&self) -> Arc<BTreeMap<u16, Arc<LogicalUnit>>> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The LU at `lun`.
+    pub fn get(&self, lun: u16) -> Option<Arc<LogicalUnit>> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&lun)
+            .cloned()
+    }
+
+    /// Adds `lu` at `lun`. Refused (returns `false`) when the LUN is taken or the table holds
+    /// [`crate::constants::LUNS_MAX`] LUNs already.
+    pub fn insert(&self, lun: u16, lu: Arc<LogicalUnit>) -> bool {
+        let mut g = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if g.contains_key(&lun) || g.len() >= crate::constants::LUNS_MAX {
+            return false;
+        }
+        let mut next = (**g).clone();
+        next.insert(lun, lu);
+        *g = Arc::new(next);
+        true
+    }
+
+    /// Removes the LU at `lun`, returning it.
+    pub fn remove(&self, lun: u16) -> Option<Arc<LogicalUnit>> {
+        let mut g = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = (**g).clone();
+        let old = next.remove(&lun);
+        *g = Arc::new(next);
+        old
+    }
+}
+
 /// The device server of one target port.
 #[derive(Debug)]
 pub struct DeviceServer {
-    luns: BTreeMap<u16, Arc<LogicalUnit>>,
+    luns: Arc<LunTable>,
     port: TargetPort,
     /// Every target port (group) that serves these LUs, this one included, for REPORT TARGET
     /// PORT GROUPS.
@@ -499,7 +551,7 @@ impl DeviceServer {
     pub fn new(port: TargetPort, luns: BTreeMap<u16, Arc<LogicalUnit>>) -> Self {
         assert!(luns.len() <= crate::constants::LUNS_MAX);
         Self {
-            luns,
+            luns: Arc::new(LunTable::new(luns)),
             port,
             port_groups: vec![port],
             alua: Arc::default(),
@@ -529,8 +581,20 @@ impl DeviceServer {
         self.alua.state(group) != alua::AccessState::Unavailable
     }
 
-    /// The LUNs.
-    pub fn luns(&self) -> &BTreeMap<u16, Arc<LogicalUnit>> {
+    /// Shares `table` as this server's LUNs (every port of a controller serves one table, so
+    /// a volume created or deleted at run time appears or goes on all of them at once).
+    pub fn with_lun_table(mut self, table: Arc<LunTable>) -> Self {
+        self.luns = table;
+        self
+    }
+
+    /// The LUNs now.
+    pub fn luns(&self) -> Arc<BTreeMap<u16, Arc<LogicalUnit>>> {
+        self.luns.load()
+    }
+
+    /// The LUN table (shared with the other ports of this controller).
+    pub fn lun_table(&self) -> &Arc<LunTable> {
         &self.luns
     }
 
@@ -538,7 +602,7 @@ impl DeviceServer {
     /// (CmdSN order), before running them concurrently: ORDERED and HEAD OF QUEUE semantics
     /// follow admission order.
     pub fn admit(&self, cmd: ScsiCommand) -> Admitted {
-        let lu = decode_lun(cmd.lun).and_then(|l| self.luns.get(&l)).cloned();
+        let lu = decode_lun(cmd.lun).and_then(|l| self.luns.get(l));
         let (ticket, full, epoch, nexus_epoch) = match &lu {
             Some(lu) => {
                 let epoch = lu.epoch.load(Ordering::Acquire);
@@ -586,7 +650,23 @@ impl DeviceServer {
             ..
         } = a;
         let nexus = cmd.nexus.clone();
-        let outcome = self.execute_now(cmd).await;
+        let counted = lu.as_ref().map(|lu| {
+            let kind = crate::stats::kind_of(&cmd.cdb);
+            let bytes = match kind {
+                crate::stats::IoKind::Read => u64::from(cmd.data_in_len),
+                _ => cmd.data_out.len() as u64,
+            };
+            (Arc::clone(lu), kind, bytes)
+        });
+        let outcome = match &counted {
+            Some((lu, kind, bytes)) => {
+                let t = lu.stats.start();
+                let o = self.execute_now(cmd).await;
+                t.finish(*kind, *bytes, o.status == CommandStatus::Good);
+                o
+            }
+            None => self.execute_now(cmd).await,
+        };
         drop(ticket);
         if cleared(lu.as_ref(), epoch, nexus_epoch, &nexus) {
             return CommandOutcome::status(CommandStatus::TaskAborted);
@@ -598,7 +678,7 @@ impl DeviceServer {
     /// a response), and the other nexuses that had tasks there get COMMANDS CLEARED BY ANOTHER
     /// INITIATOR.
     pub fn clear_task_set(&self, by: &ItNexus, lun: u64) {
-        let Some(lu) = decode_lun(lun).and_then(|l| self.luns.get(&l)) else {
+        let Some(lu) = decode_lun(lun).and_then(|l| self.luns.get(l)) else {
             return;
         };
         let had_tasks = lu.tasks.nexuses();
@@ -615,7 +695,7 @@ impl DeviceServer {
     }
 
     async fn execute_now(&self, cmd: ScsiCommand) -> CommandOutcome {
-        let lu = decode_lun(cmd.lun).and_then(|l| self.luns.get(&l)).cloned();
+        let lu = decode_lun(cmd.lun).and_then(|l| self.luns.get(l));
         let descriptor = lu.as_ref().is_some_and(|l| l.descriptor_sense());
         let decoded = cdb::decode(&cmd.cdb);
         let mut wanted = None;
@@ -820,7 +900,7 @@ impl DeviceServer {
 
     /// The I_T nexus is gone: tell every LU.
     pub async fn nexus_lost(&self, nexus: &ItNexus) {
-        for lu in self.luns.values() {
+        for lu in self.luns.load().values() {
             lu.nexus_lost(nexus).await;
         }
     }
@@ -828,7 +908,7 @@ impl DeviceServer {
     /// A LOGICAL UNIT RESET from `by` (`lun` set) or a target reset (`lun` None). Returns
     /// once it has taken effect (in a cluster: on every controller).
     pub async fn reset(&self, by: &ItNexus, lun: Option<u64>) {
-        for (l, lu) in &self.luns {
+        for (l, lu) in self.luns.load().iter() {
             if lun.is_none_or(|raw| decode_lun(raw) == Some(*l)) {
                 lu.reset(by).await;
             }
@@ -1264,9 +1344,9 @@ impl DeviceServer {
         // SPC-4 §6.33: 00h LUs, 01h well-known LUs, 02h both; SPC-5 adds 10h-12h for
         // administrative/subsidiary LUs, of which there are none here.
         let (luns, wlun): (Vec<u16>, bool) = match select {
-            0x00 | 0x11 => (self.luns.keys().copied().collect(), false),
+            0x00 | 0x11 => (self.luns.load().keys().copied().collect(), false),
             0x01 => (Vec::new(), true),
-            0x02 => (self.luns.keys().copied().collect(), true),
+            0x02 => (self.luns.load().keys().copied().collect(), true),
             0x10 | 0x12 => (Vec::new(), false),
             _ => return Err(SenseReason::InvalidFieldInCdb { byte: 2, bit: None }),
         };

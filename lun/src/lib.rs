@@ -25,6 +25,7 @@ pub mod pr_store;
 pub mod sense;
 pub mod serde_pairs;
 pub mod shared;
+pub mod stats;
 pub mod task_set;
 
 pub use command::{CommandOutcome, DataIn, ItNexus, ScsiCommand, TaskAttr};

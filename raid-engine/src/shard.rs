@@ -207,6 +207,54 @@ impl ShardStore for MemShardStore {
     }
 }
 
+/// Several stores behind one: a volume's chunks go to the store registered for it, every
+/// other volume's to the base store. Volumes created at run time get a store of their own
+/// (the base store's slots are fixed when it is formatted).
+#[derive(Debug)]
+pub struct StoreSet {
+    base: std::sync::Arc<dyn ShardStore>,
+    extra: std::sync::RwLock<HashMap<VolumeId, std::sync::Arc<dyn ShardStore>>>,
+}
+
+impl StoreSet {
+    /// Every volume in `base` until [`StoreSet::add`] says otherwise.
+    pub fn new(base: std::sync::Arc<dyn ShardStore>) -> Self {
+        Self {
+            base,
+            extra: std::sync::RwLock::default(),
+        }
+    }
+
+    /// Routes `volume`'s chunks to `store` from now on.
+    pub fn add(&self, volume: VolumeId, store: std::sync::Arc<dyn ShardStore>) {
+        self.extra
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(volume, store);
+    }
+
+    fn pick(&self, volume: VolumeId) -> std::sync::Arc<dyn ShardStore> {
+        self.extra
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&volume)
+            .unwrap_or(&self.base)
+            .clone()
+    }
+}
+
+impl ShardStore for StoreSet {
+    fn read(&self, addr: ChunkAddr) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
+        let s = self.pick(addr.volume);
+        Box::pin(async move { s.read(addr).await })
+    }
+
+    fn write(&self, addr: ChunkAddr, chunk: Chunk) -> BoxFut<'_, Result<(), ShardError>> {
+        let s = self.pick(addr.volume);
+        Box::pin(async move { s.write(addr, chunk).await })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

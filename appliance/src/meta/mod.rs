@@ -148,6 +148,12 @@ pub struct VolumeRecord {
     pub write_quorum: usize,
     /// Placement set of each extent.
     pub placement: Vec<Vec<u32>>,
+    /// LUN of a volume created at run time (config volumes take theirs from the config).
+    #[serde(default)]
+    pub lun: Option<u16>,
+    /// Logical block size of a volume created at run time.
+    #[serde(default)]
+    pub block_size: Option<u32>,
 }
 
 impl VolumeRecord {
@@ -165,6 +171,8 @@ impl VolumeRecord {
             codec: g.codec.code(),
             write_quorum: g.write_quorum,
             placement: meta.placement.clone(),
+            lun: None,
+            block_size: None,
         }
     }
 

@@ -30,13 +30,42 @@ use tracing::Instrument;
 const READ_CHUNK: usize = 256 * 1024;
 
 type SessionKey = (String, u64, String);
+/// A session's connection id, its kill switch (reinstatement) and what operators see of it.
+type SessionEntry = (u64, Arc<Notify>, Arc<SessionInfo>);
 
 /// State shared by every connection of a portal: TSIH allocation and the session table.
 #[derive(Debug, Default)]
 pub struct Registry {
     next_tsih: AtomicU16,
     next_conn: AtomicU64,
-    sessions: Mutex<HashMap<SessionKey, (u64, Arc<Notify>)>>,
+    sessions: Mutex<HashMap<SessionKey, SessionEntry>>,
+}
+
+/// What an operator sees of one logged-in session.
+#[derive(Debug)]
+pub struct SessionInfo {
+    /// InitiatorName.
+    pub initiator_name: String,
+    /// ISID (6 bytes, as a number).
+    pub isid: u64,
+    /// TargetName.
+    pub target: String,
+    /// TSIH.
+    pub tsih: u16,
+    /// The initiator's address.
+    pub peer: SocketAddr,
+    /// The portal it logged in through.
+    pub portal: SocketAddr,
+    /// Target portal group tag.
+    pub tpgt: u16,
+    /// When the login completed (seconds since the Unix epoch).
+    pub since_unix: u64,
+    /// Negotiated operational parameters (key, value) as RFC 7143 names them.
+    pub params: Vec<(String, String)>,
+    /// Commands admitted and not yet answered.
+    pub in_flight: AtomicU64,
+    /// Commands answered since login.
+    pub commands: AtomicU64,
 }
 
 impl Registry {
@@ -52,6 +81,19 @@ impl Registry {
     /// Number of logged-in normal sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.lock().expect("registry lock").len()
+    }
+
+    /// Every logged-in normal session.
+    pub fn sessions(&self) -> Vec<Arc<SessionInfo>> {
+        let mut v: Vec<_> = self
+            .sessions
+            .lock()
+            .expect("registry lock")
+            .values()
+            .map(|(_, _, i)| Arc::clone(i))
+            .collect();
+        v.sort_by(|a, b| (&a.initiator_name, a.isid).cmp(&(&b.initiator_name, b.isid)));
+        v
     }
 }
 
@@ -141,6 +183,8 @@ impl Server {
         let (out_tx, mut out_rx) = mpsc::unbounded_channel();
         let kill = Arc::new(Notify::new());
         let mut session_key: Option<SessionKey> = None;
+        let mut info: Option<Arc<SessionInfo>> = None;
+        let portal = sock.local_addr().unwrap_or(peer);
         let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
         let mut outbuf: Vec<u8> = Vec::new();
         let mut closing: Option<String> = None;
@@ -157,8 +201,16 @@ impl Server {
                         let tx = out_tx.clone();
                         // Admission happens here, in CmdSN order; execution is concurrent.
                         let admitted = dev.admit(cmd);
+                        let counted = info.clone();
+                        if let Some(i) = &counted {
+                            i.in_flight.fetch_add(1, Ordering::Relaxed);
+                        }
                         tokio::spawn(async move {
                             let outcome = dev.run(admitted).await;
+                            if let Some(i) = counted {
+                                i.in_flight.fetch_sub(1, Ordering::Relaxed);
+                                i.commands.fetch_add(1, Ordering::Relaxed);
+                            }
                             let _ = tx.send((itt, outcome));
                         });
                     }
@@ -168,14 +220,30 @@ impl Server {
                         target,
                         tsih,
                     } => {
+                        let i = Arc::new(SessionInfo {
+                            initiator_name: initiator_name.clone(),
+                            isid,
+                            target: target.clone(),
+                            tsih,
+                            peer,
+                            portal,
+                            tpgt: self.cfg.tpgt,
+                            since_unix: std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs()),
+                            params: conn.params().key_values(),
+                            in_flight: AtomicU64::new(0),
+                            commands: AtomicU64::new(0),
+                        });
+                        info = Some(Arc::clone(&i));
                         let key = (initiator_name, isid, target);
                         let old = self
                             .registry
                             .sessions
                             .lock()
                             .expect("registry lock")
-                            .insert(key.clone(), (conn_id, Arc::clone(&kill)));
-                        if let Some((_, old_kill)) = old {
+                            .insert(key.clone(), (conn_id, Arc::clone(&kill), i));
+                        if let Some((_, old_kill, _)) = old {
                             tracing::info!(
                                 tsih,
                                 "session reinstatement: closing the older session with this ISID"
@@ -260,7 +328,7 @@ impl Server {
         }
         if let Some(key) = session_key {
             let mut s = self.registry.sessions.lock().expect("registry lock");
-            if s.get(&key).is_some_and(|(id, _)| *id == conn_id) {
+            if s.get(&key).is_some_and(|(id, _, _)| *id == conn_id) {
                 s.remove(&key);
             }
         }

@@ -46,6 +46,43 @@ pub struct SessionParams {
     pub target_mrdsl: u32,
 }
 
+impl SessionParams {
+    /// The operational parameters as RFC 7143 key names and values, for operators.
+    pub fn key_values(&self) -> Vec<(String, String)> {
+        let yn = |b: bool| if b { "Yes" } else { "No" }.to_string();
+        let digest = |b: bool| if b { "CRC32C" } else { "None" }.to_string();
+        vec![
+            ("HeaderDigest".into(), digest(self.header_digest)),
+            ("DataDigest".into(), digest(self.data_digest)),
+            ("MaxConnections".into(), self.max_connections.to_string()),
+            ("InitialR2T".into(), yn(self.initial_r2t)),
+            ("ImmediateData".into(), yn(self.immediate_data)),
+            ("MaxBurstLength".into(), self.max_burst.to_string()),
+            ("FirstBurstLength".into(), self.first_burst.to_string()),
+            ("DefaultTime2Wait".into(), self.time2wait.to_string()),
+            ("DefaultTime2Retain".into(), self.time2retain.to_string()),
+            (
+                "MaxOutstandingR2T".into(),
+                self.max_outstanding_r2t.to_string(),
+            ),
+            ("DataPDUInOrder".into(), yn(self.data_pdu_in_order)),
+            (
+                "DataSequenceInOrder".into(),
+                yn(self.data_sequence_in_order),
+            ),
+            ("ErrorRecoveryLevel".into(), self.erl.to_string()),
+            (
+                "MaxRecvDataSegmentLength (initiator)".into(),
+                self.initiator_mrdsl.to_string(),
+            ),
+            (
+                "MaxRecvDataSegmentLength (target)".into(),
+                self.target_mrdsl.to_string(),
+            ),
+        ]
+    }
+}
+
 impl Default for SessionParams {
     /// RFC 7143 defaults.
     fn default() -> Self {
