@@ -24,6 +24,19 @@ for tool in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is still missing after installing libiscsi-bin" >&2; exit 1; }
 done
 
+# The console's browser test: Debian's chromium, driven by playwright-core from npm (the
+# version pinned in tests/console/package-lock.json; it never downloads a browser of its own).
+command -v chromium >/dev/null 2>&1 || {
+  log "installing chromium"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
+}
+command -v node >/dev/null 2>&1 || { echo "error: node is missing (the browser test needs Node.js 20 or later)" >&2; exit 1; }
+if [ ! -d tests/console/node_modules/playwright-core ]; then
+  log "installing playwright-core (npm ci in tests/console)"
+  (cd tests/console && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
 # cargo-fuzz, for the fuzz smoke (stable toolchain: --sanitizer none).
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   log "installing cargo-fuzz"

@@ -132,7 +132,8 @@ pub async fn watch_cluster(shared: Weak<crate::server::Shared>) {
             .collect();
         for v in &st.volumes {
             let old = health.insert(v.id, v.health.clone());
-            if !first && old.as_deref() != Some(v.health.as_str()) {
+            // A volume seen for the first time has its own `volume.created` event.
+            if !first && old.is_some() && old.as_deref() != Some(v.health.as_str()) {
                 let name = names
                     .get(&v.id)
                     .cloned()
