@@ -37,6 +37,15 @@ if [ ! -d tests/console/node_modules/playwright-core ]; then
   (cd tests/console && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+# promtool (checks /metrics), unpacked from Debian's prometheus package into target/promtool:
+# nothing is installed system-wide and no Prometheus service is started.
+if [ ! -x target/promtool/usr/bin/promtool ]; then
+  log "unpacking promtool from Debian's prometheus package"
+  mkdir -p target/promtool
+  (cd target/promtool && rm -f prometheus_*.deb && { apt-get download prometheus >/dev/null 2>&1 || { as_root apt-get update -qq && apt-get download prometheus >/dev/null; }; } && dpkg -x prometheus_*.deb .)
+  [ -x target/promtool/usr/bin/promtool ] || { echo "error: promtool is missing after unpacking prometheus" >&2; exit 1; }
+fi
+
 # cargo-fuzz, for the fuzz smoke (stable toolchain: --sanitizer none).
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   log "installing cargo-fuzz"

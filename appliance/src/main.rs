@@ -9,6 +9,8 @@
 
 #![forbid(unsafe_code)]
 
+mod cli;
+
 use appliance::config::{self, Config};
 use appliance::server;
 use clap::{Parser, Subcommand};
@@ -54,6 +56,34 @@ enum Cmd {
     },
     /// Read a password on stdin and print its argon2 hash for `api.admin_password_hash`.
     HashPassword,
+    /// Volumes, through the API of any controller.
+    Volume {
+        #[command(subcommand)]
+        cmd: cli::VolumeCmd,
+        #[command(flatten)]
+        api: cli::ApiArgs,
+    },
+    /// Controllers, through the API of any controller.
+    Controller {
+        #[command(subcommand)]
+        cmd: cli::ControllerCmd,
+        #[command(flatten)]
+        api: cli::ApiArgs,
+    },
+    /// iSCSI sessions, through the API of any controller.
+    Session {
+        #[command(subcommand)]
+        cmd: cli::SessionCmd,
+        #[command(flatten)]
+        api: cli::ApiArgs,
+    },
+    /// Long-running jobs (resync), through the API of any controller.
+    Job {
+        #[command(subcommand)]
+        cmd: cli::JobCmd,
+        #[command(flatten)]
+        api: cli::ApiArgs,
+    },
     /// Run one controller from a config file.
     Run {
         /// Path to the TOML config.
@@ -95,6 +125,10 @@ fn main() -> ExitCode {
     let (cfg, banner) = match cli.cmd {
         Cmd::Status { peer, json } => return status(&peer, json),
         Cmd::HashPassword => return hash_password(),
+        Cmd::Volume { cmd, api } => return cli::volume(&api, cmd),
+        Cmd::Controller { cmd, api } => return cli::controller(&api, cmd),
+        Cmd::Session { cmd, api } => return cli::session(&api, cmd),
+        Cmd::Job { cmd, api } => return cli::job(&api, cmd),
         Cmd::CheckConfig { config } => {
             return match Config::load(&config) {
                 Ok(_) => {
@@ -671,6 +705,17 @@ fn print_out(s: &str) -> ExitCode {
             eprintln!("error: cannot write to stdout: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A job from the API as the progress the status command draws.
+fn node_progress(j: &serde_json::Value) -> appliance::node::ResyncProgress {
+    let n = |k: &str| j[k].as_u64().unwrap_or(0) as usize;
+    appliance::node::ResyncProgress {
+        total: n("total"),
+        done: n("done"),
+        chunks_per_sec: j["rate"].as_f64().unwrap_or(0.0),
+        eta_secs: j["eta_secs"].as_f64(),
     }
 }
 

@@ -4,6 +4,7 @@
 //! `target/debug` (the test command builds it first). A missing binary fails the test loudly.
 //! Each process is stopped by PID when its handle is dropped.
 
+use std::io::BufRead as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -218,4 +219,81 @@ pub fn run_tool(prog: &str, args: &[&str]) -> (bool, String) {
     let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
     s.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), s)
+}
+
+/// Starts `appliance up` (three controllers) with its own ports: portals from `base`, peers from `base + 1000`, console
+/// from `api`. Returns the process, its banner, the first portal port and the first console port.
+///
+/// # Panics
+/// When it cannot start (other than for a busy port, which it retries elsewhere).
+pub fn up(dir: &std::path::Path) -> (Child, String, u16, u16) {
+    for attempt in 0..20u32 {
+        let spread = (std::process::id() * 7 + attempt * 131) % 4000;
+        let base = u16::try_from(20000 + spread * 2).expect("below 65536");
+        let api = base + 10000;
+        let mut child = Command::new(binary())
+            .args(["up", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", &format!("127.0.0.1:{base}")])
+            .args(["--api", &format!("127.0.0.1:{api}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start appliance up");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut banner = String::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if out.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            banner.push_str(&line);
+            if line.starts_with("Press Ctrl-C") {
+                // Keep draining stdout so the process never blocks on a full pipe.
+                std::thread::spawn(move || {
+                    let mut sink = String::new();
+                    while out.read_line(&mut sink).unwrap_or(0) > 0 {
+                        sink.clear();
+                    }
+                });
+                return (child, banner, base, api);
+            }
+        }
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err);
+        let _ = child.wait();
+        assert!(
+            err.contains("cannot") && err.contains("127.0.0.1"),
+            "appliance up failed for another reason than a busy port:\n{banner}{err}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    panic!("no free ports for appliance up after 20 attempts");
+}
+
+/// The pid `appliance up` printed for `controller`.
+///
+/// # Panics
+/// When the banner has none.
+pub fn pid_of(banner: &str, controller: u32) -> u32 {
+    banner
+        .lines()
+        .find(|l| l.contains(&format!("(controller {controller},")))
+        .and_then(|l| l.rsplit("pid ").next())
+        .and_then(|p| p.trim_end_matches(')').trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid for controller {controller} in the banner:\n{banner}"))
+}
+
+/// Sends `sig` (e.g. `-TERM`) to `pid`, a process this test started.
+///
+/// # Panics
+/// When kill(1) fails.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
 }

@@ -13,76 +13,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::appliance::binary;
+use tests::appliance::{pid_of, signal, up};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `appliance up` with its own ports: portals from `base`, peers from `base + 1000`, console
-/// from `api`. Returns the process and its banner.
-fn up(dir: &Path) -> (Child, String, u16, u16) {
-    for attempt in 0..20u32 {
-        let spread = (std::process::id() * 7 + attempt * 131) % 4000;
-        let base = u16::try_from(20000 + spread * 2).expect("below 65536");
-        let api = base + 10000;
-        let mut child = Command::new(binary())
-            .args(["up", "--data-dir"])
-            .arg(dir)
-            .args(["--listen", &format!("127.0.0.1:{base}")])
-            .args(["--api", &format!("127.0.0.1:{api}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start appliance up");
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut banner = String::new();
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if out.read_line(&mut line).unwrap_or(0) == 0 {
-                break;
-            }
-            banner.push_str(&line);
-            if line.starts_with("Press Ctrl-C") {
-                // Keep draining stdout so the process never blocks on a full pipe.
-                std::thread::spawn(move || {
-                    let mut sink = String::new();
-                    while out.read_line(&mut sink).unwrap_or(0) > 0 {
-                        sink.clear();
-                    }
-                });
-                return (child, banner, base, api);
-            }
-        }
-        let mut err = String::new();
-        let _ = std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err);
-        let _ = child.wait();
-        assert!(
-            err.contains("cannot") && err.contains("127.0.0.1"),
-            "appliance up failed for another reason than a busy port:\n{banner}{err}"
-        );
-        let _ = std::fs::remove_dir_all(dir);
-    }
-    panic!("no free ports for appliance up after 20 attempts");
-}
-
-fn pid_of(banner: &str, controller: u32) -> u32 {
-    banner
-        .lines()
-        .find(|l| l.contains(&format!("(controller {controller},")))
-        .and_then(|l| l.rsplit("pid ").next())
-        .and_then(|p| p.trim_end_matches(')').trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pid for controller {controller} in the banner:\n{banner}"))
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill {sig} {pid}");
 }
 
 #[test]
@@ -100,7 +34,10 @@ fn console_in_a_browser_shows_the_cluster_and_its_faults() {
     let dir = tmp.path().join("data");
     let (mut upp, banner, base, api) = up(&dir);
     let password = std::fs::read_to_string(dir.join("admin-password")).expect("admin-password");
-    assert!(banner.contains(&format!("console    : http://127.0.0.1:{api}")), "{banner}");
+    assert!(
+        banner.contains(&format!("console    : http://127.0.0.1:{api}")),
+        "{banner}"
+    );
     let c3 = pid_of(&banner, 3);
     let shots = repo().join("target/console-screenshots");
     let mut node = Command::new("node")
@@ -148,7 +85,10 @@ fn console_in_a_browser_shows_the_cluster_and_its_faults() {
                     "writes with controller 3 down failed: {}",
                     String::from_utf8_lossy(&out.stderr)
                 );
-                println!("write-load: {}", String::from_utf8_lossy(&out.stdout).trim());
+                println!(
+                    "write-load: {}",
+                    String::from_utf8_lossy(&out.stdout).trim()
+                );
                 restarted = Some(tests::appliance::spawn(&dir.join("c3")));
                 writeln!(to_node, "OK").expect("to node");
             }

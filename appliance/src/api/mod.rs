@@ -577,7 +577,8 @@ async fn session(State(st): State<ApiState>, headers: HeaderMap) -> ApiResult<se
 pub struct ControllerView {
     /// Id.
     pub id: u32,
-    /// `up`, `resyncing` or `down` (as the answering controller's replica of the log says).
+    /// `up`, `resyncing` or `down` (as the answering controller's replica of the log says);
+    /// `joining` before the log has placed it.
     pub state: String,
     /// Whether it answered the status request just now.
     pub reachable: bool,
@@ -728,7 +729,16 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
             for p in peers {
                 reports.insert(p.id, (p.report, p.rtt));
             }
-            for (id, state) in &st.controllers {
+            // Every configured controller, also before the log has placed it.
+            let mut states: BTreeMap<u32, String> = ctl
+                .cfg
+                .cluster
+                .iter()
+                .flat_map(|c| c.peers.keys())
+                .map(|id| (*id, "joining".to_string()))
+                .collect();
+            states.extend(st.controllers.iter().cloned());
+            for (id, state) in &states {
                 let (report, rtt) = reports
                     .remove(id)
                     .unwrap_or((Err("not a configured peer".into()), Duration::ZERO));
