@@ -226,7 +226,7 @@ pub fn run_tool(prog: &str, args: &[&str]) -> (bool, String) {
 ///
 /// # Panics
 /// When it cannot start (other than for a busy port, which it retries elsewhere).
-pub fn up(dir: &std::path::Path) -> (Child, String, u16, u16) {
+pub fn up(dir: &std::path::Path) -> (Up, String, u16, u16) {
     for attempt in 0..20u32 {
         let spread = (std::process::id() * 7 + attempt * 131) % 4000;
         let base = u16::try_from(20000 + spread * 2).expect("below 65536");
@@ -258,7 +258,7 @@ pub fn up(dir: &std::path::Path) -> (Child, String, u16, u16) {
                         sink.clear();
                     }
                 });
-                return (child, banner, base, api);
+                return (Up(child), banner, base, api);
             }
         }
         let mut err = String::new();
@@ -296,4 +296,27 @@ pub fn signal(pid: u32, sig: &str) {
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "kill {sig} {pid}");
+}
+
+/// A running `appliance up`; dropping it (also when a test panics) asks it to stop its
+/// controllers (SIGTERM) and waits.
+#[derive(Debug)]
+pub struct Up(Child);
+
+impl Up {
+    /// Its pid.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            let _ = self.0.wait();
+        }
+    }
 }

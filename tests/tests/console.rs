@@ -19,6 +19,16 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// A controller this test started; stopped by its pid when dropped.
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0.id(), "-TERM");
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn console_in_a_browser_shows_the_cluster_and_its_faults() {
     let node_modules = repo().join("tests/console/node_modules/playwright-core");
@@ -32,7 +42,7 @@ fn console_in_a_browser_shows_the_cluster_and_its_faults() {
     );
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("data");
-    let (mut upp, banner, base, api) = up(&dir);
+    let (upp, banner, base, api) = up(&dir);
     let password = std::fs::read_to_string(dir.join("admin-password")).expect("admin-password");
     assert!(
         banner.contains(&format!("console    : http://127.0.0.1:{api}")),
@@ -53,7 +63,7 @@ fn console_in_a_browser_shows_the_cluster_and_its_faults() {
         .expect("node is installed (it comes with the machine; scripts/test.sh checks)");
     let mut to_node = node.stdin.take().expect("stdin");
     let from_node = BufReader::new(node.stdout.take().expect("stdout"));
-    let mut restarted: Option<Child> = None;
+    let mut restarted: Option<Stopped> = None;
     let mut transcript = String::new();
     let started = Instant::now();
     for line in from_node.lines() {
@@ -89,7 +99,7 @@ fn console_in_a_browser_shows_the_cluster_and_its_faults() {
                     "write-load: {}",
                     String::from_utf8_lossy(&out.stdout).trim()
                 );
-                restarted = Some(tests::appliance::spawn(&dir.join("c3")));
+                restarted = Some(Stopped(tests::appliance::spawn(&dir.join("c3"))));
                 writeln!(to_node, "OK").expect("to node");
             }
             _ => {}
@@ -100,14 +110,10 @@ fn console_in_a_browser_shows_the_cluster_and_its_faults() {
         );
     }
     let status = node.wait().expect("node");
-    // Stop what this test started: the restarted controller 3 by its pid, then `up` (which
-    // stops the controllers it started).
-    if let Some(mut c) = restarted {
-        signal(c.id(), "-TERM");
-        let _ = c.wait();
-    }
-    signal(upp.id(), "-TERM");
-    let _ = upp.wait();
+    // Stop what this test started: the restarted controller 3, then `up` (which stops the
+    // controllers it started). Both also stop when a panic drops them.
+    drop(restarted);
+    drop(upp);
     assert!(
         status.success() && transcript.contains("PASS"),
         "the browser test failed:\n{transcript}\nscreenshots in {}",
