@@ -99,9 +99,18 @@ pub struct NodeEnv {
     timers: MembershipTimers,
     /// Where volumes created at run time (recorded in the log, not in the config) go to be
     /// served; unset: such volumes are reported as problems.
-    runtime_volumes: OnceLock<tokio::sync::mpsc::UnboundedSender<crate::meta::VolumeRecord>>,
+    runtime_volumes: OnceLock<tokio::sync::mpsc::UnboundedSender<RuntimeVolume>>,
     /// This controller's live figures (I/O, sessions, portals) for status answers.
     live: OnceLock<LiveSource>,
+}
+
+/// A change to the volumes created at run time, for the server to act on.
+#[derive(Debug, Clone)]
+pub enum RuntimeVolume {
+    /// Serve this volume (its record is in the log).
+    Serve(crate::meta::VolumeRecord),
+    /// Stop serving this volume and delete its shards (its record left the log).
+    Drop(u32),
 }
 
 /// Produces a controller's live figures (installed by the server, which owns the portals).
@@ -823,6 +832,7 @@ async fn adopt_volumes(
         .map(|(name, meta)| crate::meta::VolumeRecord::new(name, meta))
         .collect();
     let mut foreign_reported = std::collections::BTreeSet::new();
+    let mut runtime_served = std::collections::BTreeSet::new();
     let mut proposed = std::time::Instant::now() - Duration::from_secs(3600);
     loop {
         let Some(engine) = engine.upgrade() else {
@@ -856,6 +866,19 @@ async fn adopt_volumes(
             }
             false
         });
+        // Run-time volumes whose record left the log (deleted): stop serving them.
+        if let Some(tx) = env.runtime_volumes.get() {
+            let gone: Vec<u32> = runtime_served
+                .iter()
+                .filter(|id| !in_log.contains_key(id))
+                .copied()
+                .collect();
+            for id in gone {
+                runtime_served.remove(&id);
+                foreign_reported.remove(&id);
+                let _ = tx.send(RuntimeVolume::Drop(id));
+            }
+        }
         for (id, v) in &in_log {
             if wanted.iter().any(|(_, m)| m.id == *id) {
                 continue;
@@ -865,7 +888,8 @@ async fn adopt_volumes(
             if v.lun.is_some() {
                 if let Some(tx) = env.runtime_volumes.get() {
                     if foreign_reported.insert(*id) {
-                        let _ = tx.send(v.clone());
+                        let _ = tx.send(RuntimeVolume::Serve(v.clone()));
+                        runtime_served.insert(*id);
                     }
                 }
                 continue;
@@ -978,6 +1002,19 @@ impl NodeHandle {
             }
         });
         futures::future::join_all(asks).await
+    }
+
+    /// Removes a volume created at run time from the metadata log; every controller then stops
+    /// serving it and deletes its shards.
+    ///
+    /// # Errors
+    /// When the log has no reachable leader.
+    pub async fn delete_volume(&self, id: u32) -> Result<(), String> {
+        self.env
+            .propose(MetaCommand::DeleteVolume { id })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// The volumes recorded in the metadata log, by id.
@@ -1355,9 +1392,7 @@ impl ControllerNode {
 
     /// Volumes created at run time arrive here (each once, when this replica first sees its
     /// record), to be opened and served by the caller. Call once, right after `start`.
-    pub fn runtime_volumes(
-        &self,
-    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<crate::meta::VolumeRecord>> {
+    pub fn runtime_volumes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<RuntimeVolume>> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.env.runtime_volumes.set(tx).ok().map(|()| rx)
     }

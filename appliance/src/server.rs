@@ -81,9 +81,12 @@ pub struct NewVolume {
     pub m: Option<usize>,
 }
 
-/// Why a volume could not be created.
+/// Why a volume could not be created or deleted.
 #[derive(Debug, thiserror::Error)]
-pub enum CreateError {
+pub enum VolumeOpError {
+    /// No such volume.
+    #[error("no volume named {0}")]
+    NotFound(String),
     /// The request conflicts with a volume that exists (name or LUN).
     #[error("{message}")]
     Conflict {
@@ -107,8 +110,12 @@ pub enum CreateError {
 
 struct Served {
     info: VolumeInfo,
+    /// Cluster volume id (the low 32 bits of the logical unit's key).
+    id: u32,
     volume: Arc<Volume>,
     lu: Arc<LogicalUnit>,
+    /// Files that hold its data, deleted with it (run-time volumes only).
+    files: Vec<std::path::PathBuf>,
 }
 
 /// What the operator API sees of a running controller.
@@ -282,21 +289,21 @@ impl Shared {
     /// Creates and serves a volume (in a cluster: on every controller).
     ///
     /// # Errors
-    /// [`CreateError`] naming the field or the cause.
-    pub async fn create_volume(&self, req: NewVolume) -> Result<VolumeInfo, CreateError> {
+    /// [`VolumeOpError`] naming the field or the cause.
+    pub async fn create_volume(&self, req: NewVolume) -> Result<VolumeInfo, VolumeOpError> {
         let _one_at_a_time = self.creating.lock().await;
-        crate::config::check_volume_name(&req.name).map_err(|message| CreateError::Invalid {
+        crate::config::check_volume_name(&req.name).map_err(|message| VolumeOpError::Invalid {
             field: "name",
             message,
         })?;
         crate::config::check_block_size(req.block_size).map_err(|message| {
-            CreateError::Invalid {
+            VolumeOpError::Invalid {
                 field: "block_size",
                 message,
             }
         })?;
         if req.size_bytes < 1 << 20 || !req.size_bytes.is_multiple_of(4096) {
-            return Err(CreateError::Invalid {
+            return Err(VolumeOpError::Invalid {
                 field: "size",
                 message: "must be at least 1MiB and a multiple of 4KiB".into(),
             });
@@ -313,7 +320,7 @@ impl Shared {
                     .any(|r| r.name == req.name || u64::from(r.id) == key & 0xffff_ffff)
             });
         if exists {
-            return Err(CreateError::Conflict {
+            return Err(VolumeOpError::Conflict {
                 field: "name",
                 message: format!(
                     "a volume named {} exists already; pick another name",
@@ -323,13 +330,13 @@ impl Shared {
         }
         let lun = match req.lun {
             Some(l) if usize::from(l) >= lun::constants::LUNS_MAX => {
-                return Err(CreateError::Invalid {
+                return Err(VolumeOpError::Invalid {
                     field: "lun",
                     message: format!("must be below {}", lun::constants::LUNS_MAX),
                 })
             }
             Some(l) if self.lun_taken(l) => {
-                return Err(CreateError::Conflict {
+                return Err(VolumeOpError::Conflict {
                     field: "lun",
                     message: format!(
                         "LUN {l} is in use; leave it empty to take the lowest free one"
@@ -339,7 +346,7 @@ impl Shared {
             Some(l) => l,
             None => (0..lun::constants::LUNS_MAX as u16)
                 .find(|l| !self.lun_taken(*l))
-                .ok_or(CreateError::Conflict {
+                .ok_or(VolumeOpError::Conflict {
                     field: "lun",
                     message: "every LUN is in use; delete a volume first".into(),
                 })?,
@@ -349,7 +356,7 @@ impl Shared {
                 let (k, m) = (req.k.unwrap_or(cl.k), req.m.unwrap_or(cl.m));
                 let controllers = cl.peers.len();
                 if k == 0 || k + m > controllers {
-                    return Err(CreateError::Invalid {
+                    return Err(VolumeOpError::Invalid {
                         field: if k == 0 { "k" } else { "m" },
                         message: format!("k + m must be between 1 and the number of controllers ({controllers}), each shard on its own controller"),
                     });
@@ -367,7 +374,7 @@ impl Shared {
                     raid_engine::codec::CodecKind::default(),
                     quorum,
                 )
-                .map_err(|e| CreateError::Invalid {
+                .map_err(|e| VolumeOpError::Invalid {
                     field: "k",
                     message: e.to_string(),
                 })?;
@@ -377,7 +384,7 @@ impl Shared {
                 };
                 let ids: Vec<u32> = cl.peers.keys().copied().collect();
                 let meta = VolumeMeta::rotated(key as u32, layout, &ids).map_err(|e| {
-                    CreateError::Invalid {
+                    VolumeOpError::Invalid {
                         field: "size",
                         message: e.to_string(),
                     }
@@ -385,12 +392,16 @@ impl Shared {
                 let mut rec = crate::meta::VolumeRecord::new(&req.name, &meta);
                 rec.lun = Some(lun);
                 rec.block_size = Some(req.block_size);
+                let mut nonce = [0u8; 8];
+                getrandom::fill(&mut nonce)
+                    .map_err(|e| VolumeOpError::Unavailable(e.to_string()))?;
+                rec.incarnation = u64::from_le_bytes(nonce);
                 let won = node
                     .create_volume(rec.clone())
                     .await
-                    .map_err(CreateError::Unavailable)?;
+                    .map_err(VolumeOpError::Unavailable)?;
                 if won != rec {
-                    return Err(CreateError::Conflict {
+                    return Err(VolumeOpError::Conflict {
                         field: "name",
                         message: format!(
                             "volume id {} is taken by volume {}; pick another name",
@@ -405,7 +416,7 @@ impl Shared {
                         break s.info.clone();
                     }
                     if std::time::Instant::now() > deadline {
-                        return Err(CreateError::Unavailable(format!(
+                        return Err(VolumeOpError::Unavailable(format!(
                             "volume {} is recorded in the cluster but this controller has not opened it within 30 s; see its log",
                             req.name
                         )));
@@ -425,8 +436,8 @@ impl Shared {
                 };
                 self.serve_local(info.clone())?;
                 if let Err(e) = self.save_local_runtime() {
-                    self.unserve(&info.name);
-                    return Err(CreateError::Unavailable(e));
+                    let _ = self.unserve(&info.name);
+                    return Err(VolumeOpError::Unavailable(e));
                 }
                 info
             }
@@ -441,10 +452,10 @@ impl Shared {
         Ok(info)
     }
 
-    fn unserve(&self, name: &str) {
-        if let Some(s) = self.volumes.lock().expect("volumes").remove(name) {
-            self.luns.remove(s.info.lun);
-        }
+    fn unserve(&self, name: &str) -> Option<Served> {
+        let s = self.volumes.lock().expect("volumes").remove(name)?;
+        self.luns.remove(s.info.lun);
+        Some(s)
     }
 
     fn insert_served(
@@ -452,29 +463,36 @@ impl Shared {
         info: VolumeInfo,
         volume: Arc<Volume>,
         lu: Arc<LogicalUnit>,
-    ) -> Result<(), CreateError> {
+        files: Vec<std::path::PathBuf>,
+    ) -> Result<(), VolumeOpError> {
         if !self.luns.insert(info.lun, Arc::clone(&lu)) {
-            return Err(CreateError::Conflict {
+            return Err(VolumeOpError::Conflict {
                 field: "lun",
                 message: format!("LUN {} is in use", info.lun),
             });
         }
-        self.volumes
-            .lock()
-            .expect("volumes")
-            .insert(info.name.clone(), Served { info, volume, lu });
+        self.volumes.lock().expect("volumes").insert(
+            info.name.clone(),
+            Served {
+                id: volume_id(&self.cfg.iqn, &info.name) as u32,
+                info,
+                volume,
+                lu,
+                files,
+            },
+        );
         Ok(())
     }
 
     /// A single controller's volume: its own backing file, reservations in a file.
-    fn serve_local(&self, info: VolumeInfo) -> Result<(), CreateError> {
+    fn serve_local(&self, info: VolumeInfo) -> Result<(), VolumeOpError> {
         let vc = VolumeConfig {
             name: info.name.clone(),
             lun: info.lun,
             size_bytes: info.size_bytes,
             block_size: info.block_size,
         };
-        let vol = Arc::new(local_volume(&self.cfg, &vc).map_err(CreateError::Unavailable)?);
+        let vol = Arc::new(local_volume(&self.cfg, &vc).map_err(VolumeOpError::Unavailable)?);
         let key = volume_id(&self.cfg.iqn, &info.name);
         let lu = LogicalUnit::new(
             LuIdentity::for_volume(key),
@@ -482,8 +500,12 @@ impl Shared {
             Arc::clone(&vol),
         )
         .with_pr_store(self.cfg.data_dir.join(format!("{}.pr", info.name)))
-        .map_err(|e| CreateError::Unavailable(e.to_string()))?;
-        self.insert_served(info, vol, Arc::new(lu))
+        .map_err(|e| VolumeOpError::Unavailable(e.to_string()))?;
+        let files = vec![
+            self.cfg.data_dir.join(format!("{}.img", info.name)),
+            self.cfg.data_dir.join(format!("{}.pr", info.name)),
+        ];
+        self.insert_served(info, vol, Arc::new(lu), files)
     }
 
     fn save_local_runtime(&self) -> Result<(), String> {
@@ -502,6 +524,75 @@ impl Shared {
             })
     }
 
+    /// Deletes a volume created at run time (in a cluster: on every controller) and its data.
+    ///
+    /// # Errors
+    /// [`VolumeOpError`]: unknown, defined in the config, or the log unreachable.
+    pub async fn delete_volume(&self, name: &str) -> Result<(), VolumeOpError> {
+        let _one_at_a_time = self.creating.lock().await;
+        let (id, runtime) = match self.volumes.lock().expect("volumes").get(name) {
+            None => return Err(VolumeOpError::NotFound(name.to_string())),
+            Some(s) => (s.id, s.info.runtime),
+        };
+        if !runtime {
+            return Err(VolumeOpError::Conflict {
+                field: "name",
+                message: format!("volume {name} is defined in the config file; remove its [[volume]] entry from every controller's config and restart them"),
+            });
+        }
+        match self.node() {
+            Some(node) => {
+                node.delete_volume(id)
+                    .await
+                    .map_err(VolumeOpError::Unavailable)?;
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while self.volumes.lock().expect("volumes").contains_key(name) {
+                    if std::time::Instant::now() > deadline {
+                        return Err(VolumeOpError::Unavailable(format!(
+                            "volume {name} is deleted from the cluster but this controller still serves it after 30 s; see its log"
+                        )));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+            None => {
+                let s = self
+                    .unserve(name)
+                    .ok_or_else(|| VolumeOpError::NotFound(name.to_string()))?;
+                self.save_local_runtime()
+                    .map_err(VolumeOpError::Unavailable)?;
+                remove_files(&s.files);
+                self.events
+                    .push("volume.deleted", format!("volume {name} deleted"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops serving a run-time volume whose record left the log, and deletes its shards.
+    fn drop_record(&self, id: u32) {
+        let name = self
+            .volumes
+            .lock()
+            .expect("volumes")
+            .values()
+            .find(|s| s.id == id && s.info.runtime)
+            .map(|s| s.info.name.clone());
+        let Some(name) = name else { return };
+        let Some(s) = self.unserve(&name) else { return };
+        if let Some(node) = self.node() {
+            node.engine().remove_volume(id);
+        }
+        if let Some(stores) = &self.stores {
+            stores.remove(id);
+        }
+        remove_files(&s.files);
+        self.events.push(
+            "volume.deleted",
+            format!("volume {name} deleted; its shards on this controller are removed"),
+        );
+    }
+
     /// Serves a volume the metadata log records but the config does not (created at run
     /// time): its own shard store file, the engine, a logical unit sharing SCSI state
     /// through the log.
@@ -518,12 +609,11 @@ impl Shared {
             rows_per_extent: meta.layout.geometry.rows_per_extent,
         };
         let chunk = meta.layout.geometry.chunk_bytes as usize;
-        let mut dc = disk_io::DeviceConfig::file(
-            self.cfg
-                .data_dir
-                .join(format!("shards-{:08x}.img", meta.id)),
-            store_bytes(chunk, &[slots]),
-        );
+        let file = self.cfg.data_dir.join(format!(
+            "shards-{:08x}-{:016x}.img",
+            meta.id, rec.incarnation
+        ));
+        let mut dc = disk_io::DeviceConfig::file(file.clone(), store_bytes(chunk, &[slots]));
         dc.engine = self.cfg.engine;
         dc.direct = self.cfg.direct;
         let dev = Arc::new(disk_io::Device::open(&dc).map_err(|e| e.to_string())?);
@@ -554,7 +644,7 @@ impl Shared {
             m: rec.m,
             runtime: true,
         };
-        self.insert_served(info, vol, lu)
+        self.insert_served(info, vol, lu, vec![file])
             .map_err(|e| e.to_string())?;
         tracing::info!(volume = %rec.name, lun, "serving a volume created at run time");
         Ok(())
@@ -632,8 +722,10 @@ impl Controller {
                         m,
                         runtime: false,
                     },
+                    id: volume_id(&cfg.iqn, &v.name) as u32,
                     volume: vol,
                     lu,
+                    files: Vec::new(),
                 },
             );
         }
@@ -765,12 +857,17 @@ impl Controller {
                 if let Some(mut rx) = n.runtime_volumes() {
                     let weak = Arc::downgrade(&shared);
                     tasks.push(tokio::spawn(async move {
-                        while let Some(rec) = rx.recv().await {
+                        while let Some(change) = rx.recv().await {
                             let Some(s) = weak.upgrade() else { break };
-                            let name = rec.name.clone();
-                            if let Err(e) = s.serve_record(rec).await {
-                                tracing::error!(volume = %name, "cannot serve a volume created at run time: {e}");
-                                s.events.push("volume.problem", format!("volume {name} is not served by this controller: {e}"));
+                            match change {
+                                crate::node::RuntimeVolume::Serve(rec) => {
+                                    let name = rec.name.clone();
+                                    if let Err(e) = s.serve_record(rec).await {
+                                        tracing::error!(volume = %name, "cannot serve a volume created at run time: {e}");
+                                        s.events.push("volume.problem", format!("volume {name} is not served by this controller: {e}"));
+                                    }
+                                }
+                                crate::node::RuntimeVolume::Drop(id) => s.drop_record(id),
                             }
                         }
                     }));
@@ -867,6 +964,20 @@ impl Controller {
             n.shutdown().await;
         }
         tracing::info!("stopped");
+    }
+}
+
+/// Deletes a deleted volume's files; one that cannot be removed is logged (its space is
+/// lost until removed by hand, nothing else depends on it).
+fn remove_files(files: &[std::path::PathBuf]) {
+    for f in files {
+        match std::fs::remove_file(f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %f.display(), cause = %e, "cannot remove a deleted volume's file; remove it by hand")
+            }
+        }
     }
 }
 

@@ -248,6 +248,12 @@ impl Engine {
         Ok(())
     }
 
+    /// Stops serving `volume` (deleted): later reads and writes of it fail; ones in flight
+    /// finish on the state they hold.
+    pub fn remove_volume(&self, volume: VolumeId) {
+        self.lock().volumes.remove(&volume);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("engine state")
     }

@@ -233,6 +233,14 @@ impl StoreSet {
             .insert(volume, store);
     }
 
+    /// Stops routing `volume` (it was deleted); returns its store.
+    pub fn remove(&self, volume: VolumeId) -> Option<std::sync::Arc<dyn ShardStore>> {
+        self.extra
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&volume)
+    }
+
     fn pick(&self, volume: VolumeId) -> std::sync::Arc<dyn ShardStore> {
         self.extra
             .read()

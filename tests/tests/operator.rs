@@ -128,6 +128,57 @@ fn cli_and_metrics_against_a_three_controller_cluster() {
         "{}",
         text(&o)
     );
+    // Deleted through controller 2: every controller stops serving it and removes its shards;
+    // created again under the same name, it starts empty in new files.
+    let shard_files = || {
+        (1..=3)
+            .flat_map(|c| std::fs::read_dir(dir.join(format!("c{c}"))).unwrap())
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("shards-"))
+            .count()
+    };
+    assert_eq!(shard_files(), 3, "one store file per controller for data2");
+    let o = cli(
+        api + 1,
+        &pw,
+        &["volume", "delete", "data2", "--confirm", "nope"],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("confirm"),
+        "{}",
+        text(&o)
+    );
+    let o = cli(
+        api + 1,
+        &pw,
+        &["volume", "delete", "data2", "--confirm", "data2"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while shard_files() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shards of data2 left behind"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for a in [api, api + 2] {
+        let o = cli(a, &pw, &["volume", "list", "--json"]);
+        assert!(!text(&o).contains("data2"), "{}", text(&o));
+    }
+    let o = cli(api, &pw, &["volume", "delete", "vol0", "--confirm", "vol0"]);
+    assert!(text(&o).contains("config file"), "{}", text(&o));
+    let o = cli(
+        api + 2,
+        &pw,
+        &["volume", "create", "data2", "--size", "32MiB"],
+    );
+    assert!(
+        o.status.success() && text(&o).contains("as LUN 1"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(shard_files(), 3);
     // Errors name the field (from the API) and exit non-zero.
     let o = cli(
         api,

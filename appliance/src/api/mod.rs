@@ -160,7 +160,7 @@ pub const ROUTES: &[RouteDoc] = &[
     r(
         "DELETE",
         "/api/v1/volumes/{name}",
-        "Delete a volume; needs ?confirm=<name> (not available yet)",
+        "Delete a volume created through the API, and its data; needs ?confirm=<name>",
         true,
         None,
     ),
@@ -1007,17 +1007,23 @@ async fn create_volume_inner(st: &ApiState, body: &[u8]) -> Result<VolumeInfo, A
         k: b.k,
         m: b.m,
     };
-    st.ctl.create_volume(req).await.map_err(|e| match e {
-        crate::server::CreateError::Conflict { field, message } => ApiError {
+    st.ctl.create_volume(req).await.map_err(volume_error)
+}
+
+fn volume_error(e: crate::server::VolumeOpError) -> ApiError {
+    use crate::server::VolumeOpError as E;
+    match e {
+        E::NotFound(name) => {
+            ApiError::new(StatusCode::NOT_FOUND, format!("no volume named {name}"))
+        }
+        E::Conflict { field, message } => ApiError {
             status: StatusCode::CONFLICT,
             message: format!("{field}: {message}"),
             field: Some(field),
         },
-        crate::server::CreateError::Invalid { field, message } => ApiError::field(field, message),
-        crate::server::CreateError::Unavailable(m) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m)
-        }
-    })
+        E::Invalid { field, message } => ApiError::field(field, message),
+        E::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+    }
 }
 
 async fn resize_volume(State(st): State<ApiState>, Path(name): Path<String>) -> ApiError {
@@ -1039,9 +1045,10 @@ async fn delete_volume(
     State(st): State<ApiState>,
     Path(name): Path<String>,
     Query(q): Query<Confirm>,
-) -> ApiError {
+) -> Response {
     if !st.ctl.volumes().iter().any(|v| v.name == name) {
-        return ApiError::new(StatusCode::NOT_FOUND, format!("no volume named {name}"));
+        return ApiError::new(StatusCode::NOT_FOUND, format!("no volume named {name}"))
+            .into_response();
     }
     if q.confirm.as_deref() != Some(name.as_str()) {
         return ApiError {
@@ -1050,12 +1057,13 @@ async fn delete_volume(
                 "confirm: deleting destroys the volume's data; repeat its name: ?confirm={name}"
             ),
             field: Some("confirm"),
-        };
+        }
+        .into_response();
     }
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "deleting a volume is not available in this release",
-    )
+    match st.ctl.delete_volume(&name).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => volume_error(e).into_response(),
+    }
 }
 
 async fn sessions(State(st): State<ApiState>) -> ApiResult<Vec<crate::server::SessionView>> {

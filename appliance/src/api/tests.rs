@@ -590,32 +590,74 @@ async fn volume_creation_validates_each_field_and_serves_the_new_lun() {
         (s, &v["field"]),
         (StatusCode::UNPROCESSABLE_ENTITY, &json!("confirm"))
     );
-    let (s, _, _) = f
+    let (s, v, _) = f
         .call(
             "DELETE",
-            "/api/v1/volumes/data1?confirm=data1",
+            "/api/v1/volumes/data1?confirm=data2",
             f.bearer(),
             None,
         )
         .await;
-    assert_eq!(s, StatusCode::NOT_IMPLEMENTED);
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert_eq!(
         f.call("DELETE", "/api/v1/volumes/zz?confirm=zz", f.bearer(), None)
             .await
             .0,
         StatusCode::NOT_FOUND
     );
+    // A config volume is not deleted through the API.
+    let (s, v, _) = f
+        .call(
+            "DELETE",
+            "/api/v1/volumes/vol0?confirm=vol0",
+            f.bearer(),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("config file"), "{v}");
+    // A second run-time volume, deleted: unserved, its files gone, its LUN free again.
+    let (s, v) = f
+        .send(
+            "POST",
+            "/api/v1/volumes",
+            json!({"name": "gone", "size": "2MiB"}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["lun"].as_u64()),
+        (StatusCode::CREATED, Some(2)),
+        "{v}"
+    );
+    assert!(keep.join("gone.img").exists());
+    let (s, _, _) = f
+        .call(
+            "DELETE",
+            "/api/v1/volumes/gone?confirm=gone",
+            f.bearer(),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(f.ctl.luns.get(2).is_none());
+    assert!(!keep.join("gone.img").exists() && !keep.join("gone.pr").exists());
+    assert_eq!(f.get("/api/v1/volumes/gone").await.0, StatusCode::NOT_FOUND);
+    let (_, ev) = f.get("/api/v1/events").await;
+    assert!(
+        ev.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "volume.deleted"),
+        "{ev}"
+    );
     f.stop().await;
-    // The volume survives a restart.
+    // The volume survives a restart; the deleted one stays deleted.
     let cfg = Config::parse(&config_text(&keep, &hash), &keep.join("a.toml")).unwrap();
     let c = crate::server::Controller::start(&cfg)
         .await
         .expect("restart");
-    assert!(c
-        .shared()
-        .volumes()
-        .iter()
-        .any(|v| v.name == "data1" && v.lun == 1));
+    let names: Vec<String> = c.shared().volumes().into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["data1", "vol0"]);
     stop(c).await;
 }
 

@@ -111,6 +111,13 @@ pub enum MetaCommand {
     /// A volume joins the cluster. The first record for an id wins; a later one for the same
     /// id changes nothing (controllers compare their own definition with the winner's).
     CreateVolume(VolumeRecord),
+    /// A volume created at run time leaves the cluster: its record, write-intent marks, repair
+    /// records, served floors and reservation state go (the controllers then delete its
+    /// shards).
+    DeleteVolume {
+        /// Volume id.
+        id: u32,
+    },
     /// A primary rolled a row back.
     Repair {
         /// Which row.
@@ -154,6 +161,10 @@ pub struct VolumeRecord {
     /// Logical block size of a volume created at run time.
     #[serde(default)]
     pub block_size: Option<u32>,
+    /// Random per creation of a run-time volume, so a volume deleted and created again under
+    /// the same name never reuses an old shard store file.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 impl VolumeRecord {
@@ -173,6 +184,7 @@ impl VolumeRecord {
             placement: meta.placement.clone(),
             lun: None,
             block_size: None,
+            incarnation: 0,
         }
     }
 
@@ -367,6 +379,14 @@ impl MetaState {
             MetaCommand::CreateVolume(v) => {
                 self.volumes.entry(v.id).or_insert_with(|| v.clone());
             }
+            MetaCommand::DeleteVolume { id } => {
+                self.volumes.remove(id);
+                self.intents.retain(|k, _| k.0 != *id);
+                self.repairs.retain(|k, _| k.0 != *id);
+                self.served.retain(|k, _| k.0 != *id);
+                // Logical-unit keys are 64-bit; a volume's id is the key's low 32 bits.
+                self.scsi.retain(|k, _| *k as u32 != *id);
+            }
             MetaCommand::Repair {
                 row,
                 cols,
@@ -479,6 +499,18 @@ mod tests {
         other.name = "vol0-renamed".into();
         s.apply(&MetaCommand::CreateVolume(other.clone()));
         assert_eq!(s.volumes[&9], first, "an on-disk format is never replaced");
+        // Deleting takes its record, marks and reservation state; others stay.
+        let mut d = s.clone();
+        d.intents.insert((9, 0, 1, 0), 3);
+        d.intents.insert((8, 0, 1, 0), 3);
+        d.scsi
+            .insert(0xffff_0000_0000_0009, SharedLuState::default());
+        d.scsi
+            .insert(0xffff_0000_0000_0008, SharedLuState::default());
+        d.apply(&MetaCommand::DeleteVolume { id: 9 });
+        assert!(d.volumes.is_empty());
+        assert_eq!(d.intents.keys().map(|k| k.0).collect::<Vec<_>>(), vec![8]);
+        assert_eq!(d.scsi.len(), 1);
         let meta = first.meta().unwrap();
         assert_eq!(VolumeRecord::new("vol0", &meta), first);
         let d = other.differences(&first);
