@@ -70,6 +70,9 @@ struct RawConfig {
 struct RawApi {
     listen: String,
     admin_password_hash: Option<String>,
+    tls: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 /// The operator API and web console (`[api]`).
@@ -81,6 +84,13 @@ pub struct ApiConfig {
     /// The admin password as an argon2 PHC string (`appliance hash-password` makes one);
     /// `None`: every login is refused until one is set.
     pub admin_password_hash: Option<String>,
+    /// HTTPS instead of HTTP.
+    pub tls: bool,
+    /// PEM certificate chain (with `tls_key`); `None`: a self-signed one made in the data
+    /// directory on first start.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -359,9 +369,24 @@ fn check_api(raw: RawApi) -> Result<ApiConfig, ConfigError> {
             ));
         }
     }
+    if raw.tls_cert.is_some() != raw.tls_key.is_some() {
+        return Err(invalid(
+            "api.tls_cert",
+            "set both tls_cert and tls_key, or neither (a self-signed certificate is then made)",
+        ));
+    }
+    if raw.tls_cert.is_some() && raw.tls != Some(true) {
+        return Err(invalid(
+            "api.tls",
+            "set tls = true to use tls_cert and tls_key",
+        ));
+    }
     Ok(ApiConfig {
         listen,
         admin_password_hash: raw.admin_password_hash,
+        tls: raw.tls.unwrap_or(false),
+        tls_cert: raw.tls_cert,
+        tls_key: raw.tls_key,
     })
 }
 
@@ -593,6 +618,14 @@ impl Config {
                 cfg.data_dir = dir.join(&cfg.data_dir);
             }
         }
+        // Relative certificate paths are in the data directory.
+        if let Some(api) = cfg.api.as_mut() {
+            for p in [&mut api.tls_cert, &mut api.tls_key].into_iter().flatten() {
+                if p.is_relative() {
+                    *p = cfg.data_dir.join(&*p);
+                }
+            }
+        }
         Ok(cfg)
     }
 }
@@ -628,6 +661,29 @@ block_size = 512
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_section_is_checked() {
+        let base = "[target]\niqn = \"iqn.2026-11.x:y\"\n[[volume]]\nname = \"v\"\nlun = 0\nsize = \"64MiB\"\n[api]\nlisten = \"127.0.0.1:8080\"\n";
+        let p = Path::new("c.toml");
+        let c = Config::parse(&format!("{base}tls = true\n"), p).unwrap();
+        assert!(c.api.unwrap().tls);
+        for (extra, key) in [
+            ("tls = true\ntls_cert = \"c.pem\"\n", "api.tls_cert"),
+            ("tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n", "api.tls"),
+            (
+                "admin_password_hash = \"hunter2\"\n",
+                "api.admin_password_hash",
+            ),
+        ] {
+            let e = Config::parse(&format!("{base}{extra}"), p)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let e = Config::parse(&base.replace("127.0.0.1:8080", "localhost"), p).unwrap_err();
+        assert!(e.to_string().contains("api.listen"), "{e}");
+    }
 
     #[test]
     fn cluster_section_is_checked() {

@@ -659,7 +659,7 @@ pub struct Controller {
     /// The addresses the portals actually listen on, in config order.
     pub listen: Vec<SocketAddr>,
     portals: Vec<(iscsi_target::driver::Server, tokio::net::TcpListener)>,
-    api: Option<tokio::net::TcpListener>,
+    api: Option<(tokio::net::TcpListener, Option<Arc<rustls::ServerConfig>>)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -824,9 +824,23 @@ impl Controller {
             ));
         }
         let api = match &cfg.api {
-            Some(a) => Some(tokio::net::TcpListener::bind(a.listen).await.map_err(|e| {
-                format!("cannot listen for the API and console on {}: {e} (another program may use the port; change api.listen)", a.listen)
-            })?),
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| {
+                    format!("cannot listen for the API and console on {}: {e} (another program may use the port; change api.listen)", a.listen)
+                })?;
+                let tls = if a.tls {
+                    let names = vec!["localhost".to_string(), a.listen.ip().to_string()];
+                    Some(crate::api::tls::server_config(
+                        a.tls_cert.as_deref(),
+                        a.tls_key.as_deref(),
+                        &cfg.data_dir,
+                        &names,
+                    )?)
+                } else {
+                    None
+                };
+                Some((l, tls))
+            }
             None => None,
         };
         let shared = Arc::new(Shared {
@@ -837,7 +851,7 @@ impl Controller {
                 .map(|(s, _)| Arc::clone(s.registry()))
                 .collect(),
             listen: listen.clone(),
-            api_addr: Mutex::new(api.as_ref().and_then(|l| l.local_addr().ok())),
+            api_addr: Mutex::new(api.as_ref().and_then(|(l, _)| l.local_addr().ok())),
             events: EventLog::open(&cfg.data_dir.join("events.jsonl")),
             node: RwLock::new(node.as_ref().map(ControllerNode::handle)),
             volumes: Mutex::new(served),
@@ -927,17 +941,25 @@ impl Controller {
             let rx = shutdown.clone();
             serving.spawn(async move { server.serve(listener, rx).await });
         }
-        if let Some(listener) = self.api {
+        if let Some((listener, tls)) = self.api {
             let app = crate::api::router(crate::api::ApiState::new(Arc::clone(&self.shared)));
             let mut rx = shutdown.clone();
             serving.spawn(async move {
                 let stop = async move {
                     let _ = rx.wait_for(|s| *s).await;
                 };
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
-                {
+                let served = match tls {
+                    None => {
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(stop)
+                            .await
+                    }
+                    Some(cfg) => match crate::api::tls::listen(listener, cfg) {
+                        Ok(l) => axum::serve(l, app).with_graceful_shutdown(stop).await,
+                        Err(e) => Err(e),
+                    },
+                };
+                if let Err(e) = served {
                     tracing::error!(cause = %e, "the API server stopped");
                 }
             });

@@ -21,6 +21,7 @@ pub mod auth;
 mod console;
 pub mod metrics;
 pub mod openapi;
+pub mod tls;
 
 use crate::server::{NewVolume, Shared, VolumeInfo};
 use axum::extract::{Path, Query, Request, State};
@@ -217,6 +218,8 @@ pub struct ApiState {
     pub ctl: Arc<Shared>,
     /// Sessions.
     pub auth: Arc<auth::Auth>,
+    /// Served over TLS: the session cookie is marked Secure.
+    pub secure: bool,
 }
 
 impl ApiState {
@@ -227,9 +230,11 @@ impl ApiState {
             .api
             .as_ref()
             .and_then(|a| a.admin_password_hash.clone());
+        let secure = ctl.cfg.api.as_ref().is_some_and(|a| a.tls);
         Self {
             ctl,
             auth: Arc::new(auth::Auth::new(hash)),
+            secure,
         }
     }
 }
@@ -515,9 +520,10 @@ async fn login(State(st): State<ApiState>, body: axum::body::Bytes) -> Response 
         Ok((token, csrf)) => {
             st.ctl.events.push("admin.login", "admin logged in");
             let cookie = format!(
-                "{}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+                "{}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
                 auth::COOKIE,
-                auth::SESSION_TTL.as_secs()
+                auth::SESSION_TTL.as_secs(),
+                if st.secure { "; Secure" } else { "" }
             );
             (
                 [(header::SET_COOKIE, cookie)],

@@ -794,3 +794,75 @@ async fn metrics_parse_and_move_with_io() {
     assert_eq!(vols["io"]["write_ops"], 6);
     f.stop().await;
 }
+
+/// Sends one HTTP/1.1 request over `io` and returns the whole response as text.
+async fn http_over<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut io: S,
+    request: &str,
+) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    io.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = io.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_generated_certificate() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let hash = auth::hash_password(PASSWORD).unwrap();
+    let text = config_text(dir.path(), &hash) + "tls = true\n";
+    let cfg = Config::parse(&text, &dir.path().join("a.toml")).unwrap();
+    let c = crate::server::Controller::start(&cfg).await.expect("start");
+    let shared = c.shared();
+    let addr = shared.api_addr.lock().unwrap().expect("bound");
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(c.run(rx));
+    let key = dir.path().join("api-key.pem");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // A client that trusts the generated certificate gets the API over TLS, and the session
+    // cookie is marked Secure.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in
+        rustls::pki_types::CertificateDer::pem_file_iter(dir.path().join("api-cert.pem")).unwrap()
+    {
+        roots.add(c.unwrap()).unwrap();
+    }
+    use rustls::pki_types::pem::PemObject as _;
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let body = json!({"password": PASSWORD}).to_string();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("handshake with the generated certificate");
+    let resp = http_over(
+        tls,
+        &format!("POST /api/v1/login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.to_ascii_lowercase().contains("; secure"), "{resp}");
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let resp = http_over(
+        tcp,
+        "GET /api/v1/openapi.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(!resp.contains("HTTP/1.1 200"), "{resp}");
+    tx.send(true).unwrap();
+    running.await.unwrap();
+    drop(shared);
+}
