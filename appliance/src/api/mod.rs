@@ -220,7 +220,13 @@ pub struct ApiState {
     pub auth: Arc<auth::Auth>,
     /// Served over TLS: the session cookie is marked Secure.
     pub secure: bool,
+    /// The last gathered view and when: requests within [`VIEW_TTL`] share it (the console
+    /// asks for several routes at once; each would otherwise ask every peer).
+    cache: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Snapshot)>>>,
 }
+
+/// How long a gathered view of the cluster is reused.
+pub const VIEW_TTL: Duration = Duration::from_millis(500);
 
 impl ApiState {
     /// State for `ctl`, with the admin password from its config.
@@ -235,7 +241,26 @@ impl ApiState {
             ctl,
             auth: Arc::new(auth::Auth::new(hash)),
             secure,
+            cache: Arc::default(),
         }
+    }
+
+    /// The cluster as this controller sees it, gathered at most every [`VIEW_TTL`].
+    pub async fn view(&self) -> Snapshot {
+        let mut c = self.cache.lock().await;
+        if let Some((at, s)) = c.as_ref() {
+            if at.elapsed() < VIEW_TTL {
+                return s.clone();
+            }
+        }
+        let s = snapshot(&self.ctl).await;
+        *c = Some((std::time::Instant::now(), s.clone()));
+        s
+    }
+
+    /// Forgets the gathered view (after a change made through this API).
+    pub async fn invalidate(&self) {
+        *self.cache.lock().await = None;
     }
 }
 
@@ -882,11 +907,11 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
 }
 
 async fn cluster(State(st): State<ApiState>) -> ApiResult<ClusterSummary> {
-    Ok(Json(snapshot(&st.ctl).await.summary))
+    Ok(Json(st.view().await.summary))
 }
 
 async fn controllers(State(st): State<ApiState>) -> ApiResult<Vec<ControllerView>> {
-    Ok(Json(snapshot(&st.ctl).await.controllers))
+    Ok(Json(st.view().await.controllers))
 }
 
 fn parse_id(id: &str) -> Result<u32, ApiError> {
@@ -903,7 +928,7 @@ async fn controller(
     Path(id): Path<String>,
 ) -> ApiResult<ControllerView> {
     let id = parse_id(&id)?;
-    snapshot(&st.ctl)
+    st.view()
         .await
         .controllers
         .into_iter()
@@ -926,28 +951,20 @@ async fn add_controller() -> ApiError {
 async fn controller_action(State(st): State<ApiState>, Path(id): Path<String>) -> ApiError {
     match parse_id(&id) {
         Err(e) => e,
-        Ok(id)
-            if !snapshot(&st.ctl)
-                .await
-                .controllers
-                .iter()
-                .any(|c| c.id == id) =>
-        {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no controller {id} in this cluster"),
-            )
-        }
+        Ok(id) if !st.view().await.controllers.iter().any(|c| c.id == id) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no controller {id} in this cluster"),
+        ),
         Ok(_) => ApiError::new(StatusCode::NOT_IMPLEMENTED, NOT_YET),
     }
 }
 
 async fn volumes(State(st): State<ApiState>) -> ApiResult<Vec<VolumeView>> {
-    Ok(Json(snapshot(&st.ctl).await.volumes))
+    Ok(Json(st.view().await.volumes))
 }
 
 async fn volume(State(st): State<ApiState>, Path(name): Path<String>) -> ApiResult<VolumeView> {
-    snapshot(&st.ctl)
+    st.view()
         .await
         .volumes
         .into_iter()
@@ -1013,7 +1030,9 @@ async fn create_volume_inner(st: &ApiState, body: &[u8]) -> Result<VolumeInfo, A
         k: b.k,
         m: b.m,
     };
-    st.ctl.create_volume(req).await.map_err(volume_error)
+    let r = st.ctl.create_volume(req).await.map_err(volume_error);
+    st.invalidate().await;
+    r
 }
 
 fn volume_error(e: crate::server::VolumeOpError) -> ApiError {
@@ -1066,22 +1085,24 @@ async fn delete_volume(
         }
         .into_response();
     }
-    match st.ctl.delete_volume(&name).await {
+    let r = st.ctl.delete_volume(&name).await;
+    st.invalidate().await;
+    match r {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => volume_error(e).into_response(),
     }
 }
 
 async fn sessions(State(st): State<ApiState>) -> ApiResult<Vec<crate::server::SessionView>> {
-    Ok(Json(snapshot(&st.ctl).await.sessions))
+    Ok(Json(st.view().await.sessions))
 }
 
 async fn jobs(State(st): State<ApiState>) -> ApiResult<Vec<JobView>> {
-    Ok(Json(snapshot(&st.ctl).await.jobs))
+    Ok(Json(st.view().await.jobs))
 }
 
 async fn cancel_job(State(st): State<ApiState>, Path(id): Path<String>) -> ApiError {
-    if snapshot(&st.ctl).await.jobs.iter().any(|j| j.id == id) {
+    if st.view().await.jobs.iter().any(|j| j.id == id) {
         ApiError::new(
             StatusCode::CONFLICT,
             "a resync restores redundancy and cannot be cancelled; it stops by itself when every chunk is copied",
