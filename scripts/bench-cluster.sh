@@ -51,14 +51,14 @@ run_jobs() { # name portal
 }
 
 # One controller.
-target/release/appliance up --controllers 1 --data-dir "$work/single" --listen "127.0.0.1:$base" >"$work/single.out" 2>&1 &
+target/release/appliance up --controllers 1 --data-dir "$work/single" --listen "127.0.0.1:$base" --api "127.0.0.1:$((base + 2000))" >"$work/single.out" 2>&1 &
 pid=$!; pids+=("$pid")
 wait_port "$base"
 run_jobs single "127.0.0.1:$base"
 kill -TERM "$pid"; wait "$pid" || true
 
 # Three controllers.
-target/release/appliance up --data-dir "$work/cluster" --listen "127.0.0.1:$base" >"$work/cluster.out" 2>&1 &
+target/release/appliance up --data-dir "$work/cluster" --listen "127.0.0.1:$base" --api "127.0.0.1:$((base + 2000))" >"$work/cluster.out" 2>&1 &
 pid=$!; pids+=("$pid")
 wait_port "$base"; wait_port $((base + 2))
 sleep 3 # the metadata log forms and brings every controller up

@@ -43,12 +43,22 @@ as_root mkfs.ext4 -q -F -d "$root_dir/root" "$root_dir/disk.img" 2G
 cargo build --quiet --release -p appliance
 work=$(mktemp -d /tmp/rainio-guest.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+cleanup() {
+  status=$?
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # The cluster's 1 GiB of shards and the logs: kept only when the test failed.
+  if [ "$status" -eq 0 ]; then
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+  else
+    echo "logs kept in $work" >&2
+  fi
+}
 trap cleanup EXIT
 base=$(python3 -c 'import socket,random
 for _ in range(500):
     b=random.randint(20000,50000); ok=True
-    for p in [b,b+1,b+2,b+1000,b+1001,b+1002]:
+    for p in [b,b+1,b+2,b+1000,b+1001,b+1002,b+2000,b+2001,b+2002]:
         s=socket.socket()
         try: s.bind(("127.0.0.1",p))
         except OSError: ok=False
@@ -56,7 +66,7 @@ for _ in range(500):
     if ok: print(b); break')
 iqn=iqn.2026-11.io.rainio:appliance
 log "cluster on 127.0.0.1:$base-$((base + 2))"
-target/release/appliance up --data-dir "$work/cluster" --listen "127.0.0.1:$base" >"$work/up.out" 2>&1 &
+target/release/appliance up --data-dir "$work/cluster" --listen "127.0.0.1:$base" --api "127.0.0.1:$((base + 2000))" >"$work/up.out" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do grep -q "Press Ctrl-C" "$work/up.out" && break; sleep 0.2; done
 victim=$(sed -nE 's/.*controller 3, TPGT 3, pid ([0-9]+).*/\1/p' "$work/up.out")

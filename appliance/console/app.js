@@ -234,6 +234,17 @@ function renderSummary(c) {
   $("#card-capacity-sub").textContent = "provisioned · " + bytes(c.capacity_bytes) + " of backing storage";
 }
 
+// One line per backing device: its errors, slow requests and checksum failures.
+function deviceCells(ds) {
+  if (!ds.length) return ["—"];
+  return ds.map((d) => {
+    const errors = d.read_errors + d.write_errors + d.flush_errors;
+    const bad = errors + d.checksum_failures > 0;
+    const text = `${d.role}: ${errors} errors, ${d.slow_ios} slow, ${d.checksum_failures} checksum`;
+    return el("div", { class: bad ? "device bad" : "device", title: d.path + " · " + d.engine + " · " + d.ios.toLocaleString() + " requests" }, text);
+  });
+}
+
 function renderControllers(cs) {
   const short = cs.map((c) => el("tr", { dataset: { testid: "controller-row", id: String(c.id), state: c.state } },
     el("td", {}, "controller " + c.id + (c.leader ? " ★" : "")),
@@ -248,9 +259,10 @@ function renderControllers(cs) {
     el("td", {}, c.portals.join(", ") || "—", el("div", { class: "muted" }, c.api ? "console " + c.api : "")),
     el("td", { class: "num" }, String(c.sessions)),
     el("td", { class: "num" }, bytes(c.capacity_bytes)),
+    el("td", {}, ...deviceCells(c.devices || [])),
     el("td", { class: "num" }, c.reachable ? duration(c.uptime_secs) : "—"),
     el("td", { class: "num" }, c.log.term ? `term ${c.log.term} · ${c.log.applied}/${c.log.last_index}` : "—")));
-  table("#controllers-table", ["Controller", "State", "Round trip", "Portals", "Sessions", "Storage", "Uptime", "Metadata log"], long, "no controllers");
+  table("#controllers-table", ["Controller", "State", "Round trip", "Portals", "Sessions", "Storage", "Devices", "Uptime", "Metadata log"], long, "no controllers");
 }
 
 function renderVolumes(vs) {

@@ -108,6 +108,40 @@ pub enum VolumeOpError {
     Unavailable(String),
 }
 
+/// A backing device this controller opened, and what it holds.
+struct DeviceEntry {
+    role: String,
+    /// The volume it belongs to alone (removed with it), if any.
+    volume: Option<String>,
+    dev: Arc<disk_io::Device>,
+    store: Option<Arc<DiskShardStore>>,
+}
+
+/// One backing device as the operator sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// File or block device.
+    pub path: String,
+    /// What it holds.
+    pub role: String,
+    /// Size.
+    pub size_bytes: u64,
+    /// I/O engine (`Uring` or `Threads`).
+    pub engine: String,
+    /// Completed requests.
+    pub ios: u64,
+    /// Reads the kernel refused.
+    pub read_errors: u64,
+    /// Writes the kernel refused.
+    pub write_errors: u64,
+    /// Flushes the kernel refused.
+    pub flush_errors: u64,
+    /// Requests slower than 500 ms.
+    pub slow_ios: u64,
+    /// Shard slots that failed their checksum when read.
+    pub checksum_failures: u64,
+}
+
 struct Served {
     info: VolumeInfo,
     /// Cluster volume id (the low 32 bits of the logical unit's key).
@@ -134,6 +168,7 @@ pub struct Shared {
     pub events: EventLog,
     node: RwLock<Option<NodeHandle>>,
     volumes: Mutex<BTreeMap<String, Served>>,
+    devices: Mutex<Vec<DeviceEntry>>,
     stores: Option<Arc<StoreSet>>,
     creating: tokio::sync::Mutex<()>,
     started: std::time::Instant,
@@ -200,6 +235,9 @@ pub struct LiveFigures {
     pub sessions: Vec<SessionView>,
     /// Bytes of backing storage this controller holds.
     pub capacity_bytes: u64,
+    /// Its backing devices with their error counters.
+    #[serde(default)]
+    pub devices: Vec<DeviceView>,
 }
 
 impl Shared {
@@ -233,19 +271,29 @@ impl Shared {
                 io: s.lu.stats.snapshot(),
             })
             .collect();
-        let capacity_bytes = match &self.cfg.cluster {
-            Some(_) => std::fs::read_dir(&self.cfg.data_dir)
-                .map(|d| {
-                    d.filter_map(Result::ok)
-                        .filter(|e| e.file_name().to_string_lossy().starts_with("shards"))
-                        .filter_map(|e| e.metadata().ok())
-                        .map(|m| m.len())
-                        .sum()
-                })
-                .unwrap_or(0),
-            None => vols.values().map(|s| s.info.size_bytes).sum(),
-        };
         drop(vols);
+        let devices: Vec<DeviceView> = self
+            .devices
+            .lock()
+            .expect("devices")
+            .iter()
+            .map(|d| {
+                let h = d.dev.health();
+                DeviceView {
+                    path: d.dev.path().display().to_string(),
+                    role: d.role.clone(),
+                    size_bytes: d.dev.size_bytes(),
+                    engine: format!("{:?}", d.dev.engine_kind()),
+                    ios: h.ios,
+                    read_errors: h.read_errors,
+                    write_errors: h.write_errors,
+                    flush_errors: h.flush_errors,
+                    slow_ios: h.slow_ios,
+                    checksum_failures: d.store.as_ref().map_or(0, |s| s.checksum_failures()),
+                }
+            })
+            .collect();
+        let capacity_bytes = devices.iter().map(|d| d.size_bytes).sum();
         let id = self.id();
         let sessions = self
             .registries
@@ -276,6 +324,7 @@ impl Shared {
             volumes,
             sessions,
             capacity_bytes,
+            devices,
         }
     }
 
@@ -453,6 +502,10 @@ impl Shared {
     }
 
     fn unserve(&self, name: &str) -> Option<Served> {
+        self.devices
+            .lock()
+            .expect("devices")
+            .retain(|d| d.volume.as_deref() != Some(name));
         let s = self.volumes.lock().expect("volumes").remove(name)?;
         self.luns.remove(s.info.lun);
         Some(s)
@@ -492,7 +545,9 @@ impl Shared {
             size_bytes: info.size_bytes,
             block_size: info.block_size,
         };
-        let vol = Arc::new(local_volume(&self.cfg, &vc).map_err(VolumeOpError::Unavailable)?);
+        let (vol, dev) = local_volume(&self.cfg, &vc).map_err(VolumeOpError::Unavailable)?;
+        let vol = Arc::new(vol);
+        self.devices.lock().expect("devices").push(dev);
         let key = volume_id(&self.cfg.iqn, &info.name);
         let lu = LogicalUnit::new(
             LuIdentity::for_volume(key),
@@ -617,10 +672,18 @@ impl Shared {
         dc.engine = self.cfg.engine;
         dc.direct = self.cfg.direct;
         let dev = Arc::new(disk_io::Device::open(&dc).map_err(|e| e.to_string())?);
-        let store = DiskShardStore::open(dev, chunk, &[slots], false)
-            .await
-            .map_err(|e| e.to_string())?;
-        stores.add(meta.id, Arc::new(store));
+        let store = Arc::new(
+            DiskShardStore::open(dev, chunk, &[slots], false)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+        self.devices.lock().expect("devices").push(DeviceEntry {
+            role: format!("shards of volume {}", rec.name),
+            volume: Some(rec.name.clone()),
+            dev: Arc::clone(store.device()),
+            store: Some(Arc::clone(&store)),
+        });
+        stores.add(meta.id, store);
         let engine = node.engine();
         engine.add_volume(meta.clone()).map_err(|e| e.to_string())?;
         let vol = Arc::new(Volume::Cluster(ClusterVolume::new(
@@ -676,19 +739,21 @@ impl Controller {
             )
         })?;
         // Cluster volumes from the engine, or one local device per volume.
-        let (node, stores, backends) = match &cfg.cluster {
+        let (node, stores, backends, devices) = match &cfg.cluster {
             Some(cl) => {
-                let (n, stores, vols) = start_cluster(cfg, cl).await?;
-                (Some(n), Some(stores), vols)
+                let (n, stores, vols, dev) = start_cluster(cfg, cl).await?;
+                (Some(n), Some(stores), vols, vec![dev])
             }
-            None => (
-                None,
-                None,
-                cfg.volumes
+            None => {
+                let (vols, devs): (Vec<Volume>, Vec<DeviceEntry>) = cfg
+                    .volumes
                     .iter()
                     .map(|v| local_volume(cfg, v))
-                    .collect::<Result<_, _>>()?,
-            ),
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .unzip();
+                (None, None, vols, devs)
+            }
         };
         let (k, m) = cfg.cluster.as_ref().map_or((1, 0), |c| (c.k, c.m));
         let mut served = BTreeMap::new();
@@ -855,6 +920,7 @@ impl Controller {
             events: EventLog::open(&cfg.data_dir.join("events.jsonl")),
             node: RwLock::new(node.as_ref().map(ControllerNode::handle)),
             volumes: Mutex::new(served),
+            devices: Mutex::new(devices),
             stores,
             creating: tokio::sync::Mutex::new(()),
             started: std::time::Instant::now(),
@@ -1004,7 +1070,7 @@ fn remove_files(files: &[std::path::PathBuf]) {
 }
 
 /// A single controller's volume: one backing file or device of its own.
-fn local_volume(cfg: &Config, v: &VolumeConfig) -> Result<Volume, String> {
+fn local_volume(cfg: &Config, v: &VolumeConfig) -> Result<(Volume, DeviceEntry), String> {
     let mut dc =
         disk_io::DeviceConfig::file(cfg.data_dir.join(format!("{}.img", v.name)), v.size_bytes);
     dc.engine = cfg.engine;
@@ -1018,8 +1084,16 @@ fn local_volume(cfg: &Config, v: &VolumeConfig) -> Result<Volume, String> {
             v.size_bytes
         ));
     }
-    Ok(Volume::Local(
-        LocalVolume::new(Arc::new(dev), 0, v.size_bytes).map_err(|e| e.to_string())?,
+    let dev = Arc::new(dev);
+    let entry = DeviceEntry {
+        role: format!("volume {}", v.name),
+        volume: Some(v.name.clone()),
+        dev: Arc::clone(&dev),
+        store: None,
+    };
+    Ok((
+        Volume::Local(LocalVolume::new(dev, 0, v.size_bytes).map_err(|e| e.to_string())?),
+        entry,
     ))
 }
 
@@ -1052,7 +1126,7 @@ fn cluster_volume_id(cfg: &Config, v: &VolumeConfig) -> u32 {
 async fn start_cluster(
     cfg: &Config,
     cl: &ClusterConfig,
-) -> Result<(ControllerNode, Arc<StoreSet>, Vec<Volume>), String> {
+) -> Result<(ControllerNode, Arc<StoreSet>, Vec<Volume>, DeviceEntry), String> {
     let named: Vec<(String, VolumeMeta)> = cfg
         .volumes
         .iter()
@@ -1087,7 +1161,14 @@ async fn start_cluster(
         timers: MembershipTimers::default(),
         bootstrap: cl.bootstrap,
     };
-    let stores = Arc::new(StoreSet::new(Arc::new(store)));
+    let store = Arc::new(store);
+    let entry = DeviceEntry {
+        role: "shard store".into(),
+        volume: None,
+        dev: Arc::clone(store.device()),
+        store: Some(Arc::clone(&store)),
+    };
+    let stores = Arc::new(StoreSet::new(store));
     let node =
         ControllerNode::start(&node_cfg, &cfg.data_dir, listener, stores.clone(), named).await?;
     if cl.bootstrap {
@@ -1107,5 +1188,5 @@ async fn start_cluster(
             ))
         })
         .collect();
-    Ok((node, stores, vols))
+    Ok((node, stores, vols, entry))
 }

@@ -121,6 +121,7 @@ pub struct Device {
     path: PathBuf,
     direct: bool,
     pool: BufferPool,
+    health: crate::health::DeviceHealth,
 }
 
 impl std::fmt::Debug for Device {
@@ -197,9 +198,20 @@ impl Device {
             path: cfg.path.clone(),
             direct,
             pool: BufferPool::new(cfg.pool_bytes.max(IO_SIZE_MAX_BYTES)),
+            health: crate::health::DeviceHealth::default(),
         };
         tracing::info!(path = %dev.path.display(), size_bytes, engine = ?dev.engine_kind(), direct, "backing device open");
         Ok(dev)
+    }
+
+    /// Error and latency counters.
+    pub fn health(&self) -> crate::health::HealthSnapshot {
+        self.health.snapshot()
+    }
+
+    /// The file or block device path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The engine in use.
@@ -265,12 +277,15 @@ impl Device {
     /// Misaligned or out-of-range requests, and kernel errors.
     pub async fn read_into(&self, offset: u64, mut buf: PooledBuf) -> Result<PooledBuf> {
         self.check(offset, buf.len())?;
+        let t0 = std::time::Instant::now();
         let c = self
             .submit(Op::Read {
                 buf: buf.take_buf(),
                 offset,
             })
             .await?;
+        self.health
+            .record(crate::health::IoOp::Read, t0.elapsed(), c.result.is_ok());
         buf.put_buf(c.buf.expect("engine returns the buffer"));
         c.result.map_err(|source| IoError::Os {
             op: "read",
@@ -291,6 +306,7 @@ impl Device {
         fua: bool,
     ) -> Result<PooledBuf> {
         self.check(offset, buf.len())?;
+        let t0 = std::time::Instant::now();
         let c = self
             .submit(Op::Write {
                 buf: buf.take_buf(),
@@ -298,6 +314,8 @@ impl Device {
                 fua,
             })
             .await?;
+        self.health
+            .record(crate::health::IoOp::Write, t0.elapsed(), c.result.is_ok());
         buf.put_buf(c.buf.expect("engine returns the buffer"));
         c.result.map_err(|source| IoError::Os {
             op: "write",
@@ -399,7 +417,10 @@ impl Device {
     /// # Errors
     /// Kernel errors.
     pub async fn flush(&self) -> Result<()> {
+        let t0 = std::time::Instant::now();
         let c = self.submit(Op::Flush).await?;
+        self.health
+            .record(crate::health::IoOp::Flush, t0.elapsed(), c.result.is_ok());
         c.result.map_err(|source| IoError::Os {
             op: "flush",
             offset: 0,

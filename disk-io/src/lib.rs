@@ -15,6 +15,7 @@ pub mod buf;
 pub mod constants;
 mod device;
 mod error;
+pub mod health;
 mod threads;
 mod uring;
 
@@ -22,3 +23,4 @@ pub use buf::{round_up, AlignedBuf, BufferPool, PooledBuf};
 pub use constants::{IO_ALIGN_BYTES, IO_SIZE_MAX_BYTES};
 pub use device::{Device, DeviceConfig, EngineChoice, EngineKind};
 pub use error::{IoError, Result};
+pub use health::{DeviceHealth, HealthSnapshot};

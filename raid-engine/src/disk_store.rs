@@ -76,6 +76,7 @@ pub struct DiskShardStore {
     capacity: u64,
     seq: AtomicU64,
     locks: RangeLock,
+    checksum_failures: AtomicU64,
 }
 
 /// Bytes a store needs for `volumes` with `chunk_bytes` chunks.
@@ -280,6 +281,7 @@ impl DiskShardStore {
             capacity,
             seq: AtomicU64::new(mounts << 40),
             locks: RangeLock::default(),
+            checksum_failures: AtomicU64::new(0),
         })
     }
 
@@ -312,6 +314,11 @@ impl DiskShardStore {
                 .map_err(|e| ShardError::Io(e.to_string()))?;
             let s = b.as_slice();
             let Some(h) = get_header(&s[..PAGE]) else {
+                // A slot never written has no magic; one with the magic but a bad header is
+                // damage.
+                if &s[..4] == SLOT_MAGIC {
+                    self.checksum_failures.fetch_add(1, Ordering::Relaxed);
+                }
                 continue;
             };
             let data = s[PAGE..PAGE + (h.data_len as usize).min(self.chunk)].to_vec();
@@ -319,6 +326,7 @@ impl DiskShardStore {
                 || h.data_len as usize > self.chunk
                 || crc32c::crc32c(&data) != h.data_crc
             {
+                self.checksum_failures.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             out.push((slot, h, data));
@@ -330,6 +338,17 @@ impl DiskShardStore {
     /// Number of chunks the store can hold.
     pub fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    /// Slots read whose header or payload failed its checksum (or named another chunk) since
+    /// the store was opened.
+    pub fn checksum_failures(&self) -> u64 {
+        self.checksum_failures.load(Ordering::Relaxed)
+    }
+
+    /// The device the store is on.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.dev
     }
 }
 
@@ -496,6 +515,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(versions(&s2.read(addr(2)).await.unwrap()), vec![3]);
+        assert_eq!(s2.checksum_failures(), 1, "the damaged slot is counted");
+        assert_eq!(s.checksum_failures(), 0);
         // Wrong chunk size: refused with the cause named.
         let e = DiskShardStore::open(dev2, 8192, &VOLS, false)
             .await

@@ -136,6 +136,39 @@ pub async fn render(st: &ApiState) -> String {
             n as f64,
         );
     }
+    type DevPick = fn(&crate::server::DeviceView) -> u64;
+    let device_counters: [(&str, &str, DevPick); 4] = [
+        (
+            "rainio_device_ios_total",
+            "Requests completed by each backing device",
+            |d| d.ios,
+        ),
+        (
+            "rainio_device_slow_ios_total",
+            "Requests slower than 500 ms",
+            |d| d.slow_ios,
+        ),
+        (
+            "rainio_device_checksum_failures_total",
+            "Shard slots that failed their checksum when read",
+            |d| d.checksum_failures,
+        ),
+        (
+            "rainio_device_errors_total",
+            "Requests the kernel refused",
+            |d| d.read_errors + d.write_errors + d.flush_errors,
+        ),
+    ];
+    for (name, help, f) in device_counters {
+        o.family(name, "counter", help);
+        for d in &live.devices {
+            o.sample(
+                name,
+                &[("controller", &id), ("device", &d.path)],
+                f(d) as f64,
+            );
+        }
+    }
     o.family(
         "rainio_uptime_seconds",
         "gauge",

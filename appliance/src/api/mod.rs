@@ -639,6 +639,8 @@ pub struct ControllerView {
     pub volumes: Vec<crate::server::VolumeIo>,
     /// Its replica of the metadata log.
     pub log: crate::node::LogFigures,
+    /// Its backing devices and their error counters.
+    pub devices: Vec<crate::server::DeviceView>,
 }
 
 /// One volume as the API shows it.
@@ -796,6 +798,7 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
                     io: sum_io(live.volumes.iter().map(|v| &v.io)),
                     volumes: live.volumes.clone(),
                     log: report.as_ref().map(|r| r.log.clone()).unwrap_or_default(),
+                    devices: live.devices.clone(),
                 });
             }
             let by_id: BTreeMap<u32, &crate::node::VolumeStatus> =
@@ -833,6 +836,7 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
                 io: sum_io(local_live.volumes.iter().map(|v| &v.io)),
                 volumes: local_live.volumes.clone(),
                 log: crate::node::LogFigures::default(),
+                devices: local_live.devices.clone(),
             });
             for info in &infos {
                 volumes.push(VolumeView {

@@ -790,6 +790,21 @@ async fn metrics_parse_and_move_with_io() {
         after["rainio_volume_latency_seconds_bucket{controller=\"1\",volume=\"vol0\",le=\"+Inf\"}"],
         6.0
     );
+    // The backing device counted the writes, without errors.
+    let dev_ios: f64 = after
+        .iter()
+        .filter(|(k, _)| k.starts_with("rainio_device_ios_total{controller=\"1\""))
+        .map(|(_, v)| *v)
+        .sum();
+    assert!(dev_ios >= f64::from(sent), "device requests: {dev_ios}");
+    let (_, cs) = f.get("/api/v1/controllers").await;
+    let d = &cs[0]["devices"][0];
+    assert_eq!(d["role"], "volume vol0", "{cs}");
+    assert_eq!(
+        (d["read_errors"].as_u64(), d["write_errors"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(d["ios"].as_u64().unwrap() >= sent as u64);
     let (_, vols) = f.get("/api/v1/volumes/vol0").await;
     assert_eq!(vols["io"]["write_ops"], 6);
     f.stop().await;
