@@ -1042,9 +1042,17 @@ impl NodeHandle {
             .propose(MetaCommand::CreateVolume(rec))
             .await
             .map_err(|e| e.to_string())?;
-        self.volume_records()
-            .remove(&id)
-            .ok_or_else(|| "the volume record was not applied".to_string())
+        // Committed by the leader; this replica applies it a moment later.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self.volume_records().remove(&id) {
+                return Ok(r);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err("the volume is recorded in the metadata log but this controller has not applied the record within 10 s; check its log".to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
