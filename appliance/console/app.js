@@ -265,6 +265,31 @@ function renderControllers(cs) {
   table("#controllers-table", ["Controller", "State", "Round trip", "Portals", "Sessions", "Storage", "Devices", "Uptime", "Metadata log"], long, "no controllers");
 }
 
+// Deleting asks for the volume's name, as the API does (?confirm=<name>).
+function deleteButton(name) {
+  const b = el("button", { class: "danger", dataset: { testid: "delete-volume", name } }, "Delete");
+  b.addEventListener("click", async () => {
+    const typed = window.prompt(`Deleting ${name} destroys its data on every controller. Type its name to confirm:`);
+    if (typed === null) return;
+    if (typed !== name) {
+      $("#nv-error").textContent = `Not deleted: "${typed}" is not "${name}".`;
+      return;
+    }
+    b.disabled = true;
+    try {
+      const r = await api("DELETE", `/api/v1/volumes/${encodeURIComponent(name)}?confirm=${encodeURIComponent(typed)}`);
+      if (r.ok) $("#nv-ok").textContent = `Volume ${name} deleted.`;
+      else $("#nv-error").textContent = (r.data && r.data.error) || "the appliance refused (" + r.status + ")";
+      refresh();
+    } catch (e) {
+      if (e.message !== "not logged in") $("#nv-error").textContent = "cannot reach the appliance: " + e.message;
+    } finally {
+      b.disabled = false;
+    }
+  });
+  return b;
+}
+
 function renderVolumes(vs) {
   const row = (v, wide) => el("tr", { dataset: { testid: "volume-row", name: v.name, health: v.health } },
     el("td", {}, v.name),
@@ -275,9 +300,10 @@ function renderVolumes(vs) {
       el("td", { class: "num" }, v.block_size + " B"),
       el("td", { class: "num" }, v.m ? `k=${v.k} m=${v.m}` : "single copy"),
       el("td", { class: "num" }, (v.io.read_ops + v.io.write_ops).toLocaleString()),
+      el("td", {}, v.runtime ? deleteButton(v.name) : el("span", { class: "muted", title: "defined in the config file" }, "config")),
     ] : []));
   table("#dash-volumes", ["Volume", "Health", "Size", "LUN"], vs.map((v) => row(v, false)), "no volumes");
-  table("#volumes-table", ["Volume", "Health", "Size", "LUN", "Block", "Protection", "I/Os"], vs.map((v) => row(v, true)), "no volumes yet: create one");
+  table("#volumes-table", ["Volume", "Health", "Size", "LUN", "Block", "Protection", "I/Os", ""], vs.map((v) => row(v, true)), "no volumes yet: create one");
 }
 
 function jobView(j) {

@@ -258,6 +258,11 @@ fn run(a: &ApiArgs, f: impl FnOnce(&Client) -> Result<String, String>) -> ExitCo
     }
 }
 
+/// One table row per element of the JSON array `v`.
+fn rows(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    v.as_array().into_iter().flatten().map(row).collect()
+}
+
 fn json_or(a: &ApiArgs, v: &Value, text: impl FnOnce(&Value) -> String) -> String {
     if a.json {
         format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
@@ -284,22 +289,17 @@ pub fn volume(a: &ApiArgs, cmd: VolumeCmd) -> ExitCode {
         VolumeCmd::List => {
             let v = c.ok("GET", "/api/v1/volumes", None)?;
             Ok(json_or(a, &v, |v| {
-                let rows: Vec<Vec<String>> = v
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|x| {
-                        vec![
-                            s(&x["name"]),
-                            s(&x["lun"]),
-                            size(&x["size_bytes"]),
-                            s(&x["block_size"]),
-                            format!("k={} m={}", x["k"], x["m"]),
-                            s(&x["health"]),
-                            s(&x["rows_behind"]),
-                        ]
-                    })
-                    .collect();
+                let rows = rows(v, |x| {
+                    vec![
+                        s(&x["name"]),
+                        s(&x["lun"]),
+                        size(&x["size_bytes"]),
+                        s(&x["block_size"]),
+                        format!("k={} m={}", x["k"], x["m"]),
+                        s(&x["health"]),
+                        s(&x["rows_behind"]),
+                    ]
+                });
                 table(
                     &[
                         "name",
@@ -368,37 +368,28 @@ pub fn controller(a: &ApiArgs, cmd: ControllerCmd) -> ExitCode {
             ControllerCmd::List => {
                 let v = c.ok("GET", "/api/v1/controllers", None)?;
                 return Ok(json_or(a, &v, |v| {
-                    let rows: Vec<Vec<String>> = v
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|x| {
-                            let io = &x["io"];
-                            vec![
-                                format!(
-                                    "{}{}",
-                                    x["id"],
-                                    if x["leader"] == true { " *" } else { "" }
-                                ),
-                                s(&x["state"]),
-                                x["portals"].as_array().map_or("-".into(), |p| {
-                                    p.iter().map(s).collect::<Vec<_>>().join(",")
-                                }),
-                                s(&x["sessions"]),
-                                size(&x["capacity_bytes"]),
-                                format!(
-                                    "{}",
-                                    io["read_ops"].as_u64().unwrap_or(0)
-                                        + io["write_ops"].as_u64().unwrap_or(0)
-                                ),
-                                if x["reachable"] == true {
-                                    format!("{:.1} ms", x["rtt_ms"].as_f64().unwrap_or(0.0))
-                                } else {
-                                    s(&x["error"])
-                                },
-                            ]
-                        })
-                        .collect();
+                    let rows = rows(v, |x| {
+                        let io = &x["io"];
+                        vec![
+                            format!("{}{}", x["id"], if x["leader"] == true { " *" } else { "" }),
+                            s(&x["state"]),
+                            x["portals"].as_array().map_or("-".into(), |p| {
+                                p.iter().map(s).collect::<Vec<_>>().join(",")
+                            }),
+                            s(&x["sessions"]),
+                            size(&x["capacity_bytes"]),
+                            format!(
+                                "{}",
+                                io["read_ops"].as_u64().unwrap_or(0)
+                                    + io["write_ops"].as_u64().unwrap_or(0)
+                            ),
+                            if x["reachable"] == true {
+                                format!("{:.1} ms", x["rtt_ms"].as_f64().unwrap_or(0.0))
+                            } else {
+                                s(&x["error"])
+                            },
+                        ]
+                    });
                     table(
                         &[
                             "id",
@@ -435,22 +426,17 @@ pub fn session(a: &ApiArgs, _cmd: SessionCmd) -> ExitCode {
     run(a, |c| {
         let v = c.ok("GET", "/api/v1/sessions", None)?;
         Ok(json_or(a, &v, |v| {
-            let rows: Vec<Vec<String>> = v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|x| {
-                    vec![
-                        s(&x["initiator"]),
-                        s(&x["isid"]),
-                        s(&x["controller"]),
-                        s(&x["portal"]),
-                        s(&x["peer"]),
-                        s(&x["in_flight"]),
-                        s(&x["commands"]),
-                    ]
-                })
-                .collect();
+            let rows = rows(v, |x| {
+                vec![
+                    s(&x["initiator"]),
+                    s(&x["isid"]),
+                    s(&x["controller"]),
+                    s(&x["portal"]),
+                    s(&x["peer"]),
+                    s(&x["in_flight"]),
+                    s(&x["commands"]),
+                ]
+            });
             table(
                 &[
                     "initiator",

@@ -82,6 +82,16 @@ try {
   await page.click("[data-testid=nv-submit]");
   await page.waitForFunction(() => /exists already/.test(document.querySelector("[data-field=name]").textContent), null, { timeout: WAIT });
   await shot("03-volumes");
+  // Deleting asks for the name; a volume from the config has no delete button.
+  if (await page.$("#volumes-table [data-testid=delete-volume][data-name=vol0]")) throw new Error("vol0 (from the config) offers delete");
+  await page.fill("[data-testid=nv-name]", "scratch");
+  await page.fill("[data-testid=nv-size]", "16MiB");
+  await page.click("[data-testid=nv-submit]");
+  await page.waitForSelector("#volumes-table [data-testid=delete-volume][data-name=scratch]", { timeout: WAIT });
+  page.once("dialog", (d) => d.accept("scratch"));
+  await page.click("#volumes-table [data-testid=delete-volume][data-name=scratch]");
+  await page.waitForFunction(() => ![...document.querySelectorAll("#volumes-table [data-testid=volume-row]")].some((v) => v.dataset.name === "scratch")
+    && /Volume scratch deleted/.test(document.querySelector("#nv-ok").textContent), null, { timeout: WAIT });
 
   step = "the other pages";
   log(step);

@@ -267,42 +267,28 @@ pub async fn render(st: &ApiState) -> String {
             &[("controller", &id)],
             s.resync_chunks as f64,
         );
-        o.family("rainio_raft_term", "gauge", "Metadata log term");
-        o.sample(
-            "rainio_raft_term",
-            &[("controller", &id)],
-            s.log.term as f64,
-        );
-        o.family(
-            "rainio_raft_last_log_index",
-            "gauge",
-            "Index of the last metadata log entry",
-        );
-        o.sample(
-            "rainio_raft_last_log_index",
-            &[("controller", &id)],
-            s.log.last_index as f64,
-        );
-        o.family(
-            "rainio_raft_applied_index",
-            "gauge",
-            "Index of the last applied metadata log entry",
-        );
-        o.sample(
-            "rainio_raft_applied_index",
-            &[("controller", &id)],
-            s.log.applied as f64,
-        );
-        o.family(
-            "rainio_raft_leader",
-            "gauge",
-            "1 when this controller leads the metadata log",
-        );
-        o.sample(
-            "rainio_raft_leader",
-            &[("controller", &id)],
-            f64::from(u8::from(s.leader == Some(u64::from(ctl.id())))),
-        );
+        let leader = f64::from(u8::from(s.leader == Some(u64::from(ctl.id()))));
+        for (name, help, v) in [
+            ("rainio_raft_term", "Metadata log term", s.log.term as f64),
+            (
+                "rainio_raft_last_log_index",
+                "Index of the last metadata log entry",
+                s.log.last_index as f64,
+            ),
+            (
+                "rainio_raft_applied_index",
+                "Index of the last applied metadata log entry",
+                s.log.applied as f64,
+            ),
+            (
+                "rainio_raft_leader",
+                "1 when this controller leads the metadata log",
+                leader,
+            ),
+        ] {
+            o.family(name, "gauge", help);
+            o.sample(name, &[("controller", &id)], v);
+        }
         o.family(
             "rainio_peer_rtt_seconds",
             "gauge",

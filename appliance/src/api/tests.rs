@@ -47,14 +47,7 @@ async fn start(dir: tempfile::TempDir, hash: &str) -> Fixture {
         shutdown,
         running,
     };
-    let (st, body, _) = f
-        .call(
-            "POST",
-            "/api/v1/login",
-            None,
-            Some(json!({"password": PASSWORD})),
-        )
-        .await;
+    let (st, body, _) = f.login_with(json!({"password": PASSWORD})).await;
     assert_eq!(st, StatusCode::OK, "{body}");
     f.token = body["token"].as_str().expect("token").to_string();
     f
@@ -98,6 +91,14 @@ impl Fixture {
         let v = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
         (status, v, headers)
+    }
+
+    /// `POST /api/v1/login` with `body`.
+    async fn login_with(
+        &self,
+        body: serde_json::Value,
+    ) -> (StatusCode, serde_json::Value, HeaderMap) {
+        self.call("POST", "/api/v1/login", None, Some(body)).await
     }
 
     fn bearer(&self) -> Option<(&'static str, String)> {
@@ -154,14 +155,7 @@ async fn the_openapi_document_and_the_routes_agree() {
             let (s, v, _) = f.call(method, &concrete(path), f.bearer(), body).await;
             if (method, path.as_str()) == ("POST", "/api/v1/logout") {
                 // That ended the session; open another for the rest.
-                let (_, l, _) = f
-                    .call(
-                        "POST",
-                        "/api/v1/login",
-                        None,
-                        Some(json!({"password": PASSWORD})),
-                    )
-                    .await;
+                let (_, l, _) = f.login_with(json!({"password": PASSWORD})).await;
                 f.token = l["token"].as_str().unwrap().to_string();
             }
             let is_documented = ops.get(method.to_lowercase()).is_some();
@@ -246,42 +240,16 @@ async fn every_protected_route_refuses_without_a_valid_session() {
 async fn login_cookie_csrf_and_logout() {
     let f = fixture().await;
     // Wrong password, wrong user, bad body.
-    let (s, v, _) = f
-        .call(
-            "POST",
-            "/api/v1/login",
-            None,
-            Some(json!({"password": "not it at all"})),
-        )
-        .await;
+    let (s, v, _) = f.login_with(json!({"password": "not it at all"})).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
     let (s, _, _) = f
-        .call(
-            "POST",
-            "/api/v1/login",
-            None,
-            Some(json!({"user": "root", "password": PASSWORD})),
-        )
+        .login_with(json!({"user": "root", "password": PASSWORD}))
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let (s, v, _) = f
-        .call(
-            "POST",
-            "/api/v1/login",
-            None,
-            Some(json!({"pass": PASSWORD})),
-        )
-        .await;
+    let (s, v, _) = f.login_with(json!({"pass": PASSWORD})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     // The cookie: HttpOnly, SameSite=Strict; the response carries no password or hash.
-    let (s, v, h) = f
-        .call(
-            "POST",
-            "/api/v1/login",
-            None,
-            Some(json!({"password": PASSWORD})),
-        )
-        .await;
+    let (s, v, h) = f.login_with(json!({"password": PASSWORD})).await;
     assert_eq!(s, StatusCode::OK);
     assert!(!v.to_string().contains("argon2") && !v.to_string().contains(PASSWORD));
     let set = h[header::SET_COOKIE].to_str().unwrap().to_string();
