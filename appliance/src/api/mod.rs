@@ -7,9 +7,9 @@
 //! answer is shown unreachable, never waited for).
 //!
 //! Invariants:
-//! - Every route is in [`ROUTES`], the table the OpenAPI document is built from; the router
-//!   refuses to add a route that is not there (a test checks the converse), so the document
-//!   and the routes cannot drift apart.
+//! - Every route is an entry of [`ROUTES`] (method, path, handler, summary, auth, body), the
+//!   one table both the router and the OpenAPI document are built from, so they cannot drift
+//!   apart (a test sends every documented method to every path).
 //! - Every `/api/v1` route but `login` and `openapi.json` needs a session (cookie or bearer);
 //!   a state-changing request made with the cookie also needs the CSRF header.
 //! - Errors are JSON `{"error": ..., "field": ...}` with a 4xx/5xx status; a validation error
@@ -28,7 +28,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{on, MethodFilter, MethodRouter};
+use axum::routing::{delete, get, patch, post, MethodRouter};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -51,6 +51,8 @@ pub struct RouteDoc {
     pub auth: bool,
     /// Request body schema (a name in the document's components), if any.
     pub body: Option<&'static str>,
+    /// The handler, for the router.
+    pub handler: fn() -> MethodRouter<ApiState>,
 }
 
 const fn r(
@@ -59,6 +61,7 @@ const fn r(
     summary: &'static str,
     auth: bool,
     body: Option<&'static str>,
+    handler: fn() -> MethodRouter<ApiState>,
 ) -> RouteDoc {
     RouteDoc {
         method,
@@ -66,26 +69,43 @@ const fn r(
         summary,
         auth,
         body,
+        handler,
     }
 }
 
 /// Every route of the API (the console's static files and `/metrics` included).
 pub const ROUTES: &[RouteDoc] = &[
-    r("GET", "/api/v1/openapi.json", "This document", false, None),
+    r(
+        "GET",
+        "/api/v1/openapi.json",
+        "This document",
+        false,
+        None,
+        || get(openapi_json),
+    ),
     r(
         "POST",
         "/api/v1/login",
         "Log in as admin: sets the session cookie, returns a bearer token and the CSRF token",
         false,
         Some("Login"),
+        || post(login),
     ),
-    r("POST", "/api/v1/logout", "End the session", true, None),
+    r(
+        "POST",
+        "/api/v1/logout",
+        "End the session",
+        true,
+        None,
+        || post(logout),
+    ),
     r(
         "GET",
         "/api/v1/session",
         "The current session (its CSRF token)",
         true,
         None,
+        || get(session),
     ),
     r(
         "GET",
@@ -93,6 +113,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "Cluster summary and health",
         true,
         None,
+        || get(cluster),
     ),
     r(
         "GET",
@@ -100,6 +121,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "Every controller: state, portal, sessions, capacity, I/O",
         true,
         None,
+        || get(controllers),
     ),
     r(
         "POST",
@@ -107,6 +129,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "Add a controller (not available yet)",
         true,
         Some("AddController"),
+        || post(add_controller),
     ),
     r(
         "GET",
@@ -114,6 +137,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "One controller",
         true,
         None,
+        || get(controller),
     ),
     r(
         "POST",
@@ -121,6 +145,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "Move a controller's shards away (not available yet)",
         true,
         None,
+        || post(controller_action),
     ),
     r(
         "POST",
@@ -128,6 +153,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "Remove a drained controller (not available yet)",
         true,
         None,
+        || post(controller_action),
     ),
     r(
         "POST",
@@ -135,6 +161,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "Declare a controller out so its shards are rebuilt (not available yet)",
         true,
         None,
+        || post(controller_action),
     ),
     r(
         "GET",
@@ -142,6 +169,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "Every volume with health and I/O",
         true,
         None,
+        || get(volumes),
     ),
     r(
         "POST",
@@ -149,14 +177,23 @@ pub const ROUTES: &[RouteDoc] = &[
         "Create a volume (served through every portal)",
         true,
         Some("NewVolume"),
+        || post(create_volume),
     ),
-    r("GET", "/api/v1/volumes/{name}", "One volume", true, None),
+    r(
+        "GET",
+        "/api/v1/volumes/{name}",
+        "One volume",
+        true,
+        None,
+        || get(volume),
+    ),
     r(
         "PATCH",
         "/api/v1/volumes/{name}",
         "Grow a volume (not available yet)",
         true,
         Some("ResizeVolume"),
+        || patch(resize_volume),
     ),
     r(
         "DELETE",
@@ -164,6 +201,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "Delete a volume created through the API, and its data; needs ?confirm=<name>",
         true,
         None,
+        || delete(delete_volume),
     ),
     r(
         "GET",
@@ -171,6 +209,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "Every logged-in iSCSI session on every controller",
         true,
         None,
+        || get(sessions),
     ),
     r(
         "GET",
@@ -178,6 +217,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "Running jobs (resync) with progress, rate and ETA",
         true,
         None,
+        || get(jobs),
     ),
     r(
         "POST",
@@ -185,6 +225,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "Cancel a job",
         true,
         None,
+        || post(cancel_job),
     ),
     r(
         "GET",
@@ -192,6 +233,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "The events log, oldest first (?after=<id>&limit=<n>)",
         true,
         None,
+        || get(events),
     ),
     r(
         "GET",
@@ -199,15 +241,26 @@ pub const ROUTES: &[RouteDoc] = &[
         "Prometheus metrics of this controller",
         false,
         None,
+        || get(metrics::handler),
     ),
-    r("GET", "/", "The web console", false, None),
-    r("GET", "/app.js", "The web console's script", false, None),
+    r("GET", "/", "The web console", false, None, || {
+        get(console::index)
+    }),
+    r(
+        "GET",
+        "/app.js",
+        "The web console's script",
+        false,
+        None,
+        || get(console::script),
+    ),
     r(
         "GET",
         "/app.css",
         "The web console's style sheet",
         false,
         None,
+        || get(console::style),
     ),
 ];
 
@@ -302,124 +355,12 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-fn method_filter(m: &str) -> MethodFilter {
-    match m {
-        "GET" => MethodFilter::GET,
-        "POST" => MethodFilter::POST,
-        "PATCH" => MethodFilter::PATCH,
-        "PUT" => MethodFilter::PUT,
-        "DELETE" => MethodFilter::DELETE,
-        other => panic!("method {other} is not used by the API"),
-    }
-}
-
-fn add(
-    router: Router<ApiState>,
-    method: &str,
-    path: &str,
-    h: MethodRouter<ApiState>,
-) -> Router<ApiState> {
-    assert!(
-        ROUTES.iter().any(|d| d.method == method && d.path == path),
-        "route {method} {path} is not in api::ROUTES (document it there)"
-    );
-    let _ = method_filter(method);
-    router.route(path, h)
-}
-
-/// The whole API, console and metrics.
+/// The whole API, console and metrics: every route of [`ROUTES`] and nothing else.
 pub fn router(state: ApiState) -> Router {
     let mut r = Router::new();
-    let g = |h| on(MethodFilter::GET, h);
-    r = add(r, "GET", "/api/v1/openapi.json", g(openapi_json));
-    r = add(r, "POST", "/api/v1/login", on(MethodFilter::POST, login));
-    r = add(r, "POST", "/api/v1/logout", on(MethodFilter::POST, logout));
-    r = add(r, "GET", "/api/v1/session", on(MethodFilter::GET, session));
-    r = add(r, "GET", "/api/v1/cluster", on(MethodFilter::GET, cluster));
-    r = add(
-        r,
-        "GET",
-        "/api/v1/controllers",
-        on(MethodFilter::GET, controllers),
-    );
-    r = add(
-        r,
-        "POST",
-        "/api/v1/controllers",
-        on(MethodFilter::POST, add_controller),
-    );
-    r = add(
-        r,
-        "GET",
-        "/api/v1/controllers/{id}",
-        on(MethodFilter::GET, controller),
-    );
-    r = add(
-        r,
-        "POST",
-        "/api/v1/controllers/{id}/drain",
-        on(MethodFilter::POST, controller_action),
-    );
-    r = add(
-        r,
-        "POST",
-        "/api/v1/controllers/{id}/remove",
-        on(MethodFilter::POST, controller_action),
-    );
-    r = add(
-        r,
-        "POST",
-        "/api/v1/controllers/{id}/mark-out",
-        on(MethodFilter::POST, controller_action),
-    );
-    r = add(r, "GET", "/api/v1/volumes", on(MethodFilter::GET, volumes));
-    r = add(
-        r,
-        "POST",
-        "/api/v1/volumes",
-        on(MethodFilter::POST, create_volume),
-    );
-    r = add(
-        r,
-        "GET",
-        "/api/v1/volumes/{name}",
-        on(MethodFilter::GET, volume),
-    );
-    r = add(
-        r,
-        "PATCH",
-        "/api/v1/volumes/{name}",
-        on(MethodFilter::PATCH, resize_volume),
-    );
-    r = add(
-        r,
-        "DELETE",
-        "/api/v1/volumes/{name}",
-        on(MethodFilter::DELETE, delete_volume),
-    );
-    r = add(
-        r,
-        "GET",
-        "/api/v1/sessions",
-        on(MethodFilter::GET, sessions),
-    );
-    r = add(r, "GET", "/api/v1/jobs", on(MethodFilter::GET, jobs));
-    r = add(
-        r,
-        "POST",
-        "/api/v1/jobs/{id}/cancel",
-        on(MethodFilter::POST, cancel_job),
-    );
-    r = add(r, "GET", "/api/v1/events", on(MethodFilter::GET, events));
-    r = add(
-        r,
-        "GET",
-        "/metrics",
-        on(MethodFilter::GET, metrics::handler),
-    );
-    r = add(r, "GET", "/", on(MethodFilter::GET, console::index));
-    r = add(r, "GET", "/app.js", on(MethodFilter::GET, console::script));
-    r = add(r, "GET", "/app.css", on(MethodFilter::GET, console::style));
+    for d in ROUTES {
+        r = r.route(d.path, (d.handler)());
+    }
     r.fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))

@@ -180,16 +180,7 @@ async fn the_openapi_document_and_the_routes_agree() {
 }
 
 #[test]
-fn adding_an_undocumented_route_is_refused() {
-    let r = std::panic::catch_unwind(|| {
-        add(
-            Router::new(),
-            "GET",
-            "/api/v1/secret",
-            on(MethodFilter::GET, not_found),
-        )
-    });
-    assert!(r.is_err());
+fn path_templates_match_one_segment_per_parameter() {
     assert!(path_matches("/api/v1/volumes/{name}", "/api/v1/volumes/v1"));
     assert!(!path_matches("/api/v1/volumes/{name}", "/api/v1/volumes/"));
     assert!(!path_matches(
