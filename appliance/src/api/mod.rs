@@ -478,11 +478,11 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 }
 
 async fn login(State(st): State<ApiState>, body: axum::body::Bytes) -> Response {
-    let l: Login = match parse_body(&body) {
+    let (user, password) = match login_request(&body) {
         Ok(l) => l,
         Err(e) => return e.into_response(),
     };
-    match st.auth.login(&l.user, &l.password) {
+    match st.auth.login(&user, &password) {
         Ok((token, csrf)) => {
             st.ctl.events.push("admin.login", "admin logged in");
             let cookie = format!(
@@ -939,6 +939,18 @@ async fn create_volume(State(st): State<ApiState>, body: axum::body::Bytes) -> R
 }
 
 async fn create_volume_inner(st: &ApiState, body: &[u8]) -> Result<VolumeInfo, ApiError> {
+    let req = new_volume_request(body, st.ctl.cfg.cluster.is_some())?;
+    let r = st.ctl.create_volume(req).await.map_err(volume_error);
+    st.invalidate().await;
+    r
+}
+
+/// A `POST /api/v1/volumes` body, parsed and checked field by field (`cluster`: whether k and
+/// m may be given). Pure, so the fuzzer can run it on any bytes.
+///
+/// # Errors
+/// 400 for a body that is not the expected JSON, 422 naming the field otherwise.
+pub fn new_volume_request(body: &[u8], cluster: bool) -> Result<NewVolume, ApiError> {
     let b: NewVolumeBody = parse_body(body)?;
     crate::config::check_volume_name(&b.name).map_err(|m| ApiError::field("name", m))?;
     let size_bytes = match &b.size {
@@ -961,23 +973,41 @@ async fn create_volume_inner(st: &ApiState, body: &[u8]) -> Result<VolumeInfo, A
     };
     let block_size = b.block_size.unwrap_or(512);
     crate::config::check_block_size(block_size).map_err(|m| ApiError::field("block_size", m))?;
-    if st.ctl.cfg.cluster.is_none() && (b.k.is_some() || b.m.is_some()) {
+    if !cluster && (b.k.is_some() || b.m.is_some()) {
         return Err(ApiError::field(
             if b.k.is_some() { "k" } else { "m" },
             "a single controller keeps one copy; k and m apply to a cluster",
         ));
     }
-    let req = NewVolume {
+    Ok(NewVolume {
         name: b.name,
         size_bytes,
         block_size,
         lun: b.lun,
         k: b.k,
         m: b.m,
-    };
-    let r = st.ctl.create_volume(req).await.map_err(volume_error);
-    st.invalidate().await;
-    r
+    })
+}
+
+/// A `POST /api/v1/login` body: `(user, password)`.
+///
+/// # Errors
+/// 400 for a body that is not the expected JSON.
+pub fn login_request(body: &[u8]) -> Result<(String, String), ApiError> {
+    let l: Login = parse_body(body)?;
+    Ok((l.user, l.password))
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The request field it names, if any.
+    pub fn field_name(&self) -> Option<&'static str> {
+        self.field
+    }
 }
 
 fn volume_error(e: crate::server::VolumeOpError) -> ApiError {
