@@ -47,6 +47,8 @@ fn up_creates_a_config_prints_portal_and_iqn_and_stops_on_sigterm() {
             data.to_str().unwrap(),
             "--listen",
             &listen,
+            "--api",
+            &format!("127.0.0.1:{}", free_port()),
         ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -87,6 +89,9 @@ fn free_port_block() -> u16 {
             base + 1000,
             base + 1001,
             base + 1002,
+            base + 2000,
+            base + 2001,
+            base + 2002,
         ];
         if ports
             .iter()
@@ -111,6 +116,8 @@ fn up_starts_a_three_controller_cluster_with_one_disk_through_every_portal() {
             data.to_str().unwrap(),
             "--listen",
             &listen,
+            "--api",
+            &format!("127.0.0.1:{}", base + 2000),
         ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -246,6 +253,8 @@ fn a_taken_port_is_reported_with_the_likely_cause() {
             dir.path().join("d").to_str().unwrap(),
             "--listen",
             &listen,
+            "--api",
+            &format!("127.0.0.1:{}", free_port()),
         ])
         .output()
         .unwrap();
