@@ -650,23 +650,17 @@ impl DeviceServer {
             ..
         } = a;
         let nexus = cmd.nexus.clone();
-        let counted = lu.as_ref().map(|lu| {
-            let kind = crate::stats::kind_of(&cmd.cdb);
-            let bytes = match kind {
-                crate::stats::IoKind::Read => u64::from(cmd.data_in_len),
-                _ => cmd.data_out.len() as u64,
-            };
-            (Arc::clone(lu), kind, bytes)
-        });
-        let outcome = match &counted {
-            Some((lu, kind, bytes)) => {
-                let t = lu.stats.start();
-                let o = self.execute_now(cmd).await;
-                t.finish(*kind, *bytes, o.status == CommandStatus::Good);
-                o
-            }
-            None => self.execute_now(cmd).await,
+        let kind = crate::stats::kind_of(&cmd.cdb);
+        let bytes = match kind {
+            crate::stats::IoKind::Read => u64::from(cmd.data_in_len),
+            _ => cmd.data_out.len() as u64,
         };
+        let counting = lu.as_ref().map(|lu| lu.stats.start());
+        // The LU admitted is the one that runs: one table lookup per command.
+        let outcome = self.execute_now(cmd, lu.clone()).await;
+        if let Some(t) = counting {
+            t.finish(kind, bytes, outcome.status == CommandStatus::Good);
+        }
         drop(ticket);
         if cleared(lu.as_ref(), epoch, nexus_epoch, &nexus) {
             return CommandOutcome::status(CommandStatus::TaskAborted);
@@ -694,8 +688,7 @@ impl DeviceServer {
         self.run(a).await
     }
 
-    async fn execute_now(&self, cmd: ScsiCommand) -> CommandOutcome {
-        let lu = decode_lun(cmd.lun).and_then(|l| self.luns.get(l));
+    async fn execute_now(&self, cmd: ScsiCommand, lu: Option<Arc<LogicalUnit>>) -> CommandOutcome {
         let descriptor = lu.as_ref().is_some_and(|l| l.descriptor_sense());
         let decoded = cdb::decode(&cmd.cdb);
         let mut wanted = None;
