@@ -969,11 +969,6 @@ impl NodeHandle {
         self.env.clone()
     }
 
-    /// This controller's id.
-    pub fn id(&self) -> ControllerId {
-        self.env.me
-    }
-
     /// This controller's status, as `appliance status` shows it.
     pub fn status(&self) -> StatusReport {
         status_of(&self.engine, &self.env, &self.raft)
