@@ -137,7 +137,19 @@ fn cli_and_metrics_against_a_three_controller_cluster() {
             .filter(|e| e.file_name().to_string_lossy().starts_with("shards-"))
             .count()
     };
-    assert_eq!(shard_files(), 3, "one store file per controller for data2");
+    // The answering controller serves it on return; the others open their files a moment later.
+    let three_files = || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while shard_files() != 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "shard files: {}",
+                shard_files()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    three_files();
     let o = cli(
         api + 1,
         &pw,
@@ -178,7 +190,7 @@ fn cli_and_metrics_against_a_three_controller_cluster() {
         "{}",
         text(&o)
     );
-    assert_eq!(shard_files(), 3);
+    three_files();
     // Errors name the field (from the API) and exit non-zero.
     let o = cli(
         api,
