@@ -72,7 +72,7 @@ res[healthy,randread-all]=$(rr); res[healthy,randread-lost]=$(rr "$lost")
 pid3=$(sed -nE 's/.*controller 3, TPGT 3, pid ([0-9]+).*/\1/p' "$work/cluster.out")
 kill -KILL "$pid3"
 for _ in $(seq 100); do
-  target/release/appliance status --peer "127.0.0.1:$((base + 1000))" | grep -Eq '^ +3 +down' && break
+  target/release/appliance status --peer "127.0.0.1:$((base + 1000))" --pki "$work/cluster/pki" | grep -Eq '^ +3 +down' && break
   sleep 0.2
 done
 res[degraded,randread-all]=$(rr); res[degraded,randread-lost]=$(rr "$lost")

@@ -12,9 +12,11 @@ log() { printf '\n==> %s\n' "$*"; }
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# System packages: libiscsi-bin gives iscsi-test-cu, iscsi-ls, iscsi-inq, iscsi-readcapacity16.
+# System packages: libiscsi-bin gives iscsi-test-cu, iscsi-ls, iscsi-inq, iscsi-readcapacity16;
+# tcpdump captures peer traffic on loopback (the peer TLS test looks for plaintext in it).
 missing=()
 command -v iscsi-test-cu >/dev/null 2>&1 || missing+=(libiscsi-bin)
+command -v tcpdump >/dev/null 2>&1 || missing+=(tcpdump)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -qq
@@ -23,6 +25,7 @@ fi
 for tool in iscsi-test-cu iscsi-ls iscsi-inq iscsi-readcapacity16; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is still missing after installing libiscsi-bin" >&2; exit 1; }
 done
+command -v tcpdump >/dev/null 2>&1 || { echo "error: tcpdump is still missing after installing it" >&2; exit 1; }
 
 # The console's browser test: Debian's chromium, driven by playwright-core from npm (the
 # version pinned in tests/console/package-lock.json; it never downloads a browser of its own).

@@ -104,6 +104,8 @@ struct RawCluster {
     write_quorum: Option<usize>,
     chunk: Option<String>,
     bootstrap: Option<bool>,
+    tls: Option<bool>,
+    pki: Option<PathBuf>,
 }
 
 /// Membership in a cluster of controllers (`[cluster]`); volumes are then erasure-coded over
@@ -126,6 +128,10 @@ pub struct ClusterConfig {
     pub chunk_bytes: u32,
     /// Whether this controller forms the metadata log (exactly one controller of a new cluster).
     pub bootstrap: bool,
+    /// The directory of the cluster CA and this controller's certificate for mutual TLS on
+    /// peer links (`cluster.pki`, default `<data_dir>/pki`); `None` when `cluster.tls = false`
+    /// (plaintext: only on a network no one else can reach).
+    pub pki: Option<PathBuf>,
 }
 
 fn parse_id_map(
@@ -197,6 +203,16 @@ fn check_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
         write_quorum: raw.write_quorum,
         chunk_bytes,
         bootstrap: raw.bootstrap.unwrap_or(false),
+        pki: match (raw.tls.unwrap_or(true), raw.pki) {
+            (true, p) => Some(p.unwrap_or_else(|| PathBuf::from("pki"))),
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(invalid(
+                    "cluster.pki",
+                    "is set but cluster.tls = false; remove one of them",
+                ))
+            }
+        },
     })
 }
 
@@ -619,6 +635,12 @@ impl Config {
             }
         }
         // Relative certificate paths are in the data directory.
+        let cluster_pki = cfg.cluster.as_mut().and_then(|c| c.pki.as_mut());
+        if let Some(p) = cluster_pki {
+            if p.is_relative() {
+                *p = cfg.data_dir.join(&*p);
+            }
+        }
         if let Some(api) = cfg.api.as_mut() {
             for p in [&mut api.tls_cert, &mut api.tls_key].into_iter().flatten() {
                 if p.is_relative() {

@@ -99,6 +99,20 @@ enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The cluster's certificate directory (its CA and `operator.pem`), as `appliance up`
+        /// makes it; `none` for a cluster with `cluster.tls = false`.
+        #[arg(long, default_value = "appliance-data/pki")]
+        pki: PathBuf,
+    },
+    /// Make the cluster CA (when missing) and certificates for controllers (and the
+    /// operator's, for `appliance status`) for mutual TLS on peer links.
+    Pki {
+        /// Directory of the CA and certificates (`cluster.pki` of each controller).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Controller ids to issue certificates for (repeat, or comma-separated).
+        #[arg(long = "controller", value_delimiter = ',', required = true)]
+        controllers: Vec<u32>,
     },
     /// Check a config file and exit.
     CheckConfig {
@@ -123,7 +137,8 @@ fn init_logging(level: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (cfg, banner) = match cli.cmd {
-        Cmd::Status { peer, json } => return status(&peer, json),
+        Cmd::Status { peer, json, pki } => return status(&peer, json, &pki),
+        Cmd::Pki { dir, controllers } => return pki(&dir, &controllers),
         Cmd::HashPassword => return hash_password(),
         Cmd::Volume { cmd, api } => return cli::volume(&api, cmd),
         Cmd::Controller { cmd, api } => return cli::controller(&api, cmd),
@@ -333,6 +348,15 @@ fn up_cluster(
             }
         }
     }
+    // Mutual TLS on the peer links: the CA and every controller's certificate, made once.
+    let pki_dir = data_dir.join("pki");
+    let mut pki_ids = ids.clone();
+    pki_ids.push(0);
+    if let Err(e) = appliance::peer::tls::issue(&pki_dir, &pki_ids) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let pki_abs = std::fs::canonicalize(&pki_dir).unwrap_or_else(|_| pki_dir.clone());
     let map = |base: u16| {
         ids.iter()
             .map(|&i| format!("\"{i}\" = \"{}\"", at(i, base)))
@@ -357,10 +381,11 @@ fn up_cluster(
             let mut text = config::default_config_text(&at(i, first.port()).to_string());
             text = text.replace("tpgt = 1\n", &format!("tpgt = {i}\n"));
             text.push_str(&format!(
-                "\n[cluster]\nid = {i}\npeers = {{ {} }}\nportals = {{ {} }}\nk = {k}\nm = {m}\nbootstrap = {}\n",
+                "\n[cluster]\nid = {i}\npeers = {{ {} }}\nportals = {{ {} }}\nk = {k}\nm = {m}\nbootstrap = {}\npki = {}\n",
                 map(peer_base),
                 map(first.port()),
-                i == 1
+                i == 1,
+                toml::Value::String(pki_abs.display().to_string())
             ));
             text.push_str(&format!(
                 "\n[api]\nlisten = \"{}\"\nadmin_password_hash = \"{}\"\n",
@@ -467,8 +492,13 @@ fn up_cluster(
     );
     println!("  try        : iscsi-ls -s iscsi://{}", cfg0.listen[0]);
     println!(
-        "  status     : appliance status --peer {}",
-        at(1, peer_base)
+        "  peer links : mutual TLS, cluster CA and certificates in {}",
+        pki_dir.display()
+    );
+    println!(
+        "  status     : appliance status --peer {} --pki {}",
+        at(1, peer_base),
+        pki_dir.display()
     );
     println!("Press Ctrl-C to stop.");
     let rt = match small_runtime() {
@@ -551,8 +581,31 @@ fn stop_all(children: &mut [std::process::Child]) {
     }
 }
 
+/// `appliance pki`: the cluster CA and certificates.
+fn pki(dir: &std::path::Path, ids: &[u32]) -> ExitCode {
+    let mut ids = ids.to_vec();
+    ids.push(0);
+    match appliance::peer::tls::issue(dir, &ids) {
+        Ok(made) => {
+            for p in made {
+                println!("wrote {}", p.display());
+            }
+            println!(
+                "certificates for controllers {:?} and the operator are in {}; point each controller's cluster.pki at a copy holding ca.pem and its own controller-<id>.pem/-key.pem",
+                &ids[..ids.len() - 1],
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `appliance status`: asks one controller over the peer protocol and prints its view.
-fn status(peer: &str, json: bool) -> ExitCode {
+fn status(peer: &str, json: bool, pki: &std::path::Path) -> ExitCode {
     use appliance::peer::wire::{MetaOp, Reply, Request};
     let Ok(addr) = peer.parse::<std::net::SocketAddr>() else {
         eprintln!("error: --peer `{peer}` is not ip:port, e.g. 127.0.0.1:4260");
@@ -562,6 +615,17 @@ fn status(peer: &str, json: bool) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let client = appliance::peer::PeerClient::new(0, addr, appliance::peer::PeerLimits::default());
+    let client = if pki == std::path::Path::new("none") {
+        client
+    } else {
+        match appliance::peer::tls::PeerTls::load(pki, 0) {
+            Ok(t) => client.with_tls(&t, None),
+            Err(e) => {
+                eprintln!("error: {e}\n(pass --pki with the cluster's certificate directory, or --pki none for a cluster with cluster.tls = false)");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
     let reply = rt.block_on(client.call(0, Request::Meta(MetaOp::Status, Vec::new())));
     let body = match reply {
         Ok(Reply::Data(d)) => d,

@@ -47,6 +47,8 @@ pub struct NodeConfig {
     pub limits: PeerLimits,
     /// Membership timers.
     pub timers: MembershipTimers,
+    /// Mutual TLS on every peer link (`None`: plaintext, `cluster.tls = false`).
+    pub tls: Option<Arc<crate::peer::tls::PeerTls>>,
     /// Whether this controller forms the cluster: it records its config's volumes in the
     /// metadata log. The others serve a volume once the log's record matches their own.
     pub bootstrap: bool,
@@ -1240,7 +1242,14 @@ impl ControllerNode {
             .peers
             .iter()
             .filter(|(id, _)| **id != cfg.id)
-            .map(|(id, a)| (*id, Arc::new(PeerClient::new(cfg.id, *a, cfg.limits))))
+            .map(|(id, a)| {
+                let c = PeerClient::new(cfg.id, *a, cfg.limits);
+                let c = match &cfg.tls {
+                    Some(t) => c.with_tls(t, Some(*id)),
+                    None => c,
+                };
+                (*id, Arc::new(c))
+            })
             .collect();
         let env = Arc::new(NodeEnv {
             me: cfg.id,
@@ -1288,7 +1297,11 @@ impl ControllerNode {
             env: env.clone(),
         });
         let mut tasks = vec![tokio::spawn(peer::serve(
-            listener, cfg.id, handler, cfg.limits,
+            listener,
+            cfg.id,
+            handler,
+            cfg.limits,
+            cfg.tls.clone(),
         ))];
         // Install every newly applied membership view in the engine, and reservation state
         // in the logical units (that first: a controller that sees itself up again has the

@@ -1154,11 +1154,19 @@ async fn start_cluster(
     let listener = tokio::net::TcpListener::bind(peer_addr).await.map_err(|e| {
         format!("cannot listen for peers on {peer_addr}: {e} (another controller may use the port; check cluster.peers)")
     })?;
+    let tls = match &cl.pki {
+        Some(dir) => Some(Arc::new(crate::peer::tls::PeerTls::load(dir, cl.id)?)),
+        None => {
+            tracing::warn!("peer links are plaintext and unauthenticated (cluster.tls = false): anyone who reaches the peer port can read and write shards");
+            None
+        }
+    };
     let node_cfg = NodeConfig {
         id: cl.id,
         peers: cl.peers.clone(),
         limits: PeerLimits::default(),
         timers: MembershipTimers::default(),
+        tls,
         bootstrap: cl.bootstrap,
     };
     let store = Arc::new(store);

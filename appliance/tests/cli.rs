@@ -172,6 +172,8 @@ fn up_starts_a_three_controller_cluster_with_one_disk_through_every_portal() {
     loop {
         let out = Command::new(BIN)
             .args(["status", "--peer", &format!("127.0.0.1:{}", base + 1002)])
+            .arg("--pki")
+            .arg(data.join("pki"))
             .output()
             .unwrap();
         let st = String::from_utf8_lossy(&out.stdout).to_string();

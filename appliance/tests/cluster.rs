@@ -2,7 +2,8 @@
 //! store (redb), joined over loopback TCP by the peer transport and the Raft metadata log: data written through any controller reads back through any other, a
 //! controller that stops is written around (write-intent marks committed to the log), and when
 //! it comes back only the rows written meanwhile are copied to it; afterwards any one
-//! controller can be lost and every block still reads back.
+//! controller can be lost and every block still reads back. The peer links run mutual TLS
+//! with certificates from `appliance::peer::tls::issue`, as in production.
 
 use appliance::meta::{MetaCommand, StoredState};
 use appliance::node::{ControllerNode, MembershipTimers, NodeConfig};
@@ -40,6 +41,7 @@ struct Harness {
     cfg: BTreeMap<u32, NodeConfig>,
     dirs: BTreeMap<u32, tempfile::TempDir>,
     nodes: BTreeMap<u32, ControllerNode>,
+    _pki: tempfile::TempDir,
 }
 
 impl Harness {
@@ -56,10 +58,13 @@ impl Harness {
             request_timeout: Duration::from_millis(800),
             connect_timeout: Duration::from_millis(500),
         };
+        let pki = tempfile::tempdir().unwrap();
+        appliance::peer::tls::issue(pki.path(), &[1, 2, 3]).unwrap();
         let mut h = Self {
             cfg: BTreeMap::new(),
             dirs: BTreeMap::new(),
             nodes: BTreeMap::new(),
+            _pki: pki,
         };
         for (id, l) in listeners {
             let cfg = NodeConfig {
@@ -72,6 +77,9 @@ impl Harness {
                     down_after: Duration::from_millis(1500),
                     resync_every: Duration::from_millis(200),
                 },
+                tls: Some(Arc::new(
+                    appliance::peer::tls::PeerTls::load(h._pki.path(), id).unwrap(),
+                )),
                 bootstrap: id == 1,
             };
             h.cfg.insert(id, cfg);

@@ -26,6 +26,11 @@ struct Ctrl {
     portal: SocketAddr,
     peer: SocketAddr,
     child: Option<Child>,
+    /// The cluster's certificate directory (the CA and every controller's certificate, made
+    /// by `appliance pki`); shared by the cluster's controllers.
+    pki: std::sync::Arc<tempfile::TempDir>,
+    /// Whether its peer links are plaintext (`cluster.tls = false`).
+    plain: bool,
 }
 
 impl Ctrl {
@@ -52,8 +57,13 @@ fn start_cluster() -> Vec<Ctrl> {
     start_cluster_of(3, 2, 1)
 }
 
-/// `n` controllers, `k` + `m` geometry.
+/// `n` controllers, `k` + `m` geometry, mutual TLS on peer links.
 fn start_cluster_of(n: u32, k: usize, m: usize) -> Vec<Ctrl> {
+    start_cluster_with(n, k, m, true)
+}
+
+/// `n` controllers, `k` + `m` geometry; `tls = false`: plaintext peer links.
+fn start_cluster_with(n: u32, k: usize, m: usize, tls: bool) -> Vec<Ctrl> {
     let ids: Vec<u32> = (1..=n).collect();
     let portals: BTreeMap<u32, SocketAddr> = ids
         .iter()
@@ -69,15 +79,21 @@ fn start_cluster_of(n: u32, k: usize, m: usize) -> Vec<Ctrl> {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let pki = std::sync::Arc::new(make_pki(&ids));
     ids.iter()
         .map(|&i| {
             let dir = tempfile::tempdir().unwrap();
             let cfg = format!(
-                "data_dir = \".\"\nlog_level = \"info\"\n[iscsi]\nlisten = \"{}\"\ntpgt = {i}\n[target]\niqn = \"{IQN}\"\n[[volume]]\nname = \"vol0\"\nlun = 0\nsize = \"64MiB\"\nblock_size = 512\n[cluster]\nid = {i}\npeers = {{ {} }}\nportals = {{ {} }}\nk = {k}\nm = {m}\nchunk = \"16KiB\"\nbootstrap = {}\n",
+                "data_dir = \".\"\nlog_level = \"info\"\n[iscsi]\nlisten = \"{}\"\ntpgt = {i}\n[target]\niqn = \"{IQN}\"\n[[volume]]\nname = \"vol0\"\nlun = 0\nsize = \"64MiB\"\nblock_size = 512\n[cluster]\nid = {i}\npeers = {{ {} }}\nportals = {{ {} }}\nk = {k}\nm = {m}\nchunk = \"16KiB\"\nbootstrap = {}\n{}\n",
                 portals[&i],
                 map(&peers),
                 map(&portals),
-                i == 1
+                i == 1,
+                if tls {
+                    format!("pki = \"{}\"", pki.path().display())
+                } else {
+                    "tls = false".into()
+                }
             );
             std::fs::write(dir.path().join("appliance.toml"), cfg).unwrap();
             let child = spawn(dir.path());
@@ -86,9 +102,29 @@ fn start_cluster_of(n: u32, k: usize, m: usize) -> Vec<Ctrl> {
                 portal: portals[&i],
                 peer: peers[&i],
                 child: Some(child),
+                pki: pki.clone(),
+                plain: !tls,
             }
         })
         .collect()
+}
+
+/// A cluster CA and certificates for controllers `ids`, made by `appliance pki`.
+fn make_pki(ids: &[u32]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let list = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let out = std::process::Command::new(tests::appliance::binary())
+        .args(["pki", "--dir"])
+        .arg(dir.path())
+        .args(["--controller", &list])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "appliance pki: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
 }
 
 /// The volume's layout as `appliance run` derives it from the test's config (64 MiB, 16 KiB
@@ -215,7 +251,12 @@ async fn wait_log(c: &[Ctrl], text: &str) {
 /// `appliance status --peer ... --json` of one controller, as an operator would run it.
 fn status(c: &Ctrl) -> Option<serde_json::Value> {
     let out = std::process::Command::new(tests::appliance::binary())
-        .args(["status", "--peer", &c.peer.to_string(), "--json"])
+        .args(["status", "--peer", &c.peer.to_string(), "--json", "--pki"])
+        .arg(if c.plain {
+            std::path::Path::new("none")
+        } else {
+            c.pki.path()
+        })
         .output()
         .ok()?;
     if !out.status.success() {
@@ -1055,4 +1096,210 @@ async fn preempt_and_abort_through_one_controller_aborts_tasks_queued_on_another
         read_reservation(&mut y_c).await,
         Some((ky, WRITE_EXCLUSIVE))
     );
+}
+
+/// Points controller `c`'s config at the certificate directory `dir`.
+fn set_pki(c: &Ctrl, dir: &std::path::Path) {
+    let path = c.dir.path().join("appliance.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("pki = ") {
+                format!("pki = \"{}\"", dir.display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(&path, text.join("\n") + "\n").unwrap();
+}
+
+/// How many lines of `c`'s log contain `text`.
+fn log_count(c: &Ctrl, text: &str) -> usize {
+    c.log().matches(text).count()
+}
+
+fn state_of(s: &serde_json::Value, id: u32) -> String {
+    s["controllers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e[0] == id))
+        .and_then(|e| e[1].as_str())
+        .unwrap_or("?")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_with_a_foreign_certificate_is_refused_by_the_cluster() {
+    let mut c = start_cluster();
+    wait_status(&c[0], "a healthy volume", |s| {
+        vol0(s)["health"] == "healthy"
+    })
+    .await;
+    let mut w = connect(c[0].portal, Instant::now() + Duration::from_secs(60)).await;
+    assert!(write(&mut w, 0, 1, Instant::now() + Duration::from_secs(30)).await);
+    // Controller 3 comes back with a certificate of another CA (same name, same id).
+    c[2].kill9();
+    wait_log(&c[..2], "membership change controller=3 state=Down").await;
+    let foreign = make_pki(&[3]);
+    set_pki(&c[2], foreign.path());
+    let refused_before: usize = c[..2]
+        .iter()
+        .map(|c| log_count(c, "TLS handshake failed"))
+        .sum();
+    c[2].child = Some(spawn(c[2].dir.path()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while c[..2]
+        .iter()
+        .map(|c| log_count(c, "TLS handshake failed"))
+        .sum::<usize>()
+        <= refused_before
+    {
+        assert!(Instant::now() < deadline, "no refused handshake logged");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // It stays out: the others keep it down, and it cannot serve writes (no lease).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let s = status(&c[0]).expect("status of controller 1");
+    assert_eq!(state_of(&s, 3), "down", "{s}");
+    assert_eq!(vol0(&s)["health"], "degraded", "{s}");
+    let attempt = async {
+        let mut i = Initiator::login(c[2].portal, &LoginOptions::normal(IQN))
+            .await
+            .ok()?;
+        let data = pattern(9, 1);
+        i.command(0, &write16(lba(1), CHUNK_BLOCKS), &data, data.len() as u32)
+            .await
+            .ok()
+    };
+    if let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(20), attempt).await {
+        assert_ne!(
+            r.status, 0,
+            "controller 3 acknowledged a write without being admitted"
+        );
+    }
+    // The same controller with the cluster's own certificate is admitted again.
+    c[2].kill9();
+    set_pki(&c[2], c[2].pki.path());
+    let up_before = log_count(&c[0], "membership change controller=3 state=Up");
+    c[2].child = Some(spawn(c[2].dir.path()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while log_count(&c[0], "membership change controller=3 state=Up") <= up_before {
+        assert!(
+            Instant::now() < deadline,
+            "controller 3 with its own certificate never came back:\n{}",
+            c[2].log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_status(&c[0], "a healthy volume again", |s| {
+        vol0(s)["health"] == "healthy"
+    })
+    .await;
+}
+
+/// tcpdump on `lo` for `ports`, writing to `file`; returns once it captures.
+fn start_capture(file: &std::path::Path, ports: &[u16]) -> Child {
+    use std::io::BufRead as _;
+    let filter = ports
+        .iter()
+        .map(|p| format!("tcp port {p}"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let mut child = std::process::Command::new("tcpdump")
+        .args(["-i", "lo", "-U", "-s", "0", "-Z", "root", "-w"])
+        .arg(file)
+        .arg(filter)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("tcpdump is not installed ({e}): run scripts/test.sh, which installs it")
+        });
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "tcpdump stopped before capturing (is this running as root?)"
+        );
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    // Keep draining its messages so it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    child
+}
+
+/// A block pattern no shard header or protocol field contains.
+const CANARY: &[u8; 32] = b"RAINIO-PLAINTEXT-CANARY-7f3a9c1e";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_traffic_captured_on_loopback_shows_no_plaintext_shard_data() {
+    let data: Vec<u8> = CANARY
+        .iter()
+        .copied()
+        .cycle()
+        .take(CHUNK_BLOCKS as usize * BS)
+        .collect();
+    // Plaintext first, as the control: the same capture finds the pattern there.
+    for tls in [false, true] {
+        let c = start_cluster_with(3, 2, 1, tls);
+        wait_status(&c[0], "a healthy volume", |s| {
+            vol0(s)["health"] == "healthy"
+        })
+        .await;
+        let work = tempfile::tempdir().unwrap();
+        let pcap = work.path().join("peers.pcap");
+        let ports: Vec<u16> = c.iter().map(|c| c.peer.port()).collect();
+        let mut dump = start_capture(&pcap, &ports);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut w = connect(c[0].portal, deadline).await;
+        for n in 0..8u64 {
+            let r = w
+                .command(0, &write16(lba(n), CHUNK_BLOCKS), &data, data.len() as u32)
+                .await
+                .expect("write");
+            assert_eq!(r.status, 0, "write {n}: {:02x?}", r.sense);
+        }
+        // Read back through another controller, so chunks also cross the peer links.
+        let mut r2 = connect(c[1].portal, deadline).await;
+        for n in 0..8u64 {
+            let r = r2
+                .command(0, &read16(lba(n), CHUNK_BLOCKS), &[], data.len() as u32)
+                .await
+                .expect("read");
+            assert_eq!(r.status, 0);
+            assert!(r.data == data, "block {n} read back wrong");
+        }
+        std::process::Command::new("kill")
+            .args(["-INT", &dump.id().to_string()])
+            .status()
+            .unwrap();
+        dump.wait().unwrap();
+        let captured = std::fs::read(&pcap).unwrap();
+        let hits = captured
+            .windows(CANARY.len())
+            .filter(|w| *w == CANARY)
+            .count();
+        eprintln!(
+            "tls={tls}: captured {} bytes of peer traffic, the pattern {hits} times",
+            captured.len()
+        );
+        assert!(
+            captured.len() > 8 * data.len(),
+            "the capture holds {} bytes, less than the data written: nothing to judge",
+            captured.len()
+        );
+        if tls {
+            assert_eq!(hits, 0, "plaintext shard data on a TLS peer link");
+        } else {
+            assert!(
+                hits > 100,
+                "the control capture shows the pattern only {hits} times"
+            );
+        }
+    }
 }

@@ -13,9 +13,11 @@
 //!   [`PeerLimits::request_timeout`] fails, and its late reply is dropped.
 //! - A connection that delivers a bad frame (checksum, magic, length, unparsable body) is closed
 //!   with a log line; every request waiting on it fails at once, never hangs.
-//! - Peer authentication (mutual TLS with a cluster CA) is not here yet: see
-//!   docs/architecture.md.
+//! - With [`tls::PeerTls`] (the default, `cluster.tls`), both ends prove themselves with
+//!   certificates of the cluster CA before any frame is parsed, and every frame's sender id
+//!   must be the one the client's certificate names ([`tls::Identity`]).
 
+pub mod tls;
 pub mod wire;
 
 use raid_engine::shard::BoxFut;
@@ -24,7 +26,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tls::{Identity, PeerTls};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use wire::{Frame, Kind, RemoteError, Reply, Request, WireError, REPLY};
@@ -118,15 +121,47 @@ async fn read_frame<R: AsyncReadExt + Unpin>(
     }
 }
 
-/// Serves peer connections from `listener`. Dropping (aborting) this future closes every
+/// The two halves of a connection, plain or TLS.
+type Halves = (
+    Box<dyn AsyncRead + Send + Unpin>,
+    Box<dyn AsyncWrite + Send + Unpin>,
+);
+
+fn halves<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(s: S) -> Halves {
+    let (rd, wr) = tokio::io::split(s);
+    (Box::new(rd), Box::new(wr))
+}
+
+/// Writes what `rx` delivers, coalescing frames that are already queued into one flush (a TLS
+/// stream only sends a record once flushed).
+async fn write_loop(mut wr: Box<dyn AsyncWrite + Send + Unpin>, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(bytes) = rx.recv().await {
+        if wr.write_all(&bytes).await.is_err() {
+            return;
+        }
+        while let Ok(more) = rx.try_recv() {
+            if wr.write_all(&more).await.is_err() {
+                return;
+            }
+        }
+        if wr.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serves peer connections from `listener`; with `tls`, only clients with a certificate of
+/// the cluster CA get past the handshake. Dropping (aborting) this future closes every
 /// connection it accepted too.
 pub async fn serve(
     listener: TcpListener,
     me: u32,
     handler: Arc<dyn PeerHandler>,
     limits: PeerLimits,
+    tls: Option<Arc<PeerTls>>,
 ) {
     let mut conns = tokio::task::JoinSet::new();
+    let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.server.clone()));
     loop {
         while conns.try_join_next().is_some() {}
         let (stream, from) = match listener.accept().await {
@@ -139,8 +174,29 @@ pub async fn serve(
         };
         tune(&stream);
         let handler = handler.clone();
+        let acceptor = acceptor.clone();
         conns.spawn(async move {
-            if let Err(e) = serve_conn(stream, me, handler, limits).await {
+            let (io, identity) = match acceptor {
+                None => (halves(stream), Identity::Unauthenticated),
+                Some(a) => match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, a.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let Some(cert) = s.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned()) else {
+                            tracing::warn!(peer = %from, "peer connection refused: no client certificate");
+                            return;
+                        };
+                        (halves(s), Identity::Certificate { cert, bound: None })
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(peer = %from, error = %e, "peer connection refused: TLS handshake failed (a controller without a certificate of this cluster's CA?)");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer = %from, "peer connection refused: TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = serve_conn(io, identity, me, handler, limits).await {
                 tracing::warn!(peer = %from, error = %e, "peer connection closed: bad input from the peer");
             }
         });
@@ -148,21 +204,15 @@ pub async fn serve(
 }
 
 async fn serve_conn(
-    stream: TcpStream,
+    (mut rd, wr): Halves,
+    mut identity: Identity,
     me: u32,
     handler: Arc<dyn PeerHandler>,
     limits: PeerLimits,
 ) -> Result<(), String> {
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(limits.max_in_flight);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(limits.max_in_flight);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(async move {
-        while let Some(bytes) = rx.recv().await {
-            if wr.write_all(&bytes).await.is_err() {
-                break;
-            }
-        }
-    });
+    tasks.spawn(write_loop(wr, rx));
     let permits = Arc::new(Semaphore::new(limits.max_in_flight));
     let mut buf = Vec::new();
     let result = loop {
@@ -175,6 +225,9 @@ async fn serve_conn(
             Ok(r) => r,
             Err(e) => break Err(e.to_string()),
         };
+        if let Err(e) = identity.admits(f.sender, &req) {
+            break Err(e);
+        }
         let permit = permits
             .clone()
             .acquire_owned()
@@ -236,6 +289,10 @@ pub struct PeerClient {
     in_flight: Semaphore,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU64,
+    tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 impl PeerClient {
@@ -248,7 +305,16 @@ impl PeerClient {
             in_flight: Semaphore::new(limits.max_in_flight),
             conn: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
+            tls: None,
         }
+    }
+
+    /// Speaks TLS to the peer, expecting the certificate of controller `peer` (`None`: any
+    /// controller of the cluster, for `appliance status`).
+    #[must_use]
+    pub fn with_tls(mut self, tls: &PeerTls, peer: Option<u32>) -> Self {
+        self.tls = Some((tls.client.clone(), tls::server_name(peer)));
+        self
     }
 
     fn transport(&self, what: impl Into<String>) -> CallError {
@@ -271,8 +337,25 @@ impl PeerClient {
                 .map_err(|_| self.transport("connect timed out"))?
                 .map_err(|e| self.transport(format!("connect: {e}")))?;
         tune(&stream);
-        let (mut rd, mut wr) = stream.into_split();
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(self.limits.max_in_flight);
+        let (mut rd, wr) = match &self.tls {
+            None => halves(stream),
+            Some((client, name)) => {
+                let connector = tokio_rustls::TlsConnector::from(client.clone());
+                let s = tokio::time::timeout(
+                    tls::HANDSHAKE_TIMEOUT,
+                    connector.connect(name.clone(), stream),
+                )
+                .await
+                .map_err(|_| self.transport("TLS handshake timed out"))?
+                .map_err(|e| {
+                    self.transport(format!(
+                        "TLS handshake failed: {e} (does the peer hold a certificate of this cluster's CA?)"
+                    ))
+                })?;
+                halves(s)
+            }
+        };
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(self.limits.max_in_flight);
         let conn = Arc::new(Conn {
             tx,
             pending: Mutex::new(HashMap::new()),
@@ -280,11 +363,7 @@ impl PeerClient {
         });
         let c2 = conn.clone();
         tokio::spawn(async move {
-            while let Some(bytes) = rx.recv().await {
-                if wr.write_all(&bytes).await.is_err() {
-                    break;
-                }
-            }
+            write_loop(wr, rx).await;
             c2.fail_all();
         });
         let c3 = conn.clone();
@@ -430,7 +509,14 @@ mod tests {
     async fn start(h: Arc<Holder>, addr: &str) -> SocketAddr {
         let l = TcpListener::bind(addr).await.unwrap();
         let a = l.local_addr().unwrap();
-        tokio::spawn(serve(l, 2, h, PeerLimits::default()));
+        tokio::spawn(serve(l, 2, h, PeerLimits::default(), None));
+        a
+    }
+
+    async fn start_tls(h: Arc<Holder>, tls: PeerTls) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(serve(l, 2, h, PeerLimits::default(), Some(Arc::new(tls))));
         a
     }
 
@@ -531,5 +617,69 @@ mod tests {
         assert_eq!(n, 0);
         let c = PeerClient::new(1, a, limits());
         c.call(5, Request::Heartbeat).await.unwrap();
+    }
+
+    fn chunk(fill: u8) -> Chunk {
+        Chunk {
+            version: 1,
+            cols: vec![1],
+            acked: 0,
+            acked_cols: Vec::new(),
+            data: vec![fill; 4096],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_admits_only_the_clusters_controllers_as_themselves() {
+        let (ours, foreign) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        tls::issue(ours.path(), &[0, 1, 2, 3]).unwrap();
+        tls::issue(foreign.path(), &[1]).unwrap();
+        let load = |d: &tempfile::TempDir, id| PeerTls::load(d.path(), id).unwrap();
+        let h = holder();
+        let a = start_tls(h.clone(), load(&ours, 2)).await;
+        // Controller 1 with its own certificate: pipelined traffic works.
+        let c = Arc::new(PeerClient::new(1, a, limits()).with_tls(&load(&ours, 1), Some(2)));
+        let writes = (0..64u32).map(|i| {
+            let c = c.clone();
+            async move {
+                c.call(5, Request::WriteChunk(addr(i), chunk(i as u8)))
+                    .await
+            }
+        });
+        for r in futures::future::join_all(writes).await {
+            assert_eq!(r.unwrap(), Reply::Done);
+        }
+        let Reply::Copies(cs) = c.call(5, Request::ReadChunk(addr(7))).await.unwrap() else {
+            panic!("copies expected")
+        };
+        assert_eq!(cs[0].data, vec![7u8; 4096]);
+        // Refused, and nothing they sent is written: a certificate of another CA, no TLS at
+        // all, a valid certificate of controller 3 whose frames claim controller 1.
+        let refused = [
+            PeerClient::new(1, a, limits()).with_tls(&load(&foreign, 1), Some(2)),
+            PeerClient::new(1, a, limits()),
+            PeerClient::new(1, a, limits()).with_tls(&load(&ours, 3), Some(2)),
+        ];
+        for (i, r) in refused.iter().enumerate() {
+            let e = r
+                .call(5, Request::WriteChunk(addr(100 + i as u32), chunk(0xee)))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, CallError::Transport { .. }), "client {i}: {e}");
+            assert!(
+                h.store.read_now(addr(100 + i as u32)).is_empty(),
+                "client {i} wrote"
+            );
+        }
+        // A client that dials controller 2 but expects controller 3 refuses the server.
+        let wrong = PeerClient::new(1, a, limits()).with_tls(&load(&ours, 1), Some(3));
+        let e = wrong.call(5, Request::Heartbeat).await.unwrap_err();
+        assert!(e.to_string().contains("TLS handshake failed"), "{e}");
+        // The operator's certificate gets status and heartbeats, not shards.
+        let op = PeerClient::new(0, a, limits()).with_tls(&load(&ours, 0), None);
+        assert_eq!(op.call(5, Request::Heartbeat).await.unwrap(), Reply::Done);
+        assert!(op.call(5, Request::ReadChunk(addr(7))).await.is_err());
+        // The legitimate client is unaffected by all of that.
+        assert_eq!(c.call(5, Request::Heartbeat).await.unwrap(), Reply::Done);
     }
 }
