@@ -40,6 +40,9 @@ pub const WRITE_BUFFER_BUDGET_BYTES: usize = 64 * 1024 * 1024;
 /// Concurrent normal sessions one target accepts on a portal.
 pub const SESSIONS_PER_TARGET_MAX: usize = 256;
 
+/// Connections open at once per portal, logged in or not (a login flood is cut here).
+pub const CONNECTIONS_MAX: usize = 1024;
+
 /// Concurrent normal sessions one initiator name may hold on a portal.
 pub const SESSIONS_PER_INITIATOR_MAX: usize = 64;
 

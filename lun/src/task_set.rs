@@ -19,8 +19,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
-/// Tasks one logical unit holds at once.
-pub const TASK_SET_MAX: usize = 1024;
+/// Tasks one logical unit holds at once: 64 hosts at queue depth 64 (ESXi and Linux default to
+/// 32-128 per device) fit. A waiting task holds its command only; a write's data buffer is
+/// counted against its connection's budget, so this bounds bookkeeping, not data.
+pub const TASK_SET_MAX: usize = 4096;
 
 #[derive(Debug, Default)]
 struct State {

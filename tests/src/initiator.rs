@@ -115,6 +115,8 @@ pub struct Initiator {
     pub login_keys: Vec<(String, String)>,
     /// The (identifier, challenge) the target sent in the last CHAP exchange.
     pub last_chap: Option<(u8, Vec<u8>)>,
+    /// Data-In gathered so far per ITT of commands sent without waiting.
+    partial: std::collections::HashMap<u32, Vec<u8>>,
 }
 
 const MY_MRDSL: u32 = 262_144;
@@ -155,7 +157,16 @@ impl Initiator {
             tpgt_in_first_response: false,
             login_keys: Vec::new(),
             last_chap: None,
+            partial: std::collections::HashMap::new(),
         })
+    }
+
+    /// This end's address (the target logs the connection under it).
+    ///
+    /// # Errors
+    /// Socket errors.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.sock.local_addr()
     }
 
     async fn login_exchange(
@@ -469,6 +480,51 @@ impl Initiator {
         }
     }
 
+    /// Waits for the next completion of a command sent without waiting
+    /// ([`Self::send_command`], [`Self::send_write_same`]): its ITT and result, Data-In
+    /// included. Several commands may be in flight at once.
+    ///
+    /// # Errors
+    /// Socket and protocol errors.
+    pub async fn recv_completion(&mut self) -> Result<(u32, ScsiResult), InitiatorError> {
+        loop {
+            let (bhs, data) = self.recv().await?;
+            match bhs {
+                Bhs::DataIn(d) => {
+                    let buf = self.partial.entry(d.itt).or_default();
+                    let off = d.buffer_offset as usize;
+                    if buf.len() < off + data.len() {
+                        buf.resize(off + data.len(), 0);
+                    }
+                    buf[off..off + data.len()].copy_from_slice(&data);
+                    if d.has_status {
+                        self.exp_stat_sn = d.stat_sn.wrapping_add(1);
+                        let result = ScsiResult {
+                            status: d.status,
+                            data: self.partial.remove(&d.itt).unwrap_or_default(),
+                            overflow: d.overflow,
+                            underflow: d.underflow,
+                            residual: d.residual,
+                            ..ScsiResult::default()
+                        };
+                        return Ok((d.itt, result));
+                    }
+                }
+                Bhs::ScsiResponse(r) => {
+                    self.exp_stat_sn = r.stat_sn.wrapping_add(1);
+                    let data_in = self.partial.remove(&r.itt).unwrap_or_default();
+                    return Ok((r.itt, response_result(&r, &data, data_in)));
+                }
+                Bhs::NopIn(n) if n.ttt != RESERVED_TAG => self.answer_nop(n.ttt).await?,
+                other => {
+                    return Err(InitiatorError::Protocol(format!(
+                        "unexpected PDU {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+
     /// Runs one SCSI command to completion.
     ///
     /// # Errors
@@ -529,15 +585,7 @@ impl Initiator {
                 }
                 Bhs::ScsiResponse(r) if r.itt == itt => {
                     self.exp_stat_sn = r.stat_sn.wrapping_add(1);
-                    result.status = r.status;
-                    result.overflow = r.overflow;
-                    result.underflow = r.underflow;
-                    result.residual = r.residual;
-                    if data.len() >= 2 {
-                        let n = usize::from(u16::from_be_bytes([data[0], data[1]]));
-                        result.sense = data[2..2 + n.min(data.len() - 2)].to_vec();
-                    }
-                    return Ok(result);
+                    return Ok(response_result(&r, &data, result.data));
                 }
                 Bhs::NopIn(n) if n.ttt != RESERVED_TAG => self.answer_nop(n.ttt).await?,
                 other => {
@@ -620,6 +668,24 @@ impl Initiator {
     pub fn digests(&self) -> Digests {
         self.digests
     }
+}
+
+/// The result a SCSI Response PDU (with its data segment `seg`) gives a command that
+/// received `data_in`.
+fn response_result(r: &ScsiResponse, seg: &[u8], data_in: Vec<u8>) -> ScsiResult {
+    let mut result = ScsiResult {
+        status: r.status,
+        data: data_in,
+        overflow: r.overflow,
+        underflow: r.underflow,
+        residual: r.residual,
+        ..ScsiResult::default()
+    };
+    if seg.len() >= 2 {
+        let n = usize::from(u16::from_be_bytes([seg[0], seg[1]]));
+        result.sense = seg[2..2 + n.min(seg.len() - 2)].to_vec();
+    }
+    result
 }
 
 /// A READ(16) CDB.

@@ -12,13 +12,18 @@
 //!   connection, so an outcome for a closed connection is simply dropped.
 //! - A newer login with the same initiator name, ISID and target closes the older session
 //!   (session reinstatement).
+//! - At most [`CONNECTIONS_MAX`] connections are open per portal; more are closed at accept
+//!   with a log line, so a login flood cannot exhaust memory or descriptors.
+//! - A send that stays blocked for the NOP timeout (an initiator that stopped reading) drops
+//!   the connection, so a never-read socket cannot hold its buffers forever.
 
 use crate::config::FabricConfig;
+use crate::constants::CONNECTIONS_MAX;
 use crate::proto::connection::{Connection, Event};
 use socket2::{SockRef, TcpKeepalive};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,7 +43,17 @@ type SessionEntry = (u64, Arc<Notify>, Arc<SessionInfo>);
 pub struct Registry {
     next_tsih: AtomicU16,
     next_conn: AtomicU64,
+    open: AtomicUsize,
     sessions: Mutex<HashMap<SessionKey, SessionEntry>>,
+}
+
+/// Counts a connection as open until dropped.
+struct OpenGuard(Arc<Registry>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What an operator sees of one logged-in session.
@@ -143,11 +158,19 @@ impl Server {
             tokio::select! {
                 res = listener.accept() => match res {
                     Ok((sock, peer)) => {
+                        if self.registry.open.fetch_add(1, Ordering::Relaxed) >= CONNECTIONS_MAX {
+                            self.registry.open.fetch_sub(1, Ordering::Relaxed);
+                            tracing::warn!(%peer, limit = CONNECTIONS_MAX, "refusing a connection: the portal's connection limit is reached (a login flood?)");
+                            drop(sock);
+                            continue;
+                        }
+                        let guard = OpenGuard(Arc::clone(&self.registry));
                         let this = self.clone();
                         let rx = shutdown.clone();
                         let id = self.registry.next_conn.fetch_add(1, Ordering::Relaxed);
                         conns.spawn(async move {
-                            this.run_connection(sock, peer, id, rx).instrument(tracing::info_span!("conn", id, %peer)).await
+                            this.run_connection(sock, peer, id, rx).instrument(tracing::info_span!("conn", id, %peer)).await;
+                            drop(guard);
                         });
                     }
                     Err(e) => {
@@ -276,9 +299,17 @@ impl Server {
                 }
             }
             if conn.poll_transmit(&mut outbuf) {
-                if let Err(e) = sock.write_all(&outbuf).await {
-                    tracing::debug!(cause = %e, "write failed");
-                    break;
+                let stall = Duration::from_millis(self.cfg.timers.nop_timeout_ms);
+                match tokio::time::timeout(stall, sock.write_all(&outbuf)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(cause = %e, "write failed");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, blocked_ms = self.cfg.timers.nop_timeout_ms, "dropping connection: the initiator stopped reading");
+                        break;
+                    }
                 }
                 outbuf.clear();
             }
