@@ -88,8 +88,10 @@ pub fn store_bytes(chunk_bytes: usize, volumes: &[VolumeSlots]) -> u64 {
     PAGE as u64 + chunks * 2 * (PAGE + chunk_bytes) as u64
 }
 
-#[derive(Debug, Clone)]
-struct Header {
+/// A slot's header as stored (public for the fuzz target, which checks that whatever decodes
+/// encodes back to the same bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
     seq: u64,
     addr: ChunkAddr,
     version: u64,
@@ -113,7 +115,11 @@ impl Header {
     }
 }
 
-fn put_header(h: &Header, out: &mut [u8]) {
+/// Writes `h` at the start of `out` (a slot's 4 KiB header page).
+///
+/// # Panics
+/// If `out` is shorter than the encoded header (at most 100 + 16 x 8 bytes).
+pub fn put_header(h: &Header, out: &mut [u8]) {
     let mut v = Vec::with_capacity(128);
     v.extend_from_slice(SLOT_MAGIC);
     v.extend_from_slice(&FORMAT.to_le_bytes());
@@ -139,7 +145,9 @@ fn put_header(h: &Header, out: &mut [u8]) {
     out[..v.len()].copy_from_slice(&v);
 }
 
-fn get_header(b: &[u8]) -> Option<Header> {
+/// Decodes a slot header; `None` for anything that is not a whole, checksummed header of this
+/// format (never panics, fuzzed).
+pub fn get_header(b: &[u8]) -> Option<Header> {
     let mut at = 0usize;
     let mut take = |n: usize| -> Option<&[u8]> {
         let s = b.get(at..at + n)?;
@@ -200,6 +208,67 @@ fn get_header(b: &[u8]) -> Option<Header> {
     })
 }
 
+/// Checks a store's first page: `Ok(mount count to record)` for a store of this format,
+/// chunk size and at least `capacity` chunks, or for an empty one (or any, with `format`);
+/// otherwise the likely cause. Never panics on any bytes (fuzzed).
+///
+/// # Errors
+/// [`StoreOpenError::Superblock`].
+pub fn check_superblock(
+    s: &[u8],
+    chunk_bytes: usize,
+    capacity: u64,
+    format: bool,
+) -> Result<u64, StoreOpenError> {
+    if s.len() < PAGE {
+        return Err(StoreOpenError::Superblock(format!(
+            "the first page holds {} bytes, not {PAGE}",
+            s.len()
+        )));
+    }
+    if &s[..4] == SB_MAGIC {
+        let le32 = |r: std::ops::Range<usize>| u32::from_le_bytes(s[r].try_into().expect("4"));
+        let le64 = |r: std::ops::Range<usize>| u64::from_le_bytes(s[r].try_into().expect("8"));
+        if crc32c::crc32c(&s[..32]) != le32(32..36) {
+            return Err(StoreOpenError::Superblock(
+                "checksum mismatch: the store's first page is damaged".into(),
+            ));
+        }
+        if le32(4..8) != FORMAT {
+            return Err(StoreOpenError::Superblock(format!(
+                "format {} is not {FORMAT}: written by another version of the appliance",
+                le32(4..8)
+            )));
+        }
+        if le32(8..12) as usize != chunk_bytes {
+            return Err(StoreOpenError::Superblock(format!(
+                "chunk size {} on disk, {chunk_bytes} configured: the volume geometry changed; use the original chunk size",
+                le32(8..12)
+            )));
+        }
+        if le64(12..20) < capacity {
+            return Err(StoreOpenError::Superblock(format!(
+                "formatted for {} chunks, {capacity} needed: volumes were added or grown; this needs a rebalance, not a reformat",
+                le64(12..20)
+            )));
+        }
+        // Write sequence numbers are `mount count << 40 | counter`.
+        let mounts = le64(20..28);
+        if mounts >= (1 << 24) - 1 {
+            return Err(StoreOpenError::Superblock(format!(
+                "mount count {mounts} is implausible: the first page is damaged"
+            )));
+        }
+        Ok(mounts + 1)
+    } else if format || s.iter().all(|&b| b == 0) {
+        Ok(1)
+    } else {
+        Err(StoreOpenError::Superblock(
+            "no shard-store superblock and the device is not empty: refusing to overwrite it (check the configured path)".into(),
+        ))
+    }
+}
+
 impl DiskShardStore {
     /// Opens the store on `dev`, formatting it when it carries no superblock (`format`) or
     /// checking it otherwise.
@@ -221,41 +290,7 @@ impl DiskShardStore {
         }
         let capacity = (need - PAGE as u64) / (2 * (PAGE + chunk_bytes) as u64);
         let sb = dev.read_into(0, dev.pool().take(PAGE).await).await?;
-        let s = sb.as_slice();
-        let mounts = if &s[..4] == SB_MAGIC {
-            let le32 = |r: std::ops::Range<usize>| u32::from_le_bytes(s[r].try_into().expect("4"));
-            let le64 = |r: std::ops::Range<usize>| u64::from_le_bytes(s[r].try_into().expect("8"));
-            if crc32c::crc32c(&s[..32]) != le32(32..36) {
-                return Err(StoreOpenError::Superblock(
-                    "checksum mismatch: the store's first page is damaged".into(),
-                ));
-            }
-            if le32(4..8) != FORMAT {
-                return Err(StoreOpenError::Superblock(format!(
-                    "format {} is not {FORMAT}: written by another version of the appliance",
-                    le32(4..8)
-                )));
-            }
-            if le32(8..12) as usize != chunk_bytes {
-                return Err(StoreOpenError::Superblock(format!(
-                    "chunk size {} on disk, {chunk_bytes} configured: the volume geometry changed; use the original chunk size",
-                    le32(8..12)
-                )));
-            }
-            if le64(12..20) < capacity {
-                return Err(StoreOpenError::Superblock(format!(
-                    "formatted for {} chunks, {capacity} needed: volumes were added or grown; this needs a rebalance, not a reformat",
-                    le64(12..20)
-                )));
-            }
-            le64(20..28) + 1
-        } else if format || s.iter().all(|&b| b == 0) {
-            1
-        } else {
-            return Err(StoreOpenError::Superblock(
-                "no shard-store superblock and the device is not empty: refusing to overwrite it (check the configured path)".into(),
-            ));
-        };
+        let mounts = check_superblock(sb.as_slice(), chunk_bytes, capacity, format)?;
         // Write the superblock with the new mount count.
         let mut b = dev.pool().take(PAGE).await;
         let o = b.as_mut_slice();
