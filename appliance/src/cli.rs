@@ -131,6 +131,9 @@ pub enum JobCmd {
         /// Job id (from `job list`).
         id: String,
     },
+    /// Start a scrub now: every controller checks each row it leads (checksums, parity) and
+    /// repairs what is bad; `job list --watch` follows it.
+    Scrub,
 }
 
 struct Client {
@@ -461,7 +464,12 @@ fn job_lines(v: &Value) -> String {
     let mut out = String::new();
     for j in &jobs {
         let p = crate::node_progress(j);
-        out += &format!("{:<24} {}\n", s(&j["id"]), crate::progress_line(&p));
+        let unit = if j["kind"] == "scrub" {
+            "rows"
+        } else {
+            "chunks"
+        };
+        out += &format!("{:<24} {}\n", s(&j["id"]), crate::progress_line(&p, unit));
     }
     out
 }
@@ -476,6 +484,12 @@ pub fn job(a: &ApiArgs, cmd: JobCmd) -> ExitCode {
                 Some(Value::Null),
             )?;
             Ok(json_or(a, &v, |_| format!("job {id} cancelled\n")))
+        }),
+        JobCmd::Scrub => run(a, |c| {
+            let v = c.ok("POST", "/api/v1/jobs/scrub", Some(Value::Null))?;
+            Ok(json_or(a, &v, |v| {
+                format!("{}\n", v["message"].as_str().unwrap_or("scrub requested"))
+            }))
         }),
         JobCmd::List { watch: false } => run(a, |c| {
             let v = c.ok("GET", "/api/v1/jobs", None)?;

@@ -106,6 +106,8 @@ struct RawCluster {
     bootstrap: Option<bool>,
     tls: Option<bool>,
     pki: Option<PathBuf>,
+    scrub_every_hours: Option<u64>,
+    scrub_pause_ms: Option<u64>,
 }
 
 /// Membership in a cluster of controllers (`[cluster]`); volumes are then erasure-coded over
@@ -132,6 +134,12 @@ pub struct ClusterConfig {
     /// peer links (`cluster.pki`, default `<data_dir>/pki`); `None` when `cluster.tls = false`
     /// (plaintext: only on a network no one else can reach).
     pub pki: Option<PathBuf>,
+    /// Hours between scheduled scrubs (`cluster.scrub_every_hours`, default 168; 0: only when
+    /// asked through the API or CLI).
+    pub scrub_every_hours: u64,
+    /// Pause after each scrubbed row, ms (`cluster.scrub_pause_ms`, default 1), so host I/O
+    /// keeps most of the devices.
+    pub scrub_pause_ms: u64,
 }
 
 fn parse_id_map(
@@ -203,6 +211,16 @@ fn check_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
         write_quorum: raw.write_quorum,
         chunk_bytes,
         bootstrap: raw.bootstrap.unwrap_or(false),
+        scrub_every_hours: raw.scrub_every_hours.unwrap_or(168),
+        scrub_pause_ms: match raw.scrub_pause_ms {
+            Some(ms) if ms > 10_000 => {
+                return Err(invalid(
+                    "cluster.scrub_pause_ms",
+                    "at most 10000 (10 s per row would take weeks); 1 keeps host I/O first",
+                ))
+            }
+            ms => ms.unwrap_or(1),
+        },
         pki: match (raw.tls.unwrap_or(true), raw.pki) {
             (true, p) => Some(p.unwrap_or_else(|| PathBuf::from("pki"))),
             (false, None) => None,

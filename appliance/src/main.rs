@@ -688,8 +688,30 @@ fn status(peer: &str, json: bool, pki: &std::path::Path) -> ExitCode {
         }
         let _ = writeln!(out, "{line}");
         if let Some(p) = &v.resync {
-            let _ = writeln!(out, "              resync {}", progress_line(p));
+            let _ = writeln!(out, "              resync {}", progress_line(p, "chunks"));
         }
+    }
+    if let Some(p) = &r.scrub.running {
+        let p = appliance::node::ResyncProgress {
+            total: p.total as usize,
+            done: p.done as usize,
+            chunks_per_sec: p.rows_per_sec,
+            eta_secs: p.eta_secs,
+        };
+        let _ = writeln!(out, "  scrub       {}", progress_line(&p, "rows"));
+    }
+    if let Some(l) = &r.scrub.last {
+        let _ = writeln!(
+            out,
+            "  last scrub  {} rows in {:.0}s: {} bad cop{} found, {} chunk(s) rewritten, {} parity mismatch(es), {} unreadable row(s)",
+            l.rows,
+            l.secs,
+            l.bad_chunks,
+            if l.bad_chunks == 1 { "y" } else { "ies" },
+            l.repaired,
+            l.parity_rewritten,
+            l.unreadable_rows
+        );
     }
     for p in &r.problems {
         let _ = writeln!(out, "  problem: {p}");
@@ -784,7 +806,7 @@ fn node_progress(j: &serde_json::Value) -> appliance::node::ResyncProgress {
 }
 
 /// `[#####...............]  25%  16/64 chunks  12.3 chunks/s  ETA 4s`
-fn progress_line(p: &appliance::node::ResyncProgress) -> String {
+fn progress_line(p: &appliance::node::ResyncProgress, unit: &str) -> String {
     const WIDTH: usize = 20;
     let frac = if p.total == 0 {
         1.0
@@ -796,7 +818,7 @@ fn progress_line(p: &appliance::node::ResyncProgress) -> String {
         .eta_secs
         .map_or_else(|| "ETA unknown".to_string(), |s| format!("ETA {s:.0}s"));
     format!(
-        "[{}{}] {:>3.0}%  {}/{} chunks  {:.1} chunks/s  {eta}",
+        "[{}{}] {:>3.0}%  {}/{} {unit}  {:.1} {unit}/s  {eta}",
         "#".repeat(filled),
         ".".repeat(WIDTH - filled),
         frac * 100.0,

@@ -49,6 +49,8 @@ pub struct NodeConfig {
     pub timers: MembershipTimers,
     /// Mutual TLS on every peer link (`None`: plaintext, `cluster.tls = false`).
     pub tls: Option<Arc<crate::peer::tls::PeerTls>>,
+    /// When this controller scrubs the rows it leads.
+    pub scrub: ScrubSchedule,
     /// Whether this controller forms the cluster: it records its config's volumes in the
     /// metadata log. The others serve a volume once the log's record matches their own.
     pub bootstrap: bool,
@@ -80,6 +82,70 @@ impl Default for MembershipTimers {
     }
 }
 
+/// When scrubs run: on request (`MetaCommand::RequestScrub`, through the API or CLI) and every
+/// `every` since the last pass ended; `pause` is slept after each row so host I/O keeps most
+/// of the devices.
+#[derive(Debug, Clone, Copy)]
+pub struct ScrubSchedule {
+    /// Interval between scheduled passes (`None`: on request only).
+    pub every: Option<Duration>,
+    /// Pause after each row.
+    pub pause: Duration,
+}
+
+impl Default for ScrubSchedule {
+    fn default() -> Self {
+        Self {
+            every: Some(Duration::from_secs(7 * 24 * 3600)),
+            pause: Duration::from_millis(1),
+        }
+    }
+}
+
+/// A scrub as `appliance status` and the API show it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScrubStatus {
+    /// The pass running now: rows done and total, rate and time left.
+    pub running: Option<ScrubProgress>,
+    /// The last pass that finished.
+    pub last: Option<ScrubResult>,
+    /// Scrub requests from the log this controller has served.
+    pub requests_served: u64,
+}
+
+/// Progress of a running scrub pass.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScrubProgress {
+    /// Rows checked.
+    pub done: u64,
+    /// Rows this controller leads.
+    pub total: u64,
+    /// Average rate since the pass started.
+    pub rows_per_sec: f64,
+    /// Seconds left at that rate.
+    pub eta_secs: Option<f64>,
+}
+
+/// What a finished scrub pass found and did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScrubResult {
+    /// When it ended (seconds since the Unix epoch).
+    pub finished_unix: u64,
+    /// How long it ran.
+    pub secs: f64,
+    /// Rows checked.
+    pub rows: u64,
+    /// Copies found damaged (checksum), missing or stale.
+    pub bad_chunks: u64,
+    /// Chunks rewritten by resync from the pass's start to its end (the bad copies it found,
+    /// and any a host write left behind meanwhile).
+    pub repaired: u64,
+    /// Parity copies that disagreed with their data and were rewritten.
+    pub parity_rewritten: u64,
+    /// Rows too few holders answered for.
+    pub unreadable_rows: u64,
+}
+
 /// The engine's window on a real cluster.
 pub struct NodeEnv {
     me: ControllerId,
@@ -104,6 +170,8 @@ pub struct NodeEnv {
     runtime_volumes: OnceLock<tokio::sync::mpsc::UnboundedSender<RuntimeVolume>>,
     /// This controller's live figures (I/O, sessions, portals) for status answers.
     live: OnceLock<LiveSource>,
+    /// Scrub progress and the last result.
+    scrub: Mutex<ScrubStatus>,
 }
 
 /// A change to the volumes created at run time, for the server to act on.
@@ -937,6 +1005,91 @@ async fn resync_loop(every: Duration, engine: Weak<Engine>, env: Arc<NodeEnv>) {
     }
 }
 
+/// Scrub passes over the rows this controller leads: when the log holds more scrub requests
+/// than this controller has served, or when the schedule says so. A pass ends with a resync,
+/// which rewrites the copies it found bad.
+async fn scrub_loop(schedule: ScrubSchedule, engine: Weak<Engine>, env: Arc<NodeEnv>) {
+    let mut last_end = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let requested = env.applied.lock().expect("state").state.scrub_requests;
+        let served = env.scrub.lock().expect("scrub").requests_served;
+        let due = schedule.every.is_some_and(|e| last_end.elapsed() >= e);
+        if requested <= served && !due {
+            continue;
+        }
+        let Some(engine) = engine.upgrade() else {
+            break;
+        };
+        let started = std::time::Instant::now();
+        let copied_before = engine.stats().resync_chunks;
+        tracing::info!(requested, "scrub started");
+        let (env2, pause) = (env.clone(), schedule.pause);
+        let after_row = move |done: u64, total: u64| -> BoxFut<'static, ()> {
+            let secs = started.elapsed().as_secs_f64();
+            let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+            env2.scrub.lock().expect("scrub").running = Some(ScrubProgress {
+                done,
+                total,
+                rows_per_sec: rate,
+                eta_secs: (rate > 0.0).then(|| (total - done) as f64 / rate),
+            });
+            Box::pin(tokio::time::sleep(pause))
+        };
+        let result = engine.scrub(&after_row).await;
+        env.scrub.lock().expect("scrub").running = None;
+        let counts = match result {
+            Ok(c) => c,
+            Err(e) => {
+                // An epoch change: the next turn starts over with the new view.
+                tracing::info!(error = %e, "scrub pass stopped; it will start again");
+                drop(engine);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        // Repair what the pass marked now (the resync loop would too, within a second).
+        for _ in 0..5 {
+            match engine.resync().await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "resync after scrub stopped");
+                    break;
+                }
+            }
+        }
+        let repaired = engine.stats().resync_chunks - copied_before;
+        let r = ScrubResult {
+            finished_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            secs: started.elapsed().as_secs_f64(),
+            rows: counts.rows,
+            bad_chunks: counts.bad_chunks,
+            repaired,
+            parity_rewritten: counts.parity_rewritten,
+            unreadable_rows: counts.unreadable_rows,
+        };
+        if r.bad_chunks + r.parity_rewritten + r.unreadable_rows > 0 {
+            tracing::warn!(
+                rows = r.rows,
+                bad_chunks = r.bad_chunks,
+                repaired = r.repaired,
+                parity_rewritten = r.parity_rewritten,
+                unreadable_rows = r.unreadable_rows,
+                "scrub finished: found damage"
+            );
+        } else {
+            tracing::info!(rows = r.rows, secs = r.secs, "scrub finished: no damage");
+        }
+        let mut st = env.scrub.lock().expect("scrub");
+        st.last = Some(r);
+        st.requests_served = st.requests_served.max(requested);
+        last_end = std::time::Instant::now();
+    }
+}
+
 /// Answers peers on behalf of a node (holds only what it needs, so the node can shut down).
 struct Handler {
     engine: Arc<Engine>,
@@ -999,6 +1152,18 @@ impl NodeHandle {
             }
         });
         futures::future::join_all(asks).await
+    }
+
+    /// Asks every controller (through the metadata log) to scrub the rows it leads once more.
+    ///
+    /// # Errors
+    /// When the log has no reachable leader.
+    pub async fn request_scrub(&self) -> Result<(), String> {
+        self.env
+            .propose(MetaCommand::RequestScrub)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("the metadata log did not take the request: {e}"))
     }
 
     /// Removes a volume created at run time from the metadata log; every controller then stops
@@ -1090,6 +1255,9 @@ pub struct StatusReport {
     /// Live figures from the server (I/O per volume, sessions, portals); `null` when none.
     #[serde(default)]
     pub live: serde_json::Value,
+    /// Scrub of the rows this controller leads: the running pass and the last result.
+    #[serde(default)]
+    pub scrub: ScrubStatus,
 }
 
 /// The metadata log's progress on one replica.
@@ -1125,6 +1293,7 @@ fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusRe
             applied: m.last_applied.map_or(0, |l| l.index),
         },
         live: env.live.get().map_or(serde_json::Value::Null, |f| f()),
+        scrub: env.scrub.lock().expect("scrub").clone(),
     }
 }
 
@@ -1265,6 +1434,7 @@ impl ControllerNode {
             timers: cfg.timers,
             runtime_volumes: OnceLock::new(),
             live: OnceLock::new(),
+            scrub: Mutex::new(ScrubStatus::default()),
         });
         let view = applied.lock().expect("state").state.view();
         let engine = Arc::new(Engine::new(cfg.id, shards, env.clone(), view));
@@ -1335,6 +1505,11 @@ impl ControllerNode {
         )));
         tasks.push(tokio::spawn(resync_loop(
             cfg.timers.resync_every,
+            Arc::downgrade(&engine),
+            env.clone(),
+        )));
+        tasks.push(tokio::spawn(scrub_loop(
+            cfg.scrub,
             Arc::downgrade(&engine),
             env.clone(),
         )));

@@ -1167,6 +1167,11 @@ async fn start_cluster(
         limits: PeerLimits::default(),
         timers: MembershipTimers::default(),
         tls,
+        scrub: crate::node::ScrubSchedule {
+            every: (cl.scrub_every_hours > 0)
+                .then(|| std::time::Duration::from_secs(cl.scrub_every_hours * 3600)),
+            pause: std::time::Duration::from_millis(cl.scrub_pause_ms),
+        },
         bootstrap: cl.bootstrap,
     };
     let store = Arc::new(store);

@@ -80,6 +80,10 @@ impl Harness {
                 tls: Some(Arc::new(
                     appliance::peer::tls::PeerTls::load(h._pki.path(), id).unwrap(),
                 )),
+                scrub: appliance::node::ScrubSchedule {
+                    every: None,
+                    pause: Duration::ZERO,
+                },
                 bootstrap: id == 1,
             };
             h.cfg.insert(id, cfg);

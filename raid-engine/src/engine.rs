@@ -110,6 +110,9 @@ impl RowMeta {
     }
 }
 
+/// A row this controller leads: its volume, extent and row.
+type LedRow = (Arc<Vol>, u64, u32);
+
 /// Row states known in one epoch: `(epoch, (extent, row) -> state)`.
 type RowCache = (u64, HashMap<(u64, u32), RowMeta>);
 
@@ -154,6 +157,19 @@ pub struct EngineStats {
     pub rows_behind_found: u64,
     /// Chunks copied by resync.
     pub resync_chunks: u64,
+}
+
+/// What one scrub pass found (see [`Engine::scrub`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScrubCounts {
+    /// Rows checked.
+    pub rows: u64,
+    /// Copies found damaged, missing or stale (marked for resync to rewrite).
+    pub bad_chunks: u64,
+    /// Parity copies that disagreed with their data columns (rewritten).
+    pub parity_rewritten: u64,
+    /// Rows that could not be read (too few holders answered).
+    pub unreadable_rows: u64,
 }
 
 /// What one volume still has to copy, from the replicated write-intent log.
@@ -1128,6 +1144,26 @@ impl Engine {
     /// # Errors
     /// An epoch change stops the pass; it can simply be run again.
     pub async fn verify_led_rows(&self) -> Result<u64> {
+        let (view, rows) = self.led_rows();
+        let mut verified = 0;
+        for (vol, e, row) in rows {
+            let g = vol.global_row(e, row);
+            let _row = vol.rows.lock(g, g + 1).await;
+            self.still(view.epoch)?;
+            self.forget_row(&view, &vol, e, row);
+            match self.row_meta(&view, &vol, e, row).await {
+                Ok(_) => verified += 1,
+                Err(e @ VolError::Epoch { .. }) => return Err(e),
+                Err(err) => {
+                    tracing::warn!(extent = e, row, error = %err, "row could not be verified");
+                }
+            }
+        }
+        Ok(verified)
+    }
+
+    /// Every row of every volume whose extent this controller leads in the current view.
+    fn led_rows(&self) -> (Arc<ClusterView>, Vec<LedRow>) {
         let (view, vols) = {
             let g = self.lock();
             (
@@ -1135,29 +1171,120 @@ impl Engine {
                 g.volumes.values().cloned().collect::<Vec<_>>(),
             )
         };
-        let mut rows = 0;
+        let mut rows = Vec::new();
         for vol in vols {
             let rows_per_extent = vol.meta.layout.geometry.rows_per_extent;
             for (e, set) in vol.meta.placement.iter().enumerate() {
-                if view.primary(set) != Some(self.id) {
-                    continue;
-                }
-                for row in 0..rows_per_extent {
-                    let g = vol.global_row(e as u64, row);
-                    let _row = vol.rows.lock(g, g + 1).await;
-                    self.still(view.epoch)?;
-                    self.forget_row(&view, &vol, e as u64, row);
-                    match self.row_meta(&view, &vol, e as u64, row).await {
-                        Ok(_) => rows += 1,
-                        Err(e @ VolError::Epoch { .. }) => return Err(e),
-                        Err(err) => {
-                            tracing::warn!(extent = e, row, error = %err, "row could not be verified");
-                        }
-                    }
+                if view.primary(set) == Some(self.id) {
+                    rows.extend((0..rows_per_extent).map(|r| (vol.clone(), e as u64, r)));
                 }
             }
         }
-        Ok(rows)
+        (view, rows)
+    }
+
+    /// Scrubs every row this controller leads: reloads the row from every holder (each copy's
+    /// checksum is checked where it is stored; a holder whose newest copy is damaged, missing
+    /// or stale is marked behind in the write-intent log, for [`Self::resync`] to rewrite),
+    /// then, for a row every holder holds, recomputes parity from the data columns and
+    /// rewrites any parity copy that disagrees (data copies carry the host's bytes, so they
+    /// are the reference). `after_row(done, total)` is awaited after each row: it reports
+    /// progress and paces the pass (the caller sleeps there, so host I/O keeps its share).
+    /// Call [`Self::resync`] afterwards to repair what was marked.
+    ///
+    /// # Errors
+    /// An epoch change stops the pass (run it again); unreadable rows are counted, not fatal.
+    pub async fn scrub(
+        &self,
+        after_row: &(dyn Fn(u64, u64) -> crate::shard::BoxFut<'static, ()> + Send + Sync),
+    ) -> Result<ScrubCounts> {
+        let (view, rows) = self.led_rows();
+        let total = rows.len() as u64;
+        let mut counts = ScrubCounts::default();
+        for (vol, e, row) in rows {
+            {
+                let g = vol.global_row(e, row);
+                let _row = vol.rows.lock(g, g + 1).await;
+                self.still(view.epoch)?;
+                self.forget_row(&view, &vol, e, row);
+                match self.row_meta(&view, &vol, e, row).await {
+                    Ok(meta) => {
+                        counts.bad_chunks += u64::from(meta.behind.count_ones());
+                        if meta.behind == 0 && meta.unknown == 0 && meta.content() != 0 {
+                            counts.parity_rewritten +=
+                                self.check_parity(&view, &vol, e, row, &meta).await?;
+                        }
+                    }
+                    Err(err @ VolError::Epoch { .. }) => return Err(err),
+                    Err(err) => {
+                        counts.unreadable_rows += 1;
+                        tracing::warn!(extent = e, row, error = %err, "scrub could not read a row");
+                    }
+                }
+            }
+            counts.rows += 1;
+            after_row(counts.rows, total).await;
+        }
+        Ok(counts)
+    }
+
+    /// Recomputes a fully held row's parity from its data columns and rewrites every parity
+    /// copy that differs (row lock held). Returns the copies rewritten.
+    async fn check_parity(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+        meta: &RowMeta,
+    ) -> Result<u64> {
+        let (k, n, cb) = (vol.k(), vol.width(), vol.chunk());
+        let reads = (0..n).map(|p| async move {
+            if meta.is_zero(p) {
+                return Some(zeros(cb));
+            }
+            let copies = self.read_pos(view, vol, extent, row, p).await?;
+            meta.pick(p, &copies, cb)
+        });
+        let got: Vec<Option<Vec<u8>>> = futures::future::join_all(reads).await;
+        if got.iter().any(Option::is_none) {
+            // A holder stopped answering or changed since the load: the next pass sees it.
+            return Ok(0);
+        }
+        let got: Vec<Vec<u8>> = got.into_iter().map(|g| g.expect("checked")).collect();
+        let refs: Vec<&[u8]> = got[..k].iter().map(Vec::as_slice).collect();
+        let mut parity = vec![vec![0u8; cb]; n - k];
+        vol.codec
+            .encode(&refs, &mut parity)
+            .map_err(|e| VolError::Peer(e.to_string()))?;
+        let set = &vol.meta.placement[extent as usize];
+        let mut rewritten = 0;
+        for (i, want) in parity.into_iter().enumerate() {
+            let p = k + i;
+            if got[p] == want {
+                continue;
+            }
+            tracing::warn!(
+                volume = vol.meta.id,
+                extent,
+                row,
+                pos = p,
+                holder = set[p],
+                "scrub: parity disagrees with the data columns; rewriting it"
+            );
+            let chunk = Chunk {
+                version: meta.want(p),
+                cols: meta.cols.clone(),
+                acked: meta.acked,
+                acked_cols: meta.acked_cols.clone(),
+                data: want,
+            };
+            self.env
+                .write_chunk(set[p], view.epoch, Self::addr(vol, extent, row, p), chunk)
+                .await?;
+            rewritten += 1;
+        }
+        Ok(rewritten)
     }
 
     /// Copies every row marked in the write-intent log whose extent this controller leads and

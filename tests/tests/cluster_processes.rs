@@ -64,6 +64,17 @@ fn start_cluster_of(n: u32, k: usize, m: usize) -> Vec<Ctrl> {
 
 /// `n` controllers, `k` + `m` geometry; `tls = false`: plaintext peer links.
 fn start_cluster_with(n: u32, k: usize, m: usize, tls: bool) -> Vec<Ctrl> {
+    start_cluster_extra(n, k, m, tls, &|_| String::new())
+}
+
+/// As [`start_cluster_with`], with `extra(id)` appended to controller `id`'s config.
+fn start_cluster_extra(
+    n: u32,
+    k: usize,
+    m: usize,
+    tls: bool,
+    extra: &dyn Fn(u32) -> String,
+) -> Vec<Ctrl> {
     let ids: Vec<u32> = (1..=n).collect();
     let portals: BTreeMap<u32, SocketAddr> = ids
         .iter()
@@ -94,7 +105,7 @@ fn start_cluster_with(n: u32, k: usize, m: usize, tls: bool) -> Vec<Ctrl> {
                 } else {
                     "tls = false".into()
                 }
-            );
+            ) + &extra(i);
             std::fs::write(dir.path().join("appliance.toml"), cfg).unwrap();
             let child = spawn(dir.path());
             Ctrl {
@@ -1302,4 +1313,171 @@ async fn peer_traffic_captured_on_loopback_shows_no_plaintext_shard_data() {
             );
         }
     }
+}
+
+/// Flips bytes in the payload of the first `count` chunk copies in a controller's shard file
+/// (4 KiB superblock, then slots of a 4 KiB header and a 16 KiB payload), behind its back.
+/// Returns how many were damaged.
+fn damage_chunks(dir: &std::path::Path, count: usize) -> usize {
+    use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+    let (page, chunk) = (4096u64, 16384u64);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("shards.img"))
+        .unwrap();
+    let slots = (f.metadata().unwrap().len() - page) / (page + chunk);
+    let mut damaged = 0;
+    for slot in 0..slots {
+        if damaged == count {
+            break;
+        }
+        let at = page + slot * (page + chunk);
+        let mut magic = [0u8; 4];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut magic).unwrap();
+        if &magic != b"RNCH" {
+            continue;
+        }
+        let mut payload = vec![0u8; chunk as usize];
+        f.seek(SeekFrom::Start(at + page)).unwrap();
+        f.read_exact(&mut payload).unwrap();
+        for b in payload.iter_mut().skip(100).step_by(997) {
+            *b ^= 0x5a;
+        }
+        f.seek(SeekFrom::Start(at + page)).unwrap();
+        f.write_all(&payload).unwrap();
+        damaged += 1;
+    }
+    f.sync_all().unwrap();
+    damaged
+}
+
+fn api_cli(c: &Ctrl, api: SocketAddr, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(tests::appliance::binary())
+        .args(args)
+        .args(["--api", &format!("http://{api}")])
+        .env("APPLIANCE_PASSWORD", "scrub-test-password")
+        .output()
+        .unwrap();
+    let _ = c;
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrub_finds_bytes_flipped_on_disk_and_repairs_them_while_reads_stay_correct() {
+    let hash = {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(tests::appliance::binary())
+            .arg("hash-password")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"scrub-test-password\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let apis: BTreeMap<u32, SocketAddr> = (1..=3)
+        .map(|i| (i, format!("127.0.0.1:{}", free_port()).parse().unwrap()))
+        .collect();
+    let mut c = start_cluster_extra(3, 2, 1, true, &|i| {
+        format!(
+            "[api]\nlisten = \"{}\"\nadmin_password_hash = \"{hash}\"\n",
+            apis[&i]
+        )
+    });
+    wait_status(&c[0], "a healthy volume", |s| {
+        vol0(s)["health"] == "healthy"
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut w = connect(c[0].portal, deadline).await;
+    let mut want = BTreeMap::new();
+    for n in 0..WRITES {
+        assert!(write(&mut w, n, 7, deadline).await, "write {n}");
+        want.insert(n, vec![7]);
+    }
+    // Flip bytes in 12 chunk copies on controller 2's disk.
+    let damaged = damage_chunks(c[1].dir.path(), 12);
+    assert_eq!(
+        damaged, 12,
+        "the writes left too few chunks on controller 2"
+    );
+    // Reads in between return the right bytes (a copy failing its checksum is reconstructed),
+    // through every controller, the damaged one included.
+    for (i, ctrl) in c.iter().enumerate() {
+        verify_any(
+            ctrl.portal,
+            &want,
+            &format!("with damaged copies, through controller {}", i + 1),
+        )
+        .await;
+    }
+    let (ok, text) = api_cli(&c[0], apis[&1], &["job", "scrub"]);
+    assert!(ok && text.contains("scrub requested"), "{text}");
+    // Every controller scrubs the rows it leads; together they find every damaged copy.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (bad, repaired) = loop {
+        let lasts: Vec<serde_json::Value> = c
+            .iter()
+            .filter_map(status)
+            .map(|s| s["scrub"]["last"].clone())
+            .collect();
+        if lasts.len() == 3 && lasts.iter().all(|l| !l.is_null()) {
+            let sum = |k: &str| lasts.iter().map(|l| l[k].as_u64().unwrap()).sum::<u64>();
+            break (sum("bad_chunks"), sum("repaired"));
+        }
+        assert!(Instant::now() < deadline, "scrub never finished: {lasts:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    eprintln!("scrub: {bad} bad copies found, {repaired} chunks rewritten");
+    assert_eq!(
+        bad, damaged as u64,
+        "scrub found {bad} bad copies; {damaged} were damaged"
+    );
+    assert!(repaired >= bad, "{repaired} rewritten for {bad} bad");
+    let (ok, text) = api_cli(&c[0], apis[&2], &["job", "list"]);
+    assert!(ok, "{text}");
+    // A second pass finds nothing.
+    let (ok, text) = api_cli(&c[0], apis[&3], &["job", "scrub"]);
+    assert!(ok, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let served: Vec<u64> = c
+            .iter()
+            .filter_map(status)
+            .map(|s| s["scrub"]["requests_served"].as_u64().unwrap_or(0))
+            .collect();
+        if served.len() == 3 && served.iter().all(|&n| n >= 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "second scrub never finished: {served:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let again: u64 = c
+        .iter()
+        .filter_map(status)
+        .map(|s| s["scrub"]["last"]["bad_chunks"].as_u64().unwrap())
+        .sum();
+    assert_eq!(again, 0, "the second scrub still found bad copies");
+    // Redundancy is really back: with controller 1 gone, every row needs controller 2's copy.
+    c[0].kill9();
+    verify_any(
+        c[1].portal,
+        &want,
+        "after the repair, with controller 1 killed",
+    )
+    .await;
 }

@@ -221,6 +221,14 @@ pub const ROUTES: &[RouteDoc] = &[
     ),
     r(
         "POST",
+        "/api/v1/jobs/scrub",
+        "Start a scrub: every controller checks each row it leads (checksums, parity) and repairs what is bad",
+        true,
+        None,
+        || post(start_scrub),
+    ),
+    r(
+        "POST",
         "/api/v1/jobs/{id}/cancel",
         "Cancel a job",
         true,
@@ -549,6 +557,9 @@ async fn session(State(st): State<ApiState>, headers: HeaderMap) -> ApiResult<se
 pub struct ControllerView {
     /// Id.
     pub id: u32,
+    /// Its scrub of the rows it leads: the pass running and the last result.
+    #[serde(default)]
+    pub scrub: crate::node::ScrubStatus,
     /// `up`, `resyncing` or `down` (as the answering controller's replica of the log says);
     /// `joining` before the log has placed it.
     pub state: String,
@@ -724,6 +735,7 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
                 lives.insert(*id, live.clone());
                 controllers.push(ControllerView {
                     id: *id,
+                    scrub: report.as_ref().map(|r| r.scrub.clone()).unwrap_or_default(),
                     state: state.clone(),
                     reachable: report.is_ok(),
                     error: report.as_ref().err().cloned(),
@@ -762,6 +774,7 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
             leader = None;
             controllers.push(ControllerView {
                 id: me,
+                scrub: crate::node::ScrubStatus::default(),
                 state: "up".into(),
                 reachable: true,
                 error: None,
@@ -800,7 +813,7 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
                 .map(|x| &x.io),
         );
     }
-    let jobs: Vec<JobView> = volumes
+    let mut jobs: Vec<JobView> = volumes
         .iter()
         .filter_map(|v| {
             v.resync.as_ref().map(|p| JobView {
@@ -815,6 +828,19 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
             })
         })
         .collect();
+    // Each controller scrubs the rows it leads, of every volume.
+    jobs.extend(controllers.iter().filter_map(|c| {
+        c.scrub.running.as_ref().map(|p| JobView {
+            id: format!("scrub-controller-{}", c.id),
+            kind: "scrub".into(),
+            volume: "*".into(),
+            done: p.done as usize,
+            total: p.total as usize,
+            rate: p.rows_per_sec,
+            eta_secs: p.eta_secs,
+            cancellable: false,
+        })
+    }));
     let sessions: Vec<_> = lives.values().flat_map(|l| l.sessions.clone()).collect();
     let me_view = controllers.iter().find(|c| c.id == me);
     let health = if me_view.is_some_and(|c| c.fenced) {
@@ -1074,6 +1100,26 @@ async fn sessions(State(st): State<ApiState>) -> ApiResult<Vec<crate::server::Se
 
 async fn jobs(State(st): State<ApiState>) -> ApiResult<Vec<JobView>> {
     Ok(Json(st.view().await.jobs))
+}
+
+async fn start_scrub(State(st): State<ApiState>) -> Result<Response, ApiError> {
+    let Some(node) = st.ctl.node() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "a single controller keeps whole volumes on its own disk and has nothing to scrub against; scrub needs a cluster",
+        ));
+    };
+    node.request_scrub().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{e} (is a majority of controllers up?)"),
+        )
+    })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"message": "scrub requested: every controller scrubs the rows it leads; follow it with `appliance job list --watch` or GET /api/v1/jobs"})),
+    )
+        .into_response())
 }
 
 async fn cancel_job(State(st): State<ApiState>, Path(id): Path<String>) -> ApiError {

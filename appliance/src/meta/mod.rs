@@ -118,6 +118,8 @@ pub enum MetaCommand {
         /// Volume id.
         id: u32,
     },
+    /// An operator asked for a scrub: every controller scrubs the rows it leads once more.
+    RequestScrub,
     /// A primary rolled a row back.
     Repair {
         /// Which row.
@@ -320,6 +322,9 @@ pub struct MetaState {
     /// Advances with every applied reservation change (controllers install on change).
     #[serde(default)]
     pub scsi_version: u64,
+    /// Scrubs requested so far; a controller that has served fewer runs one more.
+    #[serde(default)]
+    pub scrub_requests: u64,
     /// Unit attentions from changes applied by this replica and not yet raised by its
     /// controller (not replicated: each replica produces its own as it applies).
     #[serde(skip)]
@@ -378,6 +383,9 @@ impl MetaState {
             }
             MetaCommand::CreateVolume(v) => {
                 self.volumes.entry(v.id).or_insert_with(|| v.clone());
+            }
+            MetaCommand::RequestScrub => {
+                self.scrub_requests += 1;
             }
             MetaCommand::DeleteVolume { id } => {
                 self.volumes.remove(id);
