@@ -688,6 +688,9 @@ impl ClusterEnv for NodeEnv {
             epoch,
         }))
     }
+    fn sleep(&self, d: Duration) -> BoxFut<'_, ()> {
+        Box::pin(tokio::time::sleep(d))
+    }
     fn record_repair(
         &self,
         volume: VolumeId,
@@ -1246,6 +1249,9 @@ pub struct StatusReport {
     pub fenced: bool,
     /// Chunks this controller has copied by resync since it started.
     pub resync_chunks: u64,
+    /// Reads this controller hedged (a holder slower than the threshold) since it started.
+    #[serde(default)]
+    pub hedged_reads: u64,
     /// Volumes this controller does not serve, and why.
     #[serde(default)]
     pub problems: Vec<String>,
@@ -1286,6 +1292,7 @@ fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusRe
         volumes: env.volume_status(engine),
         fenced: engine.is_fenced(),
         resync_chunks: engine.stats().resync_chunks,
+        hedged_reads: engine.stats().hedged_reads,
         problems: env.problems(),
         log: LogFigures {
             term: m.current_term,

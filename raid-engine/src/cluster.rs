@@ -263,4 +263,10 @@ pub trait ClusterEnv: Send + Sync + fmt::Debug {
         content: u64,
         epoch: u64,
     ) -> BoxFut<'_, Result<(), VolError>>;
+    /// Resolves after `d`; the engine hedges slow reads with it. The default never resolves,
+    /// which turns hedging off (the deterministic simulation has no clock).
+    fn sleep(&self, d: std::time::Duration) -> BoxFut<'_, ()> {
+        let _ = d;
+        Box::pin(std::future::pending())
+    }
 }

@@ -18,7 +18,11 @@
 //!    holding the new state reach `write_quorum`.
 //! 3. *Read*: reads the needed data columns from their holders (checking versions); a missing,
 //!    stale or failing column is reconstructed from the first `k` valid answers of all the
-//!    other positions.
+//!    other positions. A holder slower than the hedging threshold (twice the 99th percentile
+//!    of recent chunk reads) is hedged: the row is also decoded from the other holders and
+//!    the first complete answer wins.
+//! 4. *Scrub*: reloads every row it leads (damaged, missing or stale copies get marks) and
+//!    rewrites parity copies that disagree with the data columns.
 //!
 //! Invariants:
 //! - Only the primary of an extent, at the epoch of its view, writes chunks of that extent;
@@ -157,6 +161,62 @@ pub struct EngineStats {
     pub rows_behind_found: u64,
     /// Chunks copied by resync.
     pub resync_chunks: u64,
+    /// Reads whose holder was slower than the hedging threshold, so the row was also decoded
+    /// from the other holders.
+    pub hedged_reads: u64,
+    /// Hedged reads the decode answered first.
+    pub hedges_won: u64,
+}
+
+/// Recent chunk read latencies, and the hedging threshold derived from them: twice their
+/// 99th percentile, at least [`HEDGE_FLOOR`], once [`HEDGE_MIN_SAMPLES`] reads were seen.
+#[derive(Debug, Default)]
+struct ReadLatency {
+    inner: Mutex<LatencyRing>,
+}
+
+#[derive(Debug, Default)]
+struct LatencyRing {
+    micros: Vec<u32>,
+    next: usize,
+    since: usize,
+    threshold: Option<std::time::Duration>,
+}
+
+/// Samples kept.
+const HEDGE_SAMPLES: usize = 256;
+/// Samples needed before reads are hedged.
+const HEDGE_MIN_SAMPLES: usize = 64;
+/// The threshold is recomputed after this many samples (a sort of 256 numbers).
+const HEDGE_RECOMPUTE: usize = 32;
+/// Never hedge a read sooner than this.
+pub const HEDGE_FLOOR: std::time::Duration = std::time::Duration::from_millis(2);
+
+impl ReadLatency {
+    fn record(&self, d: std::time::Duration) {
+        let us = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        let mut r = self.inner.lock().expect("latency");
+        if r.micros.len() < HEDGE_SAMPLES {
+            r.micros.push(us);
+        } else {
+            let i = r.next;
+            r.micros[i] = us;
+        }
+        r.next = (r.next + 1) % HEDGE_SAMPLES;
+        r.since += 1;
+        if r.since >= HEDGE_RECOMPUTE && r.micros.len() >= HEDGE_MIN_SAMPLES {
+            r.since = 0;
+            let mut sorted = r.micros.clone();
+            sorted.sort_unstable();
+            let p99 = sorted[sorted.len() * 99 / 100];
+            let t = std::time::Duration::from_micros(u64::from(p99) * 2);
+            r.threshold = Some(t.max(HEDGE_FLOOR));
+        }
+    }
+
+    fn threshold(&self) -> Option<std::time::Duration> {
+        self.inner.lock().expect("latency").threshold
+    }
 }
 
 /// What one scrub pass found (see [`Engine::scrub`]).
@@ -200,6 +260,7 @@ pub struct Engine {
     seen_epoch: AtomicU64,
     next_version: AtomicU64,
     stats: Mutex<EngineStats>,
+    latency: ReadLatency,
 }
 
 /// The first version a primary may use in `epoch`.
@@ -234,6 +295,7 @@ impl Engine {
             seen_epoch: AtomicU64::new(epoch),
             next_version: AtomicU64::new(0),
             stats: Mutex::new(EngineStats::default()),
+            latency: ReadLatency::default(),
         }
     }
 
@@ -593,10 +655,21 @@ impl Engine {
         if !view.reachable(holder) {
             return None;
         }
-        self.env
+        let t0 = std::time::Instant::now();
+        let got = self
+            .env
             .read_chunk(holder, view.epoch, Self::addr(vol, extent, row, pos))
             .await
-            .ok()
+            .ok();
+        if got.is_some() {
+            self.latency.record(t0.elapsed());
+        }
+        got
+    }
+
+    /// The hedging threshold now (`None` until enough reads were seen).
+    pub fn hedge_threshold(&self) -> Option<std::time::Duration> {
+        self.latency.threshold()
     }
 
     /// The row's state in this epoch: cached, or loaded from every reachable position.
@@ -846,8 +919,37 @@ impl Engine {
             let got = self.read_pos(view, vol, extent, row, c).await;
             (c, got.and_then(|copies| meta.pick(c, &copies, cb)))
         });
+        let direct = futures::future::join_all(direct);
+        let answers = match self.latency.threshold() {
+            None => direct.await,
+            Some(after) => {
+                // A holder slower than the threshold: also decode the row from the others;
+                // the first complete answer wins and the other is dropped (its replies are
+                // discarded when they arrive).
+                futures::pin_mut!(direct);
+                match futures::future::select(direct.as_mut(), self.env.sleep(after)).await {
+                    futures::future::Either::Left((answers, _)) => answers,
+                    futures::future::Either::Right(((), direct)) => {
+                        self.stats.lock().expect("stats").hedged_reads += 1;
+                        let hedge = self.reconstruct(view, vol, extent, row, meta);
+                        futures::pin_mut!(hedge);
+                        match futures::future::select(direct, hedge).await {
+                            futures::future::Either::Left((answers, _)) => answers,
+                            futures::future::Either::Right((Ok(full), _)) => {
+                                self.stats.lock().expect("stats").hedges_won += 1;
+                                for &c in need {
+                                    out[c] = Some(full[c].clone());
+                                }
+                                return Ok(out);
+                            }
+                            futures::future::Either::Right((Err(_), direct)) => direct.await,
+                        }
+                    }
+                }
+            }
+        };
         let mut missing = false;
-        for (c, d) in futures::future::join_all(direct).await {
+        for (c, d) in answers {
             missing |= d.is_none();
             out[c] = d;
         }

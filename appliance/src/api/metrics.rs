@@ -267,6 +267,43 @@ pub async fn render(st: &ApiState) -> String {
             &[("controller", &id)],
             s.resync_chunks as f64,
         );
+        o.family(
+            "rainio_hedged_reads_total",
+            "counter",
+            "Reads whose holder was slower than the hedging threshold, so the row was also decoded from the other holders",
+        );
+        o.sample(
+            "rainio_hedged_reads_total",
+            &[("controller", &id)],
+            s.hedged_reads as f64,
+        );
+        if let Some(l) = &s.scrub.last {
+            for (name, help, v) in [
+                (
+                    "rainio_scrub_last_rows",
+                    "Rows the last scrub pass checked",
+                    l.rows,
+                ),
+                (
+                    "rainio_scrub_last_bad_chunks",
+                    "Damaged, missing or stale copies the last scrub pass found",
+                    l.bad_chunks,
+                ),
+                (
+                    "rainio_scrub_last_parity_rewritten",
+                    "Parity copies the last scrub pass rewrote",
+                    l.parity_rewritten,
+                ),
+                (
+                    "rainio_scrub_last_finished_timestamp_seconds",
+                    "When the last scrub pass ended",
+                    l.finished_unix,
+                ),
+            ] {
+                o.family(name, "gauge", help);
+                o.sample(name, &[("controller", &id)], v as f64);
+            }
+        }
         let leader = f64::from(u8::from(s.leader == Some(u64::from(ctl.id()))));
         for (name, help, v) in [
             ("rainio_raft_term", "Metadata log term", s.log.term as f64),

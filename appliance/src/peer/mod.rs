@@ -273,6 +273,15 @@ struct Conn {
     dead: AtomicBool,
 }
 
+/// Removes a call's reply slot when the call ends.
+struct Forget<'a>(&'a Conn, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.pending.lock().expect("pending").remove(&self.1);
+    }
+}
+
 impl Conn {
     fn fail_all(&self) {
         self.dead.store(true, Ordering::SeqCst);
@@ -417,15 +426,16 @@ impl PeerClient {
         );
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().expect("pending").insert(id, tx);
+        // However this call ends (answered, timed out, or dropped because a hedged read won
+        // without it), its slot goes; a late reply then finds no one and is discarded.
+        let _slot = Forget(&conn, id);
         if conn.dead.load(Ordering::SeqCst) || conn.tx.send(out).await.is_err() {
-            conn.pending.lock().expect("pending").remove(&id);
             return Err(self.transport("connection lost"));
         }
         let reply = match tokio::time::timeout(self.limits.request_timeout, rx).await {
             Ok(Ok(f)) => f,
             Ok(Err(_)) => return Err(self.transport("connection lost before the reply")),
             Err(_) => {
-                conn.pending.lock().expect("pending").remove(&id);
                 return Err(
                     self.transport(format!("no reply within {:?}", self.limits.request_timeout))
                 );

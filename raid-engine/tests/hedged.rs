@@ -1,0 +1,179 @@
+//! Hedged reads: once the engine has seen enough chunk reads to know what "slow" is, a read
+//! whose holder does not answer within the threshold is decoded from the other holders, and
+//! that answer is returned, with the right bytes, while the slow holder is still silent.
+//!
+//! The environment here is the smallest real one: three in-memory shard stores behind a
+//! `ClusterEnv` whose metadata calls succeed and whose clock is tokio's; one holder can be told
+//! to stop answering reads.
+
+use raid_engine::cluster::{
+    ClusterEnv, ClusterView, ControllerState, IntentMark, RowIntent, VolError, VolumeMeta,
+};
+use raid_engine::codec::CodecKind;
+use raid_engine::engine::Engine;
+use raid_engine::layout::{ControllerId, Geometry, Layout};
+use raid_engine::shard::{
+    BoxFut, Chunk, ChunkAddr, MemShardStore, ShardError, ShardStore, VolumeId,
+};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+struct Env {
+    stores: BTreeMap<ControllerId, Arc<MemShardStore>>,
+    /// A controller whose chunk reads never answer (0: none).
+    silent: AtomicU32,
+}
+
+impl ClusterEnv for Env {
+    fn read_chunk(
+        &self,
+        to: ControllerId,
+        _epoch: u64,
+        addr: ChunkAddr,
+    ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
+        let silent = self.silent.load(Ordering::SeqCst) == to;
+        Box::pin(async move {
+            if silent {
+                std::future::pending::<()>().await;
+            }
+            self.stores[&to].read(addr).await
+        })
+    }
+    fn write_chunk(
+        &self,
+        to: ControllerId,
+        _epoch: u64,
+        addr: ChunkAddr,
+        chunk: Chunk,
+    ) -> BoxFut<'_, Result<(), ShardError>> {
+        Box::pin(async move { self.stores[&to].write(addr, chunk).await })
+    }
+    fn forward_write(
+        &self,
+        to: ControllerId,
+        _: u64,
+        _: VolumeId,
+        _: u64,
+        _: Vec<u8>,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(async move { Err(VolError::Peer(format!("no controller {to} here"))) })
+    }
+    fn forward_read(
+        &self,
+        to: ControllerId,
+        _: u64,
+        _: VolumeId,
+        _: u64,
+        _: u64,
+    ) -> BoxFut<'_, Result<Vec<u8>, VolError>> {
+        Box::pin(async move { Err(VolError::Peer(format!("no controller {to} here"))) })
+    }
+    fn mark_intent(&self, _: IntentMark, _: u64, _: u64) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn clear_intent(&self, _: IntentMark, _: u64, _: u64) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn intents(&self, _: VolumeId) -> Vec<IntentMark> {
+        Vec::new()
+    }
+    fn row_intent(&self, _: VolumeId, _: u64, _: u32) -> RowIntent {
+        RowIntent::default()
+    }
+    fn record_repair(
+        &self,
+        _: VolumeId,
+        _: u64,
+        _: u32,
+        _: Vec<u64>,
+        _: u64,
+        _: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn record_served(
+        &self,
+        _: VolumeId,
+        _: u64,
+        _: u32,
+        _: u64,
+        _: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn sleep(&self, d: Duration) -> BoxFut<'_, ()> {
+        Box::pin(tokio::time::sleep(d))
+    }
+}
+
+const CHUNK: usize = 4096;
+
+fn data(b: u64) -> Vec<u8> {
+    (0..2 * CHUNK)
+        .map(|i| (i as u64 * 7 + b * 13) as u8)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_silent_holder_is_hedged_by_decoding_from_the_others() {
+    let env = Arc::new(Env {
+        stores: (1..=3)
+            .map(|i| (i, Arc::new(MemShardStore::default())))
+            .collect(),
+        silent: AtomicU32::new(0),
+    });
+    let view = ClusterView {
+        epoch: 1,
+        controllers: (1..=3).map(|i| (i, ControllerState::Up)).collect(),
+    };
+    let g = Geometry::new(2, 1, CHUNK as u32, 64, CodecKind::GfMatrix, None).unwrap();
+    let layout = Layout {
+        size_bytes: g.extent_bytes(),
+        geometry: g,
+    };
+    let meta = VolumeMeta::rotated(1, layout, &[1, 2, 3]).unwrap();
+    // Controller 1 leads extent 0 (the only one): it serves every read here.
+    assert_eq!(meta.placement[0][0], 1);
+    let data_holder = meta.placement[0][1];
+    let engine = Engine::new(1, env.stores[&1].clone(), env.clone(), view);
+    engine.add_volume(meta).unwrap();
+    let row = 2 * CHUNK as u64;
+    for r in 0..64 {
+        engine.write(1, r * row, &data(r)).await.unwrap();
+    }
+    // Reads teach the engine what a normal chunk read takes.
+    for r in 0..64 {
+        assert_eq!(engine.read(1, r * row, row).await.unwrap(), data(r));
+    }
+    let threshold = engine
+        .hedge_threshold()
+        .expect("a threshold after 64 row reads");
+    assert!(threshold >= raid_engine::engine::HEDGE_FLOOR);
+    // The holder of column 1 stops answering: reads of column 1 still complete (bounded by a
+    // generous deadline only so a regression fails instead of hanging), from the decode.
+    env.silent.store(data_holder, Ordering::SeqCst);
+    let before = engine.stats();
+    for r in 0..8 {
+        let got = tokio::time::timeout(
+            Duration::from_secs(30),
+            engine.read(1, r * row + CHUNK as u64, CHUNK as u64),
+        )
+        .await
+        .expect("a read stuck behind a silent holder");
+        assert_eq!(got.unwrap(), data(r)[CHUNK..], "row {r} column 1");
+    }
+    let after = engine.stats();
+    assert_eq!(after.hedged_reads - before.hedged_reads, 8, "{after:?}");
+    assert_eq!(after.hedges_won - before.hedges_won, 8, "{after:?}");
+    // Column 0 lives on controller 1 itself: no hedge needed.
+    for r in 0..8 {
+        assert_eq!(
+            engine.read(1, r * row, CHUNK as u64).await.unwrap(),
+            data(r)[..CHUNK]
+        );
+    }
+    assert_eq!(engine.stats().hedged_reads, after.hedged_reads);
+}
