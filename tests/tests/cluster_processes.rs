@@ -1291,6 +1291,10 @@ async fn peer_traffic_captured_on_loopback_shows_no_plaintext_shard_data() {
             .unwrap();
         dump.wait().unwrap();
         let captured = std::fs::read(&pcap).unwrap();
+        // `scripts/pcap-to-seeds.py` turns a kept plaintext capture into fuzz seeds.
+        if let Some(keep) = std::env::var_os("RAINIO_KEEP_PCAP").filter(|_| !tls) {
+            std::fs::copy(&pcap, keep).unwrap();
+        }
         let hits = captured
             .windows(CANARY.len())
             .filter(|w| *w == CANARY)
