@@ -1249,19 +1249,34 @@ impl Engine {
         let (view, rows) = self.led_rows();
         let mut verified = 0;
         for (vol, e, row) in rows {
-            let g = vol.global_row(e, row);
-            let _row = vol.rows.lock(g, g + 1).await;
-            self.still(view.epoch)?;
-            self.forget_row(&view, &vol, e, row);
-            match self.row_meta(&view, &vol, e, row).await {
-                Ok(_) => verified += 1,
-                Err(e @ VolError::Epoch { .. }) => return Err(e),
-                Err(err) => {
-                    tracing::warn!(extent = e, row, error = %err, "row could not be verified");
-                }
-            }
+            let (_row, meta) = self.reload_row(&view, &vol, e, row).await?;
+            verified += u64::from(meta.is_some());
         }
         Ok(verified)
+    }
+
+    /// Locks a row, forgets what this epoch cached of it and loads it again from every holder
+    /// (marking positions found behind). `None` (logged) when too few holders answer; epoch
+    /// changes are errors.
+    async fn reload_row<'v>(
+        &self,
+        view: &ClusterView,
+        vol: &'v Vol,
+        extent: u64,
+        row: u32,
+    ) -> Result<(crate::range_lock::RangeGuard<'v>, Option<RowMeta>)> {
+        let g = vol.global_row(extent, row);
+        let guard = vol.rows.lock(g, g + 1).await;
+        self.still(view.epoch)?;
+        self.forget_row(view, vol, extent, row);
+        match self.row_meta(view, vol, extent, row).await {
+            Ok(meta) => Ok((guard, Some(meta))),
+            Err(e @ VolError::Epoch { .. }) => Err(e),
+            Err(err) => {
+                tracing::warn!(extent, row, error = %err, "row could not be read from its holders");
+                Ok((guard, None))
+            }
+        }
     }
 
     /// Every row of every volume whose extent this controller leads in the current view.
@@ -1305,23 +1320,16 @@ impl Engine {
         let mut counts = ScrubCounts::default();
         for (vol, e, row) in rows {
             {
-                let g = vol.global_row(e, row);
-                let _row = vol.rows.lock(g, g + 1).await;
-                self.still(view.epoch)?;
-                self.forget_row(&view, &vol, e, row);
-                match self.row_meta(&view, &vol, e, row).await {
-                    Ok(meta) => {
+                let (_row, meta) = self.reload_row(&view, &vol, e, row).await?;
+                match meta {
+                    Some(meta) => {
                         counts.bad_chunks += u64::from(meta.behind.count_ones());
                         if meta.behind == 0 && meta.unknown == 0 && meta.content() != 0 {
                             counts.parity_rewritten +=
                                 self.check_parity(&view, &vol, e, row, &meta).await?;
                         }
                     }
-                    Err(err @ VolError::Epoch { .. }) => return Err(err),
-                    Err(err) => {
-                        counts.unreadable_rows += 1;
-                        tracing::warn!(extent = e, row, error = %err, "scrub could not read a row");
-                    }
+                    None => counts.unreadable_rows += 1,
                 }
             }
             counts.rows += 1;
