@@ -420,7 +420,9 @@ pub fn controller(a: &ApiArgs, cmd: ControllerCmd) -> ExitCode {
             }
         };
         let v = c.ok("POST", &path, Some(body))?;
-        Ok(json_or(a, &v, |_| "done\n".into()))
+        Ok(json_or(a, &v, |v| {
+            format!("{}\n", v["message"].as_str().unwrap_or("done"))
+        }))
     })
 }
 
@@ -464,7 +466,7 @@ fn job_lines(v: &Value) -> String {
     let mut out = String::new();
     for j in &jobs {
         let p = crate::node_progress(j);
-        let unit = if j["kind"] == "scrub" {
+        let unit = if j["kind"] == "scrub" || j["kind"] == "rebuild" {
             "rows"
         } else {
             "chunks"

@@ -108,6 +108,8 @@ struct RawCluster {
     pki: Option<PathBuf>,
     scrub_every_hours: Option<u64>,
     scrub_pause_ms: Option<u64>,
+    out_after_secs: Option<u64>,
+    rebuild_share_pct: Option<u8>,
 }
 
 /// Membership in a cluster of controllers (`[cluster]`); volumes are then erasure-coded over
@@ -140,6 +142,13 @@ pub struct ClusterConfig {
     /// Pause after each scrubbed row, ms (`cluster.scrub_pause_ms`, default 1), so host I/O
     /// keeps most of the devices.
     pub scrub_pause_ms: u64,
+    /// Seconds a controller may stay down before it is marked out and its shards are rebuilt
+    /// on the others (`cluster.out_after_secs`, default 600; 0: only when an operator marks
+    /// it out).
+    pub out_after_secs: u64,
+    /// Percent of the time rebuild copies may take (`cluster.rebuild_share_pct`, 1-100,
+    /// default 50); host I/O keeps the rest.
+    pub rebuild_share_pct: u8,
 }
 
 fn parse_id_map(
@@ -212,6 +221,24 @@ fn check_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
         chunk_bytes,
         bootstrap: raw.bootstrap.unwrap_or(false),
         scrub_every_hours: raw.scrub_every_hours.unwrap_or(168),
+        out_after_secs: match raw.out_after_secs {
+            Some(s) if s > 0 && s < 10 => {
+                return Err(invalid(
+                    "cluster.out_after_secs",
+                    "below 10 s a controller that restarts would be rebuilt instead of resynced; use 600 (or 0 to mark out by hand)",
+                ))
+            }
+            s => s.unwrap_or(600),
+        },
+        rebuild_share_pct: match raw.rebuild_share_pct {
+            Some(p) if p == 0 || p > 100 => {
+                return Err(invalid(
+                    "cluster.rebuild_share_pct",
+                    "must be 1 to 100 (percent of the time rebuild copies may take; 50 leaves half to hosts)",
+                ))
+            }
+            p => p.unwrap_or(50),
+        },
         scrub_pause_ms: match raw.scrub_pause_ms {
             Some(ms) if ms > 10_000 => {
                 return Err(invalid(

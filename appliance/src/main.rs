@@ -700,6 +700,21 @@ fn status(peer: &str, json: bool, pki: &std::path::Path) -> ExitCode {
         };
         let _ = writeln!(out, "  scrub       {}", progress_line(&p, "rows"));
     }
+    if let Some(m) = &r.moves {
+        let p = appliance::node::ResyncProgress {
+            total: m.rows_total as usize,
+            done: m.rows_done as usize,
+            chunks_per_sec: m.rows_per_sec,
+            eta_secs: m.eta_secs,
+        };
+        let _ = writeln!(
+            out,
+            "  rebuild     {} ({} position(s) moving, {:.1} MiB copied)",
+            progress_line(&p, "rows"),
+            m.positions,
+            m.bytes_done as f64 / 1048576.0
+        );
+    }
     if let Some(l) = &r.scrub.last {
         let _ = writeln!(
             out,

@@ -69,6 +69,12 @@ pub struct MembershipTimers {
     pub down_after: Duration,
     /// Interval of resync passes (copying marked rows this controller leads).
     pub resync_every: Duration,
+    /// A controller down this long is marked out by the metadata leader and its positions are
+    /// rebuilt on the others (`None`: only when an operator marks it out).
+    pub out_after: Option<Duration>,
+    /// Share of time rebuild copies may take (0 < share <= 1): after each batch of rows it
+    /// pauses for `batch time * (1 - share) / share`, so host I/O keeps the rest.
+    pub rebuild_share: f64,
 }
 
 impl Default for MembershipTimers {
@@ -78,6 +84,8 @@ impl Default for MembershipTimers {
             lease: Duration::from_secs(2),
             down_after: Duration::from_secs(3),
             resync_every: Duration::from_secs(1),
+            out_after: Some(Duration::from_secs(600)),
+            rebuild_share: 0.5,
         }
     }
 }
@@ -111,6 +119,24 @@ pub struct ScrubStatus {
     pub last: Option<ScrubResult>,
     /// Scrub requests from the log this controller has served.
     pub requests_served: u64,
+}
+
+/// Moves in progress cluster-wide (rebuild after a controller was marked out), from the
+/// metadata log; rate and time left as measured by the controller that answers.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MovesStatus {
+    /// Positions (one extent's column each) still being copied.
+    pub positions: u64,
+    /// Rows of those positions in all.
+    pub rows_total: u64,
+    /// Rows already copied.
+    pub rows_done: u64,
+    /// Rows per second since this controller first saw these moves.
+    pub rows_per_sec: f64,
+    /// Seconds left at that rate.
+    pub eta_secs: Option<f64>,
+    /// Bytes of one row's chunk summed over positions (for MB/s): rows * chunk bytes.
+    pub bytes_done: u64,
 }
 
 /// Progress of a running scrub pass.
@@ -172,6 +198,9 @@ pub struct NodeEnv {
     live: OnceLock<LiveSource>,
     /// Scrub progress and the last result.
     scrub: Mutex<ScrubStatus>,
+    /// When the moves now in the log started to be watched here, and the rows copied then
+    /// (for the rate and time left in status).
+    move_watch: Mutex<Option<(std::time::Instant, u64)>>,
 }
 
 /// A change to the volumes created at run time, for the server to act on.
@@ -342,6 +371,44 @@ impl NodeEnv {
         ))
     }
 
+    /// Moves in progress in this replica of the log, with the rate seen here.
+    pub fn moves_status(&self) -> Option<MovesStatus> {
+        let (positions, rows_total, rows_done, bytes_done) = {
+            let a = self.applied.lock().expect("state");
+            let mut t = (0u64, 0u64, 0u64, 0u64);
+            for ((vol, _, _), m) in &a.state.moves {
+                let v = a.state.volumes.get(vol);
+                let rows = v.map_or(0, |v| u64::from(v.rows_per_extent));
+                let chunk = v.map_or(0, |v| u64::from(v.chunk_bytes));
+                t.0 += 1;
+                t.1 += rows;
+                t.2 += u64::from(m.rows_done).min(rows);
+                t.3 += u64::from(m.rows_done).min(rows) * chunk;
+            }
+            t
+        };
+        let mut watch = self.move_watch.lock().expect("move watch");
+        if positions == 0 {
+            *watch = None;
+            return None;
+        }
+        let (since, at) = *watch.get_or_insert((std::time::Instant::now(), rows_done));
+        let secs = since.elapsed().as_secs_f64();
+        let rate = if secs > 0.5 {
+            rows_done.saturating_sub(at) as f64 / secs
+        } else {
+            0.0
+        };
+        Some(MovesStatus {
+            positions,
+            rows_total,
+            rows_done,
+            rows_per_sec: rate,
+            eta_secs: (rate > 0.0).then(|| (rows_total - rows_done) as f64 / rate),
+            bytes_done,
+        })
+    }
+
     /// Write-intent marks of `volume` in this replica.
     pub fn intents_len(&self, volume: VolumeId) -> usize {
         self.marks(volume).len()
@@ -510,6 +577,7 @@ impl NodeEnv {
         match self.propose(cmd).await? {
             MetaResponse::Ok { .. } | MetaResponse::Scsi(_) => Ok(()),
             MetaResponse::StaleEpoch { ours, theirs } => Err(VolError::Epoch { ours, theirs }),
+            MetaResponse::Refused(why) => Err(VolError::Peer(why)),
         }
     }
 }
@@ -533,7 +601,9 @@ impl lun::shared::SharedScsi for NodeEnv {
             let outcome = match resp {
                 MetaResponse::Scsi(o) => o,
                 MetaResponse::StaleEpoch { .. } => return Err(R::NotReadyTransitioning),
-                MetaResponse::Ok { .. } => return Err(R::InternalTargetFailure),
+                MetaResponse::Ok { .. } | MetaResponse::Refused(_) => {
+                    return Err(R::InternalTargetFailure)
+                }
             };
             self.await_installed(index).await?;
             Ok(outcome)
@@ -672,6 +742,7 @@ impl ClusterEnv for NodeEnv {
             floor,
             repair: s.repairs.get(&(volume, extent, row)).cloned(),
             served: s.served.get(&(volume, extent, row)).copied().unwrap_or(0),
+            moving: s.moving(volume, extent, row),
         }
     }
     fn record_served(
@@ -841,6 +912,8 @@ async fn membership(
     let mut last_ok: BTreeMap<ControllerId, Instant> =
         cfg.peers.keys().map(|&id| (id, started)).collect();
     let majority = cfg.peers.len() / 2 + 1;
+    let mut out_refused = std::collections::BTreeSet::new();
+    let mut plan_refused = String::new();
     loop {
         tokio::time::sleep(t.heartbeat).await;
         let Some(engine) = engine.upgrade() else {
@@ -869,8 +942,29 @@ async fn membership(
         }
         if raft.metrics().borrow().current_leader == Some(u64::from(cfg.id)) {
             let view = engine.view();
+            let stored = env.applied.lock().expect("state").state.controllers.clone();
             for (&id, &at) in &last_ok {
                 let silent = now.duration_since(at);
+                if stored.get(&id) == Some(&StoredState::Out) {
+                    continue; // gone for good: it does not come back by answering
+                }
+                if view.state(id) == S::Down && t.out_after.is_some_and(|o| silent > o) {
+                    let why = env.applied.lock().expect("state").state.check_mark_out(id);
+                    match why {
+                        Ok(()) => {
+                            tracing::warn!(controller = id, silent_secs = silent.as_secs(), "controller down longer than out_after: marking it out; its shards are rebuilt on the others");
+                            if let Err(e) = env.propose(MetaCommand::MarkOut { id }).await {
+                                tracing::warn!(controller = id, error = %e, "mark-out not committed");
+                            }
+                        }
+                        Err(why) => {
+                            if out_refused.insert(id) {
+                                tracing::error!(controller = id, "controller down longer than out_after but cannot be marked out: {why}");
+                            }
+                        }
+                    }
+                    continue;
+                }
                 let next = match view.state(id) {
                     S::Up | S::Resyncing if silent > t.down_after => Some(StoredState::Down),
                     S::Down if silent < t.heartbeat * 3 => Some(StoredState::Resyncing),
@@ -881,6 +975,35 @@ async fn membership(
                     tracing::info!(controller = id, ?state, "membership change");
                     if let Err(e) = env.propose(MetaCommand::SetState { id, state }).await {
                         tracing::warn!(controller = id, error = %e, "membership change not committed");
+                    }
+                }
+            }
+            // Positions of controllers marked out get new holders (rebuild).
+            let (plan, epoch) = {
+                let a = env.applied.lock().expect("state");
+                (a.state.plan_rebuild(), a.state.epoch)
+            };
+            match plan {
+                Ok(moves) if moves.is_empty() => plan_refused.clear(),
+                Ok(moves) => {
+                    tracing::warn!(
+                        positions = moves.len(),
+                        "rebuild: moving the positions of controllers marked out to the survivors"
+                    );
+                    let cmd = MetaCommand::Move {
+                        moves,
+                        reason: crate::meta::MoveReason::Rebuild,
+                        epoch,
+                    };
+                    match env.propose(cmd).await {
+                        Ok(MetaResponse::Ok { .. }) => {}
+                        other => tracing::info!(?other, "rebuild plan not applied; planning again"),
+                    }
+                }
+                Err(why) => {
+                    if plan_refused != why {
+                        tracing::error!("rebuild cannot be planned: {why}");
+                        plan_refused = why;
                     }
                 }
             }
@@ -1093,6 +1216,76 @@ async fn scrub_loop(schedule: ScrubSchedule, engine: Weak<Engine>, env: Arc<Node
     }
 }
 
+/// Rows copied per step of a move; progress is committed to the log after each.
+const MOVE_BATCH: u32 = 64;
+
+/// Copies the rows of moved positions (rebuild) whose extents this controller leads, batch by
+/// batch, recording each batch in the metadata log; pauses after each batch so the copies
+/// take at most `share` of the time.
+async fn move_loop(share: f64, engine: Weak<Engine>, env: Arc<NodeEnv>) {
+    let share = share.clamp(0.01, 1.0);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(engine) = engine.upgrade() else {
+            break;
+        };
+        let view = engine.view();
+        let (moves, rows_per) = {
+            let a = env.applied.lock().expect("state");
+            let rows: BTreeMap<u32, u32> = a
+                .state
+                .volumes
+                .iter()
+                .map(|(id, v)| (*id, v.rows_per_extent))
+                .collect();
+            (a.state.moves.clone(), rows)
+        };
+        let mine: Vec<_> = moves
+            .into_iter()
+            .filter(|((vol, extent, _), m)| {
+                view.reachable(m.to)
+                    && engine.placement(*vol).is_some_and(|p| {
+                        p.get(*extent as usize)
+                            .is_some_and(|set| view.primary(set) == Some(env.me))
+                    })
+            })
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        for (key, m) in mine {
+            let rows = rows_per.get(&key.0).copied().unwrap_or(0);
+            let mut done = m.rows_done;
+            while done < rows {
+                let end = (done + MOVE_BATCH).min(rows);
+                let t0 = std::time::Instant::now();
+                let copied = engine
+                    .copy_moved(key.0, key.1, usize::from(key.2), done..end)
+                    .await;
+                let elapsed = t0.elapsed();
+                if let Err(e) = copied {
+                    tracing::info!(?key, error = %e, "move copy stopped; it resumes from the last recorded row");
+                    break;
+                }
+                let cmd = MetaCommand::MoveProgress {
+                    key,
+                    to: m.to,
+                    rows_done: end,
+                    epoch: view.epoch,
+                };
+                if !matches!(env.propose(cmd).await, Ok(MetaResponse::Ok { .. })) {
+                    break; // an epoch change: start again under the new view
+                }
+                done = end;
+                tokio::time::sleep(elapsed.mul_f64((1.0 - share) / share)).await;
+            }
+            if done >= rows {
+                tracing::info!(volume = key.0, extent = key.1, pos = key.2, to = m.to, "moved position copied");
+            }
+        }
+    }
+}
+
 /// Answers peers on behalf of a node (holds only what it needs, so the node can shut down).
 struct Handler {
     engine: Arc<Engine>,
@@ -1161,6 +1354,29 @@ impl NodeHandle {
     ///
     /// # Errors
     /// When the log has no reachable leader.
+    /// Marks controller `id` out: its positions are rebuilt on the others. `Err((true, why))`
+    /// when the cluster refuses (not a member, already out, too few controllers would remain);
+    /// `Err((false, why))` when the metadata log could not be reached.
+    pub async fn mark_out(&self, id: u32) -> Result<(), (bool, String)> {
+        let check = self
+            .env
+            .applied
+            .lock()
+            .expect("state")
+            .state
+            .check_mark_out(id);
+        check.map_err(|why| (true, why))?;
+        match self.env.propose(MetaCommand::MarkOut { id }).await {
+            Ok(MetaResponse::Ok { .. }) => {
+                tracing::warn!(controller = id, "controller marked out by an operator; rebuilding its shards on the others");
+                Ok(())
+            }
+            Ok(MetaResponse::Refused(why)) => Err((true, why)),
+            Ok(other) => Err((false, format!("unexpected answer from the metadata log: {other:?}"))),
+            Err(e) => Err((false, format!("the metadata log did not take the change: {e}"))),
+        }
+    }
+
     pub async fn request_scrub(&self) -> Result<(), String> {
         self.env
             .propose(MetaCommand::RequestScrub)
@@ -1264,6 +1480,9 @@ pub struct StatusReport {
     /// Scrub of the rows this controller leads: the running pass and the last result.
     #[serde(default)]
     pub scrub: ScrubStatus,
+    /// Positions being moved (rebuild); `None` when nothing moves.
+    #[serde(default)]
+    pub moves: Option<MovesStatus>,
 }
 
 /// The metadata log's progress on one replica.
@@ -1284,11 +1503,16 @@ fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusRe
         id: env.me,
         epoch: view.epoch,
         leader: m.current_leader,
-        controllers: view
-            .controllers
-            .iter()
-            .map(|(id, s)| (*id, format!("{s:?}").to_lowercase()))
-            .collect(),
+        controllers: {
+            let stored = env.applied.lock().expect("state").state.controllers.clone();
+            view.controllers
+                .iter()
+                .map(|(id, s)| match stored.get(id) {
+                    Some(StoredState::Out) => (*id, "out".to_string()),
+                    _ => (*id, format!("{s:?}").to_lowercase()),
+                })
+                .collect()
+        },
         volumes: env.volume_status(engine),
         fenced: engine.is_fenced(),
         resync_chunks: engine.stats().resync_chunks,
@@ -1301,6 +1525,7 @@ fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusRe
         },
         live: env.live.get().map_or(serde_json::Value::Null, |f| f()),
         scrub: env.scrub.lock().expect("scrub").clone(),
+        moves: env.moves_status(),
     }
 }
 
@@ -1442,6 +1667,7 @@ impl ControllerNode {
             runtime_volumes: OnceLock::new(),
             live: OnceLock::new(),
             scrub: Mutex::new(ScrubStatus::default()),
+            move_watch: Mutex::new(None),
         });
         let view = applied.lock().expect("state").state.view();
         let engine = Arc::new(Engine::new(cfg.id, shards, env.clone(), view));
@@ -1488,11 +1714,24 @@ impl ControllerNode {
             let mut last = 0;
             loop {
                 env2.install_scsi();
-                let view = a2.lock().expect("state").state.view();
+                let (view, placements) = {
+                    let a = a2.lock().expect("state");
+                    let view = a.state.view();
+                    let placements: std::collections::HashMap<_, _> = if view.epoch != last {
+                        a.state
+                            .volumes
+                            .iter()
+                            .map(|(id, v)| (*id, v.placement.clone()))
+                            .collect()
+                    } else {
+                        Default::default()
+                    };
+                    (view, placements)
+                };
                 let Some(e) = e2.upgrade() else { break };
                 if view.epoch != last {
                     last = view.epoch;
-                    e.set_view(view);
+                    e.set_view_and_placement(view, &placements);
                 }
                 drop(e);
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1517,6 +1756,11 @@ impl ControllerNode {
         )));
         tasks.push(tokio::spawn(scrub_loop(
             cfg.scrub,
+            Arc::downgrade(&engine),
+            env.clone(),
+        )));
+        tasks.push(tokio::spawn(move_loop(
+            cfg.timers.rebuild_share,
             Arc::downgrade(&engine),
             env.clone(),
         )));

@@ -1165,7 +1165,12 @@ async fn start_cluster(
         id: cl.id,
         peers: cl.peers.clone(),
         limits: PeerLimits::default(),
-        timers: MembershipTimers::default(),
+        timers: MembershipTimers {
+            out_after: (cl.out_after_secs > 0)
+                .then(|| std::time::Duration::from_secs(cl.out_after_secs)),
+            rebuild_share: f64::from(cl.rebuild_share_pct) / 100.0,
+            ..MembershipTimers::default()
+        },
         tls,
         scrub: crate::node::ScrubSchedule {
             every: (cl.scrub_every_hours > 0)

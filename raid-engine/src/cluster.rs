@@ -119,6 +119,9 @@ pub struct RowIntent {
     pub repair: Option<(Vec<u64>, u64)>,
     /// Highest content version served after a roll-forward: never rolled back below.
     pub served: u64,
+    /// Positions (bit mask) that moved to a new holder which has not been given this row yet
+    /// (see `Engine::copy_moved`).
+    pub moving: u32,
 }
 
 /// Why a volume operation failed. Each maps to a SCSI status in `lun`.

@@ -23,6 +23,11 @@
 //!    the first complete answer wins.
 //! 4. *Scrub*: reloads every row it leads (damaged, missing or stale copies get marks) and
 //!    rewrites parity copies that disagree with the data columns.
+//! 5. *Move* (rebuild, drain, rebalance): the metadata log gives a position of an extent a new
+//!    holder under a new epoch and records the move; until the primary has copied a row to the
+//!    new holder ([`Engine::copy_moved`]), the log reports that position as moving for the
+//!    row, and loads treat it like a marked one (never vouching, read only by version), so a
+//!    half-copied extent can never roll a row back.
 //!
 //! Invariants:
 //! - Only the primary of an extent, at the epoch of its view, writes chunks of that extent;
@@ -124,8 +129,10 @@ type RowCache = (u64, HashMap<(u64, u32), RowMeta>);
 struct Vol {
     meta: VolumeMeta,
     codec: Box<dyn ErasureCodec>,
-    rows: RangeLock,
-    cache: Mutex<RowCache>,
+    /// Shared with the `Vol` that replaces this one when the placement moves, so row locks
+    /// and cached row states span the change.
+    rows: Arc<RangeLock>,
+    cache: Arc<Mutex<RowCache>>,
 }
 
 impl Vol {
@@ -166,6 +173,8 @@ pub struct EngineStats {
     pub hedged_reads: u64,
     /// Hedged reads the decode answered first.
     pub hedges_won: u64,
+    /// Chunks copied to the new holders of moved positions (rebuild, drain, rebalance).
+    pub moved_chunks: u64,
 }
 
 /// Recent chunk read latencies, and the hedging threshold derived from them: twice their
@@ -319,8 +328,8 @@ impl Engine {
         let vol = Arc::new(Vol {
             meta,
             codec,
-            rows: RangeLock::default(),
-            cache: Mutex::new((0, HashMap::new())),
+            rows: Arc::default(),
+            cache: Arc::new(Mutex::new((0, HashMap::new()))),
         });
         self.lock().volumes.insert(vol.meta.id, vol);
         Ok(())
@@ -344,11 +353,59 @@ impl Engine {
     /// Installs a newer view (older ones are ignored). Row knowledge of older epochs is
     /// dropped, so every row is re-verified by its (possibly new) primary.
     pub fn set_view(&self, view: ClusterView) {
+        self.set_view_and_placement(view, &HashMap::new());
+    }
+
+    /// Installs a newer view together with the placement of the volumes that moved in it (a
+    /// rebuild, drain or rebalance gave some positions new holders). Both change under one
+    /// lock, so an operation sees the placement of the epoch it runs in. Placements that do
+    /// not fit a volume's geometry are ignored (logged).
+    pub fn set_view_and_placement(
+        &self,
+        view: ClusterView,
+        placements: &HashMap<VolumeId, Vec<Vec<ControllerId>>>,
+    ) {
         let mut g = self.lock();
-        if view.epoch > g.view.epoch {
-            self.seen_epoch.fetch_max(view.epoch, Ordering::SeqCst);
-            g.view = Arc::new(view);
+        if view.epoch <= g.view.epoch {
+            return;
         }
+        self.seen_epoch.fetch_max(view.epoch, Ordering::SeqCst);
+        g.view = Arc::new(view);
+        for (id, placement) in placements {
+            let Some(old) = g.volumes.get(id) else {
+                continue;
+            };
+            if old.meta.placement == *placement {
+                continue;
+            }
+            let fits = placement.len() == old.meta.placement.len()
+                && placement.iter().all(|s| s.len() == old.width());
+            let g2 = old.meta.layout.geometry;
+            let codec = match new_codec(g2.codec, g2.k, g2.m) {
+                Ok(c) if fits => c,
+                _ => {
+                    tracing::error!(volume = id, "a placement from the metadata log does not fit the volume; keeping the old one");
+                    continue;
+                }
+            };
+            let mut meta = old.meta.clone();
+            meta.placement.clone_from(placement);
+            let vol = Arc::new(Vol {
+                meta,
+                codec,
+                rows: old.rows.clone(),
+                cache: old.cache.clone(),
+            });
+            g.volumes.insert(*id, vol);
+        }
+    }
+
+    /// The placement this controller serves `volume` with.
+    pub fn placement(&self, volume: VolumeId) -> Option<Vec<Vec<ControllerId>>> {
+        self.lock()
+            .volumes
+            .get(&volume)
+            .map(|v| v.meta.placement.clone())
     }
 
     /// Stops (or resumes) host I/O: a controller without a lease must not serve.
@@ -722,7 +779,9 @@ impl Engine {
         // Marked positions missed a write: their copies may be read (versions are checked)
         // but never vouch for which state is the newest.
         let intent = self.env.row_intent(vol.meta.id, extent, row);
-        let (marked, mark_floor) = (intent.marked, intent.floor);
+        // A position whose move has not reached this row is a new holder without the row yet:
+        // like a marked one, it never vouches.
+        let (marked, mark_floor) = (intent.marked | intent.moving, intent.floor);
         // Every chunk names the newest acknowledged version its writer knew of.
         let acked = copies
             .iter()
@@ -867,9 +926,10 @@ impl Engine {
             }
             // Reachable positions that are behind must be fixed by resync: mark them (again,
             // if marked already, so their marks name this state).
+            // (A moving position is copied by its move, not marked.)
             let mut newly_marked = 0;
             for (p, c) in copies.iter().enumerate() {
-                if c.is_some() && meta.is_behind(p) {
+                if c.is_some() && meta.is_behind(p) && intent.moving & (1 << p) == 0 {
                     let mark = IntentMark {
                         volume: vol.meta.id,
                         extent,
@@ -1448,6 +1508,89 @@ impl Engine {
         {
             return Err(e);
         }
+        Ok(copied)
+    }
+
+    /// Copies rows `rows` of position `pos` of an extent this controller leads to the
+    /// position's holder, after a move gave it that position: each row is loaded (under its
+    /// row lock), and if the holder's newest copy is not the row's current state, the chunk
+    /// is decoded from the other positions and written to it. `RESYNC_PARALLEL` rows are in
+    /// flight; rows finish in order. Returns the chunks written. The caller then records the
+    /// progress in the metadata log, which stops reporting those rows as moving.
+    ///
+    /// # Errors
+    /// [`VolError::NotPrimary`] when another controller leads the extent now; epoch changes
+    /// (run it again under the new view); a row that cannot be decoded (fewer than `k`
+    /// holders answer) stops the copy at that row.
+    pub async fn copy_moved(
+        &self,
+        volume: VolumeId,
+        extent: u64,
+        pos: usize,
+        rows: std::ops::Range<u32>,
+    ) -> Result<u64> {
+        let (view, vol) = self.volume(volume)?;
+        let set = vol
+            .meta
+            .placement
+            .get(extent as usize)
+            .ok_or(VolError::OutOfRange {
+                offset: extent,
+                len: 0,
+            })?;
+        if view.primary(set) != Some(self.id) {
+            return Err(VolError::NotPrimary(extent));
+        }
+        let holder = *set.get(pos).ok_or(VolError::OutOfRange {
+            offset: extent,
+            len: pos as u64,
+        })?;
+        if !view.reachable(holder) {
+            return Err(VolError::Peer(format!(
+                "controller {holder}, the new holder of extent {extent} position {pos}, is down"
+            )));
+        }
+        let (view, vol) = (&view, &vol);
+        let mut done = futures::stream::iter(rows)
+            .map(|row| async move {
+                let g = vol.global_row(extent, row);
+                let _row = vol.rows.lock(g, g + 1).await;
+                self.still(view.epoch)?;
+                let mut meta = self.row_meta(view, vol, extent, row).await?;
+                if meta.is_unknown(pos) {
+                    self.forget_row(view, vol, extent, row);
+                    meta = self.row_meta(view, vol, extent, row).await?;
+                }
+                if !meta.is_behind(pos) && !meta.is_unknown(pos) {
+                    return Ok(0);
+                }
+                if let Some(copies) = self.read_pos(view, vol, extent, row, pos).await {
+                    if meta.newest_valid(pos, &copies) {
+                        return Ok(0); // a host write since the move already gave it the row
+                    }
+                }
+                let full = self.reconstruct(view, vol, extent, row, &meta).await?;
+                let chunk = Chunk {
+                    version: meta.want(pos),
+                    cols: meta.cols.clone(),
+                    acked: meta.acked,
+                    acked_cols: meta.acked_cols.clone(),
+                    data: full[pos].clone(),
+                };
+                self.env
+                    .write_chunk(holder, view.epoch, Self::addr(vol, extent, row, pos), chunk)
+                    .await?;
+                meta.behind &= !(1 << pos);
+                meta.unknown &= !(1 << pos);
+                self.cache_row(view, vol, extent, row, &meta);
+                Ok::<u64, VolError>(1)
+            })
+            .buffered(RESYNC_PARALLEL);
+        let mut copied = 0;
+        while let Some(r) = done.next().await {
+            copied += r?;
+        }
+        self.stats.lock().expect("stats").moved_chunks += copied;
         Ok(copied)
     }
 

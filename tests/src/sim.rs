@@ -299,6 +299,7 @@ impl ClusterEnv for SimEnv {
             floor,
             repair: m.repairs.get(&(volume, extent, row)).cloned(),
             served: m.served.get(&(volume, extent, row)).copied().unwrap_or(0),
+            moving: 0,
         }
     }
     fn record_served(

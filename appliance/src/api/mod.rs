@@ -158,10 +158,10 @@ pub const ROUTES: &[RouteDoc] = &[
     r(
         "POST",
         "/api/v1/controllers/{id}/mark-out",
-        "Declare a controller out so its shards are rebuilt (not available yet)",
+        "Declare a controller out: its shards are rebuilt on the others (202; follow GET /api/v1/jobs)",
         true,
         None,
-        || post(controller_action),
+        || post(mark_out),
     ),
     r(
         "GET",
@@ -560,6 +560,9 @@ pub struct ControllerView {
     /// Its scrub of the rows it leads: the pass running and the last result.
     #[serde(default)]
     pub scrub: crate::node::ScrubStatus,
+    /// Moves (rebuild) in progress cluster-wide, as it sees them.
+    #[serde(default)]
+    pub moves: Option<crate::node::MovesStatus>,
     /// `up`, `resyncing` or `down` (as the answering controller's replica of the log says);
     /// `joining` before the log has placed it.
     pub state: String,
@@ -736,6 +739,7 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
                 controllers.push(ControllerView {
                     id: *id,
                     scrub: report.as_ref().map(|r| r.scrub.clone()).unwrap_or_default(),
+                    moves: report.as_ref().ok().and_then(|r| r.moves.clone()),
                     state: state.clone(),
                     reachable: report.is_ok(),
                     error: report.as_ref().err().cloned(),
@@ -775,6 +779,7 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
             controllers.push(ControllerView {
                 id: me,
                 scrub: crate::node::ScrubStatus::default(),
+                moves: None,
                 state: "up".into(),
                 reachable: true,
                 error: None,
@@ -841,6 +846,24 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
             cancellable: false,
         })
     }));
+    // Rebuild is cluster-wide: one job, as the answering controller (else any) sees it.
+    let moves = controllers
+        .iter()
+        .filter(|c| c.id == me)
+        .chain(controllers.iter())
+        .find_map(|c| c.moves.clone());
+    if let Some(m) = moves {
+        jobs.push(JobView {
+            id: "rebuild".into(),
+            kind: "rebuild".into(),
+            volume: "*".into(),
+            done: m.rows_done as usize,
+            total: m.rows_total as usize,
+            rate: m.rows_per_sec,
+            eta_secs: m.eta_secs,
+            cancellable: false,
+        });
+    }
     let sessions: Vec<_> = lives.values().flat_map(|l| l.sessions.clone()).collect();
     let me_view = controllers.iter().find(|c| c.id == me);
     let health = if me_view.is_some_and(|c| c.fenced) {
@@ -927,6 +950,34 @@ async fn controller_action(State(st): State<ApiState>, Path(id): Path<String>) -
             format!("no controller {id} in this cluster"),
         ),
         Ok(_) => ApiError::new(StatusCode::NOT_IMPLEMENTED, NOT_YET),
+    }
+}
+
+async fn mark_out(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let Some(node) = st.ctl.node() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "a single controller has no others to rebuild its data on; mark-out needs a cluster",
+        ));
+    };
+    if !st.view().await.controllers.iter().any(|c| c.id == id) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no controller {id} in this cluster"),
+        ));
+    }
+    match node.mark_out(id).await {
+        Ok(()) => Ok((
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"message": format!("controller {id} is out: its shards are being rebuilt on the others; follow it with `appliance job list --watch` or GET /api/v1/jobs")})),
+        )
+            .into_response()),
+        Err((true, why)) => Err(ApiError::new(StatusCode::CONFLICT, why)),
+        Err((false, why)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{why} (is a majority of controllers up?)"),
+        )),
     }
 }
 

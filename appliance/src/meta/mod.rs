@@ -44,6 +44,9 @@ pub enum StoredState {
     Resyncing,
     /// Missing.
     Down,
+    /// Marked out (by an operator, or down longer than `out_after`): holds nothing any more;
+    /// its positions move to the others (rebuild). It does not come back by answering again.
+    Out,
 }
 
 impl From<StoredState> for ControllerState {
@@ -51,7 +54,7 @@ impl From<StoredState> for ControllerState {
         match s {
             StoredState::Up => Self::Up,
             StoredState::Resyncing => Self::Resyncing,
-            StoredState::Down => Self::Down,
+            StoredState::Down | StoredState::Out => Self::Down,
         }
     }
 }
@@ -60,6 +63,39 @@ impl From<StoredState> for ControllerState {
 pub type MarkKey = (u32, u64, u32, u8);
 /// Row key: (volume, extent, row).
 pub type RowKey = (u32, u64, u32);
+/// Position key: (volume, extent, position).
+pub type PosKey = (u32, u64, u8);
+
+/// One position of one extent given to a new holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveSpec {
+    /// Which position.
+    pub key: PosKey,
+    /// Its holder before.
+    pub from: u32,
+    /// Its holder after.
+    pub to: u32,
+}
+
+/// A move in progress: rows below `rows_done` have been copied to `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    /// Holder before.
+    pub from: u32,
+    /// Holder now (receiving the rows).
+    pub to: u32,
+    /// Rows copied, from row 0.
+    pub rows_done: u32,
+    /// Why it moves.
+    pub reason: MoveReason,
+}
+
+/// Why positions move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoveReason {
+    /// The holder was marked out: its chunks are rebuilt from the others.
+    Rebuild,
+}
 
 /// One entry of the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +156,35 @@ pub enum MetaCommand {
     },
     /// An operator asked for a scrub: every controller scrubs the rows it leads once more.
     RequestScrub,
+    /// A controller is marked out: it holds nothing from now on and its positions are
+    /// rebuilt on the others. Refused when too few controllers would remain to hold every
+    /// volume's `k + m` positions on distinct controllers. The epoch advances.
+    MarkOut {
+        /// Controller.
+        id: u32,
+    },
+    /// Positions get new holders (all or none); the epoch advances. Each is refused unless
+    /// `from` holds it now and `to` holds no other position of the extent.
+    Move {
+        /// The moves.
+        moves: Vec<MoveSpec>,
+        /// Why.
+        reason: MoveReason,
+        /// Planner's epoch: a plan made under an older one is refused.
+        epoch: u64,
+    },
+    /// The primary copied rows `..rows_done` of a moved position to `to`; a move whose every
+    /// row is copied is finished.
+    MoveProgress {
+        /// Which position.
+        key: PosKey,
+        /// The holder the rows went to (progress for an older move of the key is ignored).
+        to: u32,
+        /// Rows copied from row 0.
+        rows_done: u32,
+        /// Writer's epoch.
+        epoch: u64,
+    },
     /// A primary rolled a row back.
     Repair {
         /// Which row.
@@ -167,6 +232,10 @@ pub struct VolumeRecord {
     /// the same name never reuses an old shard store file.
     #[serde(default)]
     pub incarnation: u64,
+    /// Move commands applied to the placement (rebuilds, drains, rebalances). Once nonzero the
+    /// log's placement is no longer the one a config computes, and is not compared with it.
+    #[serde(default)]
+    pub placement_moves: u64,
 }
 
 impl VolumeRecord {
@@ -187,6 +256,7 @@ impl VolumeRecord {
             lun: None,
             block_size: None,
             incarnation: 0,
+            placement_moves: 0,
         }
     }
 
@@ -261,7 +331,7 @@ impl VolumeRecord {
             self.write_quorum.to_string(),
             cluster.write_quorum.to_string(),
         );
-        if self.placement != cluster.placement {
+        if self.placement != cluster.placement && cluster.placement_moves == 0 {
             let first = self
                 .placement
                 .iter()
@@ -288,6 +358,8 @@ pub enum MetaResponse {
     },
     /// A reservation change was applied (or refused by the reservation rules): its outcome.
     Scsi(ChangeOutcome),
+    /// Refused, with the reason for an operator.
+    Refused(String),
     /// Refused: the command named another epoch.
     StaleEpoch {
         /// The log's epoch.
@@ -325,6 +397,9 @@ pub struct MetaState {
     /// Scrubs requested so far; a controller that has served fewer runs one more.
     #[serde(default)]
     pub scrub_requests: u64,
+    /// Positions moved to a new holder that has not received every row yet.
+    #[serde(default, with = "lun::serde_pairs")]
+    pub moves: BTreeMap<PosKey, MoveRecord>,
     /// Unit attentions from changes applied by this replica and not yet raised by its
     /// controller (not replicated: each replica produces its own as it applies).
     #[serde(skip)]
@@ -392,6 +467,7 @@ impl MetaState {
                 self.intents.retain(|k, _| k.0 != *id);
                 self.repairs.retain(|k, _| k.0 != *id);
                 self.served.retain(|k, _| k.0 != *id);
+                self.moves.retain(|k, _| k.0 != *id);
                 // Logical-unit keys are 64-bit; a volume's id is the key's low 32 bits.
                 self.scsi.retain(|k, _| *k as u32 != *id);
             }
@@ -405,6 +481,57 @@ impl MetaState {
                     return stale(self.epoch, *epoch);
                 }
                 self.repairs.insert(*row, (cols.clone(), *upto));
+            }
+            MetaCommand::MarkOut { id } => {
+                if let Err(why) = self.check_mark_out(*id) {
+                    return MetaResponse::Refused(why);
+                }
+                self.controllers.insert(*id, StoredState::Out);
+                self.epoch += 1;
+            }
+            MetaCommand::Move {
+                moves,
+                reason,
+                epoch,
+            } => {
+                if *epoch != self.epoch {
+                    return stale(self.epoch, *epoch);
+                }
+                if let Err(why) = self.check_moves(moves) {
+                    return MetaResponse::Refused(why);
+                }
+                for m in moves {
+                    let v = self.volumes.get_mut(&m.key.0).expect("checked");
+                    v.placement[m.key.1 as usize][usize::from(m.key.2)] = m.to;
+                    v.placement_moves += 1;
+                    self.moves.insert(
+                        m.key,
+                        MoveRecord {
+                            from: m.from,
+                            to: m.to,
+                            rows_done: 0,
+                            reason: *reason,
+                        },
+                    );
+                }
+                self.epoch += 1;
+            }
+            MetaCommand::MoveProgress {
+                key,
+                to,
+                rows_done,
+                epoch,
+            } => {
+                if *epoch != self.epoch {
+                    return stale(self.epoch, *epoch);
+                }
+                let rows = self.volumes.get(&key.0).map_or(0, |v| v.rows_per_extent);
+                if let Some(m) = self.moves.get_mut(key).filter(|m| m.to == *to) {
+                    m.rows_done = m.rows_done.max(*rows_done);
+                    if m.rows_done >= rows {
+                        self.moves.remove(key);
+                    }
+                }
             }
         }
         MetaResponse::Ok { epoch: self.epoch }
@@ -420,6 +547,139 @@ impl MetaState {
                 .map(|(id, s)| (*id, (*s).into()))
                 .collect(),
         }
+    }
+
+    /// Controllers that may hold positions (not marked out).
+    pub fn holders(&self) -> Vec<u32> {
+        self.controllers
+            .iter()
+            .filter(|(_, s)| **s != StoredState::Out)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Why `id` may not be marked out now, if it may not.
+    pub fn check_mark_out(&self, id: u32) -> Result<(), String> {
+        match self.controllers.get(&id) {
+            None => return Err(format!("controller {id} is not a member of the cluster")),
+            Some(StoredState::Out) => return Err(format!("controller {id} is already out")),
+            Some(_) => {}
+        }
+        let left = self.holders().len() - 1;
+        if let Some(v) = self.volumes.values().find(|v| v.k + v.m > left) {
+            return Err(format!(
+                "marking controller {id} out would leave {left} controllers, but volume {} keeps k + m = {} shards of every row on distinct controllers; add a controller first (appliance controller add), then mark this one out",
+                v.name,
+                v.k + v.m
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_moves(&self, moves: &[MoveSpec]) -> Result<(), String> {
+        let mut after: BTreeMap<(u32, u64), Vec<u32>> = BTreeMap::new();
+        for m in moves {
+            let (vol, extent, pos) = m.key;
+            let v = self
+                .volumes
+                .get(&vol)
+                .ok_or_else(|| format!("move of volume {vol}: no such volume"))?;
+            let set = after
+                .entry((vol, extent))
+                .or_insert_with(|| v.placement.get(extent as usize).cloned().unwrap_or_default());
+            match set.get(usize::from(pos)) {
+                Some(&h) if h == m.from => {}
+                Some(&h) => {
+                    return Err(format!(
+                        "move of volume {vol} extent {extent} position {pos}: held by {h}, not {}",
+                        m.from
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "move of volume {vol} extent {extent} position {pos}: no such position"
+                    ))
+                }
+            }
+            if set.contains(&m.to) {
+                return Err(format!(
+                    "move of volume {vol} extent {extent}: controller {} already holds a position of it",
+                    m.to
+                ));
+            }
+            if self.controllers.get(&m.to) != Some(&StoredState::Up) {
+                return Err(format!("move to controller {}: it is not up", m.to));
+            }
+            set[usize::from(pos)] = m.to;
+        }
+        Ok(())
+    }
+
+    /// The moves that rebuild every position held by a controller marked out: each goes to
+    /// the up controller, not already in the extent's set, that holds the fewest positions
+    /// (counting the moves planned before it), so rebuild writes spread over every survivor.
+    ///
+    /// # Errors
+    /// A position no up controller can take (too few up controllers outside its extent's set).
+    pub fn plan_rebuild(&self) -> Result<Vec<MoveSpec>, String> {
+        let out: Vec<u32> = self
+            .controllers
+            .iter()
+            .filter(|(_, s)| **s == StoredState::Out)
+            .map(|(id, _)| *id)
+            .collect();
+        let up: Vec<u32> = self
+            .controllers
+            .iter()
+            .filter(|(_, s)| **s == StoredState::Up)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut load: BTreeMap<u32, usize> = up.iter().map(|&id| (id, 0)).collect();
+        for v in self.volumes.values() {
+            for &h in v.placement.iter().flatten() {
+                if let Some(n) = load.get_mut(&h) {
+                    *n += 1;
+                }
+            }
+        }
+        let mut plan = Vec::new();
+        for v in self.volumes.values() {
+            for (e, set) in v.placement.iter().enumerate() {
+                let mut set = set.clone();
+                for pos in 0..set.len() {
+                    if !out.contains(&set[pos]) {
+                        continue;
+                    }
+                    let to = load
+                        .iter()
+                        .filter(|(id, _)| !set.contains(id))
+                        .min_by_key(|(id, n)| (**n, **id))
+                        .map(|(id, _)| *id)
+                        .ok_or_else(|| {
+                            format!(
+                                "volume {} extent {e}: no up controller outside its placement {set:?} can take position {pos} of controller {}; bring a controller back or add one",
+                                v.name, set[pos]
+                            )
+                        })?;
+                    *load.get_mut(&to).expect("up") += 1;
+                    plan.push(MoveSpec {
+                        key: (v.id, e as u64, pos as u8),
+                        from: set[pos],
+                        to,
+                    });
+                    set[pos] = to;
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Positions of `(volume, extent, row)` whose move has not copied that row yet (bit mask).
+    pub fn moving(&self, volume: u32, extent: u64, row: u32) -> u32 {
+        self.moves
+            .range((volume, extent, 0)..=(volume, extent, u8::MAX))
+            .filter(|(_, m)| row >= m.rows_done)
+            .fold(0, |acc, (k, _)| acc | 1 << k.2)
     }
 
     /// Marks of a volume.
@@ -496,6 +756,122 @@ mod tests {
             "vol0",
             &VolumeMeta::rotated(9, layout, &[1, 2, 3, 4, 5]).unwrap(),
         )
+    }
+
+    #[test]
+    fn marking_out_plans_a_declustered_rebuild_and_moves_finish_row_by_row() {
+        let mut s = MetaState::default();
+        for id in 1..=6 {
+            s.apply(&MetaCommand::SetState {
+                id,
+                state: StoredState::Up,
+            });
+        }
+        let geometry = Geometry::new(3, 2, 4096, 8, CodecKind::default(), None).unwrap();
+        let layout = Layout {
+            size_bytes: 60 * geometry.extent_bytes(),
+            geometry,
+        };
+        let v = VolumeRecord::new(
+            "vol0",
+            &VolumeMeta::rotated(9, layout, &[1, 2, 3, 4, 5, 6]).unwrap(),
+        );
+        s.apply(&MetaCommand::CreateVolume(v));
+        assert!(s.plan_rebuild().unwrap().is_empty(), "nothing is out");
+        let epoch = s.epoch;
+        assert_eq!(
+            s.apply(&MetaCommand::MarkOut { id: 4 }),
+            MetaResponse::Ok { epoch: epoch + 1 }
+        );
+        assert_eq!(s.view().state(4), ControllerState::Down);
+        let held_by_4 = s.volumes[&9].placement.iter().flatten().filter(|&&h| h == 4).count();
+        let plan = s.plan_rebuild().unwrap();
+        assert_eq!(plan.len(), held_by_4);
+        // Every survivor takes a share (declustered), within one of each other.
+        let mut per: BTreeMap<u32, usize> = BTreeMap::new();
+        for m in &plan {
+            assert_eq!(m.from, 4);
+            *per.entry(m.to).or_default() += 1;
+        }
+        assert_eq!(per.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 5, 6]);
+        let (lo, hi) = (per.values().min().unwrap(), per.values().max().unwrap());
+        assert!(hi - lo <= 1, "{per:?}");
+        // A plan from an older epoch is refused; the current one applies all at once.
+        let stale_cmd = MetaCommand::Move {
+            moves: plan.clone(),
+            reason: MoveReason::Rebuild,
+            epoch: epoch,
+        };
+        assert!(matches!(s.apply(&stale_cmd), MetaResponse::StaleEpoch { .. }));
+        let r = s.apply(&MetaCommand::Move {
+            moves: plan.clone(),
+            reason: MoveReason::Rebuild,
+            epoch: s.epoch,
+        });
+        assert_eq!(r, MetaResponse::Ok { epoch: epoch + 2 });
+        let placement = &s.volumes[&9].placement;
+        assert!(placement.iter().flatten().all(|&h| h != 4));
+        assert!(placement.iter().all(|set| {
+            let mut d = set.clone();
+            d.sort_unstable();
+            d.dedup();
+            d.len() == 5
+        }));
+        assert!(s.plan_rebuild().unwrap().is_empty(), "planned once");
+        // The same plan again no longer fits (4 holds nothing): refused, nothing changes.
+        let again = s.apply(&MetaCommand::Move {
+            moves: plan.clone(),
+            reason: MoveReason::Rebuild,
+            epoch: s.epoch,
+        });
+        assert!(matches!(again, MetaResponse::Refused(_)), "{again:?}");
+        // Rows below the progress stop reporting the position as moving; the last batch ends
+        // the move.
+        let m = plan[0];
+        let (vol, extent, pos) = m.key;
+        assert_eq!(s.moving(vol, extent, 0), 1 << pos);
+        s.apply(&MetaCommand::MoveProgress {
+            key: m.key,
+            to: m.to,
+            rows_done: 5,
+            epoch: s.epoch,
+        });
+        assert_eq!(s.moving(vol, extent, 4), 0);
+        assert_eq!(s.moving(vol, extent, 5), 1 << pos);
+        s.apply(&MetaCommand::MoveProgress {
+            key: m.key,
+            to: 99,
+            rows_done: 8,
+            epoch: s.epoch,
+        });
+        assert!(s.moves.contains_key(&m.key), "progress for another holder is ignored");
+        s.apply(&MetaCommand::MoveProgress {
+            key: m.key,
+            to: m.to,
+            rows_done: 8,
+            epoch: s.epoch,
+        });
+        assert!(!s.moves.contains_key(&m.key));
+        assert_eq!(s.moves.len(), plan.len() - 1);
+        // Five controllers are left for five-wide rows: a second mark-out is refused with
+        // the fix, and the state is unchanged.
+        let before = s.clone();
+        match s.apply(&MetaCommand::MarkOut { id: 5 }) {
+            MetaResponse::Refused(why) => {
+                assert!(why.contains("add a controller first"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s, before);
+        assert!(s.check_mark_out(4).unwrap_err().contains("already out"));
+        assert!(s.check_mark_out(42).unwrap_err().contains("not a member"));
+        // The record no longer matches the placement a config computes, and says so.
+        let mut ours = s.volumes[&9].clone();
+        ours.placement = VolumeMeta::rotated(9, layout, &[1, 2, 3, 4, 5, 6])
+            .unwrap()
+            .placement;
+        ours.placement_moves = 0;
+        assert!(ours.differences(&s.volumes[&9]).is_empty());
     }
 
     #[test]
