@@ -1280,7 +1280,13 @@ async fn move_loop(share: f64, engine: Weak<Engine>, env: Arc<NodeEnv>) {
                 tokio::time::sleep(elapsed.mul_f64((1.0 - share) / share)).await;
             }
             if done >= rows {
-                tracing::info!(volume = key.0, extent = key.1, pos = key.2, to = m.to, "moved position copied");
+                tracing::info!(
+                    volume = key.0,
+                    extent = key.1,
+                    pos = key.2,
+                    to = m.to,
+                    "moved position copied"
+                );
             }
         }
     }
@@ -1368,12 +1374,21 @@ impl NodeHandle {
         check.map_err(|why| (true, why))?;
         match self.env.propose(MetaCommand::MarkOut { id }).await {
             Ok(MetaResponse::Ok { .. }) => {
-                tracing::warn!(controller = id, "controller marked out by an operator; rebuilding its shards on the others");
+                tracing::warn!(
+                    controller = id,
+                    "controller marked out by an operator; rebuilding its shards on the others"
+                );
                 Ok(())
             }
             Ok(MetaResponse::Refused(why)) => Err((true, why)),
-            Ok(other) => Err((false, format!("unexpected answer from the metadata log: {other:?}"))),
-            Err(e) => Err((false, format!("the metadata log did not take the change: {e}"))),
+            Ok(other) => Err((
+                false,
+                format!("unexpected answer from the metadata log: {other:?}"),
+            )),
+            Err(e) => Err((
+                false,
+                format!("the metadata log did not take the change: {e}"),
+            )),
         }
     }
 

@@ -76,6 +76,7 @@ impl Harness {
                     lease: Duration::from_millis(1000),
                     down_after: Duration::from_millis(1500),
                     resync_every: Duration::from_millis(200),
+                    ..MembershipTimers::default()
                 },
                 tls: Some(Arc::new(
                     appliance::peer::tls::PeerTls::load(h._pki.path(), id).unwrap(),

@@ -833,10 +833,20 @@ impl Engine {
                 acked,
                 acked_cols: Vec::new(),
             };
+            // A moving position's new holder answering "nothing here" is not evidence that
+            // the column was never written: it vouches only with a real copy of the state.
             let valid = copies
                 .iter()
                 .enumerate()
-                .filter(|(p, c)| c.as_ref().is_some_and(|c| probe.pick(*p, c, cb).is_some()))
+                .filter(|(p, c)| {
+                    c.as_ref().is_some_and(|c| {
+                        if intent.moving & (1 << p) != 0 {
+                            c.iter().any(|x| probe.valid(*p, x) && x.data.len() == cb)
+                        } else {
+                            probe.pick(*p, c, cb).is_some()
+                        }
+                    })
+                })
                 .count();
             best = best.max(valid);
             if valid < k {
@@ -918,29 +928,43 @@ impl Engine {
                 return Ok(meta);
             }
             // A state no chunk yet calls acknowledged is about to be served: the log records
-            // that the row is at least this new first, so no later load rolls it back.
-            if content > floor {
+            // that the row is at least this new first, so no later load rolls it back. Before
+            // that, positions that must be fixed by resync are marked (again, if marked
+            // already, so their marks name this state): reachable ones that are behind, and,
+            // for such a state, those that did not answer (no writer marked them, as it was
+            // never acknowledged; a holder coming back must not lack it unmarked, which a
+            // later loss of another holder would turn into a lost row). Marks come first: a
+            // crash between the two leaves extra marks, never a served state without them.
+            // (A moving position is copied by its move, not marked.)
+            let serve_new = content > floor;
+            let to_mark: Vec<usize> = (0..n)
+                .filter(|&p| intent.moving & (1 << p) == 0)
+                .filter(|&p| match &copies[p] {
+                    Some(_) => meta.is_behind(p),
+                    None => serve_new && meta.is_unknown(p),
+                })
+                .collect();
+            let mut newly_marked = 0;
+            for p in to_mark {
+                let mark = IntentMark {
+                    volume: vol.meta.id,
+                    extent,
+                    row,
+                    pos: p as u8,
+                };
+                self.env
+                    .mark_intent(mark, meta.content(), view.epoch)
+                    .await?;
+                if meta.is_unknown(p) {
+                    meta.unknown &= !(1 << p);
+                    meta.behind |= 1 << p;
+                }
+                newly_marked += 1;
+            }
+            if serve_new {
                 self.env
                     .record_served(vol.meta.id, extent, row, content, view.epoch)
                     .await?;
-            }
-            // Reachable positions that are behind must be fixed by resync: mark them (again,
-            // if marked already, so their marks name this state).
-            // (A moving position is copied by its move, not marked.)
-            let mut newly_marked = 0;
-            for (p, c) in copies.iter().enumerate() {
-                if c.is_some() && meta.is_behind(p) && intent.moving & (1 << p) == 0 {
-                    let mark = IntentMark {
-                        volume: vol.meta.id,
-                        extent,
-                        row,
-                        pos: p as u8,
-                    };
-                    self.env
-                        .mark_intent(mark, meta.content(), view.epoch)
-                        .await?;
-                    newly_marked += 1;
-                }
             }
             if newly_marked > 0 {
                 self.stats.lock().expect("stats").rows_behind_found += 1;

@@ -8,7 +8,10 @@
 //! only from the majority side), and the hosts (random reads and writes through random
 //! controllers, at most a few in flight). Faults: crash + restart, isolation + fencing + heal,
 //! dropped messages, read errors; never more than `m` controllers impaired at once, the
-//! budget the durability invariant allows.
+//! budget the durability invariant allows. Rebuild: with a spare controller, a crashed one may
+//! be marked out instead of restarted; its positions move to the least-loaded up controllers
+//! under a new epoch and the primaries copy the rows (`Engine::copy_moved`) while hosts keep
+//! writing and faults continue (the moves count as one impairment until they finish).
 //!
 //! The checker asserts `../shared/DESIGN.md` invariants 1-3 as the run goes and at the end:
 //! every read returns, per 512-byte block, a write that is not superseded (one that was
@@ -108,6 +111,10 @@ pub struct SimReport {
     pub resynced: u64,
     /// Rows read through reconstruction.
     pub degraded_reads: u64,
+    /// Controllers marked out (their positions rebuilt on the others).
+    pub marked_out: u64,
+    /// Chunks copied to new holders by moves.
+    pub moved: u64,
 }
 
 type Reply<T> = oneshot::Sender<T>;
@@ -141,6 +148,14 @@ enum Msg {
     Mark(IntentMark, bool, u64, u64, Reply<Result<(), VolError>>),
     /// Record a served floor: row, content version, epoch.
     Served((VolumeId, u64, u32), u64, u64, Reply<Result<(), VolError>>),
+    /// A move copied rows `..n` of (extent, position) to controller `to`, at an epoch.
+    MoveDone(
+        (u64, u8),
+        ControllerId,
+        u32,
+        u64,
+        Reply<Result<(), VolError>>,
+    ),
     /// Record a repair decision: row, chosen columns, abandoned-up-to version, epoch.
     Repair(
         (VolumeId, u64, u32),
@@ -166,6 +181,10 @@ struct Meta {
     repairs: BTreeMap<(VolumeId, u64, u32), (Vec<u64>, u64)>,
     /// Served floors per row.
     served: BTreeMap<(VolumeId, u64, u32), u64>,
+    /// Moves in progress: (extent, position) -> (new holder, rows copied).
+    moves: BTreeMap<(u64, u8), (ControllerId, u32)>,
+    /// Controllers marked out.
+    out: BTreeSet<ControllerId>,
 }
 
 #[derive(Clone)]
@@ -299,7 +318,11 @@ impl ClusterEnv for SimEnv {
             floor,
             repair: m.repairs.get(&(volume, extent, row)).cloned(),
             served: m.served.get(&(volume, extent, row)).copied().unwrap_or(0),
-            moving: 0,
+            moving: m
+                .moves
+                .range((extent, 0)..=(extent, u8::MAX))
+                .filter(|(_, (_, done))| row >= *done)
+                .fold(0, |acc, ((_, pos), _)| acc | 1 << pos),
         }
     }
     fn record_served(
@@ -480,6 +503,8 @@ impl Sim {
                 intents: BTreeMap::new(),
                 repairs: BTreeMap::new(),
                 served: BTreeMap::new(),
+                moves: BTreeMap::new(),
+                out: BTreeSet::new(),
             })),
         };
         let mut sim = Self {
@@ -569,15 +594,133 @@ impl Sim {
         self.nodes.get(&a).is_some_and(|n| n.alive && !n.isolated)
     }
 
-    /// Impaired: crashed, isolated, or not up in the metadata view.
+    /// Impaired: crashed, isolated, or not up in the metadata view (controllers marked out
+    /// hold nothing and do not count), plus one while moves are copying.
     fn impaired(&self) -> usize {
         let meta = self.shared.meta.lock().expect("meta");
         self.nodes
             .iter()
             .filter(|(id, n)| {
-                !n.alive || n.isolated || meta.view.state(**id) != ControllerState::Up
+                !meta.out.contains(id)
+                    && (!n.alive || n.isolated || meta.view.state(**id) != ControllerState::Up)
             })
             .count()
+            + usize::from(!meta.moves.is_empty())
+    }
+
+    fn placements(&self) -> std::collections::HashMap<VolumeId, Vec<Vec<ControllerId>>> {
+        std::iter::once((VOLUME, self.vol.placement.clone())).collect()
+    }
+
+    /// Marks crashed controller `id` out if the others can take its positions (each to the
+    /// up, reachable controller outside the extent's set holding fewest positions). Returns
+    /// whether it did.
+    fn mark_out(&mut self, id: ControllerId) -> bool {
+        let (view, others_behind) = {
+            let m = self.shared.meta.lock().expect("meta");
+            let behind = m
+                .intents
+                .keys()
+                .any(|mk| self.vol.placement[mk.extent as usize][mk.pos as usize] != id);
+            (m.view.clone(), behind)
+        };
+        // Losing a controller for good while another holder still misses rows it holds would
+        // be two failures of those rows: beyond the fault budget for m = 1 (and the model
+        // keeps one impairment at a time here).
+        if others_behind {
+            return false;
+        }
+        let candidates: Vec<ControllerId> = self
+            .nodes
+            .iter()
+            .filter(|(c, n)| {
+                **c != id && n.alive && !n.isolated && view.state(**c) == ControllerState::Up
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        let mut load: BTreeMap<ControllerId, usize> = candidates.iter().map(|&c| (c, 0)).collect();
+        for h in self.vol.placement.iter().flatten() {
+            if let Some(n) = load.get_mut(h) {
+                *n += 1;
+            }
+        }
+        let mut placement = self.vol.placement.clone();
+        let mut moves = Vec::new();
+        for (e, set) in placement.iter_mut().enumerate() {
+            for pos in 0..set.len() {
+                if set[pos] != id {
+                    continue;
+                }
+                let Some(to) = load
+                    .iter()
+                    .filter(|(c, _)| !set.contains(c))
+                    .min_by_key(|(c, n)| (**n, **c))
+                    .map(|(c, _)| *c)
+                else {
+                    return false;
+                };
+                *load.get_mut(&to).expect("candidate") += 1;
+                set[pos] = to;
+                moves.push(((e as u64, pos as u8), to));
+            }
+        }
+        self.report.marked_out += 1;
+        self.log(format!("mark out {id}: moves {moves:?}"));
+        self.vol.placement = placement;
+        {
+            let mut meta = self.shared.meta.lock().expect("meta");
+            meta.out.insert(id);
+            for (key, to) in moves {
+                meta.moves.insert(key, (to, 0));
+            }
+        }
+        self.install_view(|_| {});
+        true
+    }
+
+    /// Each live controller copies the moved rows of the extents it leads, then records the
+    /// progress in the log.
+    fn move_pass(&mut self) {
+        let moves: Vec<((u64, u8), (ControllerId, u32))> = self
+            .shared
+            .meta
+            .lock()
+            .expect("meta")
+            .moves
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let rows = self.vol.layout.geometry.rows_per_extent;
+        let ids: Vec<ControllerId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let n = &self.nodes[&id];
+            if !n.alive || n.isolated {
+                continue;
+            }
+            let e = n.engine.clone();
+            let shared = self.shared.clone();
+            let moves = moves.clone();
+            self.spawn_on(id, async move {
+                for ((extent, pos), (to, done)) in moves {
+                    let epoch = e.view().epoch;
+                    let r = e
+                        .copy_moved(VOLUME, extent, usize::from(pos), done..rows)
+                        .await;
+                    if std::env::var("SIM_DEBUG_MOVES").is_ok() {
+                        eprintln!("move ({extent},{pos}) on {id}: {r:?}");
+                    }
+                    if r.is_err() {
+                        continue; // not its extent, or a holder failed: a later pass retries
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    shared.queue.lock().expect("queue").push(Pending {
+                        from: id,
+                        msg: Msg::MoveDone((extent, pos), to, rows, epoch, tx),
+                    });
+                    let _ = rx.await;
+                }
+            });
+        }
     }
 
     fn install_view(&mut self, change: impl FnOnce(&mut ClusterView)) {
@@ -605,10 +748,11 @@ impl Sim {
             done.extend(now_done.into_iter().map(|(_, d)| d));
             *limbo = keep;
         }
+        let placements = self.placements();
         for id in ids {
             if self.majority(id) {
                 let n = self.nodes.get_mut(&id).expect("node");
-                n.engine.set_view(view.clone());
+                n.engine.set_view_and_placement(view.clone(), &placements);
                 n.installed_epoch = view.epoch;
             }
         }
@@ -700,9 +844,27 @@ impl Sim {
                 });
             }
             Msg::Served(key, content, epoch, r) => {
+                if std::env::var("SIM_DEBUG_ROW").is_ok_and(|r| r == format!("{}/{}", key.1, key.2))
+                {
+                    eprintln!(
+                        "SERVED [{}] from {} v={content:x} epoch {epoch} drop={drop}",
+                        self.now, p.from
+                    );
+                }
                 self.log_op(p.from, drop, epoch, r, |meta| {
                     let e = meta.served.entry(key).or_insert(content);
                     *e = (*e).max(content);
+                });
+            }
+            Msg::MoveDone(key, to, done, epoch, r) => {
+                let rows = self.vol.layout.geometry.rows_per_extent;
+                self.log_op(p.from, drop, epoch, r, |meta| {
+                    if let Some(m) = meta.moves.get_mut(&key).filter(|m| m.0 == to) {
+                        m.1 = m.1.max(done);
+                        if m.1 >= rows {
+                            meta.moves.remove(&key);
+                        }
+                    }
                 });
             }
             Msg::Repair(key, cols, upto, epoch, r) => {
@@ -953,7 +1115,21 @@ impl Sim {
                     v.controllers.insert(id, ControllerState::Down);
                 });
             }
-            (false, _, ControllerState::Down) => self.restart(id),
+            (false, _, ControllerState::Down) => {
+                let (out, moving) = {
+                    let m = self.shared.meta.lock().expect("meta");
+                    (m.out.contains(&id), !m.moves.is_empty())
+                };
+                let spare = self.nodes.len() - self.shared.meta.lock().expect("meta").out.len()
+                    > self.vol.layout.geometry.width();
+                if out {
+                    // Gone for good.
+                } else if spare && !moving && self.rng.pct(50) && self.mark_out(id) {
+                    self.move_pass();
+                } else {
+                    self.restart(id);
+                }
+            }
             (true, true, _) => {
                 self.log(format!("heal {id}"));
                 let n = self.nodes.get_mut(&id).expect("node");
@@ -1004,6 +1180,7 @@ impl Sim {
             self.membership_step();
         } else if r < 15 && faults {
             self.resync_pass();
+            self.move_pass();
         } else {
             self.deliver(faults);
         }
@@ -1020,8 +1197,15 @@ impl Sim {
         self.log("healing".into());
         self.heal_all();
         let full = self.read_all("after healing");
-        // Lose m controllers: everything must still read back the same.
-        let ids: Vec<ControllerId> = self.nodes.keys().copied().collect();
+        // Lose m controllers: everything must still read back the same (redundancy was
+        // restored, rebuilt positions included).
+        let out = self.shared.meta.lock().expect("meta").out.clone();
+        let ids: Vec<ControllerId> = self
+            .nodes
+            .keys()
+            .copied()
+            .filter(|id| !out.contains(id))
+            .collect();
         let mut victims = BTreeSet::new();
         while victims.len() < self.cfg.m {
             victims.insert(ids[self.rng.below(ids.len() as u64) as usize]);
@@ -1049,6 +1233,7 @@ impl Sim {
         for n in self.nodes.values() {
             let s = n.engine.stats();
             self.report.resynced += s.resync_chunks;
+            self.report.moved += s.moved_chunks;
             self.report.degraded_reads += s.degraded_reads;
         }
         self.report
@@ -1071,7 +1256,18 @@ impl Sim {
     fn heal_all(&mut self) {
         self.quiesce();
         let ids: Vec<ControllerId> = self.nodes.keys().copied().collect();
+        let placements = self.placements();
+        let mut out = self.shared.meta.lock().expect("meta").out.clone();
         for &id in &ids {
+            if out.contains(&id) {
+                continue;
+            }
+            let spare = self.nodes.len() - out.len() > self.vol.layout.geometry.width();
+            let moving = !self.shared.meta.lock().expect("meta").moves.is_empty();
+            if !self.nodes[&id].alive && spare && !moving && self.rng.pct(50) && self.mark_out(id) {
+                out.insert(id);
+                continue;
+            }
             if !self.nodes[&id].alive {
                 self.restart(id);
             } else if self.nodes[&id].isolated {
@@ -1079,7 +1275,7 @@ impl Sim {
                 n.isolated = false;
                 n.engine.set_fenced(false);
                 let view = self.shared.meta.lock().expect("meta").view.clone();
-                n.engine.set_view(view.clone());
+                n.engine.set_view_and_placement(view.clone(), &placements);
                 n.installed_epoch = view.epoch;
                 self.install_view(|v| {
                     v.controllers.insert(id, ControllerState::Resyncing);
@@ -1103,6 +1299,7 @@ impl Sim {
         self.quiesce();
         for round in 0..20 {
             self.resync_pass();
+            self.move_pass();
             self.quiesce();
             let pending: Vec<IntentMark> = self
                 .shared
@@ -1126,13 +1323,15 @@ impl Sim {
                 .controllers
                 .clone();
             for (id, s) in states {
-                if s != ControllerState::Up && !behind.contains(&id) {
+                if s != ControllerState::Up && !behind.contains(&id) && !out.contains(&id) {
                     self.install_view(|v| {
                         v.controllers.insert(id, ControllerState::Up);
                     });
                 }
             }
             if pending.is_empty() && self.impaired() == 0 {
+                let moves = self.shared.meta.lock().expect("meta").moves.len();
+                assert_eq!(moves, 0, "impaired() counts pending moves");
                 return;
             }
             if round == 19 {
@@ -1144,7 +1343,18 @@ impl Sim {
                         self.dump(row * g.row_bytes(), 1)
                     })
                     .collect();
-                let what = format!("resync did not converge: marks left {pending:?}\n{dumps}");
+                let moves = self.shared.meta.lock().expect("meta").moves.clone();
+                let dumps: String = dumps
+                    + &moves
+                        .keys()
+                        .map(|(e, _)| {
+                            let first = e * u64::from(g.rows_per_extent);
+                            self.dump(first * g.row_bytes(), g.extent_bytes())
+                        })
+                        .collect::<String>();
+                let what = format!(
+                    "resync did not converge: marks left {pending:?}, moves left {moves:?}\n{dumps}"
+                );
                 self.fail(&what);
             }
         }

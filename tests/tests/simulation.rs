@@ -12,12 +12,13 @@ fn env_u64(k: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) {
+fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
     let steps = env_u64("SIM_STEPS", 4000);
     let mut acked = 0;
     let mut crashes = 0;
     let mut resynced = 0;
     let mut degraded = 0;
+    let (mut marked_out, mut moved) = (0, 0);
     for seed in seeds(default_seeds) {
         let r = Sim::new(SimConfig {
             seed,
@@ -32,6 +33,8 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) {
         crashes += r.crashes + r.isolations;
         resynced += r.resynced;
         degraded += r.degraded_reads;
+        marked_out += r.marked_out;
+        moved += r.moved;
         eprintln!("{controllers} controllers k={k} m={m} seed {seed}: {r:?}");
     }
     // The runs must have exercised something: acknowledged writes, faults, recovery.
@@ -39,6 +42,7 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) {
     assert!(crashes > 0, "no fault was injected");
     assert!(resynced > 0, "no resync copied anything");
     assert!(degraded > 0, "no degraded read happened");
+    (marked_out, moved)
 }
 
 #[test]
@@ -49,6 +53,23 @@ fn three_controllers_k2_m1() {
 #[test]
 fn five_controllers_k3_m2() {
     run(5, 3, 2, 8);
+}
+
+/// With a spare controller, crashed controllers are also marked out and rebuilt on the others
+/// while hosts write and faults go on; the end checks (heal, then lose `m`) cover the rebuilt
+/// positions.
+#[test]
+fn four_controllers_k2_m1_with_rebuild() {
+    let (out, moved) = run(4, 2, 1, 10);
+    assert!(out > 0, "no controller was marked out");
+    assert!(moved > 0, "no rebuild copied anything");
+}
+
+#[test]
+fn six_controllers_k3_m2_with_rebuild() {
+    let (out, moved) = run(6, 3, 2, 6);
+    assert!(out > 0, "no controller was marked out");
+    assert!(moved > 0, "no rebuild copied anything");
 }
 
 /// Replays one run from the environment (`SIM_SEED`, `SIM_CONTROLLERS`, `SIM_K`, `SIM_M`,

@@ -953,7 +953,10 @@ async fn controller_action(State(st): State<ApiState>, Path(id): Path<String>) -
     }
 }
 
-async fn mark_out(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn mark_out(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let Some(node) = st.ctl.node() else {
         return Err(ApiError::new(

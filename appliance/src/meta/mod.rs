@@ -584,9 +584,12 @@ impl MetaState {
                 .volumes
                 .get(&vol)
                 .ok_or_else(|| format!("move of volume {vol}: no such volume"))?;
-            let set = after
-                .entry((vol, extent))
-                .or_insert_with(|| v.placement.get(extent as usize).cloned().unwrap_or_default());
+            let set = after.entry((vol, extent)).or_insert_with(|| {
+                v.placement
+                    .get(extent as usize)
+                    .cloned()
+                    .unwrap_or_default()
+            });
             match set.get(usize::from(pos)) {
                 Some(&h) if h == m.from => {}
                 Some(&h) => {
@@ -784,7 +787,12 @@ mod tests {
             MetaResponse::Ok { epoch: epoch + 1 }
         );
         assert_eq!(s.view().state(4), ControllerState::Down);
-        let held_by_4 = s.volumes[&9].placement.iter().flatten().filter(|&&h| h == 4).count();
+        let held_by_4 = s.volumes[&9]
+            .placement
+            .iter()
+            .flatten()
+            .filter(|&&h| h == 4)
+            .count();
         let plan = s.plan_rebuild().unwrap();
         assert_eq!(plan.len(), held_by_4);
         // Every survivor takes a share (declustered), within one of each other.
@@ -800,9 +808,12 @@ mod tests {
         let stale_cmd = MetaCommand::Move {
             moves: plan.clone(),
             reason: MoveReason::Rebuild,
-            epoch: epoch,
+            epoch,
         };
-        assert!(matches!(s.apply(&stale_cmd), MetaResponse::StaleEpoch { .. }));
+        assert!(matches!(
+            s.apply(&stale_cmd),
+            MetaResponse::StaleEpoch { .. }
+        ));
         let r = s.apply(&MetaCommand::Move {
             moves: plan.clone(),
             reason: MoveReason::Rebuild,
@@ -844,7 +855,10 @@ mod tests {
             rows_done: 8,
             epoch: s.epoch,
         });
-        assert!(s.moves.contains_key(&m.key), "progress for another holder is ignored");
+        assert!(
+            s.moves.contains_key(&m.key),
+            "progress for another holder is ignored"
+        );
         s.apply(&MetaCommand::MoveProgress {
             key: m.key,
             to: m.to,
