@@ -958,18 +958,18 @@ async fn mark_out(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let Some(node) = st.ctl.node() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "a single controller has no others to rebuild its data on; mark-out needs a cluster",
-        ));
-    };
     if !st.view().await.controllers.iter().any(|c| c.id == id) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no controller {id} in this cluster"),
         ));
     }
+    let Some(node) = st.ctl.node() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "a single controller has no others to rebuild its data on; mark-out needs a cluster",
+        ));
+    };
     match node.mark_out(id).await {
         Ok(()) => Ok((
             StatusCode::ACCEPTED,

@@ -623,7 +623,16 @@ async fn volume_creation_validates_each_field_and_serves_the_new_lun() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_actions_and_jobs_answer_what_they_cannot_do() {
     let f = fixture().await;
-    for a in ["drain", "remove", "mark-out"] {
+    let (s, v) = f
+        .send("POST", "/api/v1/controllers/1/mark-out", json!({}))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("needs a cluster"), "{v}");
+    let (s, _) = f
+        .send("POST", "/api/v1/controllers/7/mark-out", json!({}))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    for a in ["drain", "remove"] {
         let (s, v) = f
             .send("POST", &format!("/api/v1/controllers/1/{a}"), json!({}))
             .await;
