@@ -110,6 +110,7 @@ struct RawCluster {
     scrub_pause_ms: Option<u64>,
     out_after_secs: Option<u64>,
     rebuild_share_pct: Option<u8>,
+    extent: Option<String>,
 }
 
 /// Membership in a cluster of controllers (`[cluster]`); volumes are then erasure-coded over
@@ -149,6 +150,9 @@ pub struct ClusterConfig {
     /// Percent of the time rebuild copies may take (`cluster.rebuild_share_pct`, 1-100,
     /// default 50); host I/O keeps the rest.
     pub rebuild_share_pct: u8,
+    /// Logical bytes per extent, the unit of placement and of rebuild moves (`cluster.extent`,
+    /// default 64 MiB): smaller extents spread a rebuild over more controllers.
+    pub extent_bytes: u64,
 }
 
 fn parse_id_map(
@@ -221,6 +225,18 @@ fn check_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
         chunk_bytes,
         bootstrap: raw.bootstrap.unwrap_or(false),
         scrub_every_hours: raw.scrub_every_hours.unwrap_or(168),
+        extent_bytes: match raw.extent {
+            None => raid_engine::layout::EXTENT_BYTES_DEFAULT,
+            Some(e) => match parse_size(&e) {
+                Some(v) if v >= u64::from(chunk_bytes) * k as u64 => v,
+                _ => {
+                    return Err(invalid(
+                        "cluster.extent",
+                        format!("`{e}` is not a size of at least one row (k x chunk), such as \"64MiB\""),
+                    ))
+                }
+            },
+        },
         out_after_secs: match raw.out_after_secs {
             Some(s) if s > 0 && s < 10 => {
                 return Err(invalid(

@@ -336,9 +336,19 @@ impl NodeEnv {
             .get()
             .ok_or_else(|| VolError::Peer("metadata log not started".into()))?;
         for _ in 0..3 {
-            match raft.client_write(cmd.clone()).await {
-                Ok(r) => return Ok((r.log_id.index, r.data)),
-                Err(e) => {
+            // A leader that lost its majority waits for a commit that cannot come: give up
+            // after `down_after`, so the host command that needed it gets NOT READY instead of
+            // hanging.
+            let write =
+                tokio::time::timeout(self.timers.down_after, raft.client_write(cmd.clone()));
+            match write.await {
+                Err(_) => {
+                    return Err(VolError::Peer(
+                        "the metadata log did not commit in time: a majority of its members is not reachable".into(),
+                    ))
+                }
+                Ok(Ok(r)) => return Ok((r.log_id.index, r.data)),
+                Ok(Err(e)) => {
                     let leader = e
                         .forward_to_leader()
                         .and_then(|f| f.leader_id)
@@ -911,7 +921,6 @@ async fn membership(
     let started = Instant::now();
     let mut last_ok: BTreeMap<ControllerId, Instant> =
         cfg.peers.keys().map(|&id| (id, started)).collect();
-    let majority = cfg.peers.len() / 2 + 1;
     let mut out_refused = std::collections::BTreeSet::new();
     let mut plan_refused = String::new();
     loop {
@@ -936,7 +945,21 @@ async fn membership(
             }
         }
         last_ok.insert(cfg.id, sent);
-        let answering = last_ok.values().filter(|&&at| at == sent).count();
+        // The majority is of the members that still vote: controllers marked out leave the
+        // metadata log (below), so they count neither way.
+        let members: Vec<ControllerId> = {
+            let a = env.applied.lock().expect("state");
+            cfg.peers
+                .keys()
+                .copied()
+                .filter(|id| a.state.controllers.get(id) != Some(&StoredState::Out))
+                .collect()
+        };
+        let majority = members.len() / 2 + 1;
+        let answering = members
+            .iter()
+            .filter(|id| last_ok.get(id) == Some(&sent))
+            .count();
         if answering >= majority {
             engine.renew_lease((sent + t.lease).into_std());
         }
@@ -976,6 +999,45 @@ async fn membership(
                     if let Err(e) = env.propose(MetaCommand::SetState { id, state }).await {
                         tracing::warn!(controller = id, error = %e, "membership change not committed");
                     }
+                }
+            }
+            // Controllers marked out stop voting in the metadata log, so that the remaining
+            // ones keep a majority when more fail.
+            let voters: std::collections::BTreeSet<u64> = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            let keep: std::collections::BTreeSet<u64> = voters
+                .iter()
+                .copied()
+                .filter(|&v| {
+                    u32::try_from(v).is_ok_and(|id| {
+                        env.applied
+                            .lock()
+                            .expect("state")
+                            .state
+                            .controllers
+                            .get(&id)
+                            != Some(&StoredState::Out)
+                    })
+                })
+                .collect();
+            if keep.len() < voters.len() && !keep.is_empty() {
+                tracing::warn!(
+                    ?keep,
+                    "removing controllers marked out from the metadata log's voters"
+                );
+                let change =
+                    tokio::time::timeout(t.down_after, raft.change_membership(keep, false));
+                match change.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "metadata log membership change failed; retrying")
+                    }
+                    Err(_) => tracing::warn!("metadata log membership change timed out; retrying"),
                 }
             }
             // Positions of controllers marked out get new holders (rebuild).
@@ -1498,6 +1560,9 @@ pub struct StatusReport {
     /// Positions being moved (rebuild); `None` when nothing moves.
     #[serde(default)]
     pub moves: Option<MovesStatus>,
+    /// Chunks this controller has copied to new holders of moved positions since it started.
+    #[serde(default)]
+    pub moved_chunks: u64,
 }
 
 /// The metadata log's progress on one replica.
@@ -1541,6 +1606,7 @@ fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusRe
         live: env.live.get().map_or(serde_json::Value::Null, |f| f()),
         scrub: env.scrub.lock().expect("scrub").clone(),
         moves: env.moves_status(),
+        moved_chunks: engine.stats().moved_chunks,
     }
 }
 

@@ -419,7 +419,7 @@ impl Shared {
                     k,
                     m,
                     cl.chunk_bytes,
-                    raid_engine::layout::default_rows_per_extent(k, cl.chunk_bytes),
+                    raid_engine::layout::rows_per_extent(k, cl.chunk_bytes, cl.extent_bytes),
                     raid_engine::codec::CodecKind::default(),
                     quorum,
                 )
@@ -1097,10 +1097,10 @@ fn local_volume(cfg: &Config, v: &VolumeConfig) -> Result<(Volume, DeviceEntry),
     ))
 }
 
-/// The cluster geometry of a volume: `rows_per_extent` gives 64 MiB extents (the design's
-/// default), and placement rotates over every controller.
+/// The cluster geometry of a volume: `rows_per_extent` gives extents of `cluster.extent`
+/// (default 64 MiB, the design's), and placement rotates over every controller.
 fn volume_meta(cfg: &Config, cl: &ClusterConfig, v: &VolumeConfig) -> Result<VolumeMeta, String> {
-    let rows = raid_engine::layout::default_rows_per_extent(cl.k, cl.chunk_bytes);
+    let rows = raid_engine::layout::rows_per_extent(cl.k, cl.chunk_bytes, cl.extent_bytes);
     let geometry = Geometry::new(
         cl.k,
         cl.m,

@@ -77,8 +77,14 @@ pub const EXTENT_BYTES_DEFAULT: u64 = 64 << 20;
 /// Rows per extent for `k` data chunks of `chunk_bytes` each, so an extent holds about
 /// [`EXTENT_BYTES_DEFAULT`] of logical data (at least one row).
 pub fn default_rows_per_extent(k: usize, chunk_bytes: u32) -> u32 {
+    rows_per_extent(k, chunk_bytes, EXTENT_BYTES_DEFAULT)
+}
+
+/// Rows per extent for `k` data chunks of `chunk_bytes` each, so an extent holds about
+/// `extent_bytes` of logical data (at least one row).
+pub fn rows_per_extent(k: usize, chunk_bytes: u32, extent_bytes: u64) -> u32 {
     let row_bytes = (k as u64 * u64::from(chunk_bytes)).max(1);
-    u32::try_from((EXTENT_BYTES_DEFAULT / row_bytes).max(1)).unwrap_or(u32::MAX)
+    u32::try_from((extent_bytes / row_bytes).max(1)).unwrap_or(u32::MAX)
 }
 
 impl Geometry {

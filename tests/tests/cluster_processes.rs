@@ -1371,8 +1371,9 @@ fn api_cli(c: &Ctrl, api: SocketAddr, args: &[&str]) -> (bool, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scrub_finds_bytes_flipped_on_disk_and_repairs_them_while_reads_stay_correct() {
+/// An `[api]` section per controller (ids `1..=n`) on a free loopback port, with the admin
+/// password `api_cli` uses: `(api address per id, config text per id)`.
+fn api_sections(n: u32) -> (BTreeMap<u32, SocketAddr>, BTreeMap<u32, String>) {
     let hash = {
         use std::io::Write as _;
         let mut child = std::process::Command::new(tests::appliance::binary())
@@ -1390,15 +1391,25 @@ async fn scrub_finds_bytes_flipped_on_disk_and_repairs_them_while_reads_stay_cor
         let out = child.wait_with_output().unwrap();
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
-    let apis: BTreeMap<u32, SocketAddr> = (1..=3)
+    let apis: BTreeMap<u32, SocketAddr> = (1..=n)
         .map(|i| (i, format!("127.0.0.1:{}", free_port()).parse().unwrap()))
         .collect();
-    let mut c = start_cluster_extra(3, 2, 1, true, &|i| {
-        format!(
-            "[api]\nlisten = \"{}\"\nadmin_password_hash = \"{hash}\"\n",
-            apis[&i]
-        )
-    });
+    let sections = apis
+        .iter()
+        .map(|(&i, a)| {
+            (
+                i,
+                format!("[api]\nlisten = \"{a}\"\nadmin_password_hash = \"{hash}\"\n"),
+            )
+        })
+        .collect();
+    (apis, sections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrub_finds_bytes_flipped_on_disk_and_repairs_them_while_reads_stay_correct() {
+    let (apis, sections) = api_sections(3);
+    let mut c = start_cluster_extra(3, 2, 1, true, &|i| sections[&i].clone());
     wait_status(&c[0], "a healthy volume", |s| {
         vol0(s)["health"] == "healthy"
     })
@@ -1484,4 +1495,170 @@ async fn scrub_finds_bytes_flipped_on_disk_and_repairs_them_while_reads_stay_cor
         "after the repair, with controller 1 killed",
     )
     .await;
+}
+
+/// Host writes of generation `gen` cycling over writes `range` through `i` for `secs`;
+/// returns the writes acknowledged (recorded in `want`).
+async fn write_for(
+    i: &mut Initiator,
+    range: std::ops::Range<u64>,
+    gen: u32,
+    secs: f64,
+    want: &mut BTreeMap<u64, Vec<u32>>,
+) -> u64 {
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let mut acked = 0;
+    let mut w = range.start;
+    while Instant::now() < until {
+        assert!(
+            write(i, w, gen, Instant::now() + Duration::from_secs(30)).await,
+            "host write {w} failed"
+        );
+        want.insert(w, vec![gen]);
+        acked += 1;
+        w = if w + 1 >= range.end {
+            range.start
+        } else {
+            w + 1
+        };
+    }
+    acked
+}
+
+/// Six controllers (k=3, m=2; six, not five: with five, one out leaves four controllers for
+/// five-wide rows, so no placement could restore full redundancy). Data written through
+/// iSCSI; one controller is killed and marked out through the CLI; the rebuild moves its
+/// positions to the five survivors (declustered: every survivor receives rows) while a host
+/// keeps writing; then two more controllers are killed and every block still reads back
+/// correct, which needs every rebuilt chunk. Prints the rebuild rate and the host write rate
+/// kept during the rebuild (docs/benchmarks.md, with `APPLIANCE_BIN` set to a release build).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_marked_out_is_rebuilt_on_the_survivors_and_two_more_can_then_fail() {
+    let writes: u64 = std::env::var("REBUILD_TEST_WRITES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(384);
+    let (apis, sections) = api_sections(6);
+    let mut c = start_cluster_extra(6, 3, 2, true, &|i| {
+        // 3 MiB extents: 22 of them, so every controller holds some of the out one's.
+        "extent = \"3MiB\"\nout_after_secs = 0\nrebuild_share_pct = 50\n".to_string()
+            + &sections[&i]
+    });
+    wait_status(&c[0], "a healthy volume", |s| {
+        vol0(s)["health"] == "healthy"
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut host = connect(c[0].portal, deadline).await;
+    let mut want: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for w in 0..writes {
+        assert!(write(&mut host, w, 1, deadline).await, "write {w}");
+        want.insert(w, vec![1]);
+    }
+    // Controller 6 dies; out_after_secs = 0, so only an operator marks it out.
+    c[5].kill9();
+    wait_log(&c[..5], "membership change controller=6 state=Down").await;
+    // The host's write rate with one controller down (the rebuild's baseline).
+    let hot = writes..writes + 32;
+    let before_secs = 4.0;
+    let before = write_for(&mut host, hot.clone(), 2, before_secs, &mut want).await;
+    // A second mark-out would leave four controllers for five-wide rows: refused, with the fix.
+    let (ok, text) = api_cli(&c[0], apis[&1], &["controller", "mark-out", "6"]);
+    assert!(ok && text.contains("rebuilt"), "{text}");
+    let (ok, text) = api_cli(&c[0], apis[&1], &["controller", "mark-out", "5"]);
+    assert!(
+        !ok && text.contains("add a controller first"),
+        "a second mark-out was not refused: {text}"
+    );
+    // The host keeps writing (and every write is acknowledged) while the rebuild runs.
+    let started = Instant::now();
+    let mut during = 0;
+    let mut during_secs = 0.0;
+    let mut seen_progress = false;
+    let mut seen_moves = false;
+    loop {
+        let s = status(&c[0]).expect("status");
+        // Done when the moves, once planned, are gone (or, if they came and went between two
+        // samples, when the survivors have copied chunks and none are left).
+        let moved: u64 = c[..5]
+            .iter()
+            .filter_map(status)
+            .map(|s| s["moved_chunks"].as_u64().unwrap_or(0))
+            .sum();
+        if s["moves"].is_null()
+            && (seen_moves || (moved > 0 && started.elapsed() > Duration::from_secs(5)))
+        {
+            break;
+        }
+        seen_moves |= !s["moves"].is_null();
+        seen_progress |= s["moves"]["rows_done"].as_u64().unwrap_or(0) > 0;
+        let t = Instant::now();
+        during += write_for(&mut host, hot.clone(), 3, 0.5, &mut want).await;
+        during_secs += t.elapsed().as_secs_f64();
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "rebuild did not finish: {s}"
+        );
+    }
+    let rebuild_secs = started.elapsed().as_secs_f64();
+    let s = status(&c[0]).expect("status");
+    assert_eq!(state_of(&s, 6), "out", "{s}");
+    // Every survivor received rebuilt rows, each copied by its extent's primary.
+    let mut moved_total = 0;
+    for ctrl in &c[..5] {
+        let s = status(ctrl).expect("status");
+        moved_total += s["moved_chunks"].as_u64().unwrap();
+    }
+    let chunk_bytes = 16384u64;
+    eprintln!(
+        "rebuild: {moved_total} chunks ({:.1} MiB) in {rebuild_secs:.1} s = {:.1} MiB/s; host writes {:.1}/s before, {:.1}/s during ({:.2}x){}",
+        (moved_total * chunk_bytes) as f64 / 1048576.0,
+        (moved_total * chunk_bytes) as f64 / 1048576.0 / rebuild_secs,
+        before as f64 / before_secs,
+        during as f64 / during_secs.max(0.001),
+        (during as f64 / during_secs.max(0.001)) / (before as f64 / before_secs),
+        if seen_progress { "" } else { " (no partial progress sampled)" }
+    );
+    assert!(
+        moved_total > 0,
+        "the rebuild copied nothing: {}",
+        c[0].log()
+    );
+    let receivers: std::collections::BTreeSet<u32> = c
+        .iter()
+        .flat_map(|x| {
+            x.log()
+                .lines()
+                .filter(|l| l.contains("moved position copied"))
+                .filter_map(|l| {
+                    l.split("to=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    let receivers: Vec<u32> = receivers.into_iter().collect();
+    assert_eq!(
+        receivers,
+        vec![1, 2, 3, 4, 5],
+        "every survivor receives part of the rebuild (declustered)"
+    );
+    // Redundancy is back to k + m: two more controllers die and every block reads back.
+    c[3].kill9();
+    c[4].kill9();
+    for (i, ctrl) in c[..3].iter().enumerate() {
+        verify_any(
+            ctrl.portal,
+            &want,
+            &format!(
+                "after the rebuild, with controllers 4, 5 and 6 gone, through controller {}",
+                i + 1
+            ),
+        )
+        .await;
+    }
 }

@@ -627,7 +627,10 @@ async fn controller_actions_and_jobs_answer_what_they_cannot_do() {
         .send("POST", "/api/v1/controllers/1/mark-out", json!({}))
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("needs a cluster"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("needs a cluster"),
+        "{v}"
+    );
     let (s, _) = f
         .send("POST", "/api/v1/controllers/7/mark-out", json!({}))
         .await;
