@@ -928,21 +928,15 @@ impl Engine {
                 return Ok(meta);
             }
             // A state no chunk yet calls acknowledged is about to be served: the log records
-            // that the row is at least this new first, so no later load rolls it back. Before
-            // that, positions that must be fixed by resync are marked (again, if marked
-            // already, so their marks name this state): reachable ones that are behind, and,
-            // for such a state, those that did not answer (no writer marked them, as it was
-            // never acknowledged; a holder coming back must not lack it unmarked, which a
-            // later loss of another holder would turn into a lost row). Marks come first: a
-            // crash between the two leaves extra marks, never a served state without them.
+            // that the row is at least this new, so no later load rolls it back. Before that,
+            // reachable positions that are behind are marked for resync (again, if marked
+            // already, so their marks name this state): marks first, so a crash between the
+            // two never leaves a served state with a lagging holder unmarked.
             // (A moving position is copied by its move, not marked.)
             let serve_new = content > floor;
             let to_mark: Vec<usize> = (0..n)
                 .filter(|&p| intent.moving & (1 << p) == 0)
-                .filter(|&p| match &copies[p] {
-                    Some(_) => meta.is_behind(p),
-                    None => serve_new && meta.is_unknown(p),
-                })
+                .filter(|&p| copies[p].is_some() && meta.is_behind(p))
                 .collect();
             let mut newly_marked = 0;
             for p in to_mark {
@@ -955,10 +949,6 @@ impl Engine {
                 self.env
                     .mark_intent(mark, meta.content(), view.epoch)
                     .await?;
-                if meta.is_unknown(p) {
-                    meta.unknown &= !(1 << p);
-                    meta.behind |= 1 << p;
-                }
                 newly_marked += 1;
             }
             if serve_new {
