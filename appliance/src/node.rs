@@ -1312,9 +1312,6 @@ async fn move_loop(share: f64, engine: Weak<Engine>, env: Arc<NodeEnv>) {
                     })
             })
             .collect();
-        if mine.is_empty() {
-            continue;
-        }
         for (key, m) in mine {
             let rows = rows_per.get(&key.0).copied().unwrap_or(0);
             let mut done = m.rows_done;

@@ -940,15 +940,7 @@ impl Engine {
                 .collect();
             let mut newly_marked = 0;
             for p in to_mark {
-                let mark = IntentMark {
-                    volume: vol.meta.id,
-                    extent,
-                    row,
-                    pos: p as u8,
-                };
-                self.env
-                    .mark_intent(mark, meta.content(), view.epoch)
-                    .await?;
+                self.mark(view, vol, extent, row, p, meta.content()).await?;
                 newly_marked += 1;
             }
             if serve_new {
@@ -1261,15 +1253,28 @@ impl Engine {
         new.behind |= new.unknown;
         new.unknown = 0;
         for p in missed {
-            let mark = IntentMark {
-                volume: vol.meta.id,
-                extent,
-                row,
-                pos: p as u8,
-            };
-            self.env.mark_intent(mark, floor, view.epoch).await?;
+            self.mark(view, vol, extent, row, p, floor).await?;
         }
         Ok(new)
+    }
+
+    /// Records durably that position `pos` of a row missed state `missed`.
+    async fn mark(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+        pos: usize,
+        missed: u64,
+    ) -> Result<()> {
+        let mark = IntentMark {
+            volume: vol.meta.id,
+            extent,
+            row,
+            pos: pos as u8,
+        };
+        self.env.mark_intent(mark, missed, view.epoch).await
     }
 
     /// A chunk read from a peer (or this controller) at `epoch`.
