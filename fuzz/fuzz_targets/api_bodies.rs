@@ -1,6 +1,7 @@
-//! The operator API's request bodies and the controller config file: any bytes give a value or
-//! an error naming the field (status 400 or 422), never a panic; what is accepted is within
-//! the limits the server relies on.
+//! The operator API's JSON request bodies: any bytes give a value or an error naming the field
+//! (status 400 or 422), never a panic; what is accepted is within the limits the server relies
+//! on. (The config file has its own target, `config_file`, so each parser's coverage can
+//! plateau on its own.)
 #![no_main]
 
 use appliance::api::{login_request, new_volume_request};
@@ -23,9 +24,4 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = login_request(data);
-    if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(c) = appliance::config::Config::parse(text, std::path::Path::new("fuzz.toml")) {
-            assert!(!c.volumes.is_empty() && !c.listen.is_empty());
-        }
-    }
 });
