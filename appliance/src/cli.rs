@@ -82,23 +82,21 @@ pub enum VolumeCmd {
 pub enum ControllerCmd {
     /// List controllers with state, portal, sessions and I/O.
     List,
-    /// Add a controller.
+    /// Add a controller (started with `appliance run`, a config naming the cluster's peers and
+    /// a certificate from `appliance pki`): it joins and shards are rebalanced onto it.
     Add {
         /// New controller id.
         id: u32,
-        /// Its peer address.
+        /// Its peer address (ip:port).
         #[arg(long)]
         peer: String,
-        /// Its portal.
-        #[arg(long)]
-        portal: String,
     },
-    /// Move a controller's shards away.
+    /// Move a controller's shards to the others while it serves; then it leaves.
     Drain {
         /// Controller id.
         id: u32,
     },
-    /// Remove a drained controller.
+    /// Remove a controller: drained first when it still holds shards.
     Remove {
         /// Controller id.
         id: u32,
@@ -407,9 +405,9 @@ pub fn controller(a: &ApiArgs, cmd: ControllerCmd) -> ExitCode {
                     ) + "(* leads the metadata log)\n"
                 }));
             }
-            ControllerCmd::Add { id, peer, portal } => (
+            ControllerCmd::Add { id, peer } => (
                 "/api/v1/controllers".to_string(),
-                serde_json::json!({"id": id, "peer": peer, "portal": portal}),
+                serde_json::json!({"id": id, "peer": peer}),
             ),
             ControllerCmd::Drain { id } => (format!("/api/v1/controllers/{id}/drain"), Value::Null),
             ControllerCmd::Remove { id } => {

@@ -172,10 +172,77 @@ pub struct ScrubResult {
     pub unreadable_rows: u64,
 }
 
+/// The other controllers' peer clients: the founding ones from the config, the ones added at
+/// run time (`appliance controller add`) from the metadata log as it is applied. Clients are
+/// never removed (a controller that left just stops answering).
+pub struct Peers {
+    me: ControllerId,
+    limits: PeerLimits,
+    tls: Option<Arc<crate::peer::tls::PeerTls>>,
+    map: std::sync::RwLock<BTreeMap<ControllerId, Arc<PeerClient>>>,
+}
+
+impl Peers {
+    fn new(cfg: &NodeConfig) -> Self {
+        let p = Self {
+            me: cfg.id,
+            limits: cfg.limits,
+            tls: cfg.tls.clone(),
+            map: std::sync::RwLock::new(BTreeMap::new()),
+        };
+        for (&id, &addr) in &cfg.peers {
+            p.ensure(id, addr);
+        }
+        p
+    }
+
+    /// The client of controller `id`.
+    pub fn get(&self, id: ControllerId) -> Option<Arc<PeerClient>> {
+        self.map.read().expect("peers").get(&id).cloned()
+    }
+
+    /// The client of controller `id`, made for `addr` when there is none yet.
+    fn ensure(&self, id: ControllerId, addr: SocketAddr) -> Option<Arc<PeerClient>> {
+        if id == self.me {
+            return None;
+        }
+        if let Some(c) = self.get(id) {
+            return Some(c);
+        }
+        let c = PeerClient::new(self.me, addr, self.limits);
+        let c = Arc::new(match &self.tls {
+            Some(t) => c.with_tls(t, Some(id)),
+            None => c,
+        });
+        self.map
+            .write()
+            .expect("peers")
+            .entry(id)
+            .or_insert(c)
+            .clone()
+            .into()
+    }
+
+    /// Every other controller's client, by id.
+    pub fn all(&self) -> Vec<(ControllerId, Arc<PeerClient>)> {
+        self.map
+            .read()
+            .expect("peers")
+            .iter()
+            .map(|(id, c)| (*id, c.clone()))
+            .collect()
+    }
+
+    /// Ids of every other controller.
+    pub fn ids(&self) -> Vec<ControllerId> {
+        self.map.read().expect("peers").keys().copied().collect()
+    }
+}
+
 /// The engine's window on a real cluster.
 pub struct NodeEnv {
     me: ControllerId,
-    clients: BTreeMap<ControllerId, Arc<PeerClient>>,
+    clients: Arc<Peers>,
     engine: OnceLock<Weak<Engine>>,
     raft: OnceLock<Raft<MetaTypes>>,
     applied: Arc<Mutex<Applied>>,
@@ -286,11 +353,17 @@ pub struct ResyncProgress {
     pub eta_secs: Option<f64>,
 }
 
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers").field("ids", &self.ids()).finish()
+    }
+}
+
 impl std::fmt::Debug for NodeEnv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeEnv")
             .field("me", &self.me)
-            .field("peers", &self.clients.keys().collect::<Vec<_>>())
+            .field("peers", &self.clients.ids())
             .finish()
     }
 }
@@ -319,8 +392,8 @@ impl NodeEnv {
         self.engine.get().and_then(Weak::upgrade)
     }
 
-    fn client(&self, to: ControllerId) -> Result<&Arc<PeerClient>, ShardError> {
-        self.clients.get(&to).ok_or(ShardError::Unreachable(to))
+    fn client(&self, to: ControllerId) -> Result<Arc<PeerClient>, ShardError> {
+        self.clients.get(to).ok_or(ShardError::Unreachable(to))
     }
 
     /// Commits `cmd` to the metadata log: directly when this replica leads, else through the
@@ -793,7 +866,7 @@ impl ClusterEnv for NodeEnv {
 /// Raft RPCs over the peer transport.
 #[derive(Debug, Clone)]
 struct RaftNet {
-    clients: BTreeMap<ControllerId, Arc<PeerClient>>,
+    clients: Arc<Peers>,
 }
 
 struct RaftConn {
@@ -802,12 +875,19 @@ struct RaftConn {
 
 impl RaftNetworkFactory<MetaTypes> for RaftNet {
     type Network = RaftConn;
-    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> RaftConn {
-        RaftConn {
-            client: u32::try_from(target)
-                .ok()
-                .and_then(|t| self.clients.get(&t).cloned()),
-        }
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> RaftConn {
+        // A controller added at run time is known by the address its membership entry
+        // carries until the applied state records it.
+        let id = u32::try_from(target).ok();
+        let client = id.and_then(|t| {
+            self.clients.get(t).or_else(|| {
+                node.addr
+                    .parse()
+                    .ok()
+                    .and_then(|a| self.clients.ensure(t, a))
+            })
+        });
+        RaftConn { client }
     }
 }
 
@@ -929,9 +1009,15 @@ async fn membership(
             break;
         };
         let epoch = engine.view().epoch;
+        // Controllers added at run time are watched from when this replica first knows them.
+        let peers = env.clients.all();
+        for (id, _) in &peers {
+            last_ok.entry(*id).or_insert_with(Instant::now);
+        }
         // Leases count from when the heartbeats left, not from when the answers arrived.
         let sent = Instant::now();
-        let beats = env.clients.iter().map(|(&id, c)| async move {
+        let beats = peers.iter().map(|(id, c)| async move {
+            let id = *id;
             let ok = tokio::time::timeout(t.heartbeat * 2, c.call(epoch, Request::Heartbeat))
                 .await
                 .is_ok_and(|r| r.is_ok());
@@ -946,21 +1032,31 @@ async fn membership(
         }
         last_ok.insert(cfg.id, sent);
         // The majority is of the members that still vote: controllers marked out leave the
-        // metadata log (below), so they count neither way.
-        let members: Vec<ControllerId> = {
+        // metadata log (below), so they count neither way. A controller that is out itself
+        // (drained, or marked out while it still runs) serves nothing: no lease.
+        let (members, me_out) = {
             let a = env.applied.lock().expect("state");
-            cfg.peers
+            let all: std::collections::BTreeSet<ControllerId> = cfg
+                .peers
                 .keys()
+                .chain(a.state.controllers.keys())
                 .copied()
+                .collect();
+            let members: Vec<ControllerId> = all
+                .into_iter()
                 .filter(|id| a.state.controllers.get(id) != Some(&StoredState::Out))
-                .collect()
+                .collect();
+            (
+                members,
+                a.state.controllers.get(&cfg.id) == Some(&StoredState::Out),
+            )
         };
         let majority = members.len() / 2 + 1;
         let answering = members
             .iter()
             .filter(|id| last_ok.get(id) == Some(&sent))
             .count();
-        if answering >= majority {
+        if answering >= majority && !me_out {
             engine.renew_lease((sent + t.lease).into_std());
         }
         if raft.metrics().borrow().current_leader == Some(u64::from(cfg.id)) {
@@ -1040,6 +1136,55 @@ async fn membership(
                     Err(_) => tracing::warn!("metadata log membership change timed out; retrying"),
                 }
             }
+            join_metadata_log(&env, &raft, &voters, t.down_after).await;
+            // Drained controllers (nothing left on them) are out.
+            let drained = env.applied.lock().expect("state").state.drained();
+            for id in drained {
+                tracing::warn!(
+                    controller = id,
+                    "controller drained: it holds nothing any more and leaves the cluster"
+                );
+                let cmd = MetaCommand::SetState {
+                    id,
+                    state: StoredState::Out,
+                };
+                if let Err(e) = env.propose(cmd).await {
+                    tracing::warn!(controller = id, error = %e, "drained controller not yet out");
+                }
+            }
+            // Drains, then rebalancing, a few positions at a time.
+            let (drain, rebalance, epoch) = {
+                let a = env.applied.lock().expect("state");
+                (
+                    a.state.plan_drain(),
+                    a.state.plan_rebalance(),
+                    a.state.epoch,
+                )
+            };
+            let planned = match drain {
+                Ok(moves) if !moves.is_empty() => Some((moves, crate::meta::MoveReason::Drain)),
+                Ok(_) => (!rebalance.is_empty())
+                    .then_some((rebalance, crate::meta::MoveReason::Rebalance)),
+                Err(why) => {
+                    if plan_refused != why {
+                        tracing::error!("drain cannot be planned: {why}");
+                        plan_refused = why;
+                    }
+                    None
+                }
+            };
+            if let Some((moves, reason)) = planned {
+                tracing::info!(positions = moves.len(), ?reason, "moving positions");
+                let cmd = MetaCommand::Move {
+                    moves,
+                    reason,
+                    epoch,
+                };
+                match env.propose(cmd).await {
+                    Ok(MetaResponse::Ok { .. }) => {}
+                    other => tracing::info!(?other, "move plan not applied; planning again"),
+                }
+            }
             // Positions of controllers marked out get new holders (rebuild).
             let (plan, epoch) = {
                 let a = env.applied.lock().expect("state");
@@ -1068,6 +1213,62 @@ async fn membership(
                         plan_refused = why;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// On the metadata leader: controllers added at run time join the log, as learners as soon
+/// as they are recorded (they catch up on the log), as voters once they are up (a voter
+/// that cannot answer would only lower the log's tolerance of failures).
+async fn join_metadata_log(
+    env: &NodeEnv,
+    raft: &Raft<MetaTypes>,
+    voters: &std::collections::BTreeSet<u64>,
+    wait: Duration,
+) {
+    let (added, states) = {
+        let a = env.applied.lock().expect("state");
+        (a.state.members.clone(), a.state.controllers.clone())
+    };
+    for (id, addr) in added {
+        let node = u64::from(id);
+        let state = states.get(&id).copied();
+        if voters.contains(&node) || state == Some(StoredState::Out) {
+            continue;
+        }
+        let known = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .is_some();
+        if !known {
+            tracing::info!(controller = id, %addr, "adding the new controller to the metadata log (learner)");
+            let add = raft.add_learner(node, BasicNode::new(addr), false);
+            match tokio::time::timeout(wait, add).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(controller = id, error = %e, "learner not added; retrying")
+                }
+                Err(_) => tracing::warn!(controller = id, "adding the learner timed out; retrying"),
+            }
+            continue;
+        }
+        if state == Some(StoredState::Up) {
+            let mut all = voters.clone();
+            all.insert(node);
+            tracing::info!(
+                controller = id,
+                "the new controller votes in the metadata log"
+            );
+            match tokio::time::timeout(wait, raft.change_membership(all, false)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(controller = id, error = %e, "voter not added; retrying")
+                }
+                Err(_) => tracing::warn!(controller = id, "adding the voter timed out; retrying"),
             }
         }
     }
@@ -1103,7 +1304,20 @@ async fn adopt_volumes(
                 propose.push(ours.clone());
                 return true;
             };
-            let diff = ours.differences(theirs);
+            // A controller added at run time takes the log's placement (its config's peers
+            // are not the founding set the placement was computed from).
+            let joined = env
+                .applied
+                .lock()
+                .expect("state")
+                .state
+                .members
+                .contains_key(&env.me);
+            let mut ours_cmp = ours.clone();
+            if joined {
+                ours_cmp.placement.clone_from(&theirs.placement);
+            }
+            let diff = ours_cmp.differences(theirs);
             let outcome = if diff.is_empty() {
                 theirs
                     .meta()
@@ -1393,7 +1607,8 @@ impl NodeHandle {
     /// Every other controller's status, asked over the peer transport (at most `wait` each,
     /// all at once), with the round trip; a controller that does not answer gets the reason.
     pub async fn peer_statuses(&self, wait: Duration) -> Vec<PeerStatus> {
-        let asks = self.env.clients.iter().map(|(id, c)| async move {
+        let peers = self.env.clients.all();
+        let asks = peers.iter().map(|(id, c)| async move {
             let t0 = std::time::Instant::now();
             let r =
                 tokio::time::timeout(wait, c.call(0, Request::Meta(MetaOp::Status, Vec::new())))
@@ -1415,10 +1630,6 @@ impl NodeHandle {
         futures::future::join_all(asks).await
     }
 
-    /// Asks every controller (through the metadata log) to scrub the rows it leads once more.
-    ///
-    /// # Errors
-    /// When the log has no reachable leader.
     /// Marks controller `id` out: its positions are rebuilt on the others. `Err((true, why))`
     /// when the cluster refuses (not a member, already out, too few controllers would remain);
     /// `Err((false, why))` when the metadata log could not be reached.
@@ -1451,6 +1662,63 @@ impl NodeHandle {
         }
     }
 
+    /// Records controller `id` (peer address `peer`) as a new member: it joins the metadata
+    /// log and positions are rebalanced onto it once it is up. Errors as for
+    /// [`NodeHandle::mark_out`].
+    pub async fn add_controller(&self, id: u32, peer: String) -> Result<(), (bool, String)> {
+        self.operator_change(MetaCommand::AddController { id, peer })
+            .await
+    }
+
+    /// Drains controller `id`: its positions move to the others while it serves, then it is
+    /// out. Errors as for [`NodeHandle::mark_out`].
+    pub async fn drain(&self, id: u32) -> Result<(), (bool, String)> {
+        let check = self
+            .env
+            .applied
+            .lock()
+            .expect("state")
+            .state
+            .check_mark_out(id);
+        check.map_err(|why| (true, why.replace("marking", "draining")))?;
+        self.operator_change(MetaCommand::Drain { id }).await
+    }
+
+    /// Whether controller `id` has left the cluster (drained or marked out).
+    pub fn has_left(&self, id: u32) -> bool {
+        self.env
+            .applied
+            .lock()
+            .expect("state")
+            .state
+            .controllers
+            .get(&id)
+            == Some(&StoredState::Out)
+    }
+
+    async fn operator_change(&self, cmd: MetaCommand) -> Result<(), (bool, String)> {
+        let what = format!("{cmd:?}");
+        match self.env.propose(cmd).await {
+            Ok(MetaResponse::Ok { .. }) => {
+                tracing::warn!(change = %what, "cluster change by an operator");
+                Ok(())
+            }
+            Ok(MetaResponse::Refused(why)) => Err((true, why)),
+            Ok(other) => Err((
+                false,
+                format!("unexpected answer from the metadata log: {other:?}"),
+            )),
+            Err(e) => Err((
+                false,
+                format!("the metadata log did not take the change: {e}"),
+            )),
+        }
+    }
+
+    /// Asks every controller (through the metadata log) to scrub the rows it leads once more.
+    ///
+    /// # Errors
+    /// When the log has no reachable leader.
     pub async fn request_scrub(&self) -> Result<(), String> {
         self.env
             .propose(MetaCommand::RequestScrub)
@@ -1560,6 +1828,10 @@ pub struct StatusReport {
     /// Chunks this controller has copied to new holders of moved positions since it started.
     #[serde(default)]
     pub moved_chunks: u64,
+    /// Extent positions (shards) each controller holds, over every volume (controllers that
+    /// may hold some; draining and out ones only while they still do).
+    #[serde(default)]
+    pub positions: BTreeMap<ControllerId, usize>,
 }
 
 /// The metadata log's progress on one replica.
@@ -1586,6 +1858,7 @@ fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusRe
                 .iter()
                 .map(|(id, s)| match stored.get(id) {
                     Some(StoredState::Out) => (*id, "out".to_string()),
+                    Some(StoredState::Draining) => (*id, "draining".to_string()),
                     _ => (*id, format!("{s:?}").to_lowercase()),
                 })
                 .collect()
@@ -1604,6 +1877,7 @@ fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusRe
         scrub: env.scrub.lock().expect("scrub").clone(),
         moves: env.moves_status(),
         moved_chunks: engine.stats().moved_chunks,
+        positions: env.applied.lock().expect("state").state.load(),
     }
 }
 
@@ -1717,19 +1991,7 @@ impl ControllerNode {
         let (log, sm) = store::open(&dir.join("metadata.redb"))?;
         let database = log.database();
         let applied = sm.shared();
-        let clients: BTreeMap<ControllerId, Arc<PeerClient>> = cfg
-            .peers
-            .iter()
-            .filter(|(id, _)| **id != cfg.id)
-            .map(|(id, a)| {
-                let c = PeerClient::new(cfg.id, *a, cfg.limits);
-                let c = match &cfg.tls {
-                    Some(t) => c.with_tls(t, Some(*id)),
-                    None => c,
-                };
-                (*id, Arc::new(c))
-            })
-            .collect();
+        let clients = Arc::new(Peers::new(cfg));
         let env = Arc::new(NodeEnv {
             me: cfg.id,
             clients: clients.clone(),
@@ -1792,6 +2054,18 @@ impl ControllerNode {
             let mut last = 0;
             loop {
                 env2.install_scsi();
+                let added = a2.lock().expect("state").state.members.clone();
+                for (id, addr) in added {
+                    if env2.clients.get(id).is_none() {
+                        match addr.parse() {
+                            Ok(a) => {
+                                tracing::info!(controller = id, %addr, "a controller joined the cluster");
+                                env2.clients.ensure(id, a);
+                            }
+                            Err(e) => tracing::error!(controller = id, %addr, error = %e, "unusable peer address in the metadata log"),
+                        }
+                    }
+                }
                 let (view, placements) = {
                     let a = a2.lock().expect("state");
                     let view = a.state.view();
@@ -1861,10 +2135,15 @@ impl ControllerNode {
         use raid_engine::cluster::ControllerState as S;
         let engine = Arc::downgrade(&self.engine);
         let me = self.id;
-        let members: Vec<ControllerId> = self.env.clients.keys().copied().chain([me]).collect();
+        let env = Arc::downgrade(&self.env);
         self.tasks.push(tokio::spawn(async move {
             loop {
                 let Some(e) = engine.upgrade() else { break };
+                let Some(env) = env.upgrade() else { break };
+                let members: Vec<ControllerId> =
+                    env.clients.ids().into_iter().chain([me]).collect();
+                let stored = env.applied.lock().expect("state").state.controllers.clone();
+                drop(env);
                 let view = e.view();
                 // A controller the log has not placed yet (before the cluster forms) is
                 // becoming ready: transitioning.
@@ -1875,6 +2154,13 @@ impl ControllerNode {
                             Some(S::Up) => A::ActiveOptimized,
                             Some(S::Resyncing) | None => A::Transitioning,
                             Some(S::Down) => A::Unavailable,
+                        };
+                        // A controller being drained hands its paths over (hosts move their
+                        // I/O to the others) before it leaves; one that left is unavailable.
+                        let a = match stored.get(&id) {
+                            Some(StoredState::Draining) => A::Transitioning,
+                            Some(StoredState::Out) => A::Unavailable,
+                            _ => a,
                         };
                         let a = if id == me && a == A::ActiveOptimized && e.is_fenced() {
                             A::Unavailable

@@ -4,7 +4,7 @@
 //! plateau on its own.)
 #![no_main]
 
-use appliance::api::{login_request, new_volume_request};
+use appliance::api::{add_controller_request, login_request, new_volume_request};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -24,4 +24,10 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = login_request(data);
+    if let Err(e) = add_controller_request(data) {
+        let s = e.status().as_u16();
+        assert!(s == 400 || s == 422, "status {s}");
+    } else if let Ok((id, _)) = add_controller_request(data) {
+        assert!(id >= 1);
+    }
 });

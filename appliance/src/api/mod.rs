@@ -126,7 +126,7 @@ pub const ROUTES: &[RouteDoc] = &[
     r(
         "POST",
         "/api/v1/controllers",
-        "Add a controller (not available yet)",
+        "Add a controller: it joins the metadata log and positions are rebalanced onto it (202; follow GET /api/v1/jobs)",
         true,
         Some("AddController"),
         || post(add_controller),
@@ -142,18 +142,18 @@ pub const ROUTES: &[RouteDoc] = &[
     r(
         "POST",
         "/api/v1/controllers/{id}/drain",
-        "Move a controller's shards away (not available yet)",
+        "Drain a controller: its shards move to the others while it serves, then it leaves (202; follow GET /api/v1/jobs)",
         true,
         None,
-        || post(controller_action),
+        || post(drain_controller),
     ),
     r(
         "POST",
         "/api/v1/controllers/{id}/remove",
-        "Remove a drained controller (not available yet)",
+        "Remove a controller: drained first when it still holds shards, then it leaves (202, or 200 when it has left already)",
         true,
         None,
-        || post(controller_action),
+        || post(remove_controller),
     ),
     r(
         "POST",
@@ -936,21 +936,111 @@ async fn controller(
         })
 }
 
-const NOT_YET: &str = "not available in this release: rebuild, drain and membership changes arrive with the self-healing work; until then a controller that failed is brought back by restarting it (it resyncs what it missed)";
-
-async fn add_controller() -> ApiError {
-    ApiError::new(StatusCode::NOT_IMPLEMENTED, NOT_YET)
+/// `POST /api/v1/controllers` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddControllerBody {
+    id: u32,
+    peer: String,
 }
 
-async fn controller_action(State(st): State<ApiState>, Path(id): Path<String>) -> ApiError {
-    match parse_id(&id) {
-        Err(e) => e,
-        Ok(id) if !st.view().await.controllers.iter().any(|c| c.id == id) => ApiError::new(
+/// Parses and checks a `POST /api/v1/controllers` body: the new controller's id and peer
+/// address.
+///
+/// # Errors
+/// 400 for a body that is not the JSON expected, 422 naming the field that is wrong.
+pub fn add_controller_request(body: &[u8]) -> Result<(u32, std::net::SocketAddr), ApiError> {
+    let b: AddControllerBody = parse_body(body)?;
+    if b.id == 0 {
+        return Err(ApiError::field(
+            "id",
+            "controller ids start at 1 (0 is the operator's certificate)",
+        ));
+    }
+    let peer = b.peer.parse().map_err(|_| {
+        ApiError::field(
+            "peer",
+            "give the new controller's peer address as ip:port (its cluster.peers entry)",
+        )
+    })?;
+    Ok((b.id, peer))
+}
+
+fn cluster_node(st: &ApiState, what: &str) -> Result<crate::node::NodeHandle, ApiError> {
+    st.ctl.node().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            format!("a single controller is not a cluster: {what} needs one (configure [cluster])"),
+        )
+    })
+}
+
+fn change_error(e: (bool, String)) -> ApiError {
+    match e {
+        (true, why) => ApiError::new(StatusCode::CONFLICT, why),
+        (false, why) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{why} (is a majority of controllers up?)"),
+        ),
+    }
+}
+
+fn accepted(message: String) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "message": message })),
+    )
+        .into_response()
+}
+
+async fn add_controller(
+    State(st): State<ApiState>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let (id, peer) = add_controller_request(&body)?;
+    let node = cluster_node(&st, "adding a controller")?;
+    node.add_controller(id, peer.to_string())
+        .await
+        .map_err(change_error)?;
+    Ok(accepted(format!("controller {id} joins the cluster: once it answers on {peer} it catches up, votes in the metadata log, and shards are rebalanced onto it; follow it with `appliance job list --watch` or GET /api/v1/jobs (start it with `appliance run` and a certificate of this cluster's CA if it is not running)")))
+}
+
+async fn known_controller(st: &ApiState, id: &str) -> Result<u32, ApiError> {
+    let id = parse_id(id)?;
+    if !st.view().await.controllers.iter().any(|c| c.id == id) {
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no controller {id} in this cluster"),
-        ),
-        Ok(_) => ApiError::new(StatusCode::NOT_IMPLEMENTED, NOT_YET),
+        ));
     }
+    Ok(id)
+}
+
+async fn drain_controller(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = known_controller(&st, &id).await?;
+    let node = cluster_node(&st, "draining")?;
+    node.drain(id).await.map_err(change_error)?;
+    Ok(accepted(format!("controller {id} is draining: its ports report transitioning, its shards move to the others, then it leaves; follow it with `appliance job list --watch` or GET /api/v1/jobs")))
+}
+
+async fn remove_controller(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = known_controller(&st, &id).await?;
+    let node = cluster_node(&st, "removing a controller")?;
+    if node.has_left(id) {
+        return Ok((
+            StatusCode::OK,
+            Json(serde_json::json!({"message": format!("controller {id} has left the cluster; its process can be stopped")})),
+        )
+            .into_response());
+    }
+    node.drain(id).await.map_err(change_error)?;
+    Ok(accepted(format!("controller {id} is drained first (its shards move to the others), then it leaves; stop its process once `appliance controller list` shows it out")))
 }
 
 async fn mark_out(
@@ -964,12 +1054,7 @@ async fn mark_out(
             format!("no controller {id} in this cluster"),
         ));
     }
-    let Some(node) = st.ctl.node() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "a single controller has no others to rebuild its data on; mark-out needs a cluster",
-        ));
-    };
+    let node = cluster_node(&st, "mark-out")?;
     match node.mark_out(id).await {
         Ok(()) => Ok((
             StatusCode::ACCEPTED,

@@ -35,11 +35,10 @@ fn schemas() -> Value {
         },
         "AddController": {
             "type": "object",
-            "required": ["id", "peer", "portal"],
+            "required": ["id", "peer"],
             "properties": {
-                "id": {"type": "integer"},
-                "peer": {"type": "string"},
-                "portal": {"type": "string"}
+                "id": {"type": "integer", "minimum": 1},
+                "peer": {"type": "string", "description": "ip:port of its peer listener"}
             }
         },
         "Error": {

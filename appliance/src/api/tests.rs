@@ -639,17 +639,44 @@ async fn controller_actions_and_jobs_answer_what_they_cannot_do() {
         let (s, v) = f
             .send("POST", &format!("/api/v1/controllers/1/{a}"), json!({}))
             .await;
-        assert_eq!(s, StatusCode::NOT_IMPLEMENTED, "{a}: {v}");
-        assert!(v["error"].as_str().unwrap().contains("restarting"), "{v}");
+        assert_eq!(s, StatusCode::CONFLICT, "{a}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("needs one"), "{v}");
         let (s, _) = f
             .send("POST", &format!("/api/v1/controllers/7/{a}"), json!({}))
             .await;
         assert_eq!(s, StatusCode::NOT_FOUND);
     }
-    let (s, _) = f
+    // Adding a controller: the body is checked first (field named), then the cluster.
+    let (s, v) = f
         .send("POST", "/api/v1/controllers", json!({"id": 4}))
         .await;
-    assert_eq!(s, StatusCode::NOT_IMPLEMENTED);
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("peer"), "{v}");
+    let (s, v) = f
+        .send(
+            "POST",
+            "/api/v1/controllers",
+            json!({"id": 4, "peer": "not-an-address"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["field"], "peer", "{v}");
+    let (s, v) = f
+        .send(
+            "POST",
+            "/api/v1/controllers",
+            json!({"id": 0, "peer": "127.0.0.1:4000"}),
+        )
+        .await;
+    assert_eq!(v["field"], "id", "{s} {v}");
+    let (s, v) = f
+        .send(
+            "POST",
+            "/api/v1/controllers",
+            json!({"id": 4, "peer": "127.0.0.1:4000"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
     let (s, v) = f
         .send("POST", "/api/v1/jobs/resync-vol0/cancel", json!({}))
         .await;

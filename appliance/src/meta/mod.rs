@@ -44,15 +44,20 @@ pub enum StoredState {
     Resyncing,
     /// Missing.
     Down,
-    /// Marked out (by an operator, or down longer than `out_after`): holds nothing any more;
-    /// its positions move to the others (rebuild). It does not come back by answering again.
+    /// Marked out (by an operator, or down longer than `out_after`), or drained: holds
+    /// nothing any more; its positions move to the others (rebuild). It does not come back by
+    /// answering again.
     Out,
+    /// Being drained by an operator: still serving and holding its positions while they move
+    /// to the others (its ports report transitioning, so hosts use other paths); out once
+    /// none is left.
+    Draining,
 }
 
 impl From<StoredState> for ControllerState {
     fn from(s: StoredState) -> Self {
         match s {
-            StoredState::Up => Self::Up,
+            StoredState::Up | StoredState::Draining => Self::Up,
             StoredState::Resyncing => Self::Resyncing,
             StoredState::Down | StoredState::Out => Self::Down,
         }
@@ -95,7 +100,17 @@ pub struct MoveRecord {
 pub enum MoveReason {
     /// The holder was marked out: its chunks are rebuilt from the others.
     Rebuild,
+    /// The holder is being drained: its positions move away while it still serves.
+    Drain,
+    /// Positions move from the controllers holding the most to those holding the fewest
+    /// (after a controller was added, or a rebuild left the load uneven).
+    Rebalance,
 }
+
+/// How many positions a drain or rebalance moves at once. A position being moved has one
+/// valid copy fewer until its rows are copied, so planned (not forced) moves go a few at a
+/// time; a rebuild moves everything at once (those positions are lost already).
+pub const PLANNED_MOVES_AT_ONCE: usize = 8;
 
 /// One entry of the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +171,22 @@ pub enum MetaCommand {
     },
     /// An operator asked for a scrub: every controller scrubs the rows it leads once more.
     RequestScrub,
+    /// A controller joins the cluster (an operator ran `appliance controller add`): it is
+    /// recorded down with its peer address, comes up through the usual membership changes
+    /// once it answers heartbeats, joins the metadata log's voters, and positions are then
+    /// rebalanced onto it. The epoch advances.
+    AddController {
+        /// Its id (not used by any controller before).
+        id: u32,
+        /// Its peer address (`ip:port`).
+        peer: String,
+    },
+    /// An operator drains a controller: its positions move to the others while it keeps
+    /// serving, then it is out. Refused like [`MetaCommand::MarkOut`]. The epoch advances.
+    Drain {
+        /// Controller.
+        id: u32,
+    },
     /// A controller is marked out: it holds nothing from now on and its positions are
     /// rebuilt on the others. Refused when too few controllers would remain to hold every
     /// volume's `k + m` positions on distinct controllers. The epoch advances.
@@ -400,6 +431,10 @@ pub struct MetaState {
     /// Positions moved to a new holder that has not received every row yet.
     #[serde(default, with = "lun::serde_pairs")]
     pub moves: BTreeMap<PosKey, MoveRecord>,
+    /// Peer addresses of controllers added at run time (the founding ones are in every
+    /// controller's config).
+    #[serde(default)]
+    pub members: BTreeMap<u32, String>,
     /// Unit attentions from changes applied by this replica and not yet raised by its
     /// controller (not replicated: each replica produces its own as it applies).
     #[serde(skip)]
@@ -489,6 +524,34 @@ impl MetaState {
                 self.controllers.insert(*id, StoredState::Out);
                 self.epoch += 1;
             }
+            MetaCommand::AddController { id, peer } => {
+                if *id == 0 {
+                    return MetaResponse::Refused(
+                        "controller id 0 is the operator's; pick an id from 1".into(),
+                    );
+                }
+                if self.controllers.contains_key(id) || self.members.contains_key(id) {
+                    return MetaResponse::Refused(format!(
+                        "controller {id} is already a member of the cluster (an id is never reused: pick a new one)"
+                    ));
+                }
+                if peer.parse::<std::net::SocketAddr>().is_err() {
+                    return MetaResponse::Refused(format!("peer address `{peer}` is not ip:port"));
+                }
+                self.controllers.insert(*id, StoredState::Down);
+                self.members.insert(*id, peer.clone());
+                self.epoch += 1;
+            }
+            MetaCommand::Drain { id } => {
+                if let Err(why) = self.check_mark_out(*id) {
+                    return MetaResponse::Refused(why.replace("marking", "draining"));
+                }
+                if self.controllers.get(id) == Some(&StoredState::Draining) {
+                    return MetaResponse::Refused(format!("controller {id} is draining already"));
+                }
+                self.controllers.insert(*id, StoredState::Draining);
+                self.epoch += 1;
+            }
             MetaCommand::Move {
                 moves,
                 reason,
@@ -549,12 +612,40 @@ impl MetaState {
         }
     }
 
-    /// Controllers that may hold positions (not marked out).
+    /// Controllers that may hold positions (not marked out, not draining).
     pub fn holders(&self) -> Vec<u32> {
         self.controllers
             .iter()
-            .filter(|(_, s)| **s != StoredState::Out)
+            .filter(|(_, s)| !matches!(s, StoredState::Out | StoredState::Draining))
             .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Positions held per controller that may hold them (zero for one holding none).
+    pub fn load(&self) -> BTreeMap<u32, usize> {
+        let mut load: BTreeMap<u32, usize> = self.holders().iter().map(|&id| (id, 0)).collect();
+        for v in self.volumes.values() {
+            for &h in v.placement.iter().flatten() {
+                *load.entry(h).or_default() += 1;
+            }
+        }
+        load
+    }
+
+    /// Draining controllers that hold no position any more and whose moves are copied: each
+    /// can now be out.
+    pub fn drained(&self) -> Vec<u32> {
+        self.controllers
+            .iter()
+            .filter(|(_, s)| **s == StoredState::Draining)
+            .map(|(id, _)| *id)
+            .filter(|id| {
+                !self
+                    .volumes
+                    .values()
+                    .any(|v| v.placement.iter().flatten().any(|h| h == id))
+                    && !self.moves.values().any(|m| m.from == *id)
+            })
             .collect()
     }
 
@@ -565,7 +656,7 @@ impl MetaState {
             Some(StoredState::Out) => return Err(format!("controller {id} is already out")),
             Some(_) => {}
         }
-        let left = self.holders().len() - 1;
+        let left = self.holders().iter().filter(|h| **h != id).count();
         if let Some(v) = self.volumes.values().find(|v| v.k + v.m > left) {
             return Err(format!(
                 "marking controller {id} out would leave {left} controllers, but volume {} keeps k + m = {} shards of every row on distinct controllers; add a controller first (appliance controller add), then mark this one out",
@@ -625,10 +716,83 @@ impl MetaState {
     /// # Errors
     /// A position no up controller can take (too few up controllers outside its extent's set).
     pub fn plan_rebuild(&self) -> Result<Vec<MoveSpec>, String> {
+        self.plan_away(StoredState::Out, usize::MAX)
+    }
+
+    /// The next moves of a drain: like [`MetaState::plan_rebuild`] for positions of draining
+    /// controllers, at most [`PLANNED_MOVES_AT_ONCE`] in flight.
+    ///
+    /// # Errors
+    /// As [`MetaState::plan_rebuild`].
+    pub fn plan_drain(&self) -> Result<Vec<MoveSpec>, String> {
+        self.plan_away(
+            StoredState::Draining,
+            PLANNED_MOVES_AT_ONCE.saturating_sub(self.moves.len()),
+        )
+    }
+
+    /// Moves that even out the positions held: from the controller holding the most to the
+    /// one holding the fewest, while they differ by more than one, at most
+    /// [`PLANNED_MOVES_AT_ONCE`] at a time. Nothing while any controller is not up (a
+    /// rebuild, resync or drain comes first) or any move is still copying.
+    pub fn plan_rebalance(&self) -> Vec<MoveSpec> {
+        let settled = self
+            .controllers
+            .values()
+            .all(|s| matches!(s, StoredState::Up | StoredState::Out));
+        if !settled || !self.moves.is_empty() {
+            return Vec::new();
+        }
+        let mut load = self.load();
+        let mut sets: BTreeMap<(u32, u64), Vec<u32>> = BTreeMap::new();
+        for v in self.volumes.values() {
+            for (e, set) in v.placement.iter().enumerate() {
+                if set.iter().any(|h| !load.contains_key(h)) {
+                    return Vec::new(); // a position of an out controller: rebuild first
+                }
+                sets.insert((v.id, e as u64), set.clone());
+            }
+        }
+        let mut plan = Vec::new();
+        while plan.len() < PLANNED_MOVES_AT_ONCE {
+            let Some((&hi, &most)) = load.iter().max_by_key(|(id, n)| (**n, u32::MAX - **id))
+            else {
+                break;
+            };
+            let Some((&lo, &fewest)) = load.iter().min_by_key(|(id, n)| (**n, **id)) else {
+                break;
+            };
+            if most <= fewest + 1 {
+                break;
+            }
+            let planned: Vec<(u32, u64)> =
+                plan.iter().map(|m: &MoveSpec| (m.key.0, m.key.1)).collect();
+            let Some((&(vol, extent), set)) = sets
+                .iter_mut()
+                .find(|(k, set)| set.contains(&hi) && !set.contains(&lo) && !planned.contains(k))
+            else {
+                break;
+            };
+            let pos = set.iter().position(|h| *h == hi).expect("holds it");
+            set[pos] = lo;
+            *load.get_mut(&hi).expect("loaded") -= 1;
+            *load.get_mut(&lo).expect("loaded") += 1;
+            plan.push(MoveSpec {
+                key: (vol, extent, pos as u8),
+                from: hi,
+                to: lo,
+            });
+        }
+        plan
+    }
+
+    /// Moves of the positions held by controllers in state `away` to up controllers, at most
+    /// `limit` of them.
+    fn plan_away(&self, away: StoredState, limit: usize) -> Result<Vec<MoveSpec>, String> {
         let out: Vec<u32> = self
             .controllers
             .iter()
-            .filter(|(_, s)| **s == StoredState::Out)
+            .filter(|(_, s)| **s == away)
             .map(|(id, _)| *id)
             .collect();
         let up: Vec<u32> = self
@@ -652,6 +816,9 @@ impl MetaState {
                 for pos in 0..set.len() {
                     if !out.contains(&set[pos]) {
                         continue;
+                    }
+                    if plan.len() >= limit {
+                        return Ok(plan);
                     }
                     let to = load
                         .iter()
@@ -759,6 +926,119 @@ mod tests {
             "vol0",
             &VolumeMeta::rotated(9, layout, &[1, 2, 3, 4, 5]).unwrap(),
         )
+    }
+
+    /// Applies planned moves and finishes copying them, as the primaries would.
+    fn finish_moves(s: &mut MetaState, moves: Vec<MoveSpec>, reason: MoveReason) {
+        let r = s.apply(&MetaCommand::Move {
+            moves: moves.clone(),
+            reason,
+            epoch: s.epoch,
+        });
+        assert!(matches!(r, MetaResponse::Ok { .. }), "{r:?}");
+        for m in moves {
+            let rows = s.volumes[&m.key.0].rows_per_extent;
+            s.apply(&MetaCommand::MoveProgress {
+                key: m.key,
+                to: m.to,
+                rows_done: rows,
+                epoch: s.epoch,
+            });
+        }
+        assert!(s.moves.is_empty());
+    }
+
+    #[test]
+    fn an_added_controller_gets_an_even_share_and_a_drained_one_leaves_with_nothing() {
+        let mut s = MetaState::default();
+        for id in 1..=3 {
+            s.apply(&MetaCommand::SetState {
+                id,
+                state: StoredState::Up,
+            });
+        }
+        let geometry = Geometry::new(2, 1, 4096, 8, CodecKind::default(), None).unwrap();
+        let layout = Layout {
+            size_bytes: 40 * geometry.extent_bytes(),
+            geometry,
+        };
+        let v = VolumeRecord::new("vol0", &VolumeMeta::rotated(9, layout, &[1, 2, 3]).unwrap());
+        s.apply(&MetaCommand::CreateVolume(v));
+        assert!(s.plan_rebalance().is_empty(), "three of three: even");
+        // Bad additions are refused with the reason.
+        for (id, peer) in [(0, "127.0.0.1:1"), (2, "127.0.0.1:1"), (4, "nowhere")] {
+            let cmd = MetaCommand::AddController {
+                id,
+                peer: peer.into(),
+            };
+            assert!(matches!(s.apply(&cmd), MetaResponse::Refused(_)), "{id}");
+        }
+        let epoch = s.epoch;
+        let add = MetaCommand::AddController {
+            id: 4,
+            peer: "127.0.0.1:4004".into(),
+        };
+        assert_eq!(s.apply(&add), MetaResponse::Ok { epoch: epoch + 1 });
+        assert_eq!(s.members[&4], "127.0.0.1:4004");
+        assert!(s.plan_rebalance().is_empty(), "not before it is up");
+        s.apply(&MetaCommand::SetState {
+            id: 4,
+            state: StoredState::Up,
+        });
+        // Rebalance a few at a time until even: 120 positions over 4 = 30 each.
+        let mut rounds = 0;
+        loop {
+            let plan = s.plan_rebalance();
+            if plan.is_empty() {
+                break;
+            }
+            assert!(plan.len() <= PLANNED_MOVES_AT_ONCE);
+            assert!(plan.iter().all(|m| m.to == 4), "{plan:?}");
+            finish_moves(&mut s, plan, MoveReason::Rebalance);
+            rounds += 1;
+            assert!(rounds < 100);
+        }
+        assert_eq!(
+            s.load().values().copied().collect::<Vec<_>>(),
+            vec![30, 30, 30, 30]
+        );
+        for set in &s.volumes[&9].placement {
+            let mut d = set.clone();
+            d.sort_unstable();
+            d.dedup();
+            assert_eq!(d.len(), 3, "distinct holders: {set:?}");
+        }
+        // Drain controller 1: it keeps serving (up for the engine) while its positions move.
+        let epoch = s.epoch;
+        assert_eq!(
+            s.apply(&MetaCommand::Drain { id: 1 }),
+            MetaResponse::Ok { epoch: epoch + 1 }
+        );
+        assert_eq!(s.view().state(1), ControllerState::Up);
+        assert!(s.plan_rebalance().is_empty(), "no rebalance during a drain");
+        assert!(
+            matches!(
+                s.apply(&MetaCommand::Drain { id: 2 }),
+                MetaResponse::Refused(_)
+            ),
+            "a second drain would leave two controllers for three shards"
+        );
+        while s.drained().is_empty() {
+            let plan = s.plan_drain().unwrap();
+            assert!(!plan.is_empty() && plan.len() <= PLANNED_MOVES_AT_ONCE);
+            assert!(plan.iter().all(|m| m.from == 1 && m.to != 1));
+            finish_moves(&mut s, plan, MoveReason::Drain);
+        }
+        assert_eq!(s.drained(), vec![1]);
+        s.apply(&MetaCommand::SetState {
+            id: 1,
+            state: StoredState::Out,
+        });
+        assert_eq!(
+            s.load().values().copied().collect::<Vec<_>>(),
+            vec![40, 40, 40]
+        );
+        assert!(s.plan_rebalance().is_empty());
     }
 
     #[test]
