@@ -75,6 +75,20 @@ fn start_cluster_extra(
     tls: bool,
     extra: &dyn Fn(u32) -> String,
 ) -> Vec<Ctrl> {
+    start_cluster_founded(n, n, k, m, tls, extra)
+}
+
+/// `n` controllers of which the first `founding` form the cluster (their configs name only
+/// each other) and are started; the others have a config naming every controller and a
+/// certificate, ready to be started and added (`appliance controller add`).
+fn start_cluster_founded(
+    n: u32,
+    founding: u32,
+    k: usize,
+    m: usize,
+    tls: bool,
+    extra: &dyn Fn(u32) -> String,
+) -> Vec<Ctrl> {
     let ids: Vec<u32> = (1..=n).collect();
     let portals: BTreeMap<u32, SocketAddr> = ids
         .iter()
@@ -84,8 +98,9 @@ fn start_cluster_extra(
         .iter()
         .map(|&i| (i, format!("127.0.0.1:{}", free_port()).parse().unwrap()))
         .collect();
-    let map = |m: &BTreeMap<u32, SocketAddr>| {
+    let map = |m: &BTreeMap<u32, SocketAddr>, i: u32| {
         m.iter()
+            .filter(|(&j, _)| i > founding || j <= founding)
             .map(|(i, a)| format!("\"{i}\" = \"{a}\""))
             .collect::<Vec<_>>()
             .join(", ")
@@ -97,8 +112,8 @@ fn start_cluster_extra(
             let cfg = format!(
                 "data_dir = \".\"\nlog_level = \"info\"\n[iscsi]\nlisten = \"{}\"\ntpgt = {i}\n[target]\niqn = \"{IQN}\"\n[[volume]]\nname = \"vol0\"\nlun = 0\nsize = \"64MiB\"\nblock_size = 512\n[cluster]\nid = {i}\npeers = {{ {} }}\nportals = {{ {} }}\nk = {k}\nm = {m}\nchunk = \"16KiB\"\nbootstrap = {}\n{}\n",
                 portals[&i],
-                map(&peers),
-                map(&portals),
+                map(&peers, i),
+                map(&portals, i),
                 i == 1,
                 if tls {
                     format!("pki = \"{}\"", pki.path().display())
@@ -107,12 +122,12 @@ fn start_cluster_extra(
                 }
             ) + &extra(i);
             std::fs::write(dir.path().join("appliance.toml"), cfg).unwrap();
-            let child = spawn(dir.path());
+            let child = (i <= founding).then(|| spawn(dir.path()));
             Ctrl {
                 dir,
                 portal: portals[&i],
                 peer: peers[&i],
-                child: Some(child),
+                child,
                 pki: pki.clone(),
                 plain: !tls,
             }
@@ -1692,4 +1707,134 @@ async fn a_controller_marked_out_is_rebuilt_on_the_survivors_and_two_more_can_th
         )
         .await;
     }
+}
+
+/// Writes and reads back, round after round, until told to stop: every write acknowledged,
+/// every read equal to the last acknowledged write (unit attentions and NOT READY are retried
+/// as hosts do). Returns (writes, verified reads, the last generation of each write).
+async fn write_and_verify_until(
+    addr: SocketAddr,
+    range: std::ops::Range<u64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, u64, BTreeMap<u64, u32>) {
+    let mut i = connect(addr, Instant::now() + Duration::from_secs(60)).await;
+    let (mut writes, mut reads) = (0, 0);
+    let mut last: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut gen = 100;
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        gen += 1;
+        for w in range.clone() {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let data = pattern(gen, w);
+            let cdb = write16(lba(w), CHUNK_BLOCKS);
+            let r = retrying(&mut i, &cdb, &data, data.len() as u32, deadline).await;
+            assert_eq!(r.status, 0, "host write {w}: sense {:02x?}", r.sense);
+            writes += 1;
+            last.insert(w, gen);
+            let cdb = read16(lba(w), CHUNK_BLOCKS);
+            let r = retrying(&mut i, &cdb, &[], data.len() as u32, deadline).await;
+            assert_eq!(r.status, 0, "host read {w}: sense {:02x?}", r.sense);
+            assert!(r.data == data, "write {w} generation {gen} read back wrong");
+            reads += 1;
+        }
+    }
+    (writes, reads, last)
+}
+
+/// Positions (shards) per controller from `appliance status`, and whether they are within
+/// 10% of an even spread over the controllers holding any.
+fn spread(s: &serde_json::Value) -> (BTreeMap<u32, u64>, bool) {
+    let p: BTreeMap<u32, u64> = s["positions"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_u64()?)))
+                .filter(|(_, n)| *n > 0)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mean = p.values().sum::<u64>() as f64 / p.len().max(1) as f64;
+    let even = !p.is_empty() && p.values().all(|&n| (n as f64 - mean).abs() <= 0.1 * mean);
+    (p, even)
+}
+
+/// Issue 5's elastic cluster: a fourth controller is added to three (k=2, m=1) and shards are
+/// rebalanced onto it, then an original one is drained (its ports report transitioning, its
+/// shards move away, then it leaves), while a host writes and reads back continuously through
+/// another controller: no error, no wrong byte, and the shards end within 10% of even. The
+/// drained controller then holds nothing needed: with it and one more killed, every block
+/// still reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_added_then_an_original_drained_while_a_host_writes_and_verifies() {
+    let (apis, sections) = api_sections(4);
+    let mut c = start_cluster_founded(4, 3, 2, 1, true, &|i| {
+        // 1 MiB extents: 64 of them, so the spread is measurable.
+        "extent = \"1MiB\"\nout_after_secs = 0\n".to_string() + &sections[&i]
+    });
+    wait_status(&c[0], "a healthy volume", |s| {
+        vol0(s)["health"] == "healthy"
+    })
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let host = tokio::spawn(write_and_verify_until(c[1].portal, 0..48, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Controller 4 starts and is added through the CLI.
+    c[3].child = Some(spawn(c[3].dir.path()));
+    let peer = c[3].peer.to_string();
+    let (ok, text) = api_cli(
+        &c[0],
+        apis[&1],
+        &["controller", "add", "4", "--peer", &peer],
+    );
+    assert!(ok && text.contains("joins"), "{text}");
+    let (ok, text) = api_cli(
+        &c[0],
+        apis[&1],
+        &["controller", "add", "4", "--peer", &peer],
+    );
+    assert!(!ok && text.contains("already a member"), "{text}");
+    let t = Instant::now();
+    let s = wait_status(&c[0], "shards rebalanced onto controller 4", |s| {
+        let (p, even) = spread(s);
+        state_of(s, 4) == "up" && s["moves"].is_null() && p.len() == 4 && even
+    })
+    .await;
+    let rebalanced = t.elapsed();
+    let (added, _) = spread(&s);
+    eprintln!("rebalance onto controller 4 took {rebalanced:?}: positions {added:?}");
+    // Drain controller 1: it reports transitioning while its shards move, then leaves.
+    let transitioning =
+        |c: &[Ctrl]| -> usize { c.iter().map(|c| log_count(c, "1: Transitioning")).sum() };
+    let before = transitioning(&c);
+    let (ok, text) = api_cli(&c[0], apis[&2], &["controller", "drain", "1"]);
+    assert!(ok && text.contains("draining"), "{text}");
+    let t = Instant::now();
+    let s = wait_status(&c[1], "controller 1 drained and out", |s| {
+        let (p, even) = spread(s);
+        state_of(s, 1) == "out" && s["moves"].is_null() && !p.contains_key(&1) && even
+    })
+    .await;
+    let drained = t.elapsed();
+    let (after, _) = spread(&s);
+    eprintln!("drain of controller 1 took {drained:?}: positions {after:?}");
+    assert_eq!(after.keys().copied().collect::<Vec<_>>(), vec![2, 3, 4]);
+    assert!(
+        transitioning(&c) > before,
+        "controller 1's ports never reported transitioning during its drain"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let (writes, reads, last) = host.await.expect("host task");
+    eprintln!("host: {writes} writes and {reads} verified reads, no error, throughout");
+    assert!(writes > 0 && reads == writes);
+    // Controller 1 holds nothing needed: with it and controller 2 gone, all reads back.
+    c[0].kill9();
+    c[1].kill9();
+    let want: BTreeMap<u64, Vec<u32>> = last.iter().map(|(&w, &g)| (w, vec![g])).collect();
+    verify_any(
+        c[2].portal,
+        &want,
+        "after the drain, with controllers 1 and 2 killed",
+    )
+    .await;
 }
