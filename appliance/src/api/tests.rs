@@ -628,7 +628,7 @@ async fn controller_actions_and_jobs_answer_what_they_cannot_do() {
         .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     assert!(
-        v["error"].as_str().unwrap().contains("needs a cluster"),
+        v["error"].as_str().unwrap().contains("mark-out needs one"),
         "{v}"
     );
     let (s, _) = f
