@@ -1642,24 +1642,7 @@ impl NodeHandle {
             .state
             .check_mark_out(id);
         check.map_err(|why| (true, why))?;
-        match self.env.propose(MetaCommand::MarkOut { id }).await {
-            Ok(MetaResponse::Ok { .. }) => {
-                tracing::warn!(
-                    controller = id,
-                    "controller marked out by an operator; rebuilding its shards on the others"
-                );
-                Ok(())
-            }
-            Ok(MetaResponse::Refused(why)) => Err((true, why)),
-            Ok(other) => Err((
-                false,
-                format!("unexpected answer from the metadata log: {other:?}"),
-            )),
-            Err(e) => Err((
-                false,
-                format!("the metadata log did not take the change: {e}"),
-            )),
-        }
+        self.operator_change(MetaCommand::MarkOut { id }).await
     }
 
     /// Records controller `id` (peer address `peer`) as a new member: it joins the metadata
