@@ -111,6 +111,7 @@ struct RawCluster {
     out_after_secs: Option<u64>,
     rebuild_share_pct: Option<u8>,
     extent: Option<String>,
+    migrate_after_errors: Option<u64>,
 }
 
 /// Membership in a cluster of controllers (`[cluster]`); volumes are then erasure-coded over
@@ -153,6 +154,11 @@ pub struct ClusterConfig {
     /// Logical bytes per extent, the unit of placement and of rebuild moves (`cluster.extent`,
     /// default 64 MiB): smaller extents spread a rebuild over more controllers.
     pub extent_bytes: u64,
+    /// Errors of this controller's shard device (read, write and flush errors, chunk checksum
+    /// failures, requests slower than 500 ms) after which its shards are drained to the others
+    /// before the device fails (`cluster.migrate_after_errors`, default 32, above the torn
+    /// writes a crash can leave; 0: never).
+    pub migrate_after_errors: u64,
 }
 
 fn parse_id_map(
@@ -246,6 +252,7 @@ fn check_cluster(raw: RawCluster) -> Result<ClusterConfig, ConfigError> {
             }
             s => s.unwrap_or(600),
         },
+        migrate_after_errors: raw.migrate_after_errors.unwrap_or(32),
         rebuild_share_pct: match raw.rebuild_share_pct {
             Some(p) if p == 0 || p > 100 => {
                 return Err(invalid(

@@ -709,11 +709,15 @@ fn status(peer: &str, json: bool, pki: &std::path::Path) -> ExitCode {
         };
         let _ = writeln!(
             out,
-            "  rebuild     {} ({} position(s) moving, {:.1} MiB copied)",
+            "  {:<11} {} ({} position(s) moving, {:.1} MiB copied)",
+            m.kind,
             progress_line(&p, "rows"),
             m.positions,
             m.bytes_done as f64 / 1048576.0
         );
+    }
+    if let Some(why) = &r.migration {
+        let _ = writeln!(out, "  migrating   this controller's shards away: {why}");
     }
     if let Some(l) = &r.scrub.last {
         let _ = writeln!(

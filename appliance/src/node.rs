@@ -137,6 +137,10 @@ pub struct MovesStatus {
     pub eta_secs: Option<f64>,
     /// Bytes of one row's chunk summed over positions (for MB/s): rows * chunk bytes.
     pub bytes_done: u64,
+    /// What the moves are for: `rebuild`, `drain` or `rebalance` (the first of them if
+    /// several kinds run at once).
+    #[serde(default)]
+    pub kind: String,
 }
 
 /// Progress of a running scrub pass.
@@ -268,6 +272,9 @@ pub struct NodeEnv {
     /// When the moves now in the log started to be watched here, and the rows copied then
     /// (for the rate and time left in status).
     move_watch: Mutex<Option<(std::time::Instant, u64)>>,
+    /// Why this controller's shards are being migrated away before its device fails, once
+    /// that was decided (preemptive migration).
+    migration: Mutex<Option<String>>,
 }
 
 /// A change to the volumes created at run time, for the server to act on.
@@ -456,9 +463,16 @@ impl NodeEnv {
 
     /// Moves in progress in this replica of the log, with the rate seen here.
     pub fn moves_status(&self) -> Option<MovesStatus> {
-        let (positions, rows_total, rows_done, bytes_done) = {
+        let (positions, rows_total, rows_done, bytes_done, kind) = {
             let a = self.applied.lock().expect("state");
-            let mut t = (0u64, 0u64, 0u64, 0u64);
+            let kind = a
+                .state
+                .moves
+                .values()
+                .map(|m| format!("{:?}", m.reason).to_lowercase())
+                .min()
+                .unwrap_or_default();
+            let mut t = (0u64, 0u64, 0u64, 0u64, kind);
             for ((vol, _, _), m) in &a.state.moves {
                 let v = a.state.volumes.get(vol);
                 let rows = v.map_or(0, |v| u64::from(v.rows_per_extent));
@@ -489,6 +503,7 @@ impl NodeEnv {
             rows_per_sec: rate,
             eta_secs: (rate > 0.0).then(|| (rows_total - rows_done) as f64 / rate),
             bytes_done,
+            kind,
         })
     }
 
@@ -1667,6 +1682,29 @@ impl NodeHandle {
         self.operator_change(MetaCommand::Drain { id }).await
     }
 
+    /// Preemptive migration: drains this controller because its device is failing (`why`,
+    /// for status and the log). Errors as for [`NodeHandle::mark_out`]; a refusal (too few
+    /// controllers) can be retried later.
+    pub async fn migrate_away(&self, why: String) -> Result<(), (bool, String)> {
+        let me = self.env.me;
+        let state = self
+            .env
+            .applied
+            .lock()
+            .expect("state")
+            .state
+            .controllers
+            .get(&me)
+            .copied();
+        if matches!(state, Some(StoredState::Draining | StoredState::Out)) {
+            return Ok(());
+        }
+        self.drain(me).await?;
+        tracing::error!(controller = me, "preemptive migration: {why}; draining this controller's shards to the others before its device fails");
+        *self.env.migration.lock().expect("migration") = Some(why);
+        Ok(())
+    }
+
     /// Whether controller `id` has left the cluster (drained or marked out).
     pub fn has_left(&self, id: u32) -> bool {
         self.env
@@ -1815,6 +1853,9 @@ pub struct StatusReport {
     /// may hold some; draining and out ones only while they still do).
     #[serde(default)]
     pub positions: BTreeMap<ControllerId, usize>,
+    /// Why this controller's shards are being migrated away before its device fails, if so.
+    #[serde(default)]
+    pub migration: Option<String>,
 }
 
 /// The metadata log's progress on one replica.
@@ -1861,6 +1902,7 @@ fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusRe
         moves: env.moves_status(),
         moved_chunks: engine.stats().moved_chunks,
         positions: env.applied.lock().expect("state").state.load(),
+        migration: env.migration.lock().expect("migration").clone(),
     }
 }
 
@@ -1991,6 +2033,7 @@ impl ControllerNode {
             live: OnceLock::new(),
             scrub: Mutex::new(ScrubStatus::default()),
             move_watch: Mutex::new(None),
+            migration: Mutex::new(None),
         });
         let view = applied.lock().expect("state").state.view();
         let engine = Arc::new(Engine::new(cfg.id, shards, env.clone(), view));

@@ -955,6 +955,13 @@ impl Controller {
                 tasks.push(tokio::spawn(crate::events::watch_cluster(Arc::downgrade(
                     &shared,
                 ))));
+                let threshold = cfg.cluster.as_ref().map_or(0, |c| c.migrate_after_errors);
+                if threshold > 0 {
+                    tasks.push(tokio::spawn(preemptive_migration(
+                        Arc::downgrade(&shared),
+                        threshold,
+                    )));
+                }
             }
             None => {
                 // Volumes created through the API on an earlier run.
@@ -1095,6 +1102,69 @@ fn local_volume(cfg: &Config, v: &VolumeConfig) -> Result<(Volume, DeviceEntry),
         Volume::Local(LocalVolume::new(dev, 0, v.size_bytes).map_err(|e| e.to_string())?),
         entry,
     ))
+}
+
+/// Preemptive migration: once this controller's shard device has counted `threshold` errors
+/// (read, write and flush errors the kernel returned, chunk checksum failures, requests over
+/// 500 ms), its shards are drained to the others while it still serves, before the device
+/// fails for good. Logged, an event, and shown in status; a drain the cluster refuses (too
+/// few controllers) is reported once and tried again.
+async fn preemptive_migration(shared: std::sync::Weak<Shared>, threshold: u64) {
+    let mut reported = String::new();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let Some(s) = shared.upgrade() else { break };
+        let Some(node) = s.node() else { continue };
+        let errors: Vec<(String, u64)> = s
+            .devices
+            .lock()
+            .expect("devices")
+            .iter()
+            .filter(|d| d.store.is_some())
+            .map(|d| {
+                let h = d.dev.health();
+                let checksum = d.store.as_ref().map_or(0, |st| st.checksum_failures());
+                (
+                    format!(
+                        "{}: {} read, {} write, {} flush errors, {checksum} checksum failures, {} slow I/Os",
+                        d.dev.path().display(),
+                        h.read_errors,
+                        h.write_errors,
+                        h.flush_errors,
+                        h.slow_ios
+                    ),
+                    h.read_errors + h.write_errors + h.flush_errors + checksum + h.slow_ios,
+                )
+            })
+            .collect();
+        let Some((what, _)) = errors.into_iter().find(|(_, n)| *n >= threshold) else {
+            continue;
+        };
+        if node.status().migration.is_some() {
+            break;
+        }
+        let why =
+            format!("shard device failing ({what}; cluster.migrate_after_errors = {threshold})");
+        match node.migrate_away(why.clone()).await {
+            Ok(()) => {
+                s.events.push(
+                    "controller.migrating",
+                    format!(
+                        "controller {} migrates its shards to the others: {why}",
+                        s.id()
+                    ),
+                );
+                break;
+            }
+            Err((_, e)) if e != reported => {
+                tracing::error!("preemptive migration needed ({why}) but not possible now: {e}");
+                s.events
+                    .push("controller.migration_refused", format!("{why}: {e}"));
+                reported = e;
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// The cluster geometry of a volume: `rows_per_extent` gives extents of `cluster.extent`

@@ -115,6 +115,12 @@ pub struct SimReport {
     pub marked_out: u64,
     /// Chunks copied to new holders by moves.
     pub moved: u64,
+    /// Controllers added at run time.
+    pub added: u64,
+    /// Positions moved by planned moves (rebalance and drain).
+    pub planned_moves: u64,
+    /// Controllers drained (their positions moved away while they served), then out.
+    pub drained: u64,
 }
 
 type Reply<T> = oneshot::Sender<T>;
@@ -676,6 +682,146 @@ impl Sim {
         }
         self.install_view(|_| {});
         true
+    }
+
+    /// A new controller joins (an empty store, up at once), as `appliance controller add`.
+    fn add_controller(&mut self) -> ControllerId {
+        let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
+        self.log(format!("add {id}"));
+        self.report.added += 1;
+        let store = Arc::new(MemShardStore::default());
+        let engine = self.start_engine(id, store.clone());
+        let epoch = self.shared.meta.lock().expect("meta").view.epoch;
+        self.nodes.insert(
+            id,
+            Node {
+                engine,
+                store,
+                alive: true,
+                isolated: false,
+                tasks: Vec::new(),
+                installed_epoch: epoch,
+                last_applied_epoch: 0,
+            },
+        );
+        self.install_view(|v| {
+            v.controllers.insert(id, ControllerState::Up);
+        });
+        id
+    }
+
+    /// Plans up to eight moves as the metadata leader does (`MetaState::plan_drain` and
+    /// `plan_rebalance`): the positions of `drain` to the up controllers holding the fewest
+    /// outside each extent's set, or, with `None`, from the controller holding the most to the
+    /// one holding the fewest while they differ by more than one. Returns how many.
+    fn plan_moves(&mut self, drain: Option<ControllerId>) -> usize {
+        let (view, out) = {
+            let m = self.shared.meta.lock().expect("meta");
+            (m.view.clone(), m.out.clone())
+        };
+        let mut load: BTreeMap<ControllerId, usize> = self
+            .nodes
+            .iter()
+            .filter(|(c, n)| {
+                n.alive
+                    && !n.isolated
+                    && view.state(**c) == ControllerState::Up
+                    && !out.contains(c)
+                    && Some(**c) != drain
+            })
+            .map(|(c, _)| (*c, 0))
+            .collect();
+        let mut placement = self.vol.placement.clone();
+        for h in placement.iter().flatten() {
+            if let Some(n) = load.get_mut(h) {
+                *n += 1;
+            }
+        }
+        let mut moves: Vec<((u64, u8), ControllerId)> = Vec::new();
+        while moves.len() < 8 {
+            let found = match drain {
+                Some(d) => placement
+                    .iter()
+                    .enumerate()
+                    .find_map(|(e, set)| set.iter().position(|h| *h == d).map(|p| (e, p)))
+                    .and_then(|(e, pos)| {
+                        load.iter()
+                            .filter(|(c, _)| !placement[e].contains(c))
+                            .min_by_key(|(c, n)| (**n, **c))
+                            .map(|(c, _)| (e, pos, *c))
+                    }),
+                None => {
+                    let hi = load.iter().max_by_key(|(c, n)| (**n, u32::MAX - **c));
+                    let lo = load.iter().min_by_key(|(c, n)| (**n, **c));
+                    match (hi, lo) {
+                        (Some((&hi, &most)), Some((&lo, &fewest))) if most > fewest + 1 => {
+                            placement.iter().enumerate().find_map(|(e, set)| {
+                                let free = !moves.iter().any(|(k, _)| k.0 == e as u64);
+                                let pos = set.iter().position(|h| *h == hi)?;
+                                (free && !set.contains(&lo)).then_some((e, pos, lo))
+                            })
+                        }
+                        _ => None,
+                    }
+                }
+            };
+            let Some((e, pos, to)) = found else { break };
+            if let Some(n) = load.get_mut(&placement[e][pos]) {
+                *n -= 1;
+            }
+            *load.get_mut(&to).expect("candidate") += 1;
+            placement[e][pos] = to;
+            moves.push(((e as u64, pos as u8), to));
+        }
+        if moves.is_empty() {
+            return 0;
+        }
+        self.report.planned_moves += moves.len() as u64;
+        self.log(format!("planned moves (drain {drain:?}): {moves:?}"));
+        self.vol.placement = placement;
+        {
+            let mut meta = self.shared.meta.lock().expect("meta");
+            for &(key, to) in &moves {
+                meta.moves.insert(key, (to, 0));
+            }
+        }
+        self.install_view(|_| {});
+        moves.len()
+    }
+
+    /// Planned moves batch by batch until none is left, hosts writing and reading meanwhile
+    /// (messages reordered). With `m >= 2` a holder sometimes crashes while positions move
+    /// and comes back (with `m = 1` a moving position already spends the fault budget).
+    fn planned_moves(&mut self, drain: Option<ControllerId>) {
+        for _ in 0..200 {
+            if self.plan_moves(drain) == 0 {
+                return;
+            }
+            for _ in 0..10 {
+                self.issue_host_op();
+            }
+            self.move_pass();
+            if self.cfg.m >= 2 && self.rng.pct(30) {
+                let out = self.shared.meta.lock().expect("meta").out.clone();
+                let alive: Vec<ControllerId> = self
+                    .nodes
+                    .iter()
+                    .filter(|(c, n)| n.alive && !out.contains(c) && Some(**c) != drain)
+                    .map(|(c, _)| *c)
+                    .collect();
+                let victim = alive[self.rng.below(alive.len() as u64) as usize];
+                for _ in 0..self.rng.below(30) {
+                    self.deliver(false);
+                    self.pool.run_until_stalled();
+                }
+                self.crash(victim);
+                self.install_view(|v| {
+                    v.controllers.insert(victim, ControllerState::Down);
+                });
+            }
+            self.heal_all();
+        }
+        self.fail("planned moves did not finish");
     }
 
     /// Whether some row held by `id` has another position whose newest copy is not the row's
@@ -1268,6 +1414,31 @@ impl Sim {
             }
             self.heal_all();
         }
+        // Elastic: a controller joins and positions are rebalanced onto it; then an original
+        // controller is drained (it serves while its positions move) and leaves.
+        let added = self.add_controller();
+        self.planned_moves(None);
+        let out = self.shared.meta.lock().expect("meta").out.clone();
+        let originals: Vec<ControllerId> = self
+            .nodes
+            .keys()
+            .copied()
+            .filter(|id| *id != added && !out.contains(id))
+            .collect();
+        let victim = originals[self.rng.below(originals.len() as u64) as usize];
+        self.log(format!("drain {victim}"));
+        self.planned_moves(Some(victim));
+        if self.vol.placement.iter().flatten().any(|h| *h == victim) {
+            self.fail(&format!(
+                "controller {victim} still holds positions after its drain"
+            ));
+        }
+        self.report.drained += 1;
+        self.shared.meta.lock().expect("meta").out.insert(victim);
+        self.crash(victim);
+        self.install_view(|v| {
+            v.controllers.insert(victim, ControllerState::Down);
+        });
         let full = self.read_all("after healing");
         // Lose m controllers: everything must still read back the same (redundancy was
         // restored, rebuilt positions included).

@@ -1838,3 +1838,62 @@ async fn a_controller_added_then_an_original_drained_while_a_host_writes_and_ver
     )
     .await;
 }
+
+/// Preemptive migration: a controller whose shard device keeps failing (here: chunk copies
+/// damaged behind its back, found as checksum failures when hosts read) drains its shards to
+/// the others before the device fails for good; status says why; reads stay correct
+/// throughout, and once it has left, it and one more controller can be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_whose_device_fails_migrates_its_shards_away_first() {
+    let (apis, sections) = api_sections(4);
+    let mut c = start_cluster_extra(4, 2, 1, true, &|i| {
+        "extent = \"1MiB\"\nout_after_secs = 0\nmigrate_after_errors = 4\n".to_string()
+            + &sections[&i]
+    });
+    wait_status(&c[0], "a healthy volume", |s| {
+        vol0(s)["health"] == "healthy"
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut w = connect(c[0].portal, deadline).await;
+    let mut want = BTreeMap::new();
+    for n in 0..WRITES {
+        assert!(write(&mut w, n, 5, deadline).await, "write {n}");
+        want.insert(n, vec![5]);
+    }
+    let damaged = damage_chunks(c[3].dir.path(), 24);
+    assert!(damaged >= 8, "only {damaged} chunk copies on controller 4");
+    // Reads are right (damaged copies are reconstructed); a scrub reads every copy, and
+    // controller 4's device counts the damaged ones.
+    verify_any(c[0].portal, &want, "with damaged copies on controller 4").await;
+    let (ok, text) = api_cli(&c[0], apis[&1], &["job", "scrub"]);
+    assert!(ok, "{text}");
+    let s = wait_status(&c[3], "controller 4 migrating", |s| {
+        !s["migration"].is_null()
+    })
+    .await;
+    eprintln!("controller 4: {}", s["migration"]);
+    assert!(
+        s["migration"]
+            .as_str()
+            .unwrap()
+            .contains("checksum failures"),
+        "{s}"
+    );
+    wait_log(&c[3..], "preemptive migration").await;
+    let s = wait_status(&c[0], "controller 4 drained and out", |s| {
+        let (p, even) = spread(s);
+        state_of(s, 4) == "out" && s["moves"].is_null() && !p.contains_key(&4) && even
+    })
+    .await;
+    eprintln!("after migration: positions {:?}", spread(&s).0);
+    verify_any(c[1].portal, &want, "after the migration").await;
+    c[3].kill9();
+    c[0].kill9();
+    verify_any(
+        c[2].portal,
+        &want,
+        "with controllers 4 (migrated) and 1 killed",
+    )
+    .await;
+}

@@ -1,7 +1,9 @@
 //! Deterministic simulation of the distributed data path (see `tests::sim`): random host I/O
 //! through random controllers while controllers crash, restart, get isolated and fenced,
-//! messages drop and reorder and disks return errors or tear writes. CI runs a fixed set of
-//! seeds per geometry; `SIM_SEEDS=1000` runs more, `SIM_SEED=n` replays one.
+//! messages drop and reorder and disks return errors or tear writes; then, healed, every run
+//! adds a controller and rebalances onto it and drains an original one while hosts write
+//! (with m >= 2 holders also crash while positions move). CI runs a fixed set of seeds per
+//! geometry; `SIM_SEEDS=1000` runs more, `SIM_SEED=n` replays one.
 
 use tests::sim::{seeds, Sim, SimConfig};
 
@@ -18,7 +20,7 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
     let mut crashes = 0;
     let mut resynced = 0;
     let mut degraded = 0;
-    let (mut marked_out, mut moved) = (0, 0);
+    let (mut marked_out, mut moved, mut planned) = (0, 0, 0);
     for seed in seeds(default_seeds) {
         let r = Sim::new(SimConfig {
             seed,
@@ -35,6 +37,12 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
         degraded += r.degraded_reads;
         marked_out += r.marked_out;
         moved += r.moved;
+        planned += r.planned_moves;
+        assert_eq!(
+            (r.added, r.drained),
+            (1, 1),
+            "seed {seed}: one add and one drain per run"
+        );
         eprintln!("{controllers} controllers k={k} m={m} seed {seed}: {r:?}");
     }
     // The runs must have exercised something: acknowledged writes, faults, recovery.
@@ -42,6 +50,7 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
     assert!(crashes > 0, "no fault was injected");
     assert!(resynced > 0, "no resync copied anything");
     assert!(degraded > 0, "no degraded read happened");
+    assert!(planned > 0, "no rebalance or drain moved anything");
     (marked_out, moved)
 }
 

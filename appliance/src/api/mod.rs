@@ -846,7 +846,8 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
             cancellable: false,
         })
     }));
-    // Rebuild is cluster-wide: one job, as the answering controller (else any) sees it.
+    // Moves (rebuild, drain, rebalance) are cluster-wide: one job, as the answering
+    // controller (else any) sees it.
     let moves = controllers
         .iter()
         .filter(|c| c.id == me)
@@ -854,8 +855,8 @@ pub async fn snapshot(ctl: &Shared) -> Snapshot {
         .find_map(|c| c.moves.clone());
     if let Some(m) = moves {
         jobs.push(JobView {
-            id: "rebuild".into(),
-            kind: "rebuild".into(),
+            id: m.kind.clone(),
+            kind: m.kind.clone(),
             volume: "*".into(),
             done: m.rows_done as usize,
             total: m.rows_total as usize,
