@@ -473,6 +473,9 @@ pub struct Sim {
     limbo: Rc<RefCell<Vec<(ControllerId, HostDone)>>>,
     report: SimReport,
     trace: Vec<String>,
+    /// A controller being drained during the faulty phase (its positions move batch by
+    /// batch; out once none is left).
+    draining: Option<ControllerId>,
     /// Controllers crashed and not yet restarted, or isolated, or not yet up again.
     blocks: u64,
 }
@@ -529,6 +532,7 @@ impl Sim {
             limbo: Rc::new(RefCell::new(Vec::new())),
             report: SimReport::default(),
             trace: Vec::new(),
+            draining: None,
         };
         for id in ids {
             let store = Arc::new(MemShardStore::default());
@@ -737,12 +741,23 @@ impl Sim {
                 *n += 1;
             }
         }
+        // Extents with a lagging holder wait for resync (as `MetaState::extent_marked`).
+        let marked: BTreeSet<u64> = self
+            .shared
+            .meta
+            .lock()
+            .expect("meta")
+            .intents
+            .keys()
+            .map(|mk| mk.extent)
+            .collect();
         let mut moves: Vec<((u64, u8), ControllerId)> = Vec::new();
         while moves.len() < 8 {
             let found = match drain {
                 Some(d) => placement
                     .iter()
                     .enumerate()
+                    .filter(|(e, _)| !marked.contains(&(*e as u64)))
                     .find_map(|(e, set)| set.iter().position(|h| *h == d).map(|p| (e, p)))
                     .and_then(|(e, pos)| {
                         load.iter()
@@ -756,7 +771,8 @@ impl Sim {
                     match (hi, lo) {
                         (Some((&hi, &most)), Some((&lo, &fewest))) if most > fewest + 1 => {
                             placement.iter().enumerate().find_map(|(e, set)| {
-                                let free = !moves.iter().any(|(k, _)| k.0 == e as u64);
+                                let free = !moves.iter().any(|(k, _)| k.0 == e as u64)
+                                    && !marked.contains(&(e as u64));
                                 let pos = set.iter().position(|h| *h == hi)?;
                                 (free && !set.contains(&lo)).then_some((e, pos, lo))
                             })
@@ -1270,8 +1286,70 @@ impl Sim {
         });
     }
 
+    /// Planned moves among the faults: the next batch of a drain, a drain started on an up
+    /// controller when one can be spared, or a rebalance batch. Only with nothing moving and
+    /// fewer than `m` impairments (a moving position spends one failure of the budget; no new
+    /// fault is injected while it copies). Returns whether it acted.
+    fn planned_step(&mut self) -> bool {
+        let (moving, out) = {
+            let m = self.shared.meta.lock().expect("meta");
+            (!m.moves.is_empty(), m.out.clone())
+        };
+        // With m = 1 a moving position spends the whole fault budget, and the faulty phase
+        // still drops messages: planned moves wait for the healed phase there (docs:
+        // "moves keep full redundancy" is not built).
+        if moving || self.impaired() >= self.cfg.m || self.cfg.m < 2 {
+            return false;
+        }
+        if let Some(d) = self.draining {
+            if out.contains(&d) || !self.nodes[&d].alive {
+                self.draining = None; // marked out or crashed meanwhile: a rebuild takes over
+                return false;
+            }
+            if self.plan_moves(Some(d)) == 0 {
+                if self.vol.placement.iter().flatten().any(|h| *h == d) {
+                    return false; // its other extents wait for resync
+                }
+                self.log(format!("drained {d}: out"));
+                self.report.drained += 1;
+                self.draining = None;
+                self.shared.meta.lock().expect("meta").out.insert(d);
+                self.crash(d);
+                self.install_view(|v| {
+                    v.controllers.insert(d, ControllerState::Down);
+                });
+            } else {
+                self.move_pass();
+            }
+            return true;
+        }
+        let holders: Vec<ControllerId> = self
+            .nodes
+            .keys()
+            .copied()
+            .filter(|id| !out.contains(id))
+            .collect();
+        if holders.len() > self.vol.layout.geometry.width() && self.rng.pct(30) {
+            let d = holders[self.rng.below(holders.len() as u64) as usize];
+            self.log(format!("drain {d} (among faults)"));
+            if std::env::var("SIM_DEBUG_MOVES").is_ok() {
+                eprintln!("drain {d} among faults at step {}", self.now);
+            }
+            self.draining = Some(d);
+            return true;
+        }
+        if self.plan_moves(None) > 0 {
+            self.move_pass();
+            return true;
+        }
+        false
+    }
+
     /// One fault or membership action.
     fn membership_step(&mut self) {
+        if (self.draining.is_some() || self.rng.pct(25)) && self.planned_step() {
+            return;
+        }
         let (states, marks): (BTreeMap<ControllerId, ControllerState>, Vec<IntentMark>) = {
             let m = self.shared.meta.lock().expect("meta");
             (
@@ -1374,6 +1452,9 @@ impl Sim {
         } else if r < 15 && faults {
             self.resync_pass();
             self.move_pass();
+            if self.draining.is_some() {
+                self.planned_step();
+            }
         } else {
             self.deliver(faults);
         }

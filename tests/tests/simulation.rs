@@ -1,8 +1,9 @@
 //! Deterministic simulation of the distributed data path (see `tests::sim`): random host I/O
 //! through random controllers while controllers crash, restart, get isolated and fenced,
-//! messages drop and reorder and disks return errors or tear writes; then, healed, every run
-//! adds a controller and rebalances onto it and drains an original one while hosts write
-//! (with m >= 2 holders also crash while positions move). CI runs a fixed set of seeds per
+//! messages drop and reorder and disks return errors or tear writes, and (with a spare
+//! controller) controllers are drained and positions rebalanced among the faults; then,
+//! healed, every run adds a controller and rebalances onto it and drains an original one while
+//! hosts write (with m >= 2 holders also crash while positions move). CI runs a fixed set of seeds per
 //! geometry; `SIM_SEEDS=1000` runs more, `SIM_SEED=n` replays one.
 
 use tests::sim::{seeds, Sim, SimConfig};
@@ -21,6 +22,7 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
     let mut resynced = 0;
     let mut degraded = 0;
     let (mut marked_out, mut moved, mut planned) = (0, 0, 0);
+    let mut drained_among_faults = 0;
     for seed in seeds(default_seeds) {
         let r = Sim::new(SimConfig {
             seed,
@@ -38,11 +40,11 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
         marked_out += r.marked_out;
         moved += r.moved;
         planned += r.planned_moves;
-        assert_eq!(
-            (r.added, r.drained),
-            (1, 1),
-            "seed {seed}: one add and one drain per run"
+        assert!(
+            r.added == 1 && r.drained >= 1,
+            "seed {seed}: an add and a drain per run"
         );
+        drained_among_faults += r.drained - 1;
         eprintln!("{controllers} controllers k={k} m={m} seed {seed}: {r:?}");
     }
     // The runs must have exercised something: acknowledged writes, faults, recovery.
@@ -51,6 +53,7 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
     assert!(resynced > 0, "no resync copied anything");
     assert!(degraded > 0, "no degraded read happened");
     assert!(planned > 0, "no rebalance or drain moved anything");
+    eprintln!("drains among the faults: {drained_among_faults}");
     (marked_out, moved)
 }
 

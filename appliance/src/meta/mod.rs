@@ -750,7 +750,9 @@ impl MetaState {
                 if set.iter().any(|h| !load.contains_key(h)) {
                     return Vec::new(); // a position of an out controller: rebuild first
                 }
-                sets.insert((v.id, e as u64), set.clone());
+                if !self.extent_marked(v.id, e as u64) {
+                    sets.insert((v.id, e as u64), set.clone());
+                }
             }
         }
         let mut plan = Vec::new();
@@ -786,6 +788,16 @@ impl MetaState {
         plan
     }
 
+    /// Whether some row of an extent has a write-intent mark (a holder lagging): a planned
+    /// move of another of its positions would leave such a row a second copy short, so drains
+    /// and rebalances wait for resync there (a rebuild cannot wait).
+    fn extent_marked(&self, volume: u32, extent: u64) -> bool {
+        self.intents
+            .range((volume, extent, 0, 0)..=(volume, extent, u32::MAX, u8::MAX))
+            .next()
+            .is_some()
+    }
+
     /// Moves of the positions held by controllers in state `away` to up controllers, at most
     /// `limit` of them.
     fn plan_away(&self, away: StoredState, limit: usize) -> Result<Vec<MoveSpec>, String> {
@@ -819,6 +831,9 @@ impl MetaState {
                     }
                     if plan.len() >= limit {
                         return Ok(plan);
+                    }
+                    if away == StoredState::Draining && self.extent_marked(v.id, e as u64) {
+                        continue;
                     }
                     let to = load
                         .iter()
@@ -984,6 +999,23 @@ mod tests {
         s.apply(&MetaCommand::SetState {
             id: 4,
             state: StoredState::Up,
+        });
+        // An extent with a lagging holder (a write-intent mark) waits for resync.
+        let mark = MetaCommand::Mark {
+            mark: (9, 0, 3, 1),
+            missed: 7,
+            epoch: s.epoch,
+        };
+        s.apply(&mark);
+        let plan = s.plan_rebalance();
+        assert!(
+            !plan.is_empty() && plan.iter().all(|m| m.key.1 != 0),
+            "{plan:?}"
+        );
+        s.apply(&MetaCommand::Clear {
+            mark: (9, 0, 3, 1),
+            upto: 7,
+            epoch: s.epoch,
         });
         // Rebalance a few at a time until even: 120 positions over 4 = 30 each.
         let mut rounds = 0;
