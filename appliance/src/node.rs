@@ -1649,6 +1649,12 @@ impl NodeHandle {
     /// when the cluster refuses (not a member, already out, too few controllers would remain);
     /// `Err((false, why))` when the metadata log could not be reached.
     pub async fn mark_out(&self, id: u32) -> Result<(), (bool, String)> {
+        self.check_leaving(id, "marking")?;
+        self.operator_change(MetaCommand::MarkOut { id }).await
+    }
+
+    /// Whether `id` may leave (be marked out or drained), worded for `action`.
+    fn check_leaving(&self, id: u32, action: &str) -> Result<(), (bool, String)> {
         let check = self
             .env
             .applied
@@ -1656,8 +1662,7 @@ impl NodeHandle {
             .expect("state")
             .state
             .check_mark_out(id);
-        check.map_err(|why| (true, why))?;
-        self.operator_change(MetaCommand::MarkOut { id }).await
+        check.map_err(|why| (true, why.replace("marking", action)))
     }
 
     /// Records controller `id` (peer address `peer`) as a new member: it joins the metadata
@@ -1671,14 +1676,7 @@ impl NodeHandle {
     /// Drains controller `id`: its positions move to the others while it serves, then it is
     /// out. Errors as for [`NodeHandle::mark_out`].
     pub async fn drain(&self, id: u32) -> Result<(), (bool, String)> {
-        let check = self
-            .env
-            .applied
-            .lock()
-            .expect("state")
-            .state
-            .check_mark_out(id);
-        check.map_err(|why| (true, why.replace("marking", "draining")))?;
+        self.check_leaving(id, "draining")?;
         self.operator_change(MetaCommand::Drain { id }).await
     }
 

@@ -535,22 +535,27 @@ impl Sim {
             draining: None,
         };
         for id in ids {
-            let store = Arc::new(MemShardStore::default());
-            let engine = sim.start_engine(id, store.clone());
-            sim.nodes.insert(
-                id,
-                Node {
-                    engine,
-                    store,
-                    alive: true,
-                    isolated: false,
-                    tasks: Vec::new(),
-                    installed_epoch: 1,
-                    last_applied_epoch: 0,
-                },
-            );
+            sim.new_node(id, 1);
         }
         sim
+    }
+
+    /// A controller with an empty store, its engine started at `epoch`.
+    fn new_node(&mut self, id: ControllerId, epoch: u64) {
+        let store = Arc::new(MemShardStore::default());
+        let engine = self.start_engine(id, store.clone());
+        self.nodes.insert(
+            id,
+            Node {
+                engine,
+                store,
+                alive: true,
+                isolated: false,
+                tasks: Vec::new(),
+                installed_epoch: epoch,
+                last_applied_epoch: 0,
+            },
+        );
     }
 
     fn start_engine(&self, id: ControllerId, store: Arc<MemShardStore>) -> Arc<Engine> {
@@ -693,21 +698,8 @@ impl Sim {
         let id = self.nodes.keys().max().copied().unwrap_or(0) + 1;
         self.log(format!("add {id}"));
         self.report.added += 1;
-        let store = Arc::new(MemShardStore::default());
-        let engine = self.start_engine(id, store.clone());
         let epoch = self.shared.meta.lock().expect("meta").view.epoch;
-        self.nodes.insert(
-            id,
-            Node {
-                engine,
-                store,
-                alive: true,
-                isolated: false,
-                tasks: Vec::new(),
-                installed_epoch: epoch,
-                last_applied_epoch: 0,
-            },
-        );
+        self.new_node(id, epoch);
         self.install_view(|v| {
             v.controllers.insert(id, ControllerState::Up);
         });
