@@ -1155,6 +1155,44 @@ async fn membership(
             // Drained controllers (nothing left on them) are out.
             let drained = env.applied.lock().expect("state").state.drained();
             for id in drained {
+                // It leaves the log's voters first, so that by the time any replica shows it
+                // out (an operator's cue to stop its process) it no longer counts towards the
+                // log's majority.
+                let node = u64::from(id);
+                let voters: std::collections::BTreeSet<u64> = raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect();
+                if voters.contains(&node) {
+                    let keep: std::collections::BTreeSet<u64> =
+                        voters.iter().copied().filter(|&v| v != node).collect();
+                    if keep.is_empty() {
+                        continue;
+                    }
+                    tracing::info!(
+                        controller = id,
+                        "drained controller leaves the metadata log's voters"
+                    );
+                    match tokio::time::timeout(t.down_after, raft.change_membership(keep, false))
+                        .await
+                    {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(controller = id, error = %e, "drained controller still votes; retrying");
+                            continue;
+                        }
+                        Err(_) => {
+                            tracing::warn!(
+                                controller = id,
+                                "removing the drained controller's vote timed out; retrying"
+                            );
+                            continue;
+                        }
+                    }
+                }
                 tracing::warn!(
                     controller = id,
                     "controller drained: it holds nothing any more and leaves the cluster"
@@ -1865,6 +1903,9 @@ pub struct LogFigures {
     pub last_index: u64,
     /// Index of the last applied entry.
     pub applied: u64,
+    /// Controllers that vote in the log (a drained or marked-out one leaves them).
+    #[serde(default)]
+    pub voters: Vec<u64>,
 }
 
 fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusReport {
@@ -1894,6 +1935,7 @@ fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusRe
             term: m.current_term,
             last_index: m.last_log_index.unwrap_or(0),
             applied: m.last_applied.map_or(0, |l| l.index),
+            voters: m.membership_config.membership().voter_ids().collect(),
         },
         live: env.live.get().map_or(serde_json::Value::Null, |f| f()),
         scrub: env.scrub.lock().expect("scrub").clone(),

@@ -637,6 +637,16 @@ async fn five_controllers_k3_m2_lose_two_at_once_reads_go_on_writes_fail_cleanly
 }
 
 /// Like [`verify`], accepting any of several generations per write (for unacknowledged ones).
+/// The controllers voting in the metadata log, from a status report.
+fn voters(s: &serde_json::Value) -> Vec<u64> {
+    s["log"]["voters"]
+        .as_array()
+        .expect("status has log.voters")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect()
+}
+
 async fn verify_any(addr: SocketAddr, want: &BTreeMap<u64, Vec<u32>>, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut i = connect(addr, deadline).await;
@@ -1814,6 +1824,12 @@ async fn a_controller_added_then_an_original_drained_while_a_host_writes_and_ver
         state_of(s, 1) == "out" && s["moves"].is_null() && !p.contains_key(&1) && even
     })
     .await;
+    // Shown out means it no longer counts towards the metadata log's majority.
+    assert!(
+        !voters(&s).contains(&1),
+        "controller 1 is shown out but still votes: {}",
+        s["log"]
+    );
     let drained = t.elapsed();
     let (after, _) = spread(&s);
     eprintln!("drain of controller 1 took {drained:?}: positions {after:?}");
@@ -1887,6 +1903,12 @@ async fn a_controller_whose_device_fails_migrates_its_shards_away_first() {
     })
     .await;
     eprintln!("after migration: positions {:?}", spread(&s).0);
+    // Shown out means it no longer counts towards the metadata log's majority.
+    assert!(
+        !voters(&s).contains(&4),
+        "controller 4 is shown out but still votes: {}",
+        s["log"]
+    );
     verify_any(c[1].portal, &want, "after the migration").await;
     c[3].kill9();
     c[0].kill9();
