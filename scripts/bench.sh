@@ -10,6 +10,9 @@
 #
 #   scripts/bench.sh [rounds] [seconds-per-job] [--record]
 #
+# While iterating, BENCH_TARGETS="tgt single" and BENCH_JOBS="rand4k-read-qd32 ..." narrow a
+# run (tgt always runs: every ratio is against it). Recorded runs use every target and job.
+#
 # Run it on an otherwise idle machine: every figure is a ratio measured in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +21,9 @@ args=()
 for a in "$@"; do if [ "$a" = --record ]; then record=yes; else args+=("$a"); fi; done
 rounds=${args[0]:-3}
 secs=${args[1]:-10}
+if [ "$record" = yes ] && { [ -n "${BENCH_TARGETS:-}" ] || [ -n "${BENCH_JOBS:-}" ]; }; then
+  echo "error: --record needs every target and job; unset BENCH_TARGETS and BENCH_JOBS" >&2; exit 1
+fi
 # shellcheck source=scripts/tgt-lib.sh
 source scripts/tgt-lib.sh
 need_tools tgtd:tgt iscsi-ls:libiscsi-bin
@@ -75,8 +81,11 @@ start_up() { # name controllers -> sets up_port, up_pid
   for i in $(seq 0 $(($2 - 1))); do wait_port $((up_port + i)); done
   sleep 3
 }
-start_up single 1; single_port=$up_port; single_pid=$up_pid
-start_up cluster 3; cluster_port=$up_port; cluster_pid=$up_pid
+targets=(tgt)
+for t in ${BENCH_TARGETS:-single cluster}; do [ "$t" = tgt ] || targets+=("$t"); done
+wants() { [[ " ${targets[*]} " == *" $1 "* ]]; }
+if wants single; then start_up single 1; single_port=$up_port; single_pid=$up_pid; fi
+if wants cluster; then start_up cluster 3; cluster_port=$up_port; cluster_pid=$up_pid; fi
 
 # The processes whose CPU time counts for a target: tgtd, or `up` and its controllers.
 procs() { if [ "$1" = tgt ]; then echo "$tgt_pid"; else echo "$2 $(pgrep -P "$2" | tr '\n' ' ')"; fi; }
@@ -95,7 +104,7 @@ run_fio() { # target name fio-args... -> JSON on stdout
 }
 
 # Fill each LU so reads hit written data, not holes.
-for t in tgt single cluster; do
+for t in "${targets[@]}"; do
   run_fio "$t" fill --rw=write --bs=1M --iodepth=8 >"$work/fill.json" 2>&1 || { echo "fio could not fill $t:" >&2; cat "$work/fill.json" >&2; exit 1; }
 done
 
@@ -115,7 +124,8 @@ hz=$(getconf CLK_TCK)
 for round in $(seq "$rounds"); do
   for j in "${jobs[@]}"; do
     name=${j%%:*}; read -r -a fargs <<<"${j#*:}"
-    for t in tgt single cluster; do
+    [ -z "${BENCH_JOBS:-}" ] || [[ " $BENCH_JOBS " == *" $name "* ]] || continue
+    for t in "${targets[@]}"; do
       case $t in tgt) p=$(procs tgt) ;; single) p=$(procs x "$single_pid") ;; cluster) p=$(procs x "$cluster_pid") ;; esac
       before=$(cpu_ticks "$p")
       run_fio "$t" "$name" "${fargs[@]}" --time_based --runtime="$secs" --ramp_time=1 >"$work/fio.json" 2>"$work/fio.err" || { echo "fio failed on $t $name:" >&2; cat "$work/fio.err" >&2; exit 1; }
@@ -159,6 +169,8 @@ print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for j in jobs:
     base = agg("tgt", j)
     for t in ("tgt", "single", "cluster"):
+        if not any(r["target"] == t for r in rows):
+            continue
         a = agg(t, j)
         ratio = lambda k: f"{a[k] / base[k]:.2f}" if base[k] else "n/a"
         print(f"| {j} | {t} | {a['iops']:.0f} | {a['mbs']:.1f} | {a['mean']:.0f} | {a['p99']:.0f} | {a['cpu']:.2f} | {ratio('iops')} | {ratio('p99')} | {ratio('cpu')} |")

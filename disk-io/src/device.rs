@@ -138,6 +138,10 @@ impl std::fmt::Debug for Device {
 impl Device {
     /// Opens (creating a file if needed) and starts the engine.
     ///
+    /// Called inside a tokio runtime, the io_uring engine reaps asynchronous completions in a
+    /// task on that runtime (which must have I/O enabled and outlive the device's use);
+    /// outside one, in a thread of its own.
+    ///
     /// # Errors
     /// [`IoError::Open`] when the path cannot be opened, sized, or io_uring was required but
     /// is unavailable.
@@ -460,6 +464,10 @@ mod tests {
         cfg.engine = engine;
         cfg.pool_bytes = 1 << 20;
         let dev = Device::open(&cfg).unwrap();
+        exercise(&dev).await;
+    }
+
+    async fn exercise(dev: &Device) {
         assert_eq!(dev.size_bytes(), 1 << 20);
         let mut w = dev.pool().take(8192).await;
         for (i, b) in w.as_mut_slice().iter_mut().enumerate() {
@@ -559,6 +567,53 @@ mod tests {
     #[tokio::test]
     async fn uring_roundtrip() {
         roundtrip(EngineChoice::Uring).await;
+    }
+
+    /// A queue depth of 2 with 64 requests at once: most wait for a slot and are pushed as
+    /// completions free them, from several worker threads at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uring_queues_requests_beyond_its_depth() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = DeviceConfig::file(dir.path().join("q.img"), 1 << 20);
+        cfg.engine = EngineChoice::Uring;
+        cfg.queue_depth = 2;
+        cfg.pool_bytes = 1 << 20;
+        let dev = Arc::new(Device::open(&cfg).unwrap());
+        let tasks: Vec<_> = (0..64u64)
+            .map(|i| {
+                let dev = Arc::clone(&dev);
+                tokio::spawn(async move {
+                    let mut b = dev.pool().take(8192).await;
+                    b.as_mut_slice().fill(i as u8 ^ 0x5a);
+                    dev.write_from(i * 8192, b, i % 7 == 0).await.unwrap();
+                    let r = dev
+                        .read_into(i * 8192, dev.pool().take(8192).await)
+                        .await
+                        .unwrap();
+                    assert!(r.as_slice().iter().all(|&b| b == i as u8 ^ 0x5a));
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        exercise(&dev).await;
+    }
+
+    /// Opened outside any runtime, the engine reaps in a thread of its own, and serves
+    /// callers on a runtime created later.
+    #[test]
+    fn uring_opened_outside_a_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = DeviceConfig::file(dir.path().join("o.img"), 1 << 20);
+        cfg.engine = EngineChoice::Uring;
+        cfg.pool_bytes = 1 << 20;
+        let dev = Device::open(&cfg).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(exercise(&dev));
     }
 
     #[tokio::test]

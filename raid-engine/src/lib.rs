@@ -465,7 +465,7 @@ mod tests {
         /// The volume behaves like a byte array for any sequence of writes and reads.
         #[test]
         fn behaves_like_a_byte_array(ops in proptest::collection::vec((0u64..60_000, 1usize..20_000, any::<u8>()), 1..12)) {
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 let dir = tempfile::tempdir().unwrap();
                 let size = 80_000u64 - 80_000 % 4096;

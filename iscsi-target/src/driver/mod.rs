@@ -8,28 +8,60 @@
 //! Invariants:
 //! - The receive buffer never holds more than one PDU (bounded by the negotiated limit) plus
 //!   one read's worth of bytes.
-//! - Commands run concurrently as tasks; their outcomes come back on a channel owned by the
-//!   connection, so an outcome for a closed connection is simply dropped.
+//! - Commands run concurrently as futures owned by the connection task (not a task each): a
+//!   completion wakes the connection once, however many commands it finished, and every
+//!   finished command's response goes out in the same socket write. The futures keep being
+//!   driven while the connection waits on anything else (a socket write, a reset, the end of
+//!   a nexus), so a command never holds its locks because its connection is busy; when the
+//!   connection ends, the commands still running are finished by a task of their own (never
+//!   cancelled midway) and their outcomes dropped.
 //! - A newer login with the same initiator name, ISID and target closes the older session
 //!   (session reinstatement).
 //! - At most [`CONNECTIONS_MAX`] connections are open per portal; more are closed at accept
 //!   with a log line, so a login flood cannot exhaust memory or descriptors.
 //! - A send that stays blocked for the NOP timeout (an initiator that stopped reading) drops
 //!   the connection, so a never-read socket cannot hold its buffers forever.
+//! - Responses are coalesced: every outcome that is ready when one arrives is encoded before
+//!   the next socket write, so the number of sends grows with bursts, not with commands.
 
 use crate::config::FabricConfig;
 use crate::constants::CONNECTIONS_MAX;
 use crate::proto::connection::{Connection, Event};
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use lun::CommandOutcome;
 use socket2::{SockRef, TcpKeepalive};
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tracing::Instrument;
+
+/// A command being executed: its initiator task tag and the future of its outcome.
+type Running = FuturesUnordered<Pin<Box<dyn Future<Output = (u32, CommandOutcome)> + Send>>>;
+
+/// Awaits `fut` while driving the connection's running commands; outcomes that finish
+/// meanwhile are kept in `ready`, in completion order, for the connection to handle next.
+async fn driving<F: Future>(
+    fut: F,
+    running: &mut Running,
+    ready: &mut Vec<(u32, CommandOutcome)>,
+) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut fut => return out,
+            Some(done) = running.next(), if !running.is_empty() => ready.push(done),
+        }
+    }
+}
 
 /// Read chunk reserved before each socket read.
 const READ_CHUNK: usize = 256 * 1024;
@@ -203,7 +235,8 @@ impl Server {
             self.registry.alloc_tsih(),
             Instant::now(),
         );
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let mut running: Running = FuturesUnordered::new();
+        let mut ready: Vec<(u32, CommandOutcome)> = Vec::new();
         let kill = Arc::new(Notify::new());
         let mut session_key: Option<SessionKey> = None;
         let mut info: Option<Arc<SessionInfo>> = None;
@@ -216,26 +249,28 @@ impl Server {
             conn.handle_shutdown(Instant::now());
         }
         loop {
+            for (itt, outcome) in ready.drain(..) {
+                conn.handle_outcome(itt, outcome);
+            }
             // Drain events.
             while let Some(ev) = conn.poll_event() {
                 match ev {
                     Event::Execute { itt, cmd } => {
                         let Some(dev) = conn.device() else { continue };
-                        let tx = out_tx.clone();
                         // Admission happens here, in CmdSN order; execution is concurrent.
                         let admitted = dev.admit(cmd);
                         let counted = info.clone();
                         if let Some(i) = &counted {
                             i.in_flight.fetch_add(1, Ordering::Relaxed);
                         }
-                        tokio::spawn(async move {
+                        running.push(Box::pin(async move {
                             let outcome = dev.run(admitted).await;
                             if let Some(i) = counted {
                                 i.in_flight.fetch_sub(1, Ordering::Relaxed);
                                 i.commands.fetch_add(1, Ordering::Relaxed);
                             }
-                            let _ = tx.send((itt, outcome));
-                        });
+                            (itt, outcome)
+                        }));
                     }
                     Event::LoggedIn {
                         initiator_name,
@@ -284,7 +319,7 @@ impl Server {
                         if let Some(dev) = conn.device() {
                             // Awaited before the TMF response goes out (it is transmitted
                             // below), so the reset has taken effect everywhere first.
-                            dev.reset(&nexus, lun).await;
+                            driving(dev.reset(&nexus, lun), &mut running, &mut ready).await;
                         }
                     }
                     Event::Close { reason } => {
@@ -292,7 +327,7 @@ impl Server {
                         // out: its SPC-2 reservation is released (cluster-wide) by the time
                         // the initiator hears the logout completed.
                         if let (Some(dev), Some(nexus)) = (conn.device(), conn.nexus()) {
-                            dev.nexus_lost(&nexus).await;
+                            driving(dev.nexus_lost(&nexus), &mut running, &mut ready).await;
                         }
                         closing = Some(reason);
                     }
@@ -300,7 +335,8 @@ impl Server {
             }
             if conn.poll_transmit(&mut outbuf) {
                 let stall = Duration::from_millis(self.cfg.timers.nop_timeout_ms);
-                match tokio::time::timeout(stall, sock.write_all(&outbuf)).await {
+                let write = tokio::time::timeout(stall, sock.write_all(&outbuf));
+                match driving(write, &mut running, &mut ready).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         tracing::debug!(cause = %e, "write failed");
@@ -345,7 +381,14 @@ impl Server {
                         break;
                     }
                 },
-                Some((itt, outcome)) = out_rx.recv() => conn.handle_outcome(itt, outcome),
+                Some((itt, outcome)) = running.next(), if !running.is_empty() => {
+                    conn.handle_outcome(itt, outcome);
+                    // Every outcome already finished goes out in the same write: at queue
+                    // depth N that is one send for many responses, not one each.
+                    while let Some(Some((itt, outcome))) = running.next().now_or_never() {
+                        conn.handle_outcome(itt, outcome);
+                    }
+                }
                 _ = sleep => conn.handle_timeout(Instant::now()),
                 _ = kill.notified() => closing = Some("reinstated by a newer login".into()),
                 _ = shutdown.changed(), if !shutting_down => {
@@ -355,7 +398,12 @@ impl Server {
             }
         }
         if let (Some(dev), Some(nexus)) = (conn.device(), conn.nexus()) {
-            dev.nexus_lost(&nexus).await;
+            driving(dev.nexus_lost(&nexus), &mut running, &mut ready).await;
+        }
+        if !running.is_empty() {
+            // Commands are finished, not cancelled midway (a write stops between holders
+            // only when a controller does); nobody is left to hear their outcomes.
+            tokio::spawn(async move { while running.next().await.is_some() {} });
         }
         if let Some(key) = session_key {
             let mut s = self.registry.sessions.lock().expect("registry lock");
