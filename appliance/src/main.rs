@@ -50,6 +50,10 @@ enum Cmd {
         /// Parity columns per stripe row.
         #[arg(long, default_value_t = 1)]
         m: usize,
+        /// Chunk size (one column of a stripe row), written into new configs only: it is an
+        /// on-disk format, so an existing data directory keeps the chunk it was made with.
+        #[arg(long, default_value = "64KiB")]
+        chunk: String,
         /// Web console and API of the first controller; controller i uses the next ports.
         #[arg(long, default_value = "127.0.0.1:8080")]
         api: String,
@@ -169,9 +173,10 @@ fn main() -> ExitCode {
             controllers,
             k,
             m,
+            chunk,
             api,
         } if controllers > 1 => {
-            return up_cluster(&data_dir, &listen, controllers, k, m, &api);
+            return up_cluster(&data_dir, &listen, controllers, (k, m, &chunk), &api);
         }
         Cmd::Up {
             data_dir,
@@ -305,8 +310,7 @@ fn up_cluster(
     data_dir: &std::path::Path,
     listen: &str,
     n: u32,
-    k: usize,
-    m: usize,
+    (k, m, chunk): (usize, usize, &str),
     api: &str,
 ) -> ExitCode {
     use std::net::SocketAddr;
@@ -325,6 +329,11 @@ fn up_cluster(
         }
     };
     let api_at = |i: u32| SocketAddr::new(api_first.ip(), api_first.port() + (i as u16 - 1));
+    if !config::parse_size(chunk).is_some_and(|c| c >= 512 && c.is_power_of_two() && c <= 16 << 20)
+    {
+        eprintln!("error: --chunk `{chunk}` is not a power-of-two size from 512 bytes to 16MiB, such as 16KiB");
+        return ExitCode::FAILURE;
+    }
     if (n as usize) < k + m {
         eprintln!("error: {n} controllers cannot hold k + m = {} shards on distinct controllers; use --controllers {} or lower --k/--m", k + m, k + m);
         return ExitCode::FAILURE;
@@ -381,7 +390,7 @@ fn up_cluster(
             let mut text = config::default_config_text(&at(i, first.port()).to_string());
             text = text.replace("tpgt = 1\n", &format!("tpgt = {i}\n"));
             text.push_str(&format!(
-                "\n[cluster]\nid = {i}\npeers = {{ {} }}\nportals = {{ {} }}\nk = {k}\nm = {m}\nbootstrap = {}\npki = {}\n",
+                "\n[cluster]\nid = {i}\npeers = {{ {} }}\nportals = {{ {} }}\nk = {k}\nm = {m}\nchunk = \"{chunk}\"\nbootstrap = {}\npki = {}\n",
                 map(peer_base),
                 map(first.port()),
                 i == 1,
