@@ -338,16 +338,29 @@ impl DiskShardStore {
     async fn read_slots(&self, a: &ChunkAddr) -> Result<Vec<(u64, Header, Vec<u8>)>, ShardError> {
         let index = self.index(a)?;
         let mut out = Vec::new();
-        for slot in 0..2 {
+        // The two slots are adjacent: one read fetches both (two when the pair is larger
+        // than the biggest buffer the device's pool hands out).
+        let len = PAGE + self.chunk;
+        debug_assert_eq!(
+            self.slot_offset(index, 1),
+            self.slot_offset(index, 0) + len as u64
+        );
+        let pieces = if 2 * len <= self.dev.pool().max_bytes() {
+            vec![(0, 2 * len)]
+        } else {
+            vec![(0, len), (1, len)]
+        };
+        let mut bufs = Vec::with_capacity(pieces.len());
+        for (slot, n) in pieces {
             let b = self
                 .dev
-                .read_into(
-                    self.slot_offset(index, slot),
-                    self.dev.pool().take(PAGE + self.chunk).await,
-                )
+                .read_into(self.slot_offset(index, slot), self.dev.pool().take(n).await)
                 .await
                 .map_err(|e| ShardError::Io(e.to_string()))?;
-            let s = b.as_slice();
+            bufs.push(b);
+        }
+        let slots = bufs.iter().flat_map(|b| b.as_slice().chunks(len));
+        for (slot, s) in (0..2u64).zip(slots) {
             let Some(h) = get_header(&s[..PAGE]) else {
                 // A slot never written has no magic; one with the magic but a bad header is
                 // damage.
@@ -356,15 +369,15 @@ impl DiskShardStore {
                 }
                 continue;
             };
-            let data = s[PAGE..PAGE + (h.data_len as usize).min(self.chunk)].to_vec();
+            let data = &s[PAGE..PAGE + (h.data_len as usize).min(self.chunk)];
             if h.addr != *a
                 || h.data_len as usize > self.chunk
-                || crc32c::crc32c(&data) != h.data_crc
+                || crc32c::crc32c(data) != h.data_crc
             {
                 self.checksum_failures.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            out.push((slot, h, data));
+            out.push((slot, h, data.to_vec()));
         }
         out.sort_by_key(|(_, h, _)| std::cmp::Reverse(h.seq));
         Ok(out)
