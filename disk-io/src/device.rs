@@ -4,6 +4,13 @@
 //! `pread`/`pwrite`, logging the likely cause of the fallback. Callers are async and engine
 //! agnostic: requests go through a bounded channel and answers come back on a oneshot.
 //!
+//! A file on a memory file system (tmpfs, ramfs) is read and written inline, in the calling
+//! task, for requests up to [`INLINE_MAX_BYTES`]: such I/O is a memory copy that never waits
+//! for a device, and tmpfs cannot do non-blocking I/O, so io_uring would hand every request to
+//! an io-wq kernel thread and back (two thread switches per I/O, the largest cost of a QD1
+//! read in the profile; docs/benchmarks.md). Larger requests still go to the engine, so a
+//! 1 MiB copy runs beside the network work instead of in its task.
+//!
 //! Invariants:
 //! - Every request is aligned to [`IO_ALIGN_BYTES`] in offset and length and lies inside the
 //!   device; this is checked here, before the kernel sees it.
@@ -122,6 +129,29 @@ pub struct Device {
     direct: bool,
     pool: BufferPool,
     health: crate::health::DeviceHealth,
+    /// On a memory file system and opened with [`EngineChoice::Auto`]: small requests inline.
+    inline: bool,
+}
+
+/// Largest request done inline on a memory-backed file (see the module doc).
+pub const INLINE_MAX_BYTES: usize = 64 * 1024;
+
+/// Whether `file` lives on a memory file system (tmpfs or ramfs).
+fn memory_backed(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs writes one `statfs` into the pointer we pass, which points at memory of
+    // that type we own; the descriptor stays open for the call (borrowed from `file`).
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if r != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs returned 0, so it initialized the struct (zeroed before, in any case).
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // f_type's integer type differs between targets
+    let kind = st.f_type as i64;
+    kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
 }
 
 impl std::fmt::Debug for Device {
@@ -131,6 +161,7 @@ impl std::fmt::Debug for Device {
             .field("size_bytes", &self.size_bytes)
             .field("engine", &self.engine_kind())
             .field("direct", &self.direct)
+            .field("inline", &self.inline)
             .finish()
     }
 }
@@ -167,6 +198,7 @@ impl Device {
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         let size_bytes = size - size % IO_ALIGN_BYTES as u64;
         let regular_file = meta.is_file();
+        let inline = cfg.engine == EngineChoice::Auto && regular_file && memory_backed(&file);
         let file = Arc::new(file);
         let engine = match cfg.engine {
             EngineChoice::Threads => Engine::Threads(threads::ThreadEngine::start(
@@ -203,8 +235,9 @@ impl Device {
             direct,
             pool: BufferPool::new(cfg.pool_bytes.max(IO_SIZE_MAX_BYTES)),
             health: crate::health::DeviceHealth::default(),
+            inline,
         };
-        tracing::info!(path = %dev.path.display(), size_bytes, engine = ?dev.engine_kind(), direct, "backing device open");
+        tracing::info!(path = %dev.path.display(), size_bytes, engine = ?dev.engine_kind(), direct, memory_inline = inline, "backing device open");
         Ok(dev)
     }
 
@@ -224,6 +257,11 @@ impl Device {
             Engine::Uring(_) => EngineKind::Uring,
             Engine::Threads(_) => EngineKind::Threads,
         }
+    }
+
+    /// Whether small requests are done inline (a memory-backed file; see the module doc).
+    pub fn is_inline(&self) -> bool {
+        self.inline
     }
 
     /// Whether `O_DIRECT` is in effect.
@@ -282,6 +320,21 @@ impl Device {
     pub async fn read_into(&self, offset: u64, mut buf: PooledBuf) -> Result<PooledBuf> {
         self.check(offset, buf.len())?;
         let t0 = std::time::Instant::now();
+        if self.inline && buf.len() <= INLINE_MAX_BYTES {
+            let r = std::os::unix::fs::FileExt::read_exact_at(
+                &*self.file,
+                buf.as_mut_slice(),
+                offset,
+            );
+            self.health
+                .record(crate::health::IoOp::Read, t0.elapsed(), r.is_ok());
+            r.map_err(|source| IoError::Os {
+                op: "read",
+                offset,
+                source,
+            })?;
+            return Ok(buf);
+        }
         let c = self
             .submit(Op::Read {
                 buf: buf.take_buf(),
@@ -311,6 +364,21 @@ impl Device {
     ) -> Result<PooledBuf> {
         self.check(offset, buf.len())?;
         let t0 = std::time::Instant::now();
+        if self.inline && buf.len() <= INLINE_MAX_BYTES {
+            let mut r =
+                std::os::unix::fs::FileExt::write_all_at(&*self.file, buf.as_slice(), offset);
+            if fua && r.is_ok() {
+                r = self.file.sync_data();
+            }
+            self.health
+                .record(crate::health::IoOp::Write, t0.elapsed(), r.is_ok());
+            r.map_err(|source| IoError::Os {
+                op: "write",
+                offset,
+                source,
+            })?;
+            return Ok(buf);
+        }
         let c = self
             .submit(Op::Write {
                 buf: buf.take_buf(),
@@ -509,6 +577,59 @@ mod tests {
                 .unwrap();
             assert!(r.as_slice().iter().all(|&b| b == i as u8));
         }
+    }
+
+    /// A file in /dev/shm (tmpfs) opened with `Auto` is inline for small requests and still
+    /// uses the engine for large ones; both see each other's data.
+    #[tokio::test]
+    async fn memory_backed_file_is_inline_and_agrees_with_the_engine() {
+        let shm = Path::new("/dev/shm");
+        assert!(shm.is_dir(), "this test needs /dev/shm (tmpfs), which Linux hosts mount");
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let mut cfg = DeviceConfig::file(dir.path().join("m.img"), 4 << 20);
+        cfg.pool_bytes = 4 << 20;
+        let dev = Device::open(&cfg).unwrap();
+        assert!(dev.is_inline(), "tmpfs is recognised as memory-backed");
+        // A large write goes through the engine; small reads of it are inline.
+        let mut big = dev.pool().take(1 << 20).await;
+        for (i, b) in big.as_mut_slice().iter_mut().enumerate() {
+            *b = (i / 4096) as u8 ^ 0x5a;
+        }
+        let expect = big.as_slice().to_vec();
+        dev.write_from(1 << 20, big, true).await.unwrap();
+        for blk in [0usize, 7, 255] {
+            let r = dev
+                .read_into(((1 << 20) + blk * 4096) as u64, dev.pool().take(4096).await)
+                .await
+                .unwrap();
+            assert_eq!(r.as_slice(), &expect[blk * 4096..(blk + 1) * 4096]);
+        }
+        // Small inline writes are seen by a large read through the engine.
+        let mut w = dev.pool().take(INLINE_MAX_BYTES).await;
+        w.as_mut_slice().fill(0xc3);
+        dev.write_from((1 << 20) + 4096, w, false).await.unwrap();
+        let r = dev
+            .read_into(1 << 20, dev.pool().take(1 << 20).await)
+            .await
+            .unwrap();
+        assert_eq!(&r.as_slice()[..4096], &expect[..4096]);
+        assert!(r.as_slice()[4096..4096 + INLINE_MAX_BYTES]
+            .iter()
+            .all(|&b| b == 0xc3));
+        assert_eq!(
+            &r.as_slice()[4096 + INLINE_MAX_BYTES..],
+            &expect[4096 + INLINE_MAX_BYTES..]
+        );
+        assert_eq!(dev.health().ios, 6, "inline I/O is counted like the engine's");
+        // The shared checks still apply inline.
+        assert!(matches!(
+            dev.read_into(100, dev.pool().take(4096).await).await,
+            Err(IoError::Misaligned { .. })
+        ));
+        // An explicit engine choice keeps every request on that engine.
+        cfg.engine = EngineChoice::Uring;
+        cfg.path = dir.path().join("u.img");
+        assert!(!Device::open(&cfg).unwrap().is_inline());
     }
 
     async fn discard_reads_zero(engine: EngineChoice) {
