@@ -133,8 +133,9 @@ pub struct Device {
     inline: bool,
 }
 
-/// Largest request done inline on a memory-backed file (see the module doc).
-pub const INLINE_MAX_BYTES: usize = 64 * 1024;
+/// Largest request done inline on a memory-backed file (see the module doc): a shard store
+/// reads two 68 KiB slots at once, so 256 KiB keeps the cluster's chunk I/O inline.
+pub const INLINE_MAX_BYTES: usize = 256 * 1024;
 
 /// Whether `file` lives on a memory file system (tmpfs or ramfs).
 fn memory_backed(file: &File) -> bool {

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Profiles the appliance under one fio job and writes a flame graph.
+#
+#   scripts/profile.sh CONTROLLERS OUT.svg FIO-ARGS...
+#   e.g. scripts/profile.sh 1 docs/flame-single-read4k-qd32.svg --rw=randread --bs=4k --iodepth=32
+#
+# Starts `appliance up --controllers CONTROLLERS` (release build) with its data in /dev/shm on
+# loopback ports, fills 256 MiB of the volume, runs the fio job (libiscsi engine, the fio that
+# scripts/bench.sh builds) for 12 s, records `perf record -g` of `up` and its controllers for
+# 8 s in the middle, and folds the stacks into OUT.svg. Prints the job's IOPS. NOPERF=1 only
+# measures. Installs what it needs when missing: perf (Debian linux-perf) and inferno (cargo).
+# Stops only the processes it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 3 ] || { sed -n 2,4p "$0" >&2; exit 2; }
+n=$1 out=$2
+shift 2
+fio=target/fio-libiscsi/fio
+[ -x "$fio" ] || { echo "error: $fio is missing; run scripts/bench.sh once, it builds fio with libiscsi" >&2; exit 1; }
+if [ -z "${NOPERF:-}" ]; then
+  command -v perf >/dev/null || { apt-get update -qq && apt-get install -y -qq linux-perf >/dev/null; }
+  command -v inferno-flamegraph >/dev/null || [ -x "$HOME/.cargo/bin/inferno-flamegraph" ] ||
+    cargo install --quiet inferno
+  export PATH="$PATH:$HOME/.cargo/bin"
+fi
+cargo build --release -q -p appliance
+work=$(mktemp -d /dev/shm/rainio-profile.XXXXXX)
+port=34560
+target/release/appliance up --controllers "$n" --data-dir "$work" --listen 127.0.0.1:$port \
+  --api 127.0.0.1:36560 >"$work/up.log" 2>&1 &
+up=$!
+cleanup() { kill "$up" 2>/dev/null || true; wait "$up" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+for _ in $(seq 60); do grep -q 'Press Ctrl-C' "$work/up.log" 2>/dev/null && break; sleep 0.5; done
+sleep 2
+url="iscsi\\://127.0.0.1\\:$port/iqn.2026-11.io.rainio\\:appliance/0"
+common=(--ioengine=libiscsi --filename="$url" --initiator=iqn.2026-11.io.rainio:profile --direct=1 --size=256M)
+"$fio" --name=fill "${common[@]}" --rw=write --bs=1M --iodepth=8 >/dev/null
+"$fio" --name=job "${common[@]}" --time_based --runtime=12 "$@" --output-format=json >"$work/fio.json" 2>/dev/null &
+job=$!
+sleep 2
+if [ -z "${NOPERF:-}" ]; then
+  pids=$(echo "$up" $(pgrep -P "$up") | tr ' ' ',')
+  perf record -F 999 -g -o "$work/perf.data" -p "$pids" -- sleep 8 2>/dev/null
+fi
+wait "$job"
+python3 -c "import json,sys;t=open(sys.argv[1]).read();j=json.loads(t[t.index('{'):])['jobs'][0];print('IOPS read',round(j['read']['iops']),'write',round(j['write']['iops']))" "$work/fio.json"
+if [ -z "${NOPERF:-}" ]; then
+  perf script -i "$work/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --title "$(basename "$out" .svg): $*" >"$out"
+  echo "wrote $out"
+fi
