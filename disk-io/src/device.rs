@@ -322,11 +322,8 @@ impl Device {
         self.check(offset, buf.len())?;
         let t0 = std::time::Instant::now();
         if self.inline && buf.len() <= INLINE_MAX_BYTES {
-            let r = std::os::unix::fs::FileExt::read_exact_at(
-                &*self.file,
-                buf.as_mut_slice(),
-                offset,
-            );
+            let r =
+                std::os::unix::fs::FileExt::read_exact_at(&*self.file, buf.as_mut_slice(), offset);
             self.health
                 .record(crate::health::IoOp::Read, t0.elapsed(), r.is_ok());
             r.map_err(|source| IoError::Os {
@@ -585,7 +582,10 @@ mod tests {
     #[tokio::test]
     async fn memory_backed_file_is_inline_and_agrees_with_the_engine() {
         let shm = Path::new("/dev/shm");
-        assert!(shm.is_dir(), "this test needs /dev/shm (tmpfs), which Linux hosts mount");
+        assert!(
+            shm.is_dir(),
+            "this test needs /dev/shm (tmpfs), which Linux hosts mount"
+        );
         let dir = tempfile::tempdir_in(shm).unwrap();
         let mut cfg = DeviceConfig::file(dir.path().join("m.img"), 4 << 20);
         cfg.pool_bytes = 4 << 20;
@@ -621,7 +621,11 @@ mod tests {
             &r.as_slice()[4096 + INLINE_MAX_BYTES..],
             &expect[4096 + INLINE_MAX_BYTES..]
         );
-        assert_eq!(dev.health().ios, 6, "inline I/O is counted like the engine's");
+        assert_eq!(
+            dev.health().ios,
+            6,
+            "inline I/O is counted like the engine's"
+        );
         // The shared checks still apply inline.
         assert!(matches!(
             dev.read_into(100, dev.pool().take(4096).await).await,
