@@ -329,9 +329,17 @@ fn up_cluster(
         }
     };
     let api_at = |i: u32| SocketAddr::new(api_first.ip(), api_first.port() + (i as u16 - 1));
-    if !config::parse_size(chunk).is_some_and(|c| c >= 512 && c.is_power_of_two() && c <= 16 << 20)
-    {
-        eprintln!("error: --chunk `{chunk}` is not a power-of-two size from 512 bytes to 16MiB, such as 16KiB");
+    // The controllers' own config check decides (one rule): a bad --chunk fails here, before
+    // any config is written, not in every controller at start.
+    let geometry = config::parse_size(chunk)
+        .and_then(|c| u32::try_from(c).ok())
+        .ok_or_else(|| format!("`{chunk}` is not a size such as 16KiB"))
+        .and_then(|c| {
+            raid_engine::layout::Geometry::new(k, m, c, 1, Default::default(), None)
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = geometry {
+        eprintln!("error: --chunk/--k/--m: {e}");
         return ExitCode::FAILURE;
     }
     if (n as usize) < k + m {

@@ -1114,13 +1114,7 @@ async fn membership(
             }
             // Controllers marked out stop voting in the metadata log, so that the remaining
             // ones keep a majority when more fail.
-            let voters: std::collections::BTreeSet<u64> = raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .voter_ids()
-                .collect();
+            let voters = log_voters(&raft);
             let keep: std::collections::BTreeSet<u64> = voters
                 .iter()
                 .copied()
@@ -1141,14 +1135,8 @@ async fn membership(
                     ?keep,
                     "removing controllers marked out from the metadata log's voters"
                 );
-                let change =
-                    tokio::time::timeout(t.down_after, raft.change_membership(keep, false));
-                match change.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "metadata log membership change failed; retrying")
-                    }
-                    Err(_) => tracing::warn!("metadata log membership change timed out; retrying"),
+                if let Err(e) = set_log_voters(&raft, keep, t.down_after).await {
+                    tracing::warn!(error = %e, "metadata log membership change not done; retrying");
                 }
             }
             join_metadata_log(&env, &raft, &voters, t.down_after).await;
@@ -1158,39 +1146,18 @@ async fn membership(
                 // It leaves the log's voters first, so that by the time any replica shows it
                 // out (an operator's cue to stop its process) it no longer counts towards the
                 // log's majority.
-                let node = u64::from(id);
-                let voters: std::collections::BTreeSet<u64> = raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .voter_ids()
-                    .collect();
-                if voters.contains(&node) {
-                    let keep: std::collections::BTreeSet<u64> =
-                        voters.iter().copied().filter(|&v| v != node).collect();
-                    if keep.is_empty() {
+                let mut voters = log_voters(&raft);
+                if voters.remove(&u64::from(id)) {
+                    if voters.is_empty() {
                         continue;
                     }
                     tracing::info!(
                         controller = id,
                         "drained controller leaves the metadata log's voters"
                     );
-                    match tokio::time::timeout(t.down_after, raft.change_membership(keep, false))
-                        .await
-                    {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => {
-                            tracing::warn!(controller = id, error = %e, "drained controller still votes; retrying");
-                            continue;
-                        }
-                        Err(_) => {
-                            tracing::warn!(
-                                controller = id,
-                                "removing the drained controller's vote timed out; retrying"
-                            );
-                            continue;
-                        }
+                    if let Err(e) = set_log_voters(&raft, voters, t.down_after).await {
+                        tracing::warn!(controller = id, error = %e, "drained controller still votes; retrying");
+                        continue;
                     }
                 }
                 tracing::warn!(
@@ -1268,6 +1235,29 @@ async fn membership(
                 }
             }
         }
+    }
+}
+
+/// The controllers voting in the metadata log, as this replica knows them.
+fn log_voters(raft: &Raft<MetaTypes>) -> std::collections::BTreeSet<u64> {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect()
+}
+
+/// Makes `voters` the metadata log's voters (the leader's job), giving up after `within`.
+async fn set_log_voters(
+    raft: &Raft<MetaTypes>,
+    voters: std::collections::BTreeSet<u64>,
+    within: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(within, raft.change_membership(voters, false)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("not committed within {within:?}")),
     }
 }
 

@@ -321,32 +321,19 @@ impl Device {
     pub async fn read_into(&self, offset: u64, mut buf: PooledBuf) -> Result<PooledBuf> {
         self.check(offset, buf.len())?;
         let t0 = std::time::Instant::now();
-        if self.inline && buf.len() <= INLINE_MAX_BYTES {
-            let r =
-                std::os::unix::fs::FileExt::read_exact_at(&*self.file, buf.as_mut_slice(), offset);
-            self.health
-                .record(crate::health::IoOp::Read, t0.elapsed(), r.is_ok());
-            r.map_err(|source| IoError::Os {
-                op: "read",
-                offset,
-                source,
-            })?;
-            return Ok(buf);
-        }
-        let c = self
-            .submit(Op::Read {
-                buf: buf.take_buf(),
-                offset,
-            })
-            .await?;
-        self.health
-            .record(crate::health::IoOp::Read, t0.elapsed(), c.result.is_ok());
-        buf.put_buf(c.buf.expect("engine returns the buffer"));
-        c.result.map_err(|source| IoError::Os {
-            op: "read",
-            offset,
-            source,
-        })?;
+        let result = if self.inline_fits(buf.len()) {
+            std::os::unix::fs::FileExt::read_exact_at(&*self.file, buf.as_mut_slice(), offset)
+        } else {
+            let c = self
+                .submit(Op::Read {
+                    buf: buf.take_buf(),
+                    offset,
+                })
+                .await?;
+            buf.put_buf(c.buf.expect("engine returns the buffer"));
+            c.result
+        };
+        self.finish(crate::health::IoOp::Read, offset, t0, result)?;
         Ok(buf)
     }
 
@@ -362,37 +349,49 @@ impl Device {
     ) -> Result<PooledBuf> {
         self.check(offset, buf.len())?;
         let t0 = std::time::Instant::now();
-        if self.inline && buf.len() <= INLINE_MAX_BYTES {
-            let mut r =
-                std::os::unix::fs::FileExt::write_all_at(&*self.file, buf.as_slice(), offset);
-            if fua && r.is_ok() {
-                r = self.file.sync_data();
-            }
-            self.health
-                .record(crate::health::IoOp::Write, t0.elapsed(), r.is_ok());
-            r.map_err(|source| IoError::Os {
-                op: "write",
-                offset,
-                source,
-            })?;
-            return Ok(buf);
-        }
-        let c = self
-            .submit(Op::Write {
-                buf: buf.take_buf(),
-                offset,
-                fua,
-            })
-            .await?;
-        self.health
-            .record(crate::health::IoOp::Write, t0.elapsed(), c.result.is_ok());
-        buf.put_buf(c.buf.expect("engine returns the buffer"));
-        c.result.map_err(|source| IoError::Os {
-            op: "write",
+        let result = if self.inline_fits(buf.len()) {
+            std::os::unix::fs::FileExt::write_all_at(&*self.file, buf.as_slice(), offset)
+                .and_then(|()| if fua { self.file.sync_data() } else { Ok(()) })
+        } else {
+            let c = self
+                .submit(Op::Write {
+                    buf: buf.take_buf(),
+                    offset,
+                    fua,
+                })
+                .await?;
+            buf.put_buf(c.buf.expect("engine returns the buffer"));
+            c.result
+        };
+        self.finish(crate::health::IoOp::Write, offset, t0, result)?;
+        Ok(buf)
+    }
+
+    /// Whether a request of `len` bytes is done inline (see the module doc).
+    fn inline_fits(&self, len: usize) -> bool {
+        self.inline && len <= INLINE_MAX_BYTES
+    }
+
+    /// Counts a finished request in the device's health and names a kernel error.
+    fn finish(
+        &self,
+        op: crate::health::IoOp,
+        offset: u64,
+        t0: std::time::Instant,
+        result: std::io::Result<()>,
+    ) -> Result<()> {
+        self.health.record(op, t0.elapsed(), result.is_ok());
+        let name = match op {
+            crate::health::IoOp::Read => "read",
+            crate::health::IoOp::Write => "write",
+            crate::health::IoOp::Flush => "flush",
+            crate::health::IoOp::Other => "discard",
+        };
+        result.map_err(|source| IoError::Os {
+            op: name,
             offset,
             source,
-        })?;
-        Ok(buf)
+        })
     }
 
     /// Whether [`Self::discard`] deallocates space (regular files: punch hole). Block devices
@@ -489,13 +488,7 @@ impl Device {
     pub async fn flush(&self) -> Result<()> {
         let t0 = std::time::Instant::now();
         let c = self.submit(Op::Flush).await?;
-        self.health
-            .record(crate::health::IoOp::Flush, t0.elapsed(), c.result.is_ok());
-        c.result.map_err(|source| IoError::Os {
-            op: "flush",
-            offset: 0,
-            source,
-        })
+        self.finish(crate::health::IoOp::Flush, 0, t0, c.result)
     }
 }
 

@@ -45,6 +45,8 @@ struct Ring {
     pending: VecDeque<Request>,
     /// Entries pushed but not yet accepted by `io_uring_enter`.
     unsubmitted: bool,
+    /// Completions being reaped (kept to reuse its allocation).
+    cqes: Vec<(u64, i32)>,
 }
 
 struct Shared {
@@ -104,6 +106,7 @@ impl UringEngine {
                 free: (0..qd).rev().collect(),
                 pending: VecDeque::new(),
                 unsubmitted: false,
+                cqes: Vec::with_capacity(qd),
             }),
             efd,
             closed: AtomicBool::new(false),
@@ -295,12 +298,12 @@ impl Ring {
     /// again (leaving `unsubmitted` set).
     fn reap(&mut self) -> Answers {
         let mut answers = Vec::new();
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (ud, res) in cqes {
+        // Copied out first (the queue borrows the ring, and a short transfer pushes again)
+        // into a buffer the ring keeps, so reaping allocates nothing.
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(ud, res) in &cqes {
             let idx = ud as usize;
             let Some(slot) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
                 continue;
@@ -339,6 +342,7 @@ impl Ring {
                 }
             }
         }
+        self.cqes = cqes;
         answers
     }
 

@@ -636,7 +636,6 @@ async fn five_controllers_k3_m2_lose_two_at_once_reads_go_on_writes_fail_cleanly
     }
 }
 
-/// Like [`verify`], accepting any of several generations per write (for unacknowledged ones).
 /// The controllers voting in the metadata log, from a status report.
 fn voters(s: &serde_json::Value) -> Vec<u64> {
     s["log"]["voters"]
@@ -647,6 +646,7 @@ fn voters(s: &serde_json::Value) -> Vec<u64> {
         .collect()
 }
 
+/// Like [`verify`], accepting any of several generations per write (for unacknowledged ones).
 async fn verify_any(addr: SocketAddr, want: &BTreeMap<u64, Vec<u32>>, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut i = connect(addr, deadline).await;
