@@ -28,7 +28,9 @@ use openraft::{BasicNode, Config, Raft};
 use raid_engine::cluster::{ClusterEnv, IntentMark, RowIntent, VolError, VolumeMeta};
 use raid_engine::engine::Engine;
 use raid_engine::layout::ControllerId;
-use raid_engine::shard::{BoxFut, Chunk, ChunkAddr, ShardError, ShardStore, VolumeId};
+use raid_engine::shard::{
+    BoxFut, Chunk, ChunkAddr, Patch, RangeRead, ShardError, ShardStore, VolumeId,
+};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -381,6 +383,14 @@ fn vol_err(e: CallError) -> VolError {
         CallError::Remote(RemoteError::NotPrimary(x)) => VolError::NotPrimary(x),
         CallError::Remote(RemoteError::Fenced) => VolError::Fenced,
         other => VolError::Peer(other.to_string()),
+    }
+}
+
+/// A holder's refusal, as the peer sees it (a stale epoch keeps its figures).
+fn shard_remote(e: ShardError) -> RemoteError {
+    match e {
+        ShardError::StaleEpoch { ours, theirs } => RemoteError::StaleEpoch { ours, theirs },
+        e => remote(e),
     }
 }
 
@@ -743,6 +753,51 @@ impl ClusterEnv for NodeEnv {
             match self
                 .client(to)?
                 .call(epoch, Request::WriteChunk(addr, chunk))
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) => Err(shard_err(to, e)),
+            }
+        })
+    }
+    fn read_range(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        addr: ChunkAddr,
+        read: RangeRead,
+    ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
+        Box::pin(async move {
+            if to == self.me {
+                let e = self.engine().ok_or(ShardError::Unreachable(to))?;
+                return e.handle_read_range(epoch, addr, read).await;
+            }
+            match self
+                .client(to)?
+                .call(epoch, Request::ReadRange(addr, read))
+                .await
+            {
+                Ok(Reply::Copies(c)) => Ok(c),
+                Ok(_) => Err(ShardError::Io("unexpected reply".into())),
+                Err(e) => Err(shard_err(to, e)),
+            }
+        })
+    }
+    fn patch_chunk(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        addr: ChunkAddr,
+        patch: Patch,
+    ) -> BoxFut<'_, Result<(), ShardError>> {
+        Box::pin(async move {
+            if to == self.me {
+                let e = self.engine().ok_or(ShardError::Unreachable(to))?;
+                return e.handle_patch_chunk(epoch, addr, patch).await;
+            }
+            match self
+                .client(to)?
+                .call(epoch, Request::PatchChunk(addr, patch))
                 .await
             {
                 Ok(_) => Ok(()),
@@ -1951,22 +2006,30 @@ impl PeerHandler for Handler {
     ) -> BoxFut<'_, Result<Reply, RemoteError>> {
         Box::pin(async move {
             match req {
-                Request::ReadChunk(a) => match self.engine.handle_read_chunk(epoch, a).await {
-                    Ok(c) => Ok(Reply::Copies(c)),
-                    Err(ShardError::StaleEpoch { ours, theirs }) => {
-                        Err(RemoteError::StaleEpoch { ours, theirs })
-                    }
-                    Err(e) => Err(remote(e)),
-                },
-                Request::WriteChunk(a, c) => {
-                    match self.engine.handle_write_chunk(epoch, a, c).await {
-                        Ok(()) => Ok(Reply::Done),
-                        Err(ShardError::StaleEpoch { ours, theirs }) => {
-                            Err(RemoteError::StaleEpoch { ours, theirs })
-                        }
-                        Err(e) => Err(remote(e)),
-                    }
-                }
+                Request::ReadChunk(a) => self
+                    .engine
+                    .handle_read_chunk(epoch, a)
+                    .await
+                    .map(Reply::Copies)
+                    .map_err(shard_remote),
+                Request::WriteChunk(a, c) => self
+                    .engine
+                    .handle_write_chunk(epoch, a, c)
+                    .await
+                    .map(|()| Reply::Done)
+                    .map_err(shard_remote),
+                Request::ReadRange(a, read) => self
+                    .engine
+                    .handle_read_range(epoch, a, read)
+                    .await
+                    .map(Reply::Copies)
+                    .map_err(shard_remote),
+                Request::PatchChunk(a, patch) => self
+                    .engine
+                    .handle_patch_chunk(epoch, a, patch)
+                    .await
+                    .map(|()| Reply::Done)
+                    .map_err(shard_remote),
                 Request::ForwardWrite {
                     volume,
                     offset,

@@ -14,7 +14,7 @@
 //!   controller becomes primary next (replicated through the metadata log).
 
 use crate::layout::{ControllerId, Layout, LayoutError};
-use crate::shard::{BoxFut, Chunk, ChunkAddr, ShardError, VolumeId};
+use crate::shard::{BoxFut, Chunk, ChunkAddr, Patch, RangeRead, ShardError, VolumeId, Want};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -199,6 +199,36 @@ pub trait ClusterEnv: Send + Sync + fmt::Debug {
         addr: ChunkAddr,
         chunk: Chunk,
     ) -> BoxFut<'_, Result<(), ShardError>>;
+    /// Part of the copies of a chunk at controller `to` (see [`RangeRead`]); the holder checks
+    /// each copy whole before cutting it. The default reads whole copies and cuts them here.
+    fn read_range(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        addr: ChunkAddr,
+        read: RangeRead,
+    ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
+        Box::pin(async move { Ok(read.cut(self.read_chunk(to, epoch, addr).await?)) })
+    }
+    /// Makes a new copy of a chunk at controller `to` from one it holds (see [`Patch`]);
+    /// durable on `Ok`. The default reads the base copy here and writes the whole chunk.
+    fn patch_chunk(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        addr: ChunkAddr,
+        patch: Patch,
+    ) -> BoxFut<'_, Result<(), ShardError>> {
+        Box::pin(async move {
+            let copies = if patch.base == Want::Zero {
+                Vec::new()
+            } else {
+                self.read_chunk(to, epoch, addr).await?
+            };
+            let chunk = patch.apply(copies)?;
+            self.write_chunk(to, epoch, addr, chunk).await
+        })
+    }
     /// Hands a host write to the extent's primary `to`.
     fn forward_write(
         &self,

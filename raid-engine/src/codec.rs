@@ -15,6 +15,11 @@
 //!   even length (a `reed-solomon-simd` requirement, kept for both so they are interchangeable).
 //! - `reconstruct` with at least `k` shards present restores every missing shard, data and
 //!   parity, bit for bit (property test: any `k` of `k + m`).
+//! - Both codes are linear and byte-local at [`DELTA_ALIGN`] granularity: changing bytes
+//!   `[off, off + n)` of one data shard by `delta` (XOR) changes bytes `[off, off + n)` of each
+//!   parity shard by [`ErasureCodec::parity_delta`] of `delta`, when `off` and `n` are multiples
+//!   of [`DELTA_ALIGN`] (property test). Small writes update parity with that instead of
+//!   re-encoding the whole row.
 
 use std::fmt;
 
@@ -95,6 +100,10 @@ pub enum CodecError {
     Library(String),
 }
 
+/// Alignment (offset and length, bytes) at which [`ErasureCodec::parity_delta`] applies:
+/// `reed-solomon-simd` works on 64-byte blocks.
+pub const DELTA_ALIGN: usize = 64;
+
 /// An erasure code for one geometry.
 pub trait ErasureCodec: Send + Sync + fmt::Debug {
     /// Which code this is.
@@ -113,6 +122,26 @@ pub trait ErasureCodec: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`CodecError::TooFewShards`] with fewer than `k` present; [`CodecError::Shape`].
     fn reconstruct(&self, shards: &mut [Option<Vec<u8>>]) -> Result<(), CodecError>;
+    /// The change of each parity shard when data shard `col` changes by `delta` (XOR) over a
+    /// [`DELTA_ALIGN`]-aligned byte range: the parity of a row that is `delta` in `col` and
+    /// zero elsewhere (the codes are linear). Returns `m` buffers of `delta.len()` bytes.
+    ///
+    /// # Errors
+    /// [`CodecError::Shape`] for `col >= k` or a length that is not a non-zero multiple of
+    /// [`DELTA_ALIGN`].
+    fn parity_delta(&self, col: usize, delta: &[u8]) -> Result<Vec<Vec<u8>>, CodecError> {
+        let (k, m) = (self.data_shards(), self.parity_shards());
+        if col >= k || delta.is_empty() || !delta.len().is_multiple_of(DELTA_ALIGN) {
+            return Err(CodecError::Shape { expected: k });
+        }
+        let zero = vec![0u8; delta.len()];
+        let refs: Vec<&[u8]> = (0..k)
+            .map(|c| if c == col { delta } else { zero.as_slice() })
+            .collect();
+        let mut parity = vec![vec![0u8; delta.len()]; m];
+        self.encode(&refs, &mut parity)?;
+        Ok(parity)
+    }
 }
 
 /// A codec of `kind` for `k` data and `m` parity shards.
@@ -353,5 +382,56 @@ mod tests {
             let restored: Vec<Vec<u8>> = shards.into_iter().map(Option::unwrap).collect();
             prop_assert_eq!(restored, full);
         }
+
+        /// Rewriting an aligned range of one data shard and XOR-ing the parity delta of the
+        /// change into the old parity gives exactly the parity of the new row.
+        #[test]
+        fn parity_delta_of_a_range_equals_re_encoding(
+            kind in prop_oneof![Just(CodecKind::ReedSolomonSimd), Just(CodecKind::GfMatrix)],
+            (k, m) in (1usize..=6, 1usize..=4),
+            blocks in 1usize..24,
+            (first, count) in (0usize..24, 1usize..24),
+            col_pick in any::<usize>(),
+            seed in any::<u8>(),
+        ) {
+            let len = blocks * DELTA_ALIGN;
+            let first = first % blocks;
+            let count = count.min(blocks - first);
+            let (off, n) = (first * DELTA_ALIGN, count * DELTA_ALIGN);
+            let col = col_pick % k;
+            let codec = new_codec(kind, k, m).unwrap();
+            let old = row(k, len, seed);
+            let refs: Vec<&[u8]> = old.iter().map(Vec::as_slice).collect();
+            let mut parity = vec![vec![0u8; len]; m];
+            codec.encode(&refs, &mut parity).unwrap();
+            let mut new = old.clone();
+            for (i, b) in new[col][off..off + n].iter_mut().enumerate() {
+                *b = b.wrapping_mul(7).wrapping_add(i as u8) ^ seed;
+            }
+            let delta: Vec<u8> = old[col][off..off + n]
+                .iter()
+                .zip(&new[col][off..off + n])
+                .map(|(a, b)| a ^ b)
+                .collect();
+            let pd = codec.parity_delta(col, &delta).unwrap();
+            for (p, d) in parity.iter_mut().zip(&pd) {
+                for (x, y) in p[off..off + n].iter_mut().zip(d) {
+                    *x ^= y;
+                }
+            }
+            let refs: Vec<&[u8]> = new.iter().map(Vec::as_slice).collect();
+            let mut want = vec![vec![0u8; len]; m];
+            codec.encode(&refs, &mut want).unwrap();
+            prop_assert_eq!(parity, want);
+        }
+    }
+
+    #[test]
+    fn parity_delta_refuses_unaligned_ranges_and_bad_columns() {
+        let c = new_codec(CodecKind::GfMatrix, 2, 1).unwrap();
+        assert!(c.parity_delta(0, &[1; 60]).is_err());
+        assert!(c.parity_delta(2, &[1; 64]).is_err());
+        assert!(c.parity_delta(0, &[]).is_err());
+        assert_eq!(c.parity_delta(1, &[0; 128]).unwrap(), vec![vec![0; 128]]);
     }
 }

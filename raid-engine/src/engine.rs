@@ -37,12 +37,15 @@
 //!   that missed it is marked in the write-intent log.
 
 use crate::cluster::{ClusterEnv, ClusterView, ControllerState, IntentMark, VolError, VolumeMeta};
-use crate::codec::{new_codec, ErasureCodec};
+use crate::codec::{new_codec, ErasureCodec, DELTA_ALIGN};
 use crate::layout::{ControllerId, RowSpan};
 use crate::range_lock::RangeLock;
-use crate::shard::{Chunk, ChunkAddr, ShardError, ShardStore, VolumeId};
+use crate::shard::{
+    Chunk, ChunkAddr, Patch, PatchOp, RangeRead, ShardError, ShardStore, VolumeId, Want,
+};
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -175,6 +178,8 @@ pub struct EngineStats {
     pub hedges_won: u64,
     /// Chunks copied to the new holders of moved positions (rebuild, drain, rebalance).
     pub moved_chunks: u64,
+    /// Row writes committed as patches (changed bytes and parity deltas, not whole chunks).
+    pub patched_writes: u64,
 }
 
 /// Recent chunk read latencies, and the hedging threshold derived from them: twice their
@@ -637,14 +642,28 @@ impl Engine {
         data: &[u8],
     ) -> Result<()> {
         let (view, vol) = self.as_primary(epoch, volume, offset, data.len() as u64)?;
-        for span in vol.meta.layout.spans(offset, data.len() as u64) {
-            let g = vol.global_row(span.extent, span.row);
-            let _row = vol.rows.lock(g, g + 1).await;
-            self.still(epoch)?;
-            let meta = self.row_meta(&view, &vol, span.extent, span.row).await?;
-            let bytes = &data[span.request_offset as usize..][..span.len as usize];
-            self.write_row(&view, &vol, span, meta, bytes).await?;
-        }
+        // Rows are independent (each under its own lock): a multi-row write commits them
+        // concurrently, so its latency is one row's, not the sum.
+        let rows = vol
+            .meta
+            .layout
+            .spans(offset, data.len() as u64)
+            .into_iter()
+            .map(|span| {
+                let (view, vol) = (&view, &vol);
+                async move {
+                    let g = vol.global_row(span.extent, span.row);
+                    let _row = vol.rows.lock(g, g + 1).await;
+                    self.still(epoch)?;
+                    let meta = self.row_meta(view, vol, span.extent, span.row).await?;
+                    let bytes = &data[span.request_offset as usize..][..span.len as usize];
+                    self.write_row(view, vol, span, meta, bytes).await
+                }
+            });
+        futures::future::join_all(rows)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>>>()?;
         Ok(())
     }
 
@@ -660,31 +679,39 @@ impl Engine {
         len: u64,
     ) -> Result<Vec<u8>> {
         let (view, vol) = self.as_primary(epoch, volume, offset, len)?;
-        let mut out = vec![0u8; len as usize];
         let cb = vol.chunk();
-        for span in vol.meta.layout.spans(offset, len) {
-            let g = vol.global_row(span.extent, span.row);
-            let _row = vol.rows.lock(g, g + 1).await;
-            self.still(epoch)?;
-            let meta = self.row_meta(&view, &vol, span.extent, span.row).await?;
-            let first = span.offset_in_row as usize / cb;
-            let last = (span.offset_in_row + span.len - 1) as usize / cb;
-            let need: Vec<usize> = (first..=last).collect();
-            let cols = self
-                .read_cols(&view, &vol, span.extent, span.row, &meta, &need)
-                .await?;
-            let dst = &mut out[span.request_offset as usize..][..span.len as usize];
-            let mut done = 0;
-            for (c, col) in cols.iter().enumerate().take(last + 1).skip(first) {
-                let col = col.as_ref().expect("requested column");
-                let from = if c == first {
-                    span.offset_in_row as usize % cb
-                } else {
-                    0
-                };
-                let n = (cb - from).min(dst.len() - done);
-                dst[done..done + n].copy_from_slice(&col[from..from + n]);
-                done += n;
+        // Rows are read concurrently, each under its own lock; each needs only the byte
+        // ranges of the columns it covers.
+        let rows = vol.meta.layout.spans(offset, len).into_iter().map(|span| {
+            let (view, vol) = (&view, &vol);
+            async move {
+                let g = vol.global_row(span.extent, span.row);
+                let _row = vol.rows.lock(g, g + 1).await;
+                self.still(epoch)?;
+                let meta = self.row_meta(view, vol, span.extent, span.row).await?;
+                let start = span.offset_in_row as usize;
+                let end = start + span.len as usize;
+                let need: Vec<(usize, Range<usize>)> = (start / cb..=(end - 1) / cb)
+                    .map(|c| {
+                        (
+                            c,
+                            start.max(c * cb) - c * cb..end.min((c + 1) * cb) - c * cb,
+                        )
+                    })
+                    .collect();
+                let cols = self
+                    .read_cols(view, vol, span.extent, span.row, &meta, &need)
+                    .await?;
+                Ok::<_, VolError>((span.request_offset as usize, need, cols))
+            }
+        });
+        let mut out = vec![0u8; len as usize];
+        for row in futures::future::join_all(rows).await {
+            let (mut at, need, mut cols) = row?;
+            for (c, _) in need {
+                let part = cols[c].take().expect("requested column");
+                out[at..at + part.len()].copy_from_slice(&part);
+                at += part.len();
             }
         }
         Ok(out)
@@ -722,6 +749,62 @@ impl Engine {
             self.latency.record(t0.elapsed());
         }
         got
+    }
+
+    /// Part of the copies at `pos` (see [`RangeRead`]), or `None` when its holder is down or
+    /// fails.
+    async fn read_pos_range(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+        pos: usize,
+        read: RangeRead,
+    ) -> Option<Vec<Chunk>> {
+        let holder = vol.meta.placement[extent as usize][pos];
+        if !view.reachable(holder) {
+            return None;
+        }
+        let t0 = std::time::Instant::now();
+        let got = self
+            .env
+            .read_range(holder, view.epoch, Self::addr(vol, extent, row, pos), read)
+            .await
+            .ok();
+        if got.is_some() {
+            self.latency.record(t0.elapsed());
+        }
+        got
+    }
+
+    /// Bytes `range` of data column `c` at state `meta`, from its holder (only the copy
+    /// valid for the state is sent); `None` when the holder lacks it or fails.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_col_range(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+        meta: &RowMeta,
+        c: usize,
+        range: Range<usize>,
+    ) -> Option<Vec<u8>> {
+        if meta.is_zero(c) {
+            return Some(zeros(range.len()));
+        }
+        let len = range.len();
+        let read = RangeRead {
+            want: Want::Version(meta.want(c)),
+            off: u32::try_from(range.start).ok()?,
+            len: u32::try_from(len).ok()?,
+        };
+        let copies = self.read_pos_range(view, vol, extent, row, c, read).await?;
+        copies
+            .into_iter()
+            .find(|x| x.data.len() == len)
+            .map(|x| x.data)
     }
 
     /// The hedging threshold now (`None` until enough reads were seen).
@@ -962,8 +1045,9 @@ impl Engine {
         })
     }
 
-    /// Data columns `need` of the row at state `meta`: straight from their holders, or
-    /// reconstructed when any is behind, down or failing. Other entries are `None`.
+    /// Byte ranges of data columns of the row at state `meta` (`need`: column and range in
+    /// it): straight from their holders, or reconstructed when any is behind, down or
+    /// failing. Entry `c` of the result is column `c`'s range when asked for, else `None`.
     async fn read_cols(
         &self,
         view: &ClusterView,
@@ -971,19 +1055,17 @@ impl Engine {
         extent: u64,
         row: u32,
         meta: &RowMeta,
-        need: &[usize],
+        need: &[(usize, Range<usize>)],
     ) -> Result<Vec<Option<Vec<u8>>>> {
-        let cb = vol.chunk();
         let mut out: Vec<Option<Vec<u8>>> = vec![None; vol.k()];
-        let direct = need.iter().map(|&c| async move {
-            if meta.is_behind(c) {
-                return (c, None);
+        let direct = need.iter().map(|(c, range)| async move {
+            if meta.is_behind(*c) {
+                return (*c, None);
             }
-            if meta.is_zero(c) {
-                return (c, Some(zeros(cb)));
-            }
-            let got = self.read_pos(view, vol, extent, row, c).await;
-            (c, got.and_then(|copies| meta.pick(c, &copies, cb)))
+            let got = self
+                .read_col_range(view, vol, extent, row, meta, *c, range.clone())
+                .await;
+            (*c, got)
         });
         let direct = futures::future::join_all(direct);
         let answers = match self.latency.threshold() {
@@ -1003,8 +1085,8 @@ impl Engine {
                             futures::future::Either::Left((answers, _)) => answers,
                             futures::future::Either::Right((Ok(full), _)) => {
                                 self.stats.lock().expect("stats").hedges_won += 1;
-                                for &c in need {
-                                    out[c] = Some(full[c].clone());
+                                for (c, range) in need {
+                                    out[*c] = Some(full[*c][range.clone()].to_vec());
                                 }
                                 return Ok(out);
                             }
@@ -1021,9 +1103,9 @@ impl Engine {
         }
         if missing {
             let full = self.reconstruct(view, vol, extent, row, meta).await?;
-            for &c in need {
-                if out[c].is_none() {
-                    out[c] = Some(full[c].clone());
+            for (c, range) in need {
+                if out[*c].is_none() {
+                    out[*c] = Some(full[*c][range.clone()].to_vec());
                 }
             }
         }
@@ -1089,48 +1171,38 @@ impl Engine {
         meta: RowMeta,
         bytes: &[u8],
     ) -> Result<()> {
-        let (k, cb) = (vol.k(), vol.chunk());
+        let cb = vol.chunk();
         let start = span.offset_in_row as usize;
         let end = start + span.len as usize;
         let first = start / cb;
         let last = (end - 1) / cb;
-        // Columns whose old content is needed: untouched ones (for parity) and partial ones.
-        let need: Vec<usize> = (0..k)
-            .filter(|&c| {
-                c < first
-                    || c > last
-                    || (c == first && !start.is_multiple_of(cb))
-                    || (c == last && !end.is_multiple_of(cb))
-            })
-            .collect();
-        let mut cols = if need.is_empty() {
-            vec![None; k]
-        } else {
-            self.read_cols(view, vol, span.extent, span.row, &meta, &need)
-                .await?
-        };
-        let mut data: Vec<Vec<u8>> = cols
-            .iter_mut()
-            .map(|c| c.take().unwrap_or_else(|| zeros(cb)))
-            .collect();
-        for c in first..=last {
-            let from = (c * cb).max(start);
-            let to = ((c + 1) * cb).min(end);
-            data[c][from - c * cb..to - c * cb].copy_from_slice(&bytes[from - start..to - start]);
-        }
-        let touched: Vec<usize> = (first..=last).collect();
-        let commit = self
-            .commit_row(
+        // A write inside one column of a row every position holds patches it: the column's
+        // old bytes are read, and only the new bytes and the parity change travel.
+        let delta = first == last
+            && meta.behind == 0
+            && meta.unknown == 0
+            && start.is_multiple_of(DELTA_ALIGN)
+            && end.is_multiple_of(DELTA_ALIGN);
+        let patched = if delta {
+            self.commit_delta(
                 view,
                 vol,
                 span.extent,
                 span.row,
                 &meta,
-                &touched,
-                data,
-                true,
+                first,
+                start - first * cb,
+                bytes,
             )
-            .await;
+            .await
+        } else {
+            Ok(None)
+        };
+        let commit = match patched {
+            Ok(Some(new)) => Ok(new),
+            Err(e) => Err(e),
+            Ok(None) => self.write_row_whole(view, vol, span, &meta, bytes).await,
+        };
         let mut new = match commit {
             Ok(new) => new,
             Err(e) => {
@@ -1160,6 +1232,139 @@ impl Engine {
             });
         }
         Ok(())
+    }
+
+    /// Writes `bytes` into the row by writing whole chunks: the touched data columns (old
+    /// content read where a column is only partly written) and every parity column,
+    /// re-encoded from all data columns.
+    async fn write_row_whole(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        span: RowSpan,
+        meta: &RowMeta,
+        bytes: &[u8],
+    ) -> Result<RowMeta> {
+        let (k, cb) = (vol.k(), vol.chunk());
+        let start = span.offset_in_row as usize;
+        let end = start + span.len as usize;
+        let first = start / cb;
+        let last = (end - 1) / cb;
+        // Columns whose old content is needed: untouched ones (for parity) and partial ones.
+        let need: Vec<(usize, Range<usize>)> = (0..k)
+            .filter(|&c| {
+                c < first
+                    || c > last
+                    || (c == first && !start.is_multiple_of(cb))
+                    || (c == last && !end.is_multiple_of(cb))
+            })
+            .map(|c| (c, 0..cb))
+            .collect();
+        let mut cols = if need.is_empty() {
+            vec![None; k]
+        } else {
+            self.read_cols(view, vol, span.extent, span.row, meta, &need)
+                .await?
+        };
+        let mut data: Vec<Vec<u8>> = cols
+            .iter_mut()
+            .map(|c| c.take().unwrap_or_else(|| zeros(cb)))
+            .collect();
+        for c in first..=last {
+            let from = (c * cb).max(start);
+            let to = ((c + 1) * cb).min(end);
+            data[c][from - c * cb..to - c * cb].copy_from_slice(&bytes[from - start..to - start]);
+        }
+        let touched: Vec<usize> = (first..=last).collect();
+        self.commit_row(view, vol, span.extent, span.row, meta, &touched, data, true)
+            .await
+    }
+
+    /// Writes `bytes` at offset `off` of data column `c` as patches: the column's old bytes
+    /// there are read from its holder (only the state's copy, only the range), the new bytes
+    /// go to that holder and each parity column's change (the codec's parity delta of old XOR
+    /// new) to the parity holders, which apply them to the copies of `meta`'s state they hold.
+    /// The copies made are exactly those a whole-chunk write would make. `None` when the old
+    /// bytes cannot be read (the caller writes whole chunks instead).
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_delta(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+        meta: &RowMeta,
+        c: usize,
+        off: usize,
+        bytes: &[u8],
+    ) -> Result<Option<RowMeta>> {
+        let (k, n, cb) = (vol.k(), vol.width(), vol.chunk());
+        let Some(mut delta) = self
+            .read_col_range(view, vol, extent, row, meta, c, off..off + bytes.len())
+            .await
+        else {
+            return Ok(None);
+        };
+        for (d, b) in delta.iter_mut().zip(bytes) {
+            *d ^= b;
+        }
+        let parity = vol
+            .codec
+            .parity_delta(c, &delta)
+            .map_err(|e| VolError::Peer(e.to_string()))?;
+        let version = self.new_version(view, meta);
+        let mut new = meta.clone();
+        new.version = version;
+        new.cols[c] = version;
+        let (chunk_len, off) = (cb as u32, off as u32);
+        let patch = |p: usize, base: Want, op: PatchOp, data: Vec<u8>| Patch {
+            base: if meta.is_zero(p) { Want::Zero } else { base },
+            chunk_len,
+            off,
+            op,
+            head: Chunk {
+                version: new.want(p),
+                cols: new.cols.clone(),
+                acked: meta.acked,
+                acked_cols: meta.acked_cols.clone(),
+                data,
+            },
+        };
+        let mut patches = vec![(
+            c,
+            patch(
+                c,
+                Want::Version(meta.want(c)),
+                PatchOp::Replace,
+                bytes.to_vec(),
+            ),
+        )];
+        for (j, d) in parity.into_iter().enumerate() {
+            patches.push((
+                k + j,
+                patch(k + j, Want::Cols(meta.cols.clone()), PatchOp::Xor, d),
+            ));
+        }
+        let set = &vol.meta.placement[extent as usize];
+        let sends = patches.into_iter().map(|(p, patch)| {
+            let holder = set[p];
+            let addr = Self::addr(vol, extent, row, p);
+            async move {
+                if !view.reachable(holder) {
+                    return (p, Err(ShardError::Unreachable(holder)));
+                }
+                (
+                    p,
+                    self.env.patch_chunk(holder, view.epoch, addr, patch).await,
+                )
+            }
+        });
+        let results = futures::future::join_all(sends).await;
+        debug_assert!(results.len() == 1 + n - k);
+        self.stats.lock().expect("stats").patched_writes += 1;
+        self.settle(view, vol, extent, row, meta, new, results)
+            .await
+            .map(Some)
     }
 
     /// A version for a new state of a row: above its current state, and from this primary's
@@ -1224,8 +1429,27 @@ impl Engine {
                 )
             }
         });
+        let results = futures::future::join_all(sends).await;
+        self.settle(view, vol, extent, row, meta, new, results)
+            .await
+    }
+
+    /// Accounts for the writes of a new state `new` (from `meta`): positions whose write
+    /// failed, and those not known to hold the state, are marked (durably) before returning.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+        meta: &RowMeta,
+        mut new: RowMeta,
+        results: Vec<(usize, std::result::Result<(), ShardError>)>,
+    ) -> Result<RowMeta> {
+        let n = vol.width();
         let mut missed = Vec::new();
-        for (p, r) in futures::future::join_all(sends).await {
+        for (p, r) in results {
             new.unknown &= !(1 << p);
             match r {
                 Ok(()) => new.behind &= !(1 << p),
@@ -1300,6 +1524,54 @@ impl Engine {
         addr: ChunkAddr,
         chunk: Chunk,
     ) -> std::result::Result<(), ShardError> {
+        self.admit(epoch)?;
+        self.store.write(addr, chunk).await
+    }
+
+    /// A ranged chunk read (see [`RangeRead`]) from a peer or this controller at `epoch`:
+    /// copies are checked whole here, and only the range of the wanted ones is returned.
+    ///
+    /// # Errors
+    /// [`ShardError::StaleEpoch`] when the sender is behind; device errors.
+    pub async fn handle_read_range(
+        &self,
+        epoch: u64,
+        addr: ChunkAddr,
+        read: RangeRead,
+    ) -> std::result::Result<Vec<Chunk>, ShardError> {
+        self.admit(epoch)?;
+        Ok(read.cut(self.store.read(addr).await?))
+    }
+
+    /// A patch (see [`Patch`]) from the extent's primary at `epoch`: the base copy is read
+    /// here, so only the changed bytes crossed the network.
+    ///
+    /// # Errors
+    /// [`ShardError::StaleEpoch`] when the sender is behind; [`ShardError::Mismatch`] when
+    /// the base copy is not here or the patch does not fit the volume's chunks; device errors.
+    pub async fn handle_patch_chunk(
+        &self,
+        epoch: u64,
+        addr: ChunkAddr,
+        patch: Patch,
+    ) -> std::result::Result<(), ShardError> {
+        self.admit(epoch)?;
+        // The chunk length comes from the volume, never from the request alone (a patch
+        // from zeros allocates it).
+        let chunk = self.lock().volumes.get(&addr.volume).map(|v| v.chunk());
+        if chunk != Some(patch.chunk_len as usize) {
+            return Err(ShardError::Mismatch(format!(
+                "patch for {}-byte chunks of volume {}, which has {chunk:?}",
+                patch.chunk_len, addr.volume
+            )));
+        }
+        let copies = if patch.base == Want::Zero {
+            Vec::new()
+        } else {
+            self.store.read(addr).await?
+        };
+        let chunk = patch.apply(copies)?;
+        // Again after the read: a newer primary's request may have arrived meanwhile.
         self.admit(epoch)?;
         self.store.write(addr, chunk).await
     }

@@ -129,6 +129,131 @@ pub enum ShardError {
     /// The holder's device failed.
     #[error("device error: {0}")]
     Io(String),
+    /// A patch named a base copy the holder does not have, or a range outside the chunk: the
+    /// holder's copies are not what the primary believes (the position is marked for resync).
+    #[error("holder's copies do not match the request: {0}")]
+    Mismatch(String),
+}
+
+/// Which copy of a chunk a ranged read returns or a patch starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Want {
+    /// Every valid copy (reads only).
+    Any,
+    /// No copy: the state's content here is all zeros (never written); a patch starts from
+    /// zeros.
+    Zero,
+    /// The copy written at this version (a data column of the state).
+    Version(u64),
+    /// The copy belonging to the row state with these column versions (a parity column).
+    Cols(Vec<u64>),
+}
+
+impl Want {
+    /// Whether copy `c` is the one wanted.
+    pub fn matches(&self, c: &Chunk) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Zero => false,
+            Self::Version(v) => c.version == *v,
+            Self::Cols(cols) => c.cols == *cols,
+        }
+    }
+}
+
+/// How a patch's bytes combine with its base copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchOp {
+    /// The bytes replace the range (a data column's new content).
+    Replace,
+    /// The bytes are XOR-ed into the range (a parity column's change).
+    Xor,
+}
+
+/// A ranged read: bytes `[off, off + len)` of the copies `want` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeRead {
+    /// Which copies.
+    pub want: Want,
+    /// First byte.
+    pub off: u32,
+    /// Bytes.
+    pub len: u32,
+}
+
+impl RangeRead {
+    /// The copies this read names, each cut to its range: what the holder returns. Copies
+    /// shorter than the range are left out.
+    pub fn cut(&self, copies: Vec<Chunk>) -> Vec<Chunk> {
+        let (off, len) = (self.off as usize, self.len as usize);
+        copies
+            .into_iter()
+            .filter(|c| self.want.matches(c) && off + len <= c.data.len())
+            .map(|mut c| {
+                if off > 0 || len < c.data.len() {
+                    c.data = c.data[off..off + len].to_vec();
+                }
+                c
+            })
+            .collect()
+    }
+}
+
+/// A patch: a new copy of a chunk made at its holder from the copy `base` names, with
+/// `head.data` applied at `off` by `op`, under `head`'s version and column vectors. A small
+/// write sends the changed bytes instead of whole chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Patch {
+    /// The copy it starts from.
+    pub base: Want,
+    /// The chunk's full length.
+    pub chunk_len: u32,
+    /// Where `head.data` goes.
+    pub off: u32,
+    /// How it combines.
+    pub op: PatchOp,
+    /// Header of the new copy; its `data` is the patch's bytes.
+    pub head: Chunk,
+}
+
+impl Patch {
+    /// The copy the patch produces from the holder's `copies`.
+    ///
+    /// # Errors
+    /// [`ShardError::Mismatch`] when no copy matches `base` at `chunk_len` bytes, or the range
+    /// does not fit.
+    pub fn apply(self, copies: Vec<Chunk>) -> Result<Chunk, ShardError> {
+        let (off, chunk_len) = (self.off as usize, self.chunk_len as usize);
+        let end = off
+            .checked_add(self.head.data.len())
+            .filter(|&e| e <= chunk_len)
+            .ok_or_else(|| {
+                ShardError::Mismatch(format!(
+                    "range {off}+{} outside a {chunk_len}-byte chunk",
+                    self.head.data.len()
+                ))
+            })?;
+        let mut data = match &self.base {
+            Want::Zero => vec![0; chunk_len],
+            Want::Any => return Err(ShardError::Mismatch("a patch needs a named base".into())),
+            base => {
+                copies
+                    .into_iter()
+                    .find(|c| base.matches(c) && c.data.len() == chunk_len)
+                    .ok_or_else(|| ShardError::Mismatch(format!("no copy matching {base:?}")))?
+                    .data
+            }
+        };
+        match self.op {
+            PatchOp::Replace => data[off..end].copy_from_slice(&self.head.data),
+            PatchOp::Xor => {
+                for (d, p) in data[off..end].iter_mut().zip(&self.head.data) {
+                    *d ^= p;
+                }
+            }
+        }
+        Ok(Chunk { data, ..self.head })
+    }
 }
 
 /// A controller's local chunk storage.
@@ -282,6 +407,51 @@ mod tests {
             acked: v,
             acked_cols: Vec::new(),
             data: vec![v as u8; 16],
+        }
+    }
+
+    #[test]
+    fn ranged_reads_and_patches_start_from_the_named_copy() {
+        let copies = vec![chunk(7), chunk(5)];
+        let read = |want, off, len| RangeRead { want, off, len };
+        let cut = read(Want::Version(5), 4, 8).cut(copies.clone());
+        assert_eq!(cut.len(), 1);
+        assert_eq!((cut[0].version, cut[0].data.clone()), (5, vec![5; 8]));
+        assert_eq!(read(Want::Any, 0, 16).cut(copies.clone()).len(), 2);
+        assert!(read(Want::Any, 8, 9).cut(copies.clone()).is_empty());
+        assert!(read(Want::Cols(vec![9, 0]), 0, 4)
+            .cut(copies.clone())
+            .is_empty());
+        let mut head = chunk(9);
+        head.data = vec![0xff; 4];
+        let patch = |base, chunk_len, off, op| Patch {
+            base,
+            chunk_len,
+            off,
+            op,
+            head: head.clone(),
+        };
+        let p = patch(Want::Cols(vec![5, 0]), 16, 2, PatchOp::Xor)
+            .apply(copies.clone())
+            .unwrap();
+        assert_eq!(p.version, 9);
+        assert_eq!(p.data[..8], [5, 5, 0xfa, 0xfa, 0xfa, 0xfa, 5, 5]);
+        let p = patch(Want::Zero, 16, 12, PatchOp::Replace)
+            .apply(Vec::new())
+            .unwrap();
+        assert_eq!(p.data, [vec![0; 12], vec![0xff; 4]].concat());
+        assert!(matches!(
+            patch(Want::Version(6), 16, 0, PatchOp::Replace).apply(copies.clone()),
+            Err(ShardError::Mismatch(_))
+        ));
+        let refused = [
+            patch(Want::Version(7), 16, 13, PatchOp::Replace),
+            patch(Want::Version(7), 8, 0, PatchOp::Replace),
+            patch(Want::Any, 16, 0, PatchOp::Replace),
+            patch(Want::Version(7), 16, u32::MAX, PatchOp::Xor),
+        ];
+        for p in refused {
+            assert!(p.apply(copies.clone()).is_err());
         }
     }
 

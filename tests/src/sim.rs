@@ -111,6 +111,8 @@ pub struct SimReport {
     pub resynced: u64,
     /// Rows read through reconstruction.
     pub degraded_reads: u64,
+    /// Row writes committed as patches.
+    pub patched_writes: u64,
     /// Controllers marked out (their positions rebuilt on the others).
     pub marked_out: u64,
     /// Chunks copied to new holders by moves.
@@ -1551,6 +1553,7 @@ impl Sim {
             self.report.resynced += s.resync_chunks;
             self.report.moved += s.moved_chunks;
             self.report.degraded_reads += s.degraded_reads;
+            self.report.patched_writes += s.patched_writes;
         }
         self.report
     }

@@ -21,6 +21,7 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
     let mut crashes = 0;
     let mut resynced = 0;
     let mut degraded = 0;
+    let mut patched = 0;
     let (mut marked_out, mut moved, mut planned) = (0, 0, 0);
     let mut drained_among_faults = 0;
     for seed in seeds(default_seeds) {
@@ -37,6 +38,7 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
         crashes += r.crashes + r.isolations;
         resynced += r.resynced;
         degraded += r.degraded_reads;
+        patched += r.patched_writes;
         marked_out += r.marked_out;
         moved += r.moved;
         planned += r.planned_moves;
@@ -52,6 +54,7 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
     assert!(crashes > 0, "no fault was injected");
     assert!(resynced > 0, "no resync copied anything");
     assert!(degraded > 0, "no degraded read happened");
+    assert!(patched > 0, "no write was committed as patches");
     assert!(planned > 0, "no rebalance or drain moved anything");
     eprintln!("drains among the faults: {drained_among_faults}");
     (marked_out, moved)

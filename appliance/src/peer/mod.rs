@@ -456,6 +456,8 @@ impl PeerClient {
         match k {
             Kind::ReadChunk => "read-chunk",
             Kind::WriteChunk => "write-chunk",
+            Kind::ReadRange => "read-range",
+            Kind::PatchChunk => "patch-chunk",
             Kind::ForwardWrite => "forward-write",
             Kind::ForwardRead => "forward-read",
             Kind::Heartbeat => "heartbeat",

@@ -22,14 +22,15 @@
 //! - A payload whose CRC does not match is refused before it is parsed.
 //! - Every message parser checks every length against what remains and against its own limit.
 
-use raid_engine::shard::{Chunk, ChunkAddr};
+use raid_engine::shard::{Chunk, ChunkAddr, Patch, PatchOp, RangeRead, Want};
 
 /// Frame header size.
 pub const HEADER_LEN: usize = 40;
 /// Largest payload accepted: a 1 MiB chunk or forwarded write plus room for headers.
 pub const MAX_PAYLOAD: usize = (4 << 20) + 4096;
 const MAGIC: [u8; 4] = *b"RNPF";
-const VERSION: u8 = 1;
+/// 2: ranged chunk reads and patches (kinds 7 and 8).
+const VERSION: u8 = 2;
 /// Reply bit of [`Frame::kind`].
 pub const REPLY: u8 = 0x80;
 const MAX_COLS: usize = raid_engine::codec::SHARDS_MAX;
@@ -51,6 +52,10 @@ pub enum Kind {
     Heartbeat = 5,
     /// Metadata log traffic: a Raft RPC or a command for the leader (see [`MetaOp`]).
     Meta = 6,
+    /// Read part of the copies of a chunk.
+    ReadRange = 7,
+    /// Make a new copy of a chunk from one the holder has.
+    PatchChunk = 8,
 }
 
 /// What a [`Kind::Meta`] request carries (its body is JSON, produced and checked by openraft's
@@ -98,6 +103,8 @@ impl Kind {
             4 => Self::ForwardRead,
             5 => Self::Heartbeat,
             6 => Self::Meta,
+            7 => Self::ReadRange,
+            8 => Self::PatchChunk,
             _ => return None,
         })
     }
@@ -339,6 +346,40 @@ pub fn get_chunk(r: &mut Reader<'_>) -> Result<Chunk, WireError> {
     })
 }
 
+fn put_want(out: &mut Vec<u8>, w: &Want) {
+    match w {
+        Want::Any => out.push(0),
+        Want::Zero => out.push(1),
+        Want::Version(v) => {
+            out.push(2);
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+        Want::Cols(cols) => {
+            out.push(3);
+            out.push(cols.len() as u8);
+            for v in cols {
+                out.extend_from_slice(&v.to_be_bytes());
+            }
+        }
+    }
+}
+
+fn get_want(r: &mut Reader<'_>) -> Result<Want, WireError> {
+    Ok(match r.u8()? {
+        0 => Want::Any,
+        1 => Want::Zero,
+        2 => Want::Version(r.u64()?),
+        3 => {
+            let n = r.u8()? as usize;
+            if n > MAX_COLS {
+                return Err(WireError::Malformed("wanted copy"));
+            }
+            Want::Cols((0..n).map(|_| r.u64()).collect::<Result<_, _>>()?)
+        }
+        _ => return Err(WireError::Malformed("wanted copy")),
+    })
+}
+
 /// Error answers a peer can give, carried in a reply with status 1.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RemoteError {
@@ -433,6 +474,10 @@ pub enum Request {
     ReadChunk(ChunkAddr),
     /// Write a chunk.
     WriteChunk(ChunkAddr, Chunk),
+    /// Read part of the copies of a chunk.
+    ReadRange(ChunkAddr, RangeRead),
+    /// Make a new copy of a chunk from one the holder has.
+    PatchChunk(ChunkAddr, Patch),
     /// A host write for the primary.
     ForwardWrite {
         /// Volume.
@@ -470,6 +515,25 @@ impl Request {
                 put_addr(&mut out, a);
                 put_chunk(&mut out, c);
                 Kind::WriteChunk
+            }
+            Self::ReadRange(a, rr) => {
+                put_addr(&mut out, a);
+                put_want(&mut out, &rr.want);
+                out.extend_from_slice(&rr.off.to_be_bytes());
+                out.extend_from_slice(&rr.len.to_be_bytes());
+                Kind::ReadRange
+            }
+            Self::PatchChunk(a, p) => {
+                put_addr(&mut out, a);
+                put_want(&mut out, &p.base);
+                out.extend_from_slice(&p.chunk_len.to_be_bytes());
+                out.extend_from_slice(&p.off.to_be_bytes());
+                out.push(match p.op {
+                    PatchOp::Replace => 0,
+                    PatchOp::Xor => 1,
+                });
+                put_chunk(&mut out, &p.head);
+                Kind::PatchChunk
             }
             Self::ForwardWrite {
                 volume,
@@ -513,6 +577,36 @@ impl Request {
             Kind::WriteChunk => {
                 let a = get_addr(&mut r)?;
                 Self::WriteChunk(a, get_chunk(&mut r)?)
+            }
+            Kind::ReadRange => Self::ReadRange(
+                get_addr(&mut r)?,
+                RangeRead {
+                    want: get_want(&mut r)?,
+                    off: r.u32()?,
+                    len: r.u32()?,
+                },
+            ),
+            Kind::PatchChunk => {
+                let a = get_addr(&mut r)?;
+                let base = get_want(&mut r)?;
+                let chunk_len = r.u32()?;
+                let off = r.u32()?;
+                let op = match r.u8()? {
+                    0 => PatchOp::Replace,
+                    1 => PatchOp::Xor,
+                    _ => return Err(WireError::Malformed("patch op")),
+                };
+                let head = get_chunk(&mut r)?;
+                Self::PatchChunk(
+                    a,
+                    Patch {
+                        base,
+                        chunk_len,
+                        off,
+                        op,
+                        head,
+                    },
+                )
             }
             Kind::ForwardWrite => Self::ForwardWrite {
                 volume: r.u32()?,
@@ -569,7 +663,7 @@ impl Reply {
     /// [`WireError::Malformed`].
     pub fn decode(kind: Kind, mut r: Reader<'_>) -> Result<Self, WireError> {
         let reply = match kind {
-            Kind::ReadChunk => {
+            Kind::ReadChunk | Kind::ReadRange => {
                 let n = r.u8()?;
                 if n > 2 {
                     return Err(WireError::Malformed("copies"));
@@ -580,7 +674,9 @@ impl Reply {
                         .collect::<Result<_, _>>()?,
                 )
             }
-            Kind::WriteChunk | Kind::ForwardWrite | Kind::Heartbeat => Self::Done,
+            Kind::WriteChunk | Kind::PatchChunk | Kind::ForwardWrite | Kind::Heartbeat => {
+                Self::Done
+            }
             Kind::ForwardRead | Kind::Meta => Self::Data(r.bytes(MAX_PAYLOAD)?.to_vec()),
         };
         r.end()?;
@@ -664,6 +760,11 @@ mod tests {
             let reqs = [
                 Request::ReadChunk(addr),
                 Request::WriteChunk(addr, chunk(v, len)),
+                Request::ReadRange(addr, RangeRead { want: Want::Version(v), off: len as u32, len: 4096 }),
+                Request::ReadRange(addr, RangeRead { want: Want::Cols(vec![v, 0, v / 3]), off: 0, len: len as u32 }),
+                Request::ReadRange(addr, RangeRead { want: Want::Any, off: 1, len: 2 }),
+                Request::PatchChunk(addr, Patch { base: Want::Zero, chunk_len: 65536, off: 512, op: PatchOp::Replace, head: chunk(v, len) }),
+                Request::PatchChunk(addr, Patch { base: Want::Cols(vec![v]), chunk_len: 4096, off: 0, op: PatchOp::Xor, head: chunk(v + 1, len) }),
                 Request::ForwardWrite { volume: vol, offset: off, data: vec![7; len] },
                 Request::ForwardRead { volume: vol, offset: off, len: len as u32 },
                 Request::Heartbeat,
@@ -680,6 +781,8 @@ mod tests {
             for (kind, reply) in [
                 (Kind::ReadChunk, Reply::Copies(vec![chunk(v, len), chunk(v + 1, len)])),
                 (Kind::WriteChunk, Reply::Done),
+                (Kind::ReadRange, Reply::Copies(vec![chunk(v, len)])),
+                (Kind::PatchChunk, Reply::Done),
                 (Kind::ForwardRead, Reply::Data(vec![3; len])),
             ] {
                 let body = reply.encode();
