@@ -25,7 +25,9 @@
 //!   the store with the likely cause.
 
 use crate::range_lock::RangeLock;
-use crate::shard::{BoxFut, Chunk, ChunkAddr, ShardError, ShardStore, VolumeId};
+use crate::shard::{
+    BoxFut, Chunk, ChunkAddr, Patch, RangeRead, ShardError, ShardStore, VolumeId, Want,
+};
 use disk_io::Device;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -334,8 +336,14 @@ impl DiskShardStore {
         PAGE as u64 + (index * 2 + slot) * (PAGE + self.chunk) as u64
     }
 
-    /// Both slots, decoded and checked: `(slot, header, payload)` for each valid one.
-    async fn read_slots(&self, a: &ChunkAddr) -> Result<Vec<(u64, Header, Vec<u8>)>, ShardError> {
+    /// Both slots, decoded and checked: `(slot, header, payload)` for each valid one. With
+    /// `want`, slots whose header it does not name are left out before their payload is
+    /// checked.
+    async fn read_slots(
+        &self,
+        a: &ChunkAddr,
+        want: Option<&Want>,
+    ) -> Result<Vec<(u64, Header, Vec<u8>)>, ShardError> {
         let index = self.index(a)?;
         let mut out = Vec::new();
         // The two slots are adjacent: one read fetches both (two when the pair is larger
@@ -369,6 +377,9 @@ impl DiskShardStore {
                 }
                 continue;
             };
+            if want.is_some_and(|w| !w.matches_header(h.version, &h.cols)) {
+                continue;
+            }
             let data = &s[PAGE..PAGE + (h.data_len as usize).min(self.chunk)];
             if h.addr != *a
                 || h.data_len as usize > self.chunk
@@ -400,73 +411,128 @@ impl DiskShardStore {
     }
 }
 
+impl DiskShardStore {
+    /// Writes `chunk` by the two-slot rule, given the chunk's current valid `slots` (read
+    /// under the chunk's lock, which the caller holds).
+    async fn write_locked(
+        &self,
+        addr: ChunkAddr,
+        index: u64,
+        slots: &[(u64, Header)],
+        chunk: Chunk,
+    ) -> Result<(), ShardError> {
+        if chunk.data.len() > self.chunk
+            || chunk.cols.len() > MAX_COLS
+            || chunk.acked_cols.len() > MAX_COLS
+        {
+            return Err(ShardError::Io(format!(
+                "chunk of {} bytes does not fit {}-byte slots",
+                chunk.data.len(),
+                self.chunk
+            )));
+        }
+        // The two-slot rule (`shard::keep_newest`).
+        let target = match slots.first() {
+            None => 0,
+            Some((newest_slot, h)) => {
+                let older = slots.get(1).map(|(_, o)| o.as_chunk());
+                if crate::shard::keep_newest(addr.pos, &chunk, &h.as_chunk(), older.as_ref()) {
+                    1 - newest_slot
+                } else {
+                    *newest_slot
+                }
+            }
+        };
+        let header = Header {
+            seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
+            addr,
+            version: chunk.version,
+            acked: chunk.acked,
+            cols: chunk.cols,
+            acked_cols: chunk.acked_cols,
+            data_len: chunk.data.len() as u32,
+            data_crc: crc32c::crc32c(&chunk.data),
+        };
+        let mut b = self.dev.pool().take(PAGE + self.chunk).await;
+        let o = b.as_mut_slice();
+        o.fill(0);
+        put_header(&header, &mut o[..PAGE]);
+        o[PAGE..PAGE + chunk.data.len()].copy_from_slice(&chunk.data);
+        self.dev
+            .write_from(self.slot_offset(index, target), b, true)
+            .await
+            .map_err(|e| ShardError::Io(e.to_string()))?;
+        Ok(())
+    }
+}
+
+fn to_chunk(h: Header, data: Vec<u8>) -> Chunk {
+    Chunk {
+        version: h.version,
+        cols: h.cols,
+        acked: h.acked,
+        acked_cols: h.acked_cols,
+        data,
+    }
+}
+
 impl ShardStore for DiskShardStore {
     fn read(&self, addr: ChunkAddr) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
         Box::pin(async move {
             Ok(self
-                .read_slots(&addr)
+                .read_slots(&addr, None)
                 .await?
                 .into_iter()
-                .map(|(_, h, data)| Chunk {
-                    version: h.version,
-                    cols: h.cols,
-                    acked: h.acked,
-                    acked_cols: h.acked_cols,
-                    data,
-                })
+                .map(|(_, h, data)| to_chunk(h, data))
                 .collect())
+        })
+    }
+
+    fn read_range(
+        &self,
+        addr: ChunkAddr,
+        read: RangeRead,
+    ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
+        Box::pin(async move {
+            let slots = self.read_slots(&addr, Some(&read.want)).await?;
+            Ok(read.cut(
+                slots
+                    .into_iter()
+                    .map(|(_, h, data)| to_chunk(h, data))
+                    .collect(),
+            ))
         })
     }
 
     fn write(&self, addr: ChunkAddr, chunk: Chunk) -> BoxFut<'_, Result<(), ShardError>> {
         Box::pin(async move {
-            if chunk.data.len() > self.chunk
-                || chunk.cols.len() > MAX_COLS
-                || chunk.acked_cols.len() > MAX_COLS
-            {
-                return Err(ShardError::Io(format!(
-                    "chunk of {} bytes does not fit {}-byte slots",
-                    chunk.data.len(),
-                    self.chunk
-                )));
-            }
             let index = self.index(&addr)?;
             let _g = self.locks.lock(index, index + 1).await;
             // Whole slots, payloads included: the slot rule may only keep a copy whose
             // checksum verifies (a torn payload behind a good header must not be kept).
-            let slots = self.read_slots(&addr).await?;
-            // The two-slot rule (`shard::keep_newest`).
-            let target = match slots.first() {
-                None => 0,
-                Some((newest_slot, h, _)) => {
-                    let older = slots.get(1).map(|(_, o, _)| o.as_chunk());
-                    if crate::shard::keep_newest(addr.pos, &chunk, &h.as_chunk(), older.as_ref()) {
-                        1 - newest_slot
-                    } else {
-                        *newest_slot
-                    }
-                }
-            };
-            let header = Header {
-                seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
-                addr,
-                version: chunk.version,
-                acked: chunk.acked,
-                cols: chunk.cols,
-                acked_cols: chunk.acked_cols,
-                data_len: chunk.data.len() as u32,
-                data_crc: crc32c::crc32c(&chunk.data),
-            };
-            let mut b = self.dev.pool().take(PAGE + self.chunk).await;
-            let o = b.as_mut_slice();
-            o.fill(0);
-            put_header(&header, &mut o[..PAGE]);
-            o[PAGE..PAGE + chunk.data.len()].copy_from_slice(&chunk.data);
-            self.dev
-                .write_from(self.slot_offset(index, target), b, true)
-                .await
-                .map_err(|e| ShardError::Io(e.to_string()))?;
-            Ok(())
+            let slots: Vec<(u64, Header)> = self
+                .read_slots(&addr, None)
+                .await?
+                .into_iter()
+                .map(|(s, h, _)| (s, h))
+                .collect();
+            self.write_locked(addr, index, &slots, chunk).await
+        })
+    }
+
+    /// One read of both slots serves both the patch's base and the slot rule.
+    fn patch(&self, addr: ChunkAddr, patch: Patch) -> BoxFut<'_, Result<(), ShardError>> {
+        Box::pin(async move {
+            let index = self.index(&addr)?;
+            let _g = self.locks.lock(index, index + 1).await;
+            let mut slots = Vec::with_capacity(2);
+            let mut copies = Vec::with_capacity(2);
+            for (s, h, data) in self.read_slots(&addr, None).await? {
+                slots.push((s, h.clone()));
+                copies.push(to_chunk(h, data));
+            }
+            let chunk = patch.apply(copies)?;
+            self.write_locked(addr, index, &slots, chunk).await
         })
     }
 }
@@ -539,6 +605,73 @@ mod tests {
         assert!(s.read(ChunkAddr { row: 4, ..addr(0) }).await.is_err());
     }
 
+    /// A patch lands exactly as a write of the patched chunk would (same slot rule, same
+    /// bytes), on this store and on the in-memory one; ranged reads return only the wanted
+    /// copy's range.
+    #[tokio::test]
+    async fn patches_and_ranged_reads_match_whole_chunk_operations() {
+        use crate::shard::{MemShardStore, PatchOp};
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskShardStore::open(device(&dir), 4096, &VOLS, false)
+            .await
+            .unwrap();
+        let mem = MemShardStore::default();
+        let stores: [&dyn ShardStore; 2] = [&disk, &mem];
+        for s in stores {
+            s.write(addr(2), chunk(5, 5)).await.unwrap();
+            s.write(addr(2), chunk(7, 7)).await.unwrap();
+            let mut head = chunk(9, 7);
+            head.data = vec![0x0f; 512];
+            let patch = |base, op, head: &Chunk| Patch {
+                base,
+                chunk_len: 4096,
+                off: 1024,
+                op,
+                head: head.clone(),
+            };
+            s.patch(addr(2), patch(Want::Version(7), PatchOp::Xor, &head))
+                .await
+                .unwrap();
+            let got = s.read(addr(2)).await.unwrap();
+            assert_eq!(versions(&got), vec![9, 7]);
+            assert_eq!(got[0].data[1023..1025], [7, 7 ^ 0x0f]);
+            assert_eq!(got[0].data[1536..1537], [7]);
+            assert_eq!(got[0].cols, vec![9, 1]);
+            // Unacknowledged again: replaces the newest, from the acknowledged base.
+            head.version = 10;
+            s.patch(addr(2), patch(Want::Version(7), PatchOp::Replace, &head))
+                .await
+                .unwrap();
+            let got = s.read(addr(2)).await.unwrap();
+            assert_eq!(versions(&got), vec![10, 7]);
+            assert_eq!(got[0].data[1023..1025], [7, 0x0f]);
+            // A base the store does not hold is refused and changes nothing.
+            assert!(matches!(
+                s.patch(addr(2), patch(Want::Version(9), PatchOp::Replace, &head))
+                    .await,
+                Err(ShardError::Mismatch(_))
+            ));
+            assert_eq!(versions(&s.read(addr(2)).await.unwrap()), vec![10, 7]);
+            let read = |want, off, len| RangeRead { want, off, len };
+            let r = s
+                .read_range(addr(2), read(Want::Version(7), 1020, 8))
+                .await
+                .unwrap();
+            assert_eq!((versions(&r), r[0].data.clone()), (vec![7], vec![7; 8]));
+            let r = s
+                .read_range(addr(2), read(Want::Any, 1020, 8))
+                .await
+                .unwrap();
+            assert_eq!(versions(&r), vec![10, 7]);
+            assert_eq!(r[0].data, [7, 7, 7, 7, 0x0f, 0x0f, 0x0f, 0x0f]);
+            let r = s
+                .read_range(addr(2), read(Want::Cols(vec![3, 1]), 0, 8))
+                .await
+                .unwrap();
+            assert!(r.is_empty());
+        }
+    }
+
     #[tokio::test]
     async fn damaged_slots_and_superblocks_are_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -550,7 +683,7 @@ mod tests {
         s.write(addr(2), chunk(4, 4)).await.unwrap();
         // Flip a payload byte of the newest slot, as a torn write would.
         let index = s.index(&addr(2)).unwrap();
-        let newest = s.read_slots(&addr(2)).await.unwrap()[0].0;
+        let newest = s.read_slots(&addr(2), None).await.unwrap()[0].0;
         let off = s.slot_offset(index, newest) + PAGE as u64 + 100;
         let path = dir.path().join("shards.img");
         {

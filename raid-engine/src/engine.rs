@@ -1540,11 +1540,12 @@ impl Engine {
         read: RangeRead,
     ) -> std::result::Result<Vec<Chunk>, ShardError> {
         self.admit(epoch)?;
-        Ok(read.cut(self.store.read(addr).await?))
+        self.store.read_range(addr, read).await
     }
 
     /// A patch (see [`Patch`]) from the extent's primary at `epoch`: the base copy is read
-    /// here, so only the changed bytes crossed the network.
+    /// here, so only the changed bytes crossed the network; the store reads and writes the
+    /// chunk once, under its per-chunk lock.
     ///
     /// # Errors
     /// [`ShardError::StaleEpoch`] when the sender is behind; [`ShardError::Mismatch`] when
@@ -1565,15 +1566,7 @@ impl Engine {
                 patch.chunk_len, addr.volume
             )));
         }
-        let copies = if patch.base == Want::Zero {
-            Vec::new()
-        } else {
-            self.store.read(addr).await?
-        };
-        let chunk = patch.apply(copies)?;
-        // Again after the read: a newer primary's request may have arrived meanwhile.
-        self.admit(epoch)?;
-        self.store.write(addr, chunk).await
+        self.store.patch(addr, patch).await
     }
 
     /// Refuses epochs below the highest seen; remembers newer ones (a newer primary fences

@@ -152,11 +152,16 @@ pub enum Want {
 impl Want {
     /// Whether copy `c` is the one wanted.
     pub fn matches(&self, c: &Chunk) -> bool {
+        self.matches_header(c.version, &c.cols)
+    }
+
+    /// Whether a copy with this version and column vector is the one wanted.
+    pub fn matches_header(&self, version: u64, cols: &[u64]) -> bool {
         match self {
             Self::Any => true,
             Self::Zero => false,
-            Self::Version(v) => c.version == *v,
-            Self::Cols(cols) => c.cols == *cols,
+            Self::Version(v) => version == *v,
+            Self::Cols(want) => cols == want.as_slice(),
         }
     }
 }
@@ -262,6 +267,28 @@ pub trait ShardStore: Send + Sync + fmt::Debug {
     fn read(&self, addr: ChunkAddr) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>>;
     /// Stores `chunk` as the newest copy, replacing the older slot; durable on `Ok`.
     fn write(&self, addr: ChunkAddr, chunk: Chunk) -> BoxFut<'_, Result<(), ShardError>>;
+    /// The copies `read` names, cut to its range. A store may skip checking the copies not
+    /// wanted; the ones returned are checked whole.
+    fn read_range(
+        &self,
+        addr: ChunkAddr,
+        read: RangeRead,
+    ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
+        Box::pin(async move { Ok(read.cut(self.read(addr).await?)) })
+    }
+    /// Stores the copy `patch` makes from the copies held (see [`Patch::apply`]) as a
+    /// [`ShardStore::write`] of it would; durable on `Ok`.
+    fn patch(&self, addr: ChunkAddr, patch: Patch) -> BoxFut<'_, Result<(), ShardError>> {
+        Box::pin(async move {
+            let copies = if patch.base == Want::Zero {
+                Vec::new()
+            } else {
+                self.read(addr).await?
+            };
+            let chunk = patch.apply(copies)?;
+            self.write(addr, chunk).await
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -385,6 +412,20 @@ impl ShardStore for StoreSet {
     fn write(&self, addr: ChunkAddr, chunk: Chunk) -> BoxFut<'_, Result<(), ShardError>> {
         let s = self.pick(addr.volume);
         Box::pin(async move { s.write(addr, chunk).await })
+    }
+
+    fn read_range(
+        &self,
+        addr: ChunkAddr,
+        read: RangeRead,
+    ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
+        let s = self.pick(addr.volume);
+        Box::pin(async move { s.read_range(addr, read).await })
+    }
+
+    fn patch(&self, addr: ChunkAddr, patch: Patch) -> BoxFut<'_, Result<(), ShardError>> {
+        let s = self.pick(addr.volume);
+        Box::pin(async move { s.patch(addr, patch).await })
     }
 }
 
