@@ -25,9 +25,7 @@
 //!   the store with the likely cause.
 
 use crate::range_lock::RangeLock;
-use crate::shard::{
-    BoxFut, Chunk, ChunkAddr, Patch, RangeRead, ShardError, ShardStore, VolumeId, Want,
-};
+use crate::shard::{BoxFut, Chunk, ChunkAddr, Patch, RangeRead, ShardError, ShardStore, VolumeId};
 use disk_io::Device;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +35,13 @@ const PAGE: usize = 4096;
 const SB_MAGIC: &[u8; 4] = b"RNSS";
 const SLOT_MAGIC: &[u8; 4] = b"RNCH";
 const FORMAT: u32 = 1;
+/// Slot headers with per-sector payload checksums (format 1 headers, which have none, are
+/// still read: their payload is checked whole).
+const SLOT_FORMAT_SECTORS: u32 = 2;
+/// Bytes each per-sector checksum covers.
+const SECTOR: usize = 4096;
+/// Most sectors in a payload (a 1 MiB chunk).
+const MAX_SECTORS: usize = (1 << 20) / SECTOR;
 const MAX_COLS: usize = crate::codec::SHARDS_MAX;
 
 /// Why a store cannot be opened.
@@ -102,6 +107,17 @@ pub struct Header {
     acked_cols: Vec<u64>,
     data_len: u32,
     data_crc: u32,
+    /// CRC32C of each [`SECTOR`] of the payload (empty in format 1 headers): a ranged read
+    /// checks only the sectors it returns.
+    sector_crcs: Vec<u32>,
+}
+
+/// The whole-payload checksum and the per-sector ones. (Two hardware CRC passes cost less
+/// than deriving the whole from the sectors with `crc32c_combine`, which is a GF(2) matrix
+/// computation per call.)
+fn payload_crcs(data: &[u8]) -> (u32, Vec<u32>) {
+    let sectors = data.chunks(SECTOR).map(crc32c::crc32c).collect();
+    (crc32c::crc32c(data), sectors)
 }
 
 impl Header {
@@ -120,11 +136,16 @@ impl Header {
 /// Writes `h` at the start of `out` (a slot's 4 KiB header page).
 ///
 /// # Panics
-/// If `out` is shorter than the encoded header (at most 100 + 16 x 8 bytes).
+/// If `out` is shorter than the encoded header (at most 102 + 2 x 16 x 8 + 256 x 4 bytes).
 pub fn put_header(h: &Header, out: &mut [u8]) {
-    let mut v = Vec::with_capacity(128);
+    let mut v = Vec::with_capacity(128 + 4 * h.sector_crcs.len());
     v.extend_from_slice(SLOT_MAGIC);
-    v.extend_from_slice(&FORMAT.to_le_bytes());
+    let format = if h.sector_crcs.is_empty() {
+        FORMAT
+    } else {
+        SLOT_FORMAT_SECTORS
+    };
+    v.extend_from_slice(&format.to_le_bytes());
     v.extend_from_slice(&h.seq.to_le_bytes());
     v.extend_from_slice(&h.addr.volume.to_le_bytes());
     v.extend_from_slice(&h.addr.extent.to_le_bytes());
@@ -142,6 +163,12 @@ pub fn put_header(h: &Header, out: &mut [u8]) {
     }
     v.extend_from_slice(&h.data_len.to_le_bytes());
     v.extend_from_slice(&h.data_crc.to_le_bytes());
+    if !h.sector_crcs.is_empty() {
+        v.extend_from_slice(&(h.sector_crcs.len() as u16).to_le_bytes());
+        for c in &h.sector_crcs {
+            v.extend_from_slice(&c.to_le_bytes());
+        }
+    }
     let crc = crc32c::crc32c(&v);
     v.extend_from_slice(&crc.to_le_bytes());
     out[..v.len()].copy_from_slice(&v);
@@ -158,7 +185,11 @@ pub fn get_header(b: &[u8]) -> Option<Header> {
     };
     let le64 = |s: &[u8]| u64::from_le_bytes(s.try_into().expect("8"));
     let le32 = |s: &[u8]| u32::from_le_bytes(s.try_into().expect("4"));
-    if take(4)? != SLOT_MAGIC || le32(take(4)?) != FORMAT {
+    if take(4)? != SLOT_MAGIC {
+        return None;
+    }
+    let format = le32(take(4)?);
+    if format != FORMAT && format != SLOT_FORMAT_SECTORS {
         return None;
     }
     let seq = le64(take(8)?);
@@ -186,10 +217,24 @@ pub fn get_header(b: &[u8]) -> Option<Header> {
     }
     let data_len = le32(take(4)?);
     let data_crc = le32(take(4)?);
+    let mut sector_crcs = Vec::new();
+    if format == SLOT_FORMAT_SECTORS {
+        let ns = u16::from_le_bytes(take(2)?.try_into().expect("2")) as usize;
+        if ns == 0 || ns > MAX_SECTORS || ns != (data_len as usize).div_ceil(SECTOR) {
+            return None;
+        }
+        sector_crcs.reserve(ns);
+        for _ in 0..ns {
+            sector_crcs.push(le32(take(4)?));
+        }
+    }
     let crc = le32(take(4)?);
     // magic, format, seq, volume, extent, row, pos, version, acked, ncols, cols, nacked,
-    // acked cols, len, crc
-    let end = 4 + 4 + 8 + 4 + 8 + 4 + 1 + 8 + 8 + 1 + 8 * n + 1 + 8 * na + 4 + 4;
+    // acked cols, len, data crc [, sectors, sector crcs], crc
+    let mut end = 4 + 4 + 8 + 4 + 8 + 4 + 1 + 8 + 8 + 1 + 8 * n + 1 + 8 * na + 4 + 4;
+    if format == SLOT_FORMAT_SECTORS {
+        end += 2 + 4 * sector_crcs.len();
+    }
     if crc32c::crc32c(&b[..end]) != crc {
         return None;
     }
@@ -207,6 +252,7 @@ pub fn get_header(b: &[u8]) -> Option<Header> {
         acked_cols,
         data_len,
         data_crc,
+        sector_crcs,
     })
 }
 
@@ -336,14 +382,8 @@ impl DiskShardStore {
         PAGE as u64 + (index * 2 + slot) * (PAGE + self.chunk) as u64
     }
 
-    /// Both slots, decoded and checked: `(slot, header, payload)` for each valid one. With
-    /// `want`, slots whose header it does not name are left out before their payload is
-    /// checked.
-    async fn read_slots(
-        &self,
-        a: &ChunkAddr,
-        want: Option<&Want>,
-    ) -> Result<Vec<(u64, Header, Vec<u8>)>, ShardError> {
+    /// Both slots, decoded and checked: `(slot, header, payload)` for each valid one.
+    async fn read_slots(&self, a: &ChunkAddr) -> Result<Vec<(u64, Header, Vec<u8>)>, ShardError> {
         let index = self.index(a)?;
         let mut out = Vec::new();
         // The two slots are adjacent: one read fetches both (two when the pair is larger
@@ -377,9 +417,6 @@ impl DiskShardStore {
                 }
                 continue;
             };
-            if want.is_some_and(|w| !w.matches_header(h.version, &h.cols)) {
-                continue;
-            }
             let data = &s[PAGE..PAGE + (h.data_len as usize).min(self.chunk)];
             if h.addr != *a
                 || h.data_len as usize > self.chunk
@@ -412,6 +449,33 @@ impl DiskShardStore {
 }
 
 impl DiskShardStore {
+    /// Slot `slot`'s header when it is a valid one for `addr`; a damaged one (or one naming
+    /// another chunk) counts as a checksum failure.
+    async fn read_header(
+        &self,
+        addr: &ChunkAddr,
+        index: u64,
+        slot: u64,
+    ) -> Result<Option<Header>, ShardError> {
+        let b = self
+            .dev
+            .read_into(
+                self.slot_offset(index, slot),
+                self.dev.pool().take(PAGE).await,
+            )
+            .await
+            .map_err(|e| ShardError::Io(e.to_string()))?;
+        let page = &b.as_slice()[..PAGE];
+        match get_header(page) {
+            Some(h) if h.addr == *addr && h.data_len as usize <= self.chunk => Ok(Some(h)),
+            None if &page[..4] != SLOT_MAGIC => Ok(None),
+            _ => {
+                self.checksum_failures.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
+    }
+
     /// Writes `chunk` by the two-slot rule, given the chunk's current valid `slots` (read
     /// under the chunk's lock, which the caller holds).
     async fn write_locked(
@@ -443,6 +507,7 @@ impl DiskShardStore {
                 }
             }
         };
+        let (data_crc, sector_crcs) = payload_crcs(&chunk.data);
         let header = Header {
             seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
             addr,
@@ -451,7 +516,8 @@ impl DiskShardStore {
             cols: chunk.cols,
             acked_cols: chunk.acked_cols,
             data_len: chunk.data.len() as u32,
-            data_crc: crc32c::crc32c(&chunk.data),
+            data_crc,
+            sector_crcs,
         };
         let mut b = self.dev.pool().take(PAGE + self.chunk).await;
         let o = b.as_mut_slice();
@@ -480,7 +546,7 @@ impl ShardStore for DiskShardStore {
     fn read(&self, addr: ChunkAddr) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
         Box::pin(async move {
             Ok(self
-                .read_slots(&addr, None)
+                .read_slots(&addr)
                 .await?
                 .into_iter()
                 .map(|(_, h, data)| to_chunk(h, data))
@@ -488,19 +554,63 @@ impl ShardStore for DiskShardStore {
         })
     }
 
+    /// Reads the two header pages, then only the sectors under the range of the wanted
+    /// copies, and checks those sectors' checksums (a copy whose header has none, written
+    /// before they existed, is read and checked whole).
     fn read_range(
         &self,
         addr: ChunkAddr,
         read: RangeRead,
     ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
         Box::pin(async move {
-            let slots = self.read_slots(&addr, Some(&read.want)).await?;
-            Ok(read.cut(
-                slots
-                    .into_iter()
-                    .map(|(_, h, data)| to_chunk(h, data))
-                    .collect(),
-            ))
+            let index = self.index(&addr)?;
+            let (off, len) = (read.off as usize, read.len as usize);
+            if len == 0 || off + len > self.chunk {
+                return Ok(Vec::new());
+            }
+            let mut heads = Vec::with_capacity(2);
+            for slot in 0..2u64 {
+                if let Some(h) = self.read_header(&addr, index, slot).await? {
+                    heads.push((slot, h));
+                }
+            }
+            heads.sort_by_key(|(_, h)| std::cmp::Reverse(h.seq));
+            let mut out = Vec::with_capacity(1);
+            for (slot, h) in heads {
+                let data_len = h.data_len as usize;
+                if !read.want.matches_header(h.version, &h.cols) || off + len > data_len {
+                    continue;
+                }
+                // Sectors under the range, or the whole payload for a header without
+                // per-sector checksums.
+                let (s0, s1) = if h.sector_crcs.is_empty() {
+                    (0, data_len.div_ceil(SECTOR))
+                } else {
+                    (off / SECTOR, (off + len).div_ceil(SECTOR))
+                };
+                let at = self.slot_offset(index, slot) + (PAGE + s0 * SECTOR) as u64;
+                let b = self
+                    .dev
+                    .read_into(at, self.dev.pool().take((s1 - s0) * SECTOR).await)
+                    .await
+                    .map_err(|e| ShardError::Io(e.to_string()))?;
+                let bytes = b.as_slice();
+                let ok = if h.sector_crcs.is_empty() {
+                    crc32c::crc32c(&bytes[..data_len]) == h.data_crc
+                } else {
+                    (s0..s1).all(|s| {
+                        let n = SECTOR.min(data_len - s * SECTOR);
+                        crc32c::crc32c(&bytes[(s - s0) * SECTOR..][..n]) == h.sector_crcs[s]
+                    })
+                };
+                if !ok {
+                    self.checksum_failures.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let data = bytes[off - s0 * SECTOR..][..len].to_vec();
+                out.push(to_chunk(h, data));
+            }
+            Ok(out)
         })
     }
 
@@ -511,7 +621,7 @@ impl ShardStore for DiskShardStore {
             // Whole slots, payloads included: the slot rule may only keep a copy whose
             // checksum verifies (a torn payload behind a good header must not be kept).
             let slots: Vec<(u64, Header)> = self
-                .read_slots(&addr, None)
+                .read_slots(&addr)
                 .await?
                 .into_iter()
                 .map(|(s, h, _)| (s, h))
@@ -527,7 +637,7 @@ impl ShardStore for DiskShardStore {
             let _g = self.locks.lock(index, index + 1).await;
             let mut slots = Vec::with_capacity(2);
             let mut copies = Vec::with_capacity(2);
-            for (s, h, data) in self.read_slots(&addr, None).await? {
+            for (s, h, data) in self.read_slots(&addr).await? {
                 slots.push((s, h.clone()));
                 copies.push(to_chunk(h, data));
             }
@@ -610,7 +720,7 @@ mod tests {
     /// copy's range.
     #[tokio::test]
     async fn patches_and_ranged_reads_match_whole_chunk_operations() {
-        use crate::shard::{MemShardStore, PatchOp};
+        use crate::shard::{MemShardStore, PatchOp, Want};
         let dir = tempfile::tempdir().unwrap();
         let disk = DiskShardStore::open(device(&dir), 4096, &VOLS, false)
             .await
@@ -672,6 +782,78 @@ mod tests {
         }
     }
 
+    fn poke(dir: &tempfile::TempDir, off: u64, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let path = dir.path().join("shards.img");
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(bytes, off).unwrap();
+    }
+
+    /// A ranged read checks the sectors it returns: damage elsewhere in the copy does not
+    /// hide it, damage under the range does. Headers without per-sector checksums (format 1)
+    /// are still read, their payload checked whole.
+    #[tokio::test]
+    async fn ranged_reads_check_their_sectors_and_old_headers_whole() {
+        use crate::shard::Want;
+        let dir = tempfile::tempdir().unwrap();
+        let cb = 4 * SECTOR;
+        let mut cfg = DeviceConfig::file(dir.path().join("shards.img"), store_bytes(cb, &VOLS));
+        cfg.pool_bytes = 8 << 20;
+        let dev = Arc::new(Device::open(&cfg).unwrap());
+        let s = DiskShardStore::open(dev, cb, &VOLS, false).await.unwrap();
+        let big = |v: u64| Chunk {
+            data: (0..cb).map(|i| (i / SECTOR) as u8 ^ v as u8).collect(),
+            ..chunk(v, v)
+        };
+        s.write(addr(1), big(3)).await.unwrap();
+        s.write(addr(1), big(4)).await.unwrap();
+        let index = s.index(&addr(1)).unwrap();
+        let slots = s.read_slots(&addr(1)).await.unwrap();
+        let (newest, older) = (slots[0].0, slots[1].0);
+        assert_eq!(slots[0].1.sector_crcs.len(), 4);
+        poke(
+            &dir,
+            s.slot_offset(index, newest) + (PAGE + 2 * SECTOR + 7) as u64,
+            &[0xee],
+        );
+        let any = |off: usize, len| RangeRead {
+            want: Want::Any,
+            off: off as u32,
+            len,
+        };
+        let got = s.read_range(addr(1), any(SECTOR + 8, 100)).await.unwrap();
+        assert_eq!(versions(&got), vec![4, 3]);
+        assert_eq!(got[0].data, vec![1 ^ 4; 100]);
+        assert_eq!(got[1].data, vec![1 ^ 3; 100]);
+        assert_eq!(s.checksum_failures(), 0);
+        let got = s
+            .read_range(addr(1), any(2 * SECTOR - 8, 16))
+            .await
+            .unwrap();
+        assert_eq!(versions(&got), vec![3]);
+        assert_eq!(got[0].data, [vec![1 ^ 3; 8], vec![2 ^ 3; 8]].concat());
+        assert_eq!(s.checksum_failures(), 1);
+        assert_eq!(versions(&s.read(addr(1)).await.unwrap()), vec![3]);
+        // The older copy's header rewritten as format 1 (no per-sector checksums).
+        let mut h = slots[1].1.clone();
+        h.sector_crcs.clear();
+        let mut page = vec![0u8; PAGE];
+        put_header(&h, &mut page);
+        assert_eq!(get_header(&page), Some(h));
+        let at = s.slot_offset(index, older);
+        poke(&dir, at, &page);
+        let v3 = RangeRead {
+            want: Want::Version(3),
+            off: 0,
+            len: 8,
+        };
+        let got = s.read_range(addr(1), v3.clone()).await.unwrap();
+        assert_eq!(got[0].data, vec![3; 8]);
+        // Checked whole: damage in its last sector hides it from a read of its first.
+        poke(&dir, at + (PAGE + 3 * SECTOR) as u64, &[0xee]);
+        assert!(s.read_range(addr(1), v3).await.unwrap().is_empty());
+    }
+
     #[tokio::test]
     async fn damaged_slots_and_superblocks_are_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -683,7 +865,7 @@ mod tests {
         s.write(addr(2), chunk(4, 4)).await.unwrap();
         // Flip a payload byte of the newest slot, as a torn write would.
         let index = s.index(&addr(2)).unwrap();
-        let newest = s.read_slots(&addr(2), None).await.unwrap()[0].0;
+        let newest = s.read_slots(&addr(2)).await.unwrap()[0].0;
         let off = s.slot_offset(index, newest) + PAGE as u64 + 100;
         let path = dir.path().join("shards.img");
         {
