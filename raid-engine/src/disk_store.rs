@@ -18,7 +18,11 @@
 //!   copy is the one with the highest. The slot replaced follows the two-slot rule of
 //!   [`crate::shard`].
 //! - Every header and payload is checked (CRC32C) when read; a slot that fails is not returned
-//!   (a torn write reads as the copy it was replacing, or as nothing).
+//!   (a torn write reads as the copy it was replacing, or as nothing). Headers (format 2)
+//!   carry a checksum per 4 KiB sector of the payload, so a ranged read checks just the
+//!   sectors it returns; format 1 headers (one payload checksum) are still read.
+//! - A write decides its slot from the two headers and checks the payload of the copy it
+//!   leaves in place: a torn copy behind a good header is never kept over a good one.
 //! - A write returns once it is on stable storage (`RWF_DSYNC`); writes to one chunk are
 //!   serialised (read the two headers, pick the slot, write).
 //! - The superblock is checked at open: wrong magic, format, chunk size or checksum refuses
@@ -118,6 +122,19 @@ pub struct Header {
 fn payload_crcs(data: &[u8]) -> (u32, Vec<u32>) {
     let sectors = data.chunks(SECTOR).map(crc32c::crc32c).collect();
     (crc32c::crc32c(data), sectors)
+}
+
+/// Whether `data` (the whole payload) is what header `h` describes.
+fn payload_ok(h: &Header, data: &[u8]) -> bool {
+    if h.sector_crcs.is_empty() {
+        crc32c::crc32c(data) == h.data_crc
+    } else {
+        data.len() == h.data_len as usize
+            && data
+                .chunks(SECTOR)
+                .zip(&h.sector_crcs)
+                .all(|(d, &c)| crc32c::crc32c(d) == c)
+    }
 }
 
 impl Header {
@@ -418,10 +435,7 @@ impl DiskShardStore {
                 continue;
             };
             let data = &s[PAGE..PAGE + (h.data_len as usize).min(self.chunk)];
-            if h.addr != *a
-                || h.data_len as usize > self.chunk
-                || crc32c::crc32c(data) != h.data_crc
-            {
+            if h.addr != *a || h.data_len as usize > self.chunk || !payload_ok(&h, data) {
                 self.checksum_failures.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -476,37 +490,92 @@ impl DiskShardStore {
         }
     }
 
-    /// Writes `chunk` by the two-slot rule, given the chunk's current valid `slots` (read
-    /// under the chunk's lock, which the caller holds).
-    async fn write_locked(
+    /// Both slots' valid headers for `addr`, newest first (payloads not read).
+    async fn read_heads(
+        &self,
+        addr: &ChunkAddr,
+        index: u64,
+    ) -> Result<Vec<(u64, Header)>, ShardError> {
+        let mut heads = Vec::with_capacity(2);
+        for slot in 0..2u64 {
+            if let Some(h) = self.read_header(addr, index, slot).await? {
+                heads.push((slot, h));
+            }
+        }
+        heads.sort_by_key(|(_, h)| std::cmp::Reverse(h.seq));
+        Ok(heads)
+    }
+
+    /// Slot `slot`'s payload when it verifies against its header `h` (a damaged one counts
+    /// as a checksum failure).
+    async fn read_payload(
+        &self,
+        index: u64,
+        slot: u64,
+        h: &Header,
+    ) -> Result<Option<Vec<u8>>, ShardError> {
+        let n = h.data_len as usize;
+        let b = self
+            .dev
+            .read_into(
+                self.slot_offset(index, slot) + PAGE as u64,
+                self.dev.pool().take(n.div_ceil(SECTOR) * SECTOR).await,
+            )
+            .await
+            .map_err(|e| ShardError::Io(e.to_string()))?;
+        let data = &b.as_slice()[..n];
+        if payload_ok(h, data) {
+            Ok(Some(data.to_vec()))
+        } else {
+            self.checksum_failures.fetch_add(1, Ordering::Relaxed);
+            Ok(None)
+        }
+    }
+
+    /// The slot a write of `incoming` replaces, by the two-slot rule (`shard::keep_newest`)
+    /// over the copies in `heads` (valid headers, newest first). The copy the write leaves in
+    /// place must verify whole (a torn payload behind a good header is never kept): it is
+    /// checked, unless it is slot `verified`, and when damaged it is left out and the rule
+    /// applied again.
+    async fn choose_slot(
+        &self,
+        index: u64,
+        pos: u8,
+        mut heads: Vec<(u64, Header)>,
+        incoming: &Chunk,
+        verified: Option<u64>,
+    ) -> Result<u64, ShardError> {
+        loop {
+            let target = match heads.first() {
+                None => 0,
+                Some((newest_slot, h)) => {
+                    let older = heads.get(1).map(|(_, o)| o.as_chunk());
+                    if crate::shard::keep_newest(pos, incoming, &h.as_chunk(), older.as_ref()) {
+                        1 - newest_slot
+                    } else {
+                        *newest_slot
+                    }
+                }
+            };
+            let Some(i) = heads.iter().position(|(s, _)| *s != target) else {
+                return Ok(target);
+            };
+            let (slot, h) = &heads[i];
+            if verified == Some(*slot) || self.read_payload(index, *slot, h).await?.is_some() {
+                return Ok(target);
+            }
+            heads.remove(i);
+        }
+    }
+
+    /// Writes `chunk` into `slot` (the caller holds the chunk's lock and chose the slot).
+    async fn write_slot(
         &self,
         addr: ChunkAddr,
         index: u64,
-        slots: &[(u64, Header)],
+        slot: u64,
         chunk: Chunk,
     ) -> Result<(), ShardError> {
-        if chunk.data.len() > self.chunk
-            || chunk.cols.len() > MAX_COLS
-            || chunk.acked_cols.len() > MAX_COLS
-        {
-            return Err(ShardError::Io(format!(
-                "chunk of {} bytes does not fit {}-byte slots",
-                chunk.data.len(),
-                self.chunk
-            )));
-        }
-        // The two-slot rule (`shard::keep_newest`).
-        let target = match slots.first() {
-            None => 0,
-            Some((newest_slot, h)) => {
-                let older = slots.get(1).map(|(_, o)| o.as_chunk());
-                if crate::shard::keep_newest(addr.pos, &chunk, &h.as_chunk(), older.as_ref()) {
-                    1 - newest_slot
-                } else {
-                    *newest_slot
-                }
-            }
-        };
         let (data_crc, sector_crcs) = payload_crcs(&chunk.data);
         let header = Header {
             seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
@@ -525,9 +594,23 @@ impl DiskShardStore {
         put_header(&header, &mut o[..PAGE]);
         o[PAGE..PAGE + chunk.data.len()].copy_from_slice(&chunk.data);
         self.dev
-            .write_from(self.slot_offset(index, target), b, true)
+            .write_from(self.slot_offset(index, slot), b, true)
             .await
             .map_err(|e| ShardError::Io(e.to_string()))?;
+        Ok(())
+    }
+
+    fn check_fits(&self, chunk: &Chunk) -> Result<(), ShardError> {
+        if chunk.data.len() > self.chunk
+            || chunk.cols.len() > MAX_COLS
+            || chunk.acked_cols.len() > MAX_COLS
+        {
+            return Err(ShardError::Io(format!(
+                "chunk of {} bytes does not fit {}-byte slots",
+                chunk.data.len(),
+                self.chunk
+            )));
+        }
         Ok(())
     }
 }
@@ -568,13 +651,7 @@ impl ShardStore for DiskShardStore {
             if len == 0 || off + len > self.chunk {
                 return Ok(Vec::new());
             }
-            let mut heads = Vec::with_capacity(2);
-            for slot in 0..2u64 {
-                if let Some(h) = self.read_header(&addr, index, slot).await? {
-                    heads.push((slot, h));
-                }
-            }
-            heads.sort_by_key(|(_, h)| std::cmp::Reverse(h.seq));
+            let heads = self.read_heads(&addr, index).await?;
             let mut out = Vec::with_capacity(1);
             for (slot, h) in heads {
                 let data_len = h.data_len as usize;
@@ -596,7 +673,7 @@ impl ShardStore for DiskShardStore {
                     .map_err(|e| ShardError::Io(e.to_string()))?;
                 let bytes = b.as_slice();
                 let ok = if h.sector_crcs.is_empty() {
-                    crc32c::crc32c(&bytes[..data_len]) == h.data_crc
+                    payload_ok(&h, &bytes[..data_len])
                 } else {
                     (s0..s1).all(|s| {
                         let n = SECTOR.min(data_len - s * SECTOR);
@@ -614,35 +691,45 @@ impl ShardStore for DiskShardStore {
         })
     }
 
+    /// Reads the two headers, and a payload only to check the copy the write leaves in
+    /// place.
     fn write(&self, addr: ChunkAddr, chunk: Chunk) -> BoxFut<'_, Result<(), ShardError>> {
         Box::pin(async move {
+            self.check_fits(&chunk)?;
             let index = self.index(&addr)?;
             let _g = self.locks.lock(index, index + 1).await;
-            // Whole slots, payloads included: the slot rule may only keep a copy whose
-            // checksum verifies (a torn payload behind a good header must not be kept).
-            let slots: Vec<(u64, Header)> = self
-                .read_slots(&addr)
-                .await?
-                .into_iter()
-                .map(|(s, h, _)| (s, h))
-                .collect();
-            self.write_locked(addr, index, &slots, chunk).await
+            let heads = self.read_heads(&addr, index).await?;
+            let slot = self
+                .choose_slot(index, addr.pos, heads, &chunk, None)
+                .await?;
+            self.write_slot(addr, index, slot, chunk).await
         })
     }
 
-    /// One read of both slots serves both the patch's base and the slot rule.
+    /// Reads the two headers and the base copy's payload (checked whole), then writes as
+    /// [`ShardStore::write`] does, the base counting as checked.
     fn patch(&self, addr: ChunkAddr, patch: Patch) -> BoxFut<'_, Result<(), ShardError>> {
         Box::pin(async move {
             let index = self.index(&addr)?;
             let _g = self.locks.lock(index, index + 1).await;
-            let mut slots = Vec::with_capacity(2);
-            let mut copies = Vec::with_capacity(2);
-            for (s, h, data) in self.read_slots(&addr).await? {
-                slots.push((s, h.clone()));
-                copies.push(to_chunk(h, data));
+            let heads = self.read_heads(&addr, index).await?;
+            let mut base = None;
+            let mut copies = Vec::with_capacity(1);
+            if let Some((slot, h)) = heads
+                .iter()
+                .find(|(_, h)| patch.base.matches_header(h.version, &h.cols))
+            {
+                if let Some(data) = self.read_payload(index, *slot, h).await? {
+                    base = Some(*slot);
+                    copies.push(to_chunk(h.clone(), data));
+                }
             }
             let chunk = patch.apply(copies)?;
-            self.write_locked(addr, index, &slots, chunk).await
+            self.check_fits(&chunk)?;
+            let slot = self
+                .choose_slot(index, addr.pos, heads, &chunk, base)
+                .await?;
+            self.write_slot(addr, index, slot, chunk).await
         })
     }
 }
@@ -852,6 +939,29 @@ mod tests {
         // Checked whole: damage in its last sector hides it from a read of its first.
         poke(&dir, at + (PAGE + 3 * SECTOR) as u64, &[0xee]);
         assert!(s.read_range(addr(1), v3).await.unwrap().is_empty());
+    }
+
+    /// Writes decide from the headers but never leave a torn copy in place of a good one.
+    #[tokio::test]
+    async fn a_write_does_not_keep_a_torn_copy_behind_a_good_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskShardStore::open(device(&dir), 4096, &VOLS, false)
+            .await
+            .unwrap();
+        s.write(addr(3), chunk(3, 3)).await.unwrap();
+        s.write(addr(3), chunk(4, 4)).await.unwrap();
+        let index = s.index(&addr(3)).unwrap();
+        let newest = s.read_slots(&addr(3)).await.unwrap()[0].0;
+        poke(
+            &dir,
+            s.slot_offset(index, newest) + PAGE as u64 + 9,
+            &[0xee],
+        );
+        // By its header, copy 4 (acknowledged) would be kept and copy 3 replaced; its payload
+        // is torn, so copy 3 stays and the torn slot is replaced.
+        s.write(addr(3), chunk(5, 4)).await.unwrap();
+        assert_eq!(versions(&s.read(addr(3)).await.unwrap()), vec![5, 3]);
+        assert!(s.checksum_failures() >= 1);
     }
 
     #[tokio::test]
