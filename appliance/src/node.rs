@@ -789,7 +789,7 @@ impl ClusterEnv for NodeEnv {
         epoch: u64,
         addr: ChunkAddr,
         patch: Patch,
-    ) -> BoxFut<'_, Result<(), ShardError>> {
+    ) -> BoxFut<'_, Result<Vec<u8>, ShardError>> {
         Box::pin(async move {
             if to == self.me {
                 let e = self.engine().ok_or(ShardError::Unreachable(to))?;
@@ -800,7 +800,8 @@ impl ClusterEnv for NodeEnv {
                 .call(epoch, Request::PatchChunk(addr, patch))
                 .await
             {
-                Ok(_) => Ok(()),
+                Ok(Reply::Data(old)) => Ok(old),
+                Ok(_) => Err(ShardError::Io("unexpected reply".into())),
                 Err(e) => Err(shard_err(to, e)),
             }
         })
@@ -2028,7 +2029,7 @@ impl PeerHandler for Handler {
                     .engine
                     .handle_patch_chunk(epoch, a, patch)
                     .await
-                    .map(|()| Reply::Done)
+                    .map(Reply::Data)
                     .map_err(shard_remote),
                 Request::ForwardWrite {
                     volume,

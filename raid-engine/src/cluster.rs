@@ -211,22 +211,24 @@ pub trait ClusterEnv: Send + Sync + fmt::Debug {
         Box::pin(async move { Ok(read.cut(self.read_chunk(to, epoch, addr).await?)) })
     }
     /// Makes a new copy of a chunk at controller `to` from one it holds (see [`Patch`]);
-    /// durable on `Ok`. The default reads the base copy here and writes the whole chunk.
+    /// durable on `Ok`, which carries the bytes the patch replaced. The default reads the
+    /// base copy here and writes the whole chunk.
     fn patch_chunk(
         &self,
         to: ControllerId,
         epoch: u64,
         addr: ChunkAddr,
         patch: Patch,
-    ) -> BoxFut<'_, Result<(), ShardError>> {
+    ) -> BoxFut<'_, Result<Vec<u8>, ShardError>> {
         Box::pin(async move {
             let copies = if patch.base == Want::Zero {
                 Vec::new()
             } else {
                 self.read_chunk(to, epoch, addr).await?
             };
-            let chunk = patch.apply(copies)?;
-            self.write_chunk(to, epoch, addr, chunk).await
+            let (chunk, old) = patch.apply(copies)?;
+            self.write_chunk(to, epoch, addr, chunk).await?;
+            Ok(old)
         })
     }
     /// Hands a host write to the extent's primary `to`.

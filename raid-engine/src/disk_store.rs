@@ -708,7 +708,7 @@ impl ShardStore for DiskShardStore {
 
     /// Reads the two headers and the base copy's payload (checked whole), then writes as
     /// [`ShardStore::write`] does, the base counting as checked.
-    fn patch(&self, addr: ChunkAddr, patch: Patch) -> BoxFut<'_, Result<(), ShardError>> {
+    fn patch(&self, addr: ChunkAddr, patch: Patch) -> BoxFut<'_, Result<Vec<u8>, ShardError>> {
         Box::pin(async move {
             let index = self.index(&addr)?;
             let _g = self.locks.lock(index, index + 1).await;
@@ -724,12 +724,13 @@ impl ShardStore for DiskShardStore {
                     copies.push(to_chunk(h.clone(), data));
                 }
             }
-            let chunk = patch.apply(copies)?;
+            let (chunk, old) = patch.apply(copies)?;
             self.check_fits(&chunk)?;
             let slot = self
                 .choose_slot(index, addr.pos, heads, &chunk, base)
                 .await?;
-            self.write_slot(addr, index, slot, chunk).await
+            self.write_slot(addr, index, slot, chunk).await?;
+            Ok(old)
         })
     }
 }

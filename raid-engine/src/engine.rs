@@ -947,8 +947,21 @@ impl Engine {
                     })
                     .collect();
                 let unmarked_lacking = lacking.iter().any(|&p| marked & (1 << p) == 0);
-                let refuted =
-                    unmarked_lacking || lacking.len() > n - vol.meta.layout.geometry.write_quorum;
+                // So does a marked position the state's writer wrote (every parity position,
+                // and a data column at the state's newest version), when every mark of the
+                // row names a version below the state's content (checked below with
+                // `content > floor`): acknowledging it would have marked that position with
+                // the state's content first. A moving position's new holder proves nothing
+                // (the state may have been written to the old holder). Without this, a
+                // never-acknowledged write that reached one data column, while the parity
+                // write failed and the other column was moving, left a row nothing could
+                // settle (found by the simulation, four controllers, k=2, m=1).
+                let written_lacking = lacking.iter().any(|&p| {
+                    intent.moving & (1 << p) == 0 && probe.cols.get(p).is_none_or(|&v| v == content)
+                });
+                let refuted = unmarked_lacking
+                    || written_lacking
+                    || lacking.len() > n - vol.meta.layout.geometry.write_quorum;
                 // A state a later chunk or a mark says was acknowledged is never rolled back.
                 if refuted && content > floor {
                     rolled_back = true;
@@ -1280,12 +1293,12 @@ impl Engine {
             .await
     }
 
-    /// Writes `bytes` at offset `off` of data column `c` as patches: the column's old bytes
-    /// there are read from its holder (only the state's copy, only the range), the new bytes
-    /// go to that holder and each parity column's change (the codec's parity delta of old XOR
-    /// new) to the parity holders, which apply them to the copies of `meta`'s state they hold.
-    /// The copies made are exactly those a whole-chunk write would make. `None` when the old
-    /// bytes cannot be read (the caller writes whole chunks instead).
+    /// Writes `bytes` at offset `off` of data column `c` as patches: the column's holder
+    /// replaces the range in its copy of `meta`'s state and answers with the bytes it
+    /// replaced; then each parity holder applies its column's change (the codec's parity
+    /// delta of old XOR new) to its copy of the state. The copies made are exactly those a
+    /// whole-chunk write would make, and only the changed bytes travel. `None` when the data
+    /// column's patch fails (the caller writes whole chunks instead).
     #[allow(clippy::too_many_arguments)]
     async fn commit_delta(
         &self,
@@ -1298,20 +1311,7 @@ impl Engine {
         off: usize,
         bytes: &[u8],
     ) -> Result<Option<RowMeta>> {
-        let (k, n, cb) = (vol.k(), vol.width(), vol.chunk());
-        let Some(mut delta) = self
-            .read_col_range(view, vol, extent, row, meta, c, off..off + bytes.len())
-            .await
-        else {
-            return Ok(None);
-        };
-        for (d, b) in delta.iter_mut().zip(bytes) {
-            *d ^= b;
-        }
-        let parity = vol
-            .codec
-            .parity_delta(c, &delta)
-            .map_err(|e| VolError::Peer(e.to_string()))?;
+        let (k, cb) = (vol.k(), vol.chunk());
         let version = self.new_version(view, meta);
         let mut new = meta.clone();
         new.version = version;
@@ -1330,37 +1330,48 @@ impl Engine {
                 data,
             },
         };
-        let mut patches = vec![(
-            c,
-            patch(
-                c,
-                Want::Version(meta.want(c)),
-                PatchOp::Replace,
-                bytes.to_vec(),
-            ),
-        )];
-        for (j, d) in parity.into_iter().enumerate() {
-            patches.push((
-                k + j,
-                patch(k + j, Want::Cols(meta.cols.clone()), PatchOp::Xor, d),
-            ));
-        }
         let set = &vol.meta.placement[extent as usize];
-        let sends = patches.into_iter().map(|(p, patch)| {
+        let send = |p: usize, patch: Patch| {
             let holder = set[p];
             let addr = Self::addr(vol, extent, row, p);
             async move {
                 if !view.reachable(holder) {
-                    return (p, Err(ShardError::Unreachable(holder)));
+                    return Err(ShardError::Unreachable(holder));
                 }
-                (
-                    p,
-                    self.env.patch_chunk(holder, view.epoch, addr, patch).await,
-                )
+                self.env.patch_chunk(holder, view.epoch, addr, patch).await
             }
+        };
+        // The data column's holder swaps in the new bytes and answers with the old ones.
+        let data = patch(
+            c,
+            Want::Version(meta.want(c)),
+            PatchOp::Replace,
+            bytes.to_vec(),
+        );
+        let mut delta = match send(c, data).await {
+            Ok(old) if old.len() == bytes.len() => old,
+            other => {
+                // Nothing is known to have landed: the whole-chunk path writes the row under
+                // a newer version (reconstructing the column if its holder is gone).
+                tracing::debug!(extent, row, pos = c, result = ?other.map(|o| o.len()), "patch of a data column failed; writing whole chunks");
+                return Ok(None);
+            }
+        };
+        for (d, b) in delta.iter_mut().zip(bytes) {
+            *d ^= b;
+        }
+        let parity = vol
+            .codec
+            .parity_delta(c, &delta)
+            .map_err(|e| VolError::Peer(e.to_string()))?;
+        // Each parity holder XORs in its column's change.
+        let sends = parity.into_iter().enumerate().map(|(j, d)| {
+            let p = k + j;
+            let sent = send(p, patch(p, Want::Cols(meta.cols.clone()), PatchOp::Xor, d));
+            async move { (p, sent.await.map(|_| ())) }
         });
-        let results = futures::future::join_all(sends).await;
-        debug_assert!(results.len() == 1 + n - k);
+        let mut results = vec![(c, Ok(()))];
+        results.extend(futures::future::join_all(sends).await);
         self.stats.lock().expect("stats").patched_writes += 1;
         self.settle(view, vol, extent, row, meta, new, results)
             .await
@@ -1545,7 +1556,7 @@ impl Engine {
 
     /// A patch (see [`Patch`]) from the extent's primary at `epoch`: the base copy is read
     /// here, so only the changed bytes crossed the network; the store reads and writes the
-    /// chunk once, under its per-chunk lock.
+    /// chunk once, under its per-chunk lock. Returns the bytes the patch replaced.
     ///
     /// # Errors
     /// [`ShardError::StaleEpoch`] when the sender is behind; [`ShardError::Mismatch`] when
@@ -1555,7 +1566,7 @@ impl Engine {
         epoch: u64,
         addr: ChunkAddr,
         patch: Patch,
-    ) -> std::result::Result<(), ShardError> {
+    ) -> std::result::Result<Vec<u8>, ShardError> {
         self.admit(epoch)?;
         // The chunk length comes from the volume, never from the request alone (a patch
         // from zeros allocates it).

@@ -222,12 +222,13 @@ pub struct Patch {
 }
 
 impl Patch {
-    /// The copy the patch produces from the holder's `copies`.
+    /// The copy the patch produces from the holder's `copies`, and the bytes it replaced
+    /// ([`PatchOp::Replace`]; empty for [`PatchOp::Xor`]).
     ///
     /// # Errors
     /// [`ShardError::Mismatch`] when no copy matches `base` at `chunk_len` bytes, or the range
     /// does not fit.
-    pub fn apply(self, copies: Vec<Chunk>) -> Result<Chunk, ShardError> {
+    pub fn apply(self, copies: Vec<Chunk>) -> Result<(Chunk, Vec<u8>), ShardError> {
         let (off, chunk_len) = (self.off as usize, self.chunk_len as usize);
         let end = off
             .checked_add(self.head.data.len())
@@ -249,15 +250,20 @@ impl Patch {
                     .data
             }
         };
-        match self.op {
-            PatchOp::Replace => data[off..end].copy_from_slice(&self.head.data),
+        let old = match self.op {
+            PatchOp::Replace => {
+                let old = data[off..end].to_vec();
+                data[off..end].copy_from_slice(&self.head.data);
+                old
+            }
             PatchOp::Xor => {
                 for (d, p) in data[off..end].iter_mut().zip(&self.head.data) {
                     *d ^= p;
                 }
+                Vec::new()
             }
-        }
-        Ok(Chunk { data, ..self.head })
+        };
+        Ok((Chunk { data, ..self.head }, old))
     }
 }
 
@@ -277,16 +283,17 @@ pub trait ShardStore: Send + Sync + fmt::Debug {
         Box::pin(async move { Ok(read.cut(self.read(addr).await?)) })
     }
     /// Stores the copy `patch` makes from the copies held (see [`Patch::apply`]) as a
-    /// [`ShardStore::write`] of it would; durable on `Ok`.
-    fn patch(&self, addr: ChunkAddr, patch: Patch) -> BoxFut<'_, Result<(), ShardError>> {
+    /// [`ShardStore::write`] of it would; durable on `Ok`. Returns the bytes it replaced.
+    fn patch(&self, addr: ChunkAddr, patch: Patch) -> BoxFut<'_, Result<Vec<u8>, ShardError>> {
         Box::pin(async move {
             let copies = if patch.base == Want::Zero {
                 Vec::new()
             } else {
                 self.read(addr).await?
             };
-            let chunk = patch.apply(copies)?;
-            self.write(addr, chunk).await
+            let (chunk, old) = patch.apply(copies)?;
+            self.write(addr, chunk).await?;
+            Ok(old)
         })
     }
 }
@@ -423,7 +430,7 @@ impl ShardStore for StoreSet {
         Box::pin(async move { s.read_range(addr, read).await })
     }
 
-    fn patch(&self, addr: ChunkAddr, patch: Patch) -> BoxFut<'_, Result<(), ShardError>> {
+    fn patch(&self, addr: ChunkAddr, patch: Patch) -> BoxFut<'_, Result<Vec<u8>, ShardError>> {
         let s = self.pick(addr.volume);
         Box::pin(async move { s.patch(addr, patch).await })
     }
@@ -472,14 +479,20 @@ mod tests {
             op,
             head: head.clone(),
         };
-        let p = patch(Want::Cols(vec![5, 0]), 16, 2, PatchOp::Xor)
+        let (p, old) = patch(Want::Cols(vec![5, 0]), 16, 2, PatchOp::Xor)
             .apply(copies.clone())
             .unwrap();
+        assert!(old.is_empty());
         assert_eq!(p.version, 9);
         assert_eq!(p.data[..8], [5, 5, 0xfa, 0xfa, 0xfa, 0xfa, 5, 5]);
-        let p = patch(Want::Zero, 16, 12, PatchOp::Replace)
+        let (p, old) = patch(Want::Zero, 16, 12, PatchOp::Replace)
             .apply(Vec::new())
             .unwrap();
+        assert_eq!(old, vec![0; 4]);
+        let (_, old) = patch(Want::Version(7), 16, 1, PatchOp::Replace)
+            .apply(copies.clone())
+            .unwrap();
+        assert_eq!(old, vec![7; 4]);
         assert_eq!(p.data, [vec![0; 12], vec![0xff; 4]].concat());
         assert!(matches!(
             patch(Want::Version(6), 16, 0, PatchOp::Replace).apply(copies.clone()),

@@ -636,7 +636,7 @@ pub enum Reply {
     Copies(Vec<Chunk>),
     /// Done, nothing to return.
     Done,
-    /// Data of a forwarded read.
+    /// Data of a forwarded read; the bytes a patch replaced; a metadata reply.
     Data(Vec<u8>),
 }
 
@@ -674,10 +674,10 @@ impl Reply {
                         .collect::<Result<_, _>>()?,
                 )
             }
-            Kind::WriteChunk | Kind::PatchChunk | Kind::ForwardWrite | Kind::Heartbeat => {
-                Self::Done
+            Kind::WriteChunk | Kind::ForwardWrite | Kind::Heartbeat => Self::Done,
+            Kind::ForwardRead | Kind::Meta | Kind::PatchChunk => {
+                Self::Data(r.bytes(MAX_PAYLOAD)?.to_vec())
             }
-            Kind::ForwardRead | Kind::Meta => Self::Data(r.bytes(MAX_PAYLOAD)?.to_vec()),
         };
         r.end()?;
         Ok(reply)
@@ -782,7 +782,7 @@ mod tests {
                 (Kind::ReadChunk, Reply::Copies(vec![chunk(v, len), chunk(v + 1, len)])),
                 (Kind::WriteChunk, Reply::Done),
                 (Kind::ReadRange, Reply::Copies(vec![chunk(v, len)])),
-                (Kind::PatchChunk, Reply::Done),
+                (Kind::PatchChunk, Reply::Data(vec![9; len])),
                 (Kind::ForwardRead, Reply::Data(vec![3; len])),
             ] {
                 let body = reply.encode();
