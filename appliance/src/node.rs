@@ -25,7 +25,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, Config, Raft};
-use raid_engine::cluster::{ClusterEnv, IntentMark, RowIntent, VolError, VolumeMeta};
+use raid_engine::cluster::{ClusterEnv, IntentMark, ReadAnswer, RowIntent, VolError, VolumeMeta};
 use raid_engine::engine::Engine;
 use raid_engine::layout::ControllerId;
 use raid_engine::shard::{
@@ -827,6 +827,34 @@ impl ClusterEnv for NodeEnv {
             .await
             .map(|_| ())
             .map_err(vol_err)
+        })
+    }
+    fn forward_locate(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> BoxFut<'_, Result<ReadAnswer, VolError>> {
+        Box::pin(async move {
+            let c = self.client(to).map_err(|e| VolError::Peer(e.to_string()))?;
+            let len = u32::try_from(len).map_err(|_| VolError::OutOfRange { offset, len })?;
+            match c
+                .call(
+                    epoch,
+                    Request::ForwardLocate {
+                        volume,
+                        offset,
+                        len,
+                    },
+                )
+                .await
+            {
+                Ok(Reply::Answer(a)) => Ok(a),
+                Ok(_) => Err(VolError::Peer("unexpected reply".into())),
+                Err(e) => Err(vol_err(e)),
+            }
         })
     }
     fn forward_read(
@@ -2050,6 +2078,16 @@ impl PeerHandler for Handler {
                     .primary_read(epoch, volume, offset, u64::from(len))
                     .await
                     .map(Reply::Data)
+                    .map_err(vol_remote),
+                Request::ForwardLocate {
+                    volume,
+                    offset,
+                    len,
+                } => self
+                    .engine
+                    .primary_locate(epoch, volume, offset, u64::from(len))
+                    .await
+                    .map(Reply::Answer)
                     .map_err(vol_remote),
                 // A controller the log has declared down gets no answer that would renew its
                 // lease: it stops serving within a lease period even if it never hears why.

@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     }
     // Bodies on their own (checksums would otherwise keep the fuzzer out), under every kind,
     // as requests and as replies, and wrapped in a valid frame.
-    for k in 0..=6u8 {
+    for k in 0..=9u8 {
         let _ = Request::decode(k, data);
         if let (Some(kind), Ok(Ok(r))) = (Kind::from_u8(k), wire::get_status(data)) {
             let _ = Reply::decode(kind, r);

@@ -182,6 +182,29 @@ impl From<ShardError> for VolError {
     }
 }
 
+/// One piece of a host read, as the extent's primary locates it: read `read` of `addr` from
+/// `holder` ([`Want::Zero`]: no read, the bytes are zeros).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadPart {
+    /// The column's holder.
+    pub holder: ControllerId,
+    /// The chunk.
+    pub addr: ChunkAddr,
+    /// The copy (by version) and byte range.
+    pub read: RangeRead,
+}
+
+/// A primary's answer to a host read forwarded by another controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadAnswer {
+    /// The bytes.
+    Data(Vec<u8>),
+    /// Where they are, in request order: the asking controller reads them from their holders
+    /// itself (so bytes held elsewhere than at the primary cross the network once), falling
+    /// back to asking for [`ReadAnswer::Data`] when a copy has changed meanwhile.
+    Located(Vec<ReadPart>),
+}
+
 /// The engine's window on the cluster: peers and the replicated write-intent log.
 pub trait ClusterEnv: Send + Sync + fmt::Debug {
     /// Reads every valid copy of a chunk from controller `to`.
@@ -249,6 +272,22 @@ pub trait ClusterEnv: Send + Sync + fmt::Debug {
         offset: u64,
         len: u64,
     ) -> BoxFut<'_, Result<Vec<u8>, VolError>>;
+    /// Hands a host read to the extent's primary `to`, which may answer with where the bytes
+    /// are rather than the bytes. The default asks for the bytes.
+    fn forward_locate(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> BoxFut<'_, Result<ReadAnswer, VolError>> {
+        Box::pin(async move {
+            self.forward_read(to, epoch, volume, offset, len)
+                .await
+                .map(ReadAnswer::Data)
+        })
+    }
     /// Records durably, cluster-wide, that a holder missed the row state of version
     /// `missed` (a mark keeps the highest version it was set with).
     /// Refused (an error) when `epoch` is no longer the cluster's: a write of a fenced primary

@@ -36,7 +36,10 @@
 //! - A host write returns `Ok` only when `write_quorum` positions hold it and every position
 //!   that missed it is marked in the write-intent log.
 
-use crate::cluster::{ClusterEnv, ClusterView, ControllerState, IntentMark, VolError, VolumeMeta};
+use crate::cluster::{
+    ClusterEnv, ClusterView, ControllerState, IntentMark, ReadAnswer, ReadPart, VolError,
+    VolumeMeta,
+};
 use crate::codec::{new_codec, ErasureCodec, DELTA_ALIGN};
 use crate::layout::{ControllerId, RowSpan};
 use crate::range_lock::RangeLock;
@@ -180,6 +183,8 @@ pub struct EngineStats {
     pub moved_chunks: u64,
     /// Row writes committed as patches (changed bytes and parity deltas, not whole chunks).
     pub patched_writes: u64,
+    /// Host reads whose primary located the bytes, read here from their holders.
+    pub located_reads: u64,
 }
 
 /// Recent chunk read latencies, and the hedging threshold derived from them: twice their
@@ -564,9 +569,25 @@ impl Engine {
             let part = if primary == self.id {
                 self.primary_read(view.epoch, volume, off, n).await?
             } else {
-                self.env
-                    .forward_read(primary, view.epoch, volume, off, n)
+                match self
+                    .env
+                    .forward_locate(primary, view.epoch, volume, off, n)
                     .await?
+                {
+                    ReadAnswer::Data(d) => d,
+                    ReadAnswer::Located(parts) => match self.read_located(&view, &parts).await {
+                        Some(d) => {
+                            self.stats.lock().expect("stats").located_reads += 1;
+                            d
+                        }
+                        // A copy changed since the primary located it: ask for the bytes.
+                        None => {
+                            self.env
+                                .forward_read(primary, view.epoch, volume, off, n)
+                                .await?
+                        }
+                    },
+                }
             };
             if part.len() as u64 != n {
                 return Err(VolError::Peer(format!(
@@ -577,6 +598,99 @@ impl Engine {
             out.extend_from_slice(&part);
         }
         Ok(out)
+    }
+
+    /// Reads the parts a primary located, from their holders; `None` when any holder fails
+    /// or no longer has the copy named.
+    async fn read_located(&self, view: &ClusterView, parts: &[ReadPart]) -> Option<Vec<u8>> {
+        let reads = parts.iter().map(|p| async move {
+            let len = p.read.len as usize;
+            if p.read.want == Want::Zero {
+                return Some(zeros(len));
+            }
+            if !view.reachable(p.holder) {
+                return None;
+            }
+            let copies = self
+                .env
+                .read_range(p.holder, view.epoch, p.addr, p.read.clone())
+                .await
+                .ok()?;
+            copies
+                .into_iter()
+                .find(|c| c.data.len() == len)
+                .map(|c| c.data)
+        });
+        let got = futures::future::join_all(reads).await;
+        let mut out = Vec::with_capacity(parts.iter().map(|p| p.read.len as usize).sum());
+        for part in got {
+            out.extend_from_slice(&part?);
+        }
+        Some(out)
+    }
+
+    /// The primary's answer to a host read another controller forwarded: where the bytes
+    /// are ([`ReadAnswer::Located`]: the state's copy of each column range, as of now) when
+    /// some are held elsewhere than here and every column needed is healthy; otherwise the
+    /// bytes. A located read is linearized here: the copies named are those of the state
+    /// current now, and holders keep them until two newer writes (the asker falls back to the
+    /// bytes if one is gone).
+    ///
+    /// # Errors
+    /// See [`VolError`].
+    pub async fn primary_locate(
+        &self,
+        epoch: u64,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<ReadAnswer> {
+        let (view, vol) = self.as_primary(epoch, volume, offset, len)?;
+        let cb = vol.chunk();
+        let mut parts = Vec::new();
+        let mut healthy = true;
+        for span in vol.meta.layout.spans(offset, len) {
+            let g = vol.global_row(span.extent, span.row);
+            let _row = vol.rows.lock(g, g + 1).await;
+            self.still(epoch)?;
+            let meta = self.row_meta(&view, &vol, span.extent, span.row).await?;
+            let start = span.offset_in_row as usize;
+            let end = start + span.len as usize;
+            for c in start / cb..=(end - 1) / cb {
+                let holder = vol.meta.placement[span.extent as usize][c];
+                if meta.is_behind(c) || meta.is_unknown(c) || !view.reachable(holder) {
+                    healthy = false;
+                    break;
+                }
+                let from = start.max(c * cb) - c * cb;
+                let to = end.min((c + 1) * cb) - c * cb;
+                parts.push(ReadPart {
+                    holder,
+                    addr: Self::addr(&vol, span.extent, span.row, c),
+                    read: RangeRead {
+                        want: if meta.is_zero(c) {
+                            Want::Zero
+                        } else {
+                            Want::Version(meta.want(c))
+                        },
+                        off: from as u32,
+                        len: (to - from) as u32,
+                    },
+                });
+            }
+            if !healthy {
+                break;
+            }
+        }
+        let elsewhere = parts
+            .iter()
+            .any(|p| p.holder != self.id && p.read.want != Want::Zero);
+        if healthy && elsewhere {
+            return Ok(ReadAnswer::Located(parts));
+        }
+        self.primary_read(epoch, volume, offset, len)
+            .await
+            .map(ReadAnswer::Data)
     }
 
     /// Checks that this controller may act as primary for `[offset, offset+len)` at `epoch`.
@@ -1028,15 +1142,23 @@ impl Engine {
             // reachable positions that are behind are marked for resync (again, if marked
             // already, so their marks name this state): marks first, so a crash between the
             // two never leaves a served state with a lagging holder unmarked.
-            // (A moving position is copied by its move, not marked.)
+            // (A moving position is copied by its move, not marked.) Serving a new state
+            // also marks positions that did not answer: they may lack it, and a mark is what
+            // keeps planned moves off the extent until resync has checked them (found by the
+            // simulation: a drain among faults took away one of the only `k` copies of a
+            // rolled-forward row whose lagging holders had been unreachable at the serve).
             let serve_new = content > floor;
             let to_mark: Vec<usize> = (0..n)
                 .filter(|&p| intent.moving & (1 << p) == 0)
-                .filter(|&p| copies[p].is_some() && meta.is_behind(p))
+                .filter(|&p| {
+                    (copies[p].is_some() && meta.is_behind(p)) || (serve_new && meta.is_unknown(p))
+                })
                 .collect();
             let mut newly_marked = 0;
             for p in to_mark {
                 self.mark(view, vol, extent, row, p, meta.content()).await?;
+                meta.behind |= 1 << p;
+                meta.unknown &= !(1 << p);
                 newly_marked += 1;
             }
             if serve_new {

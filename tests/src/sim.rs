@@ -29,7 +29,8 @@ use futures::future::{AbortHandle, Abortable};
 use futures::task::LocalSpawnExt;
 use futures::FutureExt;
 use raid_engine::cluster::{
-    ClusterEnv, ClusterView, ControllerState, IntentMark, RowIntent, VolError, VolumeMeta,
+    ClusterEnv, ClusterView, ControllerState, IntentMark, ReadAnswer, RowIntent, VolError,
+    VolumeMeta,
 };
 use raid_engine::codec::CodecKind;
 use raid_engine::engine::Engine;
@@ -113,6 +114,8 @@ pub struct SimReport {
     pub degraded_reads: u64,
     /// Row writes committed as patches.
     pub patched_writes: u64,
+    /// Forwarded reads answered with where the bytes are, and read from their holders.
+    pub located_reads: u64,
     /// Controllers marked out (their positions rebuilt on the others).
     pub marked_out: u64,
     /// Chunks copied to new holders by moves.
@@ -151,6 +154,14 @@ enum Msg {
         u64,
         u64,
         Reply<Result<Vec<u8>, VolError>>,
+    ),
+    /// A forwarded read the primary may answer with where the bytes are.
+    FwdLocate(
+        ControllerId,
+        u64,
+        u64,
+        u64,
+        Reply<Result<ReadAnswer, VolError>>,
     ),
     /// Set (true, with the missed version) or clear (false, up to a version) a mark.
     Mark(IntentMark, bool, u64, u64, Reply<Result<(), VolError>>),
@@ -279,6 +290,19 @@ impl ClusterEnv for SimEnv {
     ) -> BoxFut<'_, Result<Vec<u8>, VolError>> {
         self.send(
             |r| Msg::FwdRead(to, epoch, offset, len, r),
+            Err(unreachable_vol(to)),
+        )
+    }
+    fn forward_locate(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        _volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> BoxFut<'_, Result<ReadAnswer, VolError>> {
+        self.send(
+            |r| Msg::FwdLocate(to, epoch, offset, len, r),
             Err(unreachable_vol(to)),
         )
     }
@@ -1046,6 +1070,15 @@ impl Sim {
                     let _ = r.send(e.primary_read(epoch, VOLUME, off, len).await);
                 });
             }
+            Msg::FwdLocate(to, epoch, off, len, r) => {
+                if drop || !self.connected(p.from, to) {
+                    return;
+                }
+                let e = self.nodes[&to].engine.clone();
+                self.spawn_on(to, async move {
+                    let _ = r.send(e.primary_locate(epoch, VOLUME, off, len).await);
+                });
+            }
             Msg::Served(key, content, epoch, r) => {
                 if std::env::var("SIM_DEBUG_ROW").is_ok_and(|r| r == format!("{}/{}", key.1, key.2))
                 {
@@ -1090,8 +1123,18 @@ impl Sim {
                     if set {
                         let e = meta.intents.entry(mark).or_insert(v);
                         *e = (*e).max(v);
-                    } else if meta.intents.get(&mark).is_some_and(|&missed| missed <= v) {
+                    } else if let Some(missed) =
+                        meta.intents.get(&mark).copied().filter(|&m| m <= v)
+                    {
+                        // As the appliance's log: the floor the mark set outlives it.
                         meta.intents.remove(&mark);
+                        if missed > 0 {
+                            let e = meta
+                                .served
+                                .entry((mark.volume, mark.extent, mark.row))
+                                .or_insert(missed);
+                            *e = (*e).max(missed);
+                        }
                     }
                 });
             }
@@ -1430,7 +1473,10 @@ impl Sim {
             if self.nodes[&id].alive && !self.nodes[&id].isolated {
                 let e = self.nodes[&id].engine.clone();
                 self.spawn_on(id, async move {
-                    let _ = e.resync().await;
+                    let r = e.resync().await;
+                    if std::env::var("SIM_DEBUG_RESYNC").is_ok() && r.is_err() {
+                        eprintln!("resync: {r:?}");
+                    }
                 });
             }
         }
@@ -1554,6 +1600,7 @@ impl Sim {
             self.report.moved += s.moved_chunks;
             self.report.degraded_reads += s.degraded_reads;
             self.report.patched_writes += s.patched_writes;
+            self.report.located_reads += s.located_reads;
         }
         self.report
     }

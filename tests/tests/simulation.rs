@@ -22,6 +22,7 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
     let mut resynced = 0;
     let mut degraded = 0;
     let mut patched = 0;
+    let mut located = 0;
     let (mut marked_out, mut moved, mut planned) = (0, 0, 0);
     let mut drained_among_faults = 0;
     for seed in seeds(default_seeds) {
@@ -39,6 +40,7 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
         resynced += r.resynced;
         degraded += r.degraded_reads;
         patched += r.patched_writes;
+        located += r.located_reads;
         marked_out += r.marked_out;
         moved += r.moved;
         planned += r.planned_moves;
@@ -55,6 +57,10 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
     assert!(resynced > 0, "no resync copied anything");
     assert!(degraded > 0, "no degraded read happened");
     assert!(patched > 0, "no write was committed as patches");
+    assert!(
+        located > 0,
+        "no forwarded read was located and read from the holders"
+    );
     assert!(planned > 0, "no rebalance or drain moved anything");
     eprintln!("drains among the faults: {drained_among_faults}");
     (marked_out, moved)

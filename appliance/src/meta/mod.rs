@@ -465,8 +465,16 @@ impl MetaState {
                 if *epoch != self.epoch {
                     return stale(self.epoch, *epoch);
                 }
-                if self.intents.get(mark).is_some_and(|m| m <= upto) {
+                if let Some(missed) = self.intents.get(mark).copied().filter(|m| m <= upto) {
                     self.intents.remove(mark);
+                    // The mark said the row's state is at least `missed` (an acknowledged or
+                    // served state): that stays known after the mark goes, so no later load
+                    // rolls the row back below it.
+                    if missed > 0 {
+                        let row = (mark.0, mark.1, mark.2);
+                        let e = self.served.entry(row).or_insert(missed);
+                        *e = (*e).max(missed);
+                    }
                 }
             }
             MetaCommand::Served {
@@ -928,6 +936,11 @@ mod tests {
             epoch: 1,
         });
         assert!(s.intents.is_empty());
+        assert_eq!(
+            s.served[&(1, 2, 3)],
+            10,
+            "the floor a cleared mark set outlives it"
+        );
         assert_eq!(s.view().state(1), ControllerState::Up);
     }
 

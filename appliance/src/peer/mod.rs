@@ -460,6 +460,7 @@ impl PeerClient {
             Kind::PatchChunk => "patch-chunk",
             Kind::ForwardWrite => "forward-write",
             Kind::ForwardRead => "forward-read",
+            Kind::ForwardLocate => "forward-locate",
             Kind::Heartbeat => "heartbeat",
             Kind::Meta => "meta",
         }

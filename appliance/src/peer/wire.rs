@@ -22,6 +22,7 @@
 //! - A payload whose CRC does not match is refused before it is parsed.
 //! - Every message parser checks every length against what remains and against its own limit.
 
+use raid_engine::cluster::{ReadAnswer, ReadPart};
 use raid_engine::shard::{Chunk, ChunkAddr, Patch, PatchOp, RangeRead, Want};
 
 /// Frame header size.
@@ -29,12 +30,14 @@ pub const HEADER_LEN: usize = 40;
 /// Largest payload accepted: a 1 MiB chunk or forwarded write plus room for headers.
 pub const MAX_PAYLOAD: usize = (4 << 20) + 4096;
 const MAGIC: [u8; 4] = *b"RNPF";
-/// 2: ranged chunk reads and patches (kinds 7 and 8).
+/// 2: ranged chunk reads, patches and located reads (kinds 7, 8 and 9).
 const VERSION: u8 = 2;
 /// Reply bit of [`Frame::kind`].
 pub const REPLY: u8 = 0x80;
 const MAX_COLS: usize = raid_engine::codec::SHARDS_MAX;
 const MAX_TEXT: usize = 1024;
+/// Most parts in a located read (a 4 MiB read in 4 KiB chunks is 1024).
+const MAX_PARTS: usize = 4096;
 
 /// Request kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +59,8 @@ pub enum Kind {
     ReadRange = 7,
     /// Make a new copy of a chunk from one the holder has.
     PatchChunk = 8,
+    /// A host read for the primary, which may answer with where the bytes are.
+    ForwardLocate = 9,
 }
 
 /// What a [`Kind::Meta`] request carries (its body is JSON, produced and checked by openraft's
@@ -105,6 +110,7 @@ impl Kind {
             6 => Self::Meta,
             7 => Self::ReadRange,
             8 => Self::PatchChunk,
+            9 => Self::ForwardLocate,
             _ => return None,
         })
     }
@@ -496,6 +502,15 @@ pub enum Request {
         /// Length.
         len: u32,
     },
+    /// A host read for the primary, which may answer with where the bytes are.
+    ForwardLocate {
+        /// Volume.
+        volume: u32,
+        /// Byte offset.
+        offset: u64,
+        /// Length.
+        len: u32,
+    },
     /// Liveness.
     Heartbeat,
     /// Metadata log traffic.
@@ -554,6 +569,16 @@ impl Request {
                 out.extend_from_slice(&offset.to_be_bytes());
                 out.extend_from_slice(&len.to_be_bytes());
                 Kind::ForwardRead
+            }
+            Self::ForwardLocate {
+                volume,
+                offset,
+                len,
+            } => {
+                out.extend_from_slice(&volume.to_be_bytes());
+                out.extend_from_slice(&offset.to_be_bytes());
+                out.extend_from_slice(&len.to_be_bytes());
+                Kind::ForwardLocate
             }
             Self::Heartbeat => Kind::Heartbeat,
             Self::Meta(op, body) => {
@@ -618,6 +643,11 @@ impl Request {
                 offset: r.u64()?,
                 len: r.u32()?,
             },
+            Kind::ForwardLocate => Self::ForwardLocate {
+                volume: r.u32()?,
+                offset: r.u64()?,
+                len: r.u32()?,
+            },
             Kind::Heartbeat => Self::Heartbeat,
             Kind::Meta => {
                 let op = MetaOp::from_u8(r.u8()?).ok_or(WireError::Malformed("meta op"))?;
@@ -638,6 +668,8 @@ pub enum Reply {
     Done,
     /// Data of a forwarded read; the bytes a patch replaced; a metadata reply.
     Data(Vec<u8>),
+    /// A primary's answer to a located read.
+    Answer(ReadAnswer),
 }
 
 impl Reply {
@@ -653,6 +685,21 @@ impl Reply {
             }
             Self::Done => {}
             Self::Data(d) => put_bytes(&mut out, d),
+            Self::Answer(ReadAnswer::Data(d)) => {
+                out.push(0);
+                put_bytes(&mut out, d);
+            }
+            Self::Answer(ReadAnswer::Located(parts)) => {
+                out.push(1);
+                out.extend_from_slice(&(parts.len() as u32).to_be_bytes());
+                for p in parts {
+                    out.extend_from_slice(&p.holder.to_be_bytes());
+                    put_addr(&mut out, &p.addr);
+                    put_want(&mut out, &p.read.want);
+                    out.extend_from_slice(&p.read.off.to_be_bytes());
+                    out.extend_from_slice(&p.read.len.to_be_bytes());
+                }
+            }
         }
         out
     }
@@ -678,6 +725,29 @@ impl Reply {
             Kind::ForwardRead | Kind::Meta | Kind::PatchChunk => {
                 Self::Data(r.bytes(MAX_PAYLOAD)?.to_vec())
             }
+            Kind::ForwardLocate => Self::Answer(match r.u8()? {
+                0 => ReadAnswer::Data(r.bytes(MAX_PAYLOAD)?.to_vec()),
+                1 => {
+                    let n = r.u32()? as usize;
+                    if n > MAX_PARTS {
+                        return Err(WireError::Malformed("located read"));
+                    }
+                    let mut parts = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        parts.push(ReadPart {
+                            holder: r.u32()?,
+                            addr: get_addr(&mut r)?,
+                            read: RangeRead {
+                                want: get_want(&mut r)?,
+                                off: r.u32()?,
+                                len: r.u32()?,
+                            },
+                        });
+                    }
+                    ReadAnswer::Located(parts)
+                }
+                _ => return Err(WireError::Malformed("located read")),
+            }),
         };
         r.end()?;
         Ok(reply)
@@ -767,6 +837,7 @@ mod tests {
                 Request::PatchChunk(addr, Patch { base: Want::Cols(vec![v]), chunk_len: 4096, off: 0, op: PatchOp::Xor, head: chunk(v + 1, len) }),
                 Request::ForwardWrite { volume: vol, offset: off, data: vec![7; len] },
                 Request::ForwardRead { volume: vol, offset: off, len: len as u32 },
+                Request::ForwardLocate { volume: vol, offset: off, len: len as u32 },
                 Request::Heartbeat,
                 Request::Meta(MetaOp::Vote, vec![b'{'; len]),
             ];
@@ -783,6 +854,11 @@ mod tests {
                 (Kind::WriteChunk, Reply::Done),
                 (Kind::ReadRange, Reply::Copies(vec![chunk(v, len)])),
                 (Kind::PatchChunk, Reply::Data(vec![9; len])),
+                (Kind::ForwardLocate, Reply::Answer(ReadAnswer::Data(vec![4; len]))),
+                (Kind::ForwardLocate, Reply::Answer(ReadAnswer::Located(vec![
+                    ReadPart { holder: 3, addr, read: RangeRead { want: Want::Version(v), off: 512, len: len as u32 } },
+                    ReadPart { holder: 1, addr, read: RangeRead { want: Want::Zero, off: 0, len: 4096 } },
+                ]))),
                 (Kind::ForwardRead, Reply::Data(vec![3; len])),
             ] {
                 let body = reply.encode();
