@@ -404,7 +404,61 @@ fn shard_err(to: ControllerId, e: CallError) -> ShardError {
     }
 }
 
+fn unexpected() -> ShardError {
+    ShardError::Io("unexpected reply".into())
+}
+
+/// A shard request (chunk read, write, ranged read, patch) served by `engine`: what a peer's
+/// request reaches, and what this controller's own requests call directly.
+async fn serve_shard(engine: &Engine, epoch: u64, req: Request) -> Result<Reply, ShardError> {
+    match req {
+        Request::ReadChunk(a) => engine.handle_read_chunk(epoch, a).await.map(Reply::Copies),
+        Request::WriteChunk(a, c) => engine
+            .handle_write_chunk(epoch, a, c)
+            .await
+            .map(|()| Reply::Done),
+        Request::ReadRange(a, read) => engine
+            .handle_read_range(epoch, a, read)
+            .await
+            .map(Reply::Copies),
+        Request::PatchChunk(a, patch) => engine
+            .handle_patch_chunk(epoch, a, patch)
+            .await
+            .map(Reply::Data),
+        _ => Err(ShardError::Io("not a shard request".into())),
+    }
+}
+
 impl NodeEnv {
+    /// A shard request to controller `to`: this controller's engine directly, another's over
+    /// the peer transport.
+    async fn shard_call(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        req: Request,
+    ) -> Result<Reply, ShardError> {
+        if to == self.me {
+            let e = self.engine().ok_or(ShardError::Unreachable(to))?;
+            return serve_shard(&e, epoch, req).await;
+        }
+        self.client(to)?
+            .call(epoch, req)
+            .await
+            .map_err(|e| shard_err(to, e))
+    }
+
+    /// A forwarded host request to the extent's primary `to`.
+    async fn forward_call(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        req: Request,
+    ) -> Result<Reply, VolError> {
+        let c = self.client(to).map_err(|e| VolError::Peer(e.to_string()))?;
+        c.call(epoch, req).await.map_err(vol_err)
+    }
+
     fn engine(&self) -> Option<Arc<Engine>> {
         self.engine.get().and_then(Weak::upgrade)
     }
@@ -727,14 +781,9 @@ impl ClusterEnv for NodeEnv {
         addr: ChunkAddr,
     ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
         Box::pin(async move {
-            if to == self.me {
-                let e = self.engine().ok_or(ShardError::Unreachable(to))?;
-                return e.handle_read_chunk(epoch, addr).await;
-            }
-            match self.client(to)?.call(epoch, Request::ReadChunk(addr)).await {
-                Ok(Reply::Copies(c)) => Ok(c),
-                Ok(_) => Err(ShardError::Io("unexpected reply".into())),
-                Err(e) => Err(shard_err(to, e)),
+            match self.shard_call(to, epoch, Request::ReadChunk(addr)).await? {
+                Reply::Copies(c) => Ok(c),
+                _ => Err(unexpected()),
             }
         })
     }
@@ -746,18 +795,9 @@ impl ClusterEnv for NodeEnv {
         chunk: Chunk,
     ) -> BoxFut<'_, Result<(), ShardError>> {
         Box::pin(async move {
-            if to == self.me {
-                let e = self.engine().ok_or(ShardError::Unreachable(to))?;
-                return e.handle_write_chunk(epoch, addr, chunk).await;
-            }
-            match self
-                .client(to)?
-                .call(epoch, Request::WriteChunk(addr, chunk))
+            self.shard_call(to, epoch, Request::WriteChunk(addr, chunk))
                 .await
-            {
-                Ok(_) => Ok(()),
-                Err(e) => Err(shard_err(to, e)),
-            }
+                .map(|_| ())
         })
     }
     fn read_range(
@@ -768,18 +808,12 @@ impl ClusterEnv for NodeEnv {
         read: RangeRead,
     ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
         Box::pin(async move {
-            if to == self.me {
-                let e = self.engine().ok_or(ShardError::Unreachable(to))?;
-                return e.handle_read_range(epoch, addr, read).await;
-            }
             match self
-                .client(to)?
-                .call(epoch, Request::ReadRange(addr, read))
-                .await
+                .shard_call(to, epoch, Request::ReadRange(addr, read))
+                .await?
             {
-                Ok(Reply::Copies(c)) => Ok(c),
-                Ok(_) => Err(ShardError::Io("unexpected reply".into())),
-                Err(e) => Err(shard_err(to, e)),
+                Reply::Copies(c) => Ok(c),
+                _ => Err(unexpected()),
             }
         })
     }
@@ -791,18 +825,12 @@ impl ClusterEnv for NodeEnv {
         patch: Patch,
     ) -> BoxFut<'_, Result<Vec<u8>, ShardError>> {
         Box::pin(async move {
-            if to == self.me {
-                let e = self.engine().ok_or(ShardError::Unreachable(to))?;
-                return e.handle_patch_chunk(epoch, addr, patch).await;
-            }
             match self
-                .client(to)?
-                .call(epoch, Request::PatchChunk(addr, patch))
-                .await
+                .shard_call(to, epoch, Request::PatchChunk(addr, patch))
+                .await?
             {
-                Ok(Reply::Data(old)) => Ok(old),
-                Ok(_) => Err(ShardError::Io("unexpected reply".into())),
-                Err(e) => Err(shard_err(to, e)),
+                Reply::Data(old) => Ok(old),
+                _ => Err(unexpected()),
             }
         })
     }
@@ -815,18 +843,12 @@ impl ClusterEnv for NodeEnv {
         data: Vec<u8>,
     ) -> BoxFut<'_, Result<(), VolError>> {
         Box::pin(async move {
-            let c = self.client(to).map_err(|e| VolError::Peer(e.to_string()))?;
-            c.call(
-                epoch,
-                Request::ForwardWrite {
-                    volume,
-                    offset,
-                    data,
-                },
-            )
-            .await
-            .map(|_| ())
-            .map_err(vol_err)
+            let req = Request::ForwardWrite {
+                volume,
+                offset,
+                data,
+            };
+            self.forward_call(to, epoch, req).await.map(|_| ())
         })
     }
     fn forward_locate(
@@ -838,22 +860,15 @@ impl ClusterEnv for NodeEnv {
         len: u64,
     ) -> BoxFut<'_, Result<ReadAnswer, VolError>> {
         Box::pin(async move {
-            let c = self.client(to).map_err(|e| VolError::Peer(e.to_string()))?;
             let len = u32::try_from(len).map_err(|_| VolError::OutOfRange { offset, len })?;
-            match c
-                .call(
-                    epoch,
-                    Request::ForwardLocate {
-                        volume,
-                        offset,
-                        len,
-                    },
-                )
-                .await
-            {
-                Ok(Reply::Answer(a)) => Ok(a),
-                Ok(_) => Err(VolError::Peer("unexpected reply".into())),
-                Err(e) => Err(vol_err(e)),
+            let req = Request::ForwardLocate {
+                volume,
+                offset,
+                len,
+            };
+            match self.forward_call(to, epoch, req).await? {
+                Reply::Answer(a) => Ok(a),
+                _ => Err(VolError::Peer("unexpected reply".into())),
             }
         })
     }
@@ -866,22 +881,15 @@ impl ClusterEnv for NodeEnv {
         len: u64,
     ) -> BoxFut<'_, Result<Vec<u8>, VolError>> {
         Box::pin(async move {
-            let c = self.client(to).map_err(|e| VolError::Peer(e.to_string()))?;
             let len = u32::try_from(len).map_err(|_| VolError::OutOfRange { offset, len })?;
-            match c
-                .call(
-                    epoch,
-                    Request::ForwardRead {
-                        volume,
-                        offset,
-                        len,
-                    },
-                )
-                .await
-            {
-                Ok(Reply::Data(d)) => Ok(d),
-                Ok(_) => Err(VolError::Peer("unexpected reply".into())),
-                Err(e) => Err(vol_err(e)),
+            let req = Request::ForwardRead {
+                volume,
+                offset,
+                len,
+            };
+            match self.forward_call(to, epoch, req).await? {
+                Reply::Data(d) => Ok(d),
+                _ => Err(VolError::Peer("unexpected reply".into())),
             }
         })
     }
@@ -2035,29 +2043,11 @@ impl PeerHandler for Handler {
     ) -> BoxFut<'_, Result<Reply, RemoteError>> {
         Box::pin(async move {
             match req {
-                Request::ReadChunk(a) => self
-                    .engine
-                    .handle_read_chunk(epoch, a)
+                req @ (Request::ReadChunk(_)
+                | Request::WriteChunk(..)
+                | Request::ReadRange(..)
+                | Request::PatchChunk(..)) => serve_shard(&self.engine, epoch, req)
                     .await
-                    .map(Reply::Copies)
-                    .map_err(shard_remote),
-                Request::WriteChunk(a, c) => self
-                    .engine
-                    .handle_write_chunk(epoch, a, c)
-                    .await
-                    .map(|()| Reply::Done)
-                    .map_err(shard_remote),
-                Request::ReadRange(a, read) => self
-                    .engine
-                    .handle_read_range(epoch, a, read)
-                    .await
-                    .map(Reply::Copies)
-                    .map_err(shard_remote),
-                Request::PatchChunk(a, patch) => self
-                    .engine
-                    .handle_patch_chunk(epoch, a, patch)
-                    .await
-                    .map(Reply::Data)
                     .map_err(shard_remote),
                 Request::ForwardWrite {
                     volume,

@@ -223,7 +223,7 @@ pub trait ClusterEnv: Send + Sync + fmt::Debug {
         chunk: Chunk,
     ) -> BoxFut<'_, Result<(), ShardError>>;
     /// Part of the copies of a chunk at controller `to` (see [`RangeRead`]); the holder checks
-    /// each copy whole before cutting it. The default reads whole copies and cuts them here.
+    /// what it returns. The default reads whole copies and cuts them here.
     fn read_range(
         &self,
         to: ControllerId,

@@ -849,24 +849,11 @@ impl Engine {
         row: u32,
         pos: usize,
     ) -> Option<Vec<Chunk>> {
-        let holder = vol.meta.placement[extent as usize][pos];
-        if !view.reachable(holder) {
-            return None;
-        }
-        let t0 = std::time::Instant::now();
-        let got = self
-            .env
-            .read_chunk(holder, view.epoch, Self::addr(vol, extent, row, pos))
-            .await
-            .ok();
-        if got.is_some() {
-            self.latency.record(t0.elapsed());
-        }
-        got
+        self.read_pos_range(view, vol, extent, row, pos, None).await
     }
 
-    /// Part of the copies at `pos` (see [`RangeRead`]), or `None` when its holder is down or
-    /// fails.
+    /// Part of the copies at `pos` (see [`RangeRead`]; every copy whole without one), or
+    /// `None` when its holder is down or fails. Answer times feed the hedging threshold.
     async fn read_pos_range(
         &self,
         view: &ClusterView,
@@ -874,22 +861,28 @@ impl Engine {
         extent: u64,
         row: u32,
         pos: usize,
-        read: RangeRead,
+        read: Option<RangeRead>,
     ) -> Option<Vec<Chunk>> {
         let holder = vol.meta.placement[extent as usize][pos];
         if !view.reachable(holder) {
             return None;
         }
+        let addr = Self::addr(vol, extent, row, pos);
         let t0 = std::time::Instant::now();
-        let got = self
-            .env
-            .read_range(holder, view.epoch, Self::addr(vol, extent, row, pos), read)
-            .await
-            .ok();
+        let got = match read {
+            None => self.env.read_chunk(holder, view.epoch, addr).await,
+            Some(read) => self.env.read_range(holder, view.epoch, addr, read).await,
+        }
+        .ok();
         if got.is_some() {
             self.latency.record(t0.elapsed());
         }
         got
+    }
+
+    /// The hedging threshold now (`None` until enough reads were seen).
+    pub fn hedge_threshold(&self) -> Option<std::time::Duration> {
+        self.latency.threshold()
     }
 
     /// Bytes `range` of data column `c` at state `meta`, from its holder (only the copy
@@ -914,16 +907,13 @@ impl Engine {
             off: u32::try_from(range.start).ok()?,
             len: u32::try_from(len).ok()?,
         };
-        let copies = self.read_pos_range(view, vol, extent, row, c, read).await?;
+        let copies = self
+            .read_pos_range(view, vol, extent, row, c, Some(read))
+            .await?;
         copies
             .into_iter()
             .find(|x| x.data.len() == len)
             .map(|x| x.data)
-    }
-
-    /// The hedging threshold now (`None` until enough reads were seen).
-    pub fn hedge_threshold(&self) -> Option<std::time::Duration> {
-        self.latency.threshold()
     }
 
     /// The row's state in this epoch: cached, or loaded from every reachable position.
@@ -1661,8 +1651,8 @@ impl Engine {
         self.store.write(addr, chunk).await
     }
 
-    /// A ranged chunk read (see [`RangeRead`]) from a peer or this controller at `epoch`:
-    /// copies are checked whole here, and only the range of the wanted ones is returned.
+    /// A ranged chunk read (see [`RangeRead`]) from a peer or this controller at `epoch`: only
+    /// the range of the wanted copies is read and returned, checked by the store (per sector).
     ///
     /// # Errors
     /// [`ShardError::StaleEpoch`] when the sender is behind; device errors.

@@ -564,13 +564,8 @@ impl Request {
                 volume,
                 offset,
                 len,
-            } => {
-                out.extend_from_slice(&volume.to_be_bytes());
-                out.extend_from_slice(&offset.to_be_bytes());
-                out.extend_from_slice(&len.to_be_bytes());
-                Kind::ForwardRead
             }
-            Self::ForwardLocate {
+            | Self::ForwardLocate {
                 volume,
                 offset,
                 len,
@@ -578,7 +573,11 @@ impl Request {
                 out.extend_from_slice(&volume.to_be_bytes());
                 out.extend_from_slice(&offset.to_be_bytes());
                 out.extend_from_slice(&len.to_be_bytes());
-                Kind::ForwardLocate
+                if matches!(self, Self::ForwardRead { .. }) {
+                    Kind::ForwardRead
+                } else {
+                    Kind::ForwardLocate
+                }
             }
             Self::Heartbeat => Kind::Heartbeat,
             Self::Meta(op, body) => {
@@ -638,16 +637,22 @@ impl Request {
                 offset: r.u64()?,
                 data: r.bytes(MAX_PAYLOAD)?.to_vec(),
             },
-            Kind::ForwardRead => Self::ForwardRead {
-                volume: r.u32()?,
-                offset: r.u64()?,
-                len: r.u32()?,
-            },
-            Kind::ForwardLocate => Self::ForwardLocate {
-                volume: r.u32()?,
-                offset: r.u64()?,
-                len: r.u32()?,
-            },
+            Kind::ForwardRead | Kind::ForwardLocate => {
+                let (volume, offset, len) = (r.u32()?, r.u64()?, r.u32()?);
+                if kind == Kind::ForwardRead {
+                    Self::ForwardRead {
+                        volume,
+                        offset,
+                        len,
+                    }
+                } else {
+                    Self::ForwardLocate {
+                        volume,
+                        offset,
+                        len,
+                    }
+                }
+            }
             Kind::Heartbeat => Self::Heartbeat,
             Kind::Meta => {
                 let op = MetaOp::from_u8(r.u8()?).ok_or(WireError::Malformed("meta op"))?;
