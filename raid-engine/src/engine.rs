@@ -1132,16 +1132,20 @@ impl Engine {
             // reachable positions that are behind are marked for resync (again, if marked
             // already, so their marks name this state): marks first, so a crash between the
             // two never leaves a served state with a lagging holder unmarked.
-            // (A moving position is copied by its move, not marked.) Serving a new state
-            // also marks positions that did not answer: they may lack it, and a mark is what
-            // keeps planned moves off the extent until resync has checked them (found by the
-            // simulation: a drain among faults took away one of the only `k` copies of a
-            // rolled-forward row whose lagging holders had been unreachable at the serve).
+            // (A moving position is copied by its move, not marked.) Serving a new state that
+            // fewer than `write_quorum` answering positions hold (so it may never have been
+            // acknowledged, and holders that did not answer may lack it unmarked) also marks
+            // those holders: a mark is what keeps planned moves off the extent until resync has
+            // checked them (found by the simulation: a drain among faults took away one of the
+            // only `k` copies of such a row). A state held by a quorum is as safe as an
+            // acknowledged write, and reading rows during an outage marks nothing.
             let serve_new = content > floor;
+            let thin = valid < vol.meta.layout.geometry.write_quorum;
             let to_mark: Vec<usize> = (0..n)
                 .filter(|&p| intent.moving & (1 << p) == 0)
                 .filter(|&p| {
-                    (copies[p].is_some() && meta.is_behind(p)) || (serve_new && meta.is_unknown(p))
+                    (copies[p].is_some() && meta.is_behind(p))
+                        || (serve_new && thin && meta.is_unknown(p))
                 })
                 .collect();
             let mut newly_marked = 0;
