@@ -29,8 +29,10 @@
 //!   the store with the likely cause.
 
 use crate::range_lock::RangeLock;
-use crate::shard::{BoxFut, Chunk, ChunkAddr, Patch, RangeRead, ShardError, ShardStore, VolumeId};
-use disk_io::Device;
+use crate::shard::{
+    BoxFut, Chunk, ChunkAddr, Patch, RangeRead, ShardError, ShardStore, VolumeId, Want,
+};
+use disk_io::{Device, PooledBuf};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -110,18 +112,18 @@ pub struct Header {
     cols: Vec<u64>,
     acked_cols: Vec<u64>,
     data_len: u32,
+    /// CRC32C of the whole payload in format 1 headers; format 2 headers write 0 here and
+    /// never check it (the sector checksums cover the payload, and keeping a whole-payload
+    /// one would cost a patch a pass over the whole chunk).
     data_crc: u32,
     /// CRC32C of each [`SECTOR`] of the payload (empty in format 1 headers): a ranged read
     /// checks only the sectors it returns.
     sector_crcs: Vec<u32>,
 }
 
-/// The whole-payload checksum and the per-sector ones. (Two hardware CRC passes cost less
-/// than deriving the whole from the sectors with `crc32c_combine`, which is a GF(2) matrix
-/// computation per call.)
-fn payload_crcs(data: &[u8]) -> (u32, Vec<u32>) {
-    let sectors = data.chunks(SECTOR).map(crc32c::crc32c).collect();
-    (crc32c::crc32c(data), sectors)
+/// The per-sector checksums of a payload.
+fn sector_crcs(data: &[u8]) -> Vec<u32> {
+    data.chunks(SECTOR).map(crc32c::crc32c).collect()
 }
 
 /// Whether `data` (the whole payload) is what header `h` describes.
@@ -568,31 +570,35 @@ impl DiskShardStore {
         }
     }
 
-    /// Writes `chunk` into `slot` (the caller holds the chunk's lock and chose the slot).
-    async fn write_slot(
+    /// The header of a new copy `meta` (its payload, `data`, described by `sector_crcs`).
+    fn new_header(
         &self,
         addr: ChunkAddr,
-        index: u64,
-        slot: u64,
-        chunk: Chunk,
-    ) -> Result<(), ShardError> {
-        let (data_crc, sector_crcs) = payload_crcs(&chunk.data);
-        let header = Header {
+        meta: Chunk,
+        data: &[u8],
+        sector_crcs: Vec<u32>,
+    ) -> Header {
+        Header {
             seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
             addr,
-            version: chunk.version,
-            acked: chunk.acked,
-            cols: chunk.cols,
-            acked_cols: chunk.acked_cols,
-            data_len: chunk.data.len() as u32,
-            data_crc,
+            version: meta.version,
+            acked: meta.acked,
+            cols: meta.cols,
+            acked_cols: meta.acked_cols,
+            data_len: data.len() as u32,
+            // Only an empty payload has no sectors (and so a format 1 header).
+            data_crc: if sector_crcs.is_empty() {
+                crc32c::crc32c(data)
+            } else {
+                0
+            },
             sector_crcs,
-        };
-        let mut b = self.dev.pool().take(PAGE + self.chunk).await;
-        let o = b.as_mut_slice();
-        o.fill(0);
-        put_header(&header, &mut o[..PAGE]);
-        o[PAGE..PAGE + chunk.data.len()].copy_from_slice(&chunk.data);
+        }
+    }
+
+    /// Writes `b` (a header page and the payload after it) into `slot` (the caller holds the
+    /// chunk's lock and chose the slot); durable on return.
+    async fn write_buf(&self, index: u64, slot: u64, b: PooledBuf) -> Result<(), ShardError> {
         self.dev
             .write_from(self.slot_offset(index, slot), b, true)
             .await
@@ -600,14 +606,34 @@ impl DiskShardStore {
         Ok(())
     }
 
-    fn check_fits(&self, chunk: &Chunk) -> Result<(), ShardError> {
-        if chunk.data.len() > self.chunk
-            || chunk.cols.len() > MAX_COLS
-            || chunk.acked_cols.len() > MAX_COLS
-        {
+    /// Writes `chunk` into `slot` (the caller holds the chunk's lock and chose the slot).
+    async fn write_slot(
+        &self,
+        addr: ChunkAddr,
+        index: u64,
+        slot: u64,
+        mut chunk: Chunk,
+    ) -> Result<(), ShardError> {
+        let data = std::mem::take(&mut chunk.data);
+        let crcs = sector_crcs(&data);
+        let header = self.new_header(addr, chunk, &data, crcs);
+        let mut b = self
+            .dev
+            .pool()
+            .take(PAGE + data.len().div_ceil(SECTOR) * SECTOR)
+            .await;
+        let o = b.as_mut_slice();
+        o.fill(0);
+        put_header(&header, &mut o[..PAGE]);
+        o[PAGE..PAGE + data.len()].copy_from_slice(&data);
+        self.write_buf(index, slot, b).await
+    }
+
+    /// Whether a copy of `len` payload bytes with `chunk`'s column vectors fits a slot.
+    fn check_fits(&self, len: usize, chunk: &Chunk) -> Result<(), ShardError> {
+        if len > self.chunk || chunk.cols.len() > MAX_COLS || chunk.acked_cols.len() > MAX_COLS {
             return Err(ShardError::Io(format!(
-                "chunk of {} bytes does not fit {}-byte slots",
-                chunk.data.len(),
+                "chunk of {len} bytes does not fit {}-byte slots",
                 self.chunk
             )));
         }
@@ -695,7 +721,7 @@ impl ShardStore for DiskShardStore {
     /// place.
     fn write(&self, addr: ChunkAddr, chunk: Chunk) -> BoxFut<'_, Result<(), ShardError>> {
         Box::pin(async move {
-            self.check_fits(&chunk)?;
+            self.check_fits(chunk.data.len(), &chunk)?;
             let index = self.index(&addr)?;
             let _g = self.locks.lock(index, index + 1).await;
             let heads = self.read_heads(&addr, index).await?;
@@ -706,30 +732,88 @@ impl ShardStore for DiskShardStore {
         })
     }
 
-    /// Reads the two headers and the base copy's payload (checked whole), then writes as
-    /// [`ShardStore::write`] does, the base counting as checked.
+    /// Reads the two headers and the base copy's slot (its payload checked whole) into the
+    /// buffer the new copy is written from, applies the patch there and recomputes only the
+    /// sector checksums under its range; the slot is chosen as [`ShardStore::write`] does,
+    /// the base counting as checked.
     fn patch(&self, addr: ChunkAddr, patch: Patch) -> BoxFut<'_, Result<Vec<u8>, ShardError>> {
         Box::pin(async move {
             let index = self.index(&addr)?;
+            let range = patch.range()?;
+            let len = patch.chunk_len as usize;
+            let meta = Chunk {
+                data: Vec::new(),
+                ..patch.head.clone()
+            };
+            if len == 0 {
+                // Nothing to patch in place: the generic path handles the degenerate chunk.
+                let (chunk, old) = patch.apply(self.read(addr).await?)?;
+                self.write(addr, chunk).await?;
+                return Ok(old);
+            }
+            self.check_fits(len, &meta)?;
             let _g = self.locks.lock(index, index + 1).await;
             let heads = self.read_heads(&addr, index).await?;
-            let mut base = None;
-            let mut copies = Vec::with_capacity(1);
-            if let Some((slot, h)) = heads
-                .iter()
-                .find(|(_, h)| patch.base.matches_header(h.version, &h.cols))
-            {
-                if let Some(data) = self.read_payload(index, *slot, h).await? {
-                    base = Some(*slot);
-                    copies.push(to_chunk(h.clone(), data));
+            let size = PAGE + len.div_ceil(SECTOR) * SECTOR;
+            let mut based = None;
+            let mut b = None;
+            if patch.base != Want::Zero {
+                if let Some((slot, h)) = heads.iter().find(|(_, h)| {
+                    patch.base.matches_header(h.version, &h.cols) && h.data_len as usize == len
+                }) {
+                    let got = self
+                        .dev
+                        .read_into(
+                            self.slot_offset(index, *slot),
+                            self.dev.pool().take(size).await,
+                        )
+                        .await
+                        .map_err(|e| ShardError::Io(e.to_string()))?;
+                    if payload_ok(h, &got.as_slice()[PAGE..PAGE + len]) {
+                        based = Some((*slot, h.sector_crcs.clone()));
+                        b = Some(got);
+                    } else {
+                        self.checksum_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if b.is_none() {
+                    return Err(ShardError::Mismatch(format!(
+                        "no copy matching {:?}",
+                        patch.base
+                    )));
                 }
             }
-            let (chunk, old) = patch.apply(copies)?;
-            self.check_fits(&chunk)?;
+            let mut b = match b {
+                Some(b) => b,
+                None => {
+                    let mut z = self.dev.pool().take(size).await;
+                    z.as_mut_slice().fill(0);
+                    z
+                }
+            };
+            let o = b.as_mut_slice();
+            let old = patch.apply_to(&mut o[PAGE..PAGE + len])?;
+            let data = &o[PAGE..PAGE + len];
+            // The base's sector checksums hold outside the patched range (format 1 bases
+            // have none: all are computed).
+            let crcs = match &based {
+                Some((_, crcs)) if !crcs.is_empty() => {
+                    let mut crcs = crcs.clone();
+                    let touched = range.start / SECTOR..range.end.div_ceil(SECTOR);
+                    for s in touched {
+                        crcs[s] = crc32c::crc32c(&data[s * SECTOR..len.min((s + 1) * SECTOR)]);
+                    }
+                    crcs
+                }
+                _ => sector_crcs(data),
+            };
+            let header = self.new_header(addr, meta.clone(), data, crcs);
+            o[..PAGE].fill(0);
+            put_header(&header, &mut o[..PAGE]);
             let slot = self
-                .choose_slot(index, addr.pos, heads, &chunk, base)
+                .choose_slot(index, addr.pos, heads, &meta, based.map(|(s, _)| s))
                 .await?;
-            self.write_slot(addr, index, slot, chunk).await?;
+            self.write_buf(index, slot, b).await?;
             Ok(old)
         })
     }
@@ -870,6 +954,128 @@ mod tests {
         }
     }
 
+    /// One step of the model test below: a whole write, or a patch of `len` bytes at `off`
+    /// from the newest (`base` 0) or older (1) copy held, or from zeros (2).
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write {
+            fill: u8,
+            acked_back: u64,
+        },
+        Patch {
+            base: usize,
+            xor: bool,
+            off: usize,
+            len: usize,
+            fill: u8,
+            acked_back: u64,
+        },
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (any::<u8>(), 0..3u64).prop_map(|(fill, acked_back)| Step::Write { fill, acked_back }),
+            (
+                0..3usize,
+                any::<bool>(),
+                0..CHUNK16,
+                1..9000usize,
+                any::<u8>(),
+                0..3u64
+            )
+                .prop_map(|(base, xor, off, len, fill, acked_back)| Step::Patch {
+                    base,
+                    xor,
+                    off,
+                    len: len.min(CHUNK16 - off),
+                    fill,
+                    acked_back,
+                }),
+        ]
+    }
+
+    const CHUNK16: usize = 4 * SECTOR;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Multi-sector chunks: any sequence of writes and patches (any range, any base)
+        /// leaves the disk store holding exactly what the in-memory model holds, and every
+        /// copy it returns checks (patches recompute only the sector checksums under their
+        /// range; a wrong one would hide the copy from the next read).
+        #[test]
+        fn patches_keep_sector_checksums_true_to_the_payload(
+            steps in proptest::collection::vec(step(), 1..24),
+            probe in (0..CHUNK16, 1..CHUNK16),
+        ) {
+            use crate::shard::{MemShardStore, PatchOp};
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let mut cfg = DeviceConfig::file(
+                    dir.path().join("shards.img"),
+                    store_bytes(CHUNK16, &VOLS),
+                );
+                cfg.pool_bytes = 8 << 20;
+                let dev = Arc::new(Device::open(&cfg).unwrap());
+                let disk = DiskShardStore::open(dev.clone(), CHUNK16, &VOLS, false).await.unwrap();
+                let mem = MemShardStore::default();
+                let a = addr(2);
+                for (i, st) in steps.iter().enumerate() {
+                    let version = i as u64 + 1;
+                    let held = mem.read(a).await.unwrap();
+                    let head = |acked_back: u64, data: Vec<u8>| Chunk {
+                        version,
+                        cols: vec![version, 1],
+                        acked: version.saturating_sub(acked_back),
+                        acked_cols: Vec::new(),
+                        data,
+                    };
+                    let (d, m) = match st {
+                        Step::Write { fill, acked_back } => {
+                            let c = head(*acked_back, vec![*fill; CHUNK16]);
+                            (
+                                disk.write(a, c.clone()).await.map(|()| Vec::new()),
+                                mem.write(a, c).await.map(|()| Vec::new()),
+                            )
+                        }
+                        Step::Patch { base, xor, off, len, fill, acked_back } => {
+                            let base = match held.get(*base) {
+                                Some(c) if *base < 2 => Want::Version(c.version),
+                                _ => Want::Zero,
+                            };
+                            let p = Patch {
+                                base,
+                                chunk_len: CHUNK16 as u32,
+                                off: *off as u32,
+                                op: if *xor { PatchOp::Xor } else { PatchOp::Replace },
+                                head: head(*acked_back, vec![*fill; *len]),
+                            };
+                            (disk.patch(a, p.clone()).await, mem.patch(a, p).await)
+                        }
+                    };
+                    assert_eq!(d, m, "step {i}: {st:?}");
+                    let (dc, mc) = (disk.read(a).await.unwrap(), mem.read(a).await.unwrap());
+                    assert_eq!(dc, mc, "step {i}: {st:?}");
+                    let r = RangeRead { want: Want::Any, off: probe.0 as u32, len: probe.1.min(CHUNK16 - probe.0) as u32 };
+                    assert_eq!(
+                        disk.read_range(a, r.clone()).await.unwrap(),
+                        mem.read_range(a, r).await.unwrap()
+                    );
+                }
+                assert_eq!(disk.checksum_failures(), 0);
+                // And the same after a reopen.
+                let before = disk.read(a).await.unwrap();
+                drop(disk);
+                let disk = DiskShardStore::open(dev, CHUNK16, &VOLS, false).await.unwrap();
+                assert_eq!(disk.read(a).await.unwrap(), before);
+            });
+        }
+    }
+
     fn poke(dir: &tempfile::TempDir, off: u64, bytes: &[u8]) {
         use std::os::unix::fs::FileExt;
         let path = dir.path().join("shards.img");
@@ -925,6 +1131,7 @@ mod tests {
         // The older copy's header rewritten as format 1 (no per-sector checksums).
         let mut h = slots[1].1.clone();
         h.sector_crcs.clear();
+        h.data_crc = crc32c::crc32c(&slots[1].2);
         let mut page = vec![0u8; PAGE];
         put_header(&h, &mut page);
         assert_eq!(get_header(&page), Some(h));

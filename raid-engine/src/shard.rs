@@ -229,16 +229,8 @@ impl Patch {
     /// [`ShardError::Mismatch`] when no copy matches `base` at `chunk_len` bytes, or the range
     /// does not fit.
     pub fn apply(self, copies: Vec<Chunk>) -> Result<(Chunk, Vec<u8>), ShardError> {
-        let (off, chunk_len) = (self.off as usize, self.chunk_len as usize);
-        let end = off
-            .checked_add(self.head.data.len())
-            .filter(|&e| e <= chunk_len)
-            .ok_or_else(|| {
-                ShardError::Mismatch(format!(
-                    "range {off}+{} outside a {chunk_len}-byte chunk",
-                    self.head.data.len()
-                ))
-            })?;
+        let chunk_len = self.chunk_len as usize;
+        self.range()?;
         let mut data = match &self.base {
             Want::Zero => vec![0; chunk_len],
             Want::Any => return Err(ShardError::Mismatch("a patch needs a named base".into())),
@@ -250,20 +242,54 @@ impl Patch {
                     .data
             }
         };
-        let old = match self.op {
+        let old = self.apply_to(&mut data)?;
+        Ok((Chunk { data, ..self.head }, old))
+    }
+
+    /// The byte range of the chunk the patch changes.
+    ///
+    /// # Errors
+    /// [`ShardError::Mismatch`] when it does not fit the chunk.
+    pub fn range(&self) -> Result<std::ops::Range<usize>, ShardError> {
+        let (off, chunk_len) = (self.off as usize, self.chunk_len as usize);
+        let end = off
+            .checked_add(self.head.data.len())
+            .filter(|&e| e <= chunk_len)
+            .ok_or_else(|| {
+                ShardError::Mismatch(format!(
+                    "range {off}+{} outside a {chunk_len}-byte chunk",
+                    self.head.data.len()
+                ))
+            })?;
+        Ok(off..end)
+    }
+
+    /// Applies the patch's bytes to `data` (the base copy's payload, `chunk_len` bytes) in
+    /// place; returns the bytes replaced ([`PatchOp::Replace`]; empty for [`PatchOp::Xor`]).
+    ///
+    /// # Errors
+    /// [`ShardError::Mismatch`] when the range does not fit `data`.
+    pub fn apply_to(&self, data: &mut [u8]) -> Result<Vec<u8>, ShardError> {
+        let r = self.range()?;
+        let Some(target) = data.get_mut(r.clone()) else {
+            return Err(ShardError::Mismatch(format!(
+                "range {r:?} outside a {}-byte copy",
+                data.len()
+            )));
+        };
+        Ok(match self.op {
             PatchOp::Replace => {
-                let old = data[off..end].to_vec();
-                data[off..end].copy_from_slice(&self.head.data);
+                let old = target.to_vec();
+                target.copy_from_slice(&self.head.data);
                 old
             }
             PatchOp::Xor => {
-                for (d, p) in data[off..end].iter_mut().zip(&self.head.data) {
+                for (d, p) in target.iter_mut().zip(&self.head.data) {
                     *d ^= p;
                 }
                 Vec::new()
             }
-        };
-        Ok((Chunk { data, ..self.head }, old))
+        })
     }
 }
 
