@@ -8,7 +8,8 @@
 # loopback ports, fills 256 MiB of the volume, runs the fio job (libiscsi engine, the fio that
 # scripts/bench.sh builds) for 12 s, records `perf record -g` of `up` and its controllers for
 # 8 s in the middle, and folds the stacks into OUT.svg. Prints the job's IOPS. NOPERF=1 only
-# measures. Installs what it needs when missing: perf (Debian linux-perf) and inferno (cargo).
+# measures. APPLIANCE=PATH runs that binary instead of building one (for A/B runs of two
+# builds). Installs what it needs when missing: perf (Debian linux-perf) and inferno (cargo).
 # Stops only the processes it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +24,11 @@ if [ -z "${NOPERF:-}" ]; then
     cargo install --quiet inferno
   export PATH="$PATH:$HOME/.cargo/bin"
 fi
-cargo build --release -q -p appliance
+app=${APPLIANCE:-target/release/appliance}
+[ -n "${APPLIANCE:-}" ] || cargo build --release -q -p appliance
 work=$(mktemp -d /dev/shm/rainio-profile.XXXXXX)
 port=34560
-target/release/appliance up --controllers "$n" --data-dir "$work" --listen 127.0.0.1:$port \
+"$app" up --controllers "$n" --data-dir "$work" --listen 127.0.0.1:$port \
   --api 127.0.0.1:36560 >"$work/up.log" 2>&1 &
 up=$!
 cleanup() { kill "$up" 2>/dev/null || true; wait "$up" 2>/dev/null || true; rm -rf "$work"; }

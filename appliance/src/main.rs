@@ -18,6 +18,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio::sync::watch;
 
+/// mimalloc: per-thread free lists instead of glibc's consolidating heap, which showed up at
+/// about a tenth of the cluster's CPU on its write path (docs/benchmarks.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "appliance",
