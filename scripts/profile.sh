@@ -8,7 +8,7 @@
 # loopback ports, fills 256 MiB of the volume, runs the fio job (libiscsi engine, the fio that
 # scripts/bench.sh builds) for 12 s, records `perf record -g` of `up` and its controllers for
 # 8 s in the middle, and folds the stacks into OUT.svg. Prints the job's IOPS. NOPERF=1 only
-# measures. APPLIANCE=PATH runs that binary instead of building one (for A/B runs of two
+# measures; STAT=EVENTS counts perf events instead of sampling. APPLIANCE=PATH runs that binary instead of building one (for A/B runs of two
 # builds). Installs what it needs when missing: perf (Debian linux-perf) and inferno (cargo).
 # Stops only the processes it started.
 set -euo pipefail
@@ -43,11 +43,16 @@ job=$!
 sleep 2
 if [ -z "${NOPERF:-}" ]; then
   pids=$(echo "$up" $(pgrep -P "$up") | tr ' ' ',')
-  perf record -F 999 -g -o "$work/perf.data" -p "$pids" -- sleep 8 2>/dev/null
+  if [ -n "${STAT:-}" ]; then
+    # STAT=EVENTS: count those perf events (e.g. syscall tracepoints) for 8 s instead.
+    perf stat -e "$STAT" -p "$pids" -- sleep 8 2>&1 | grep -E '^ +[0-9]' || true
+  else
+    perf record -F 999 -g -o "$work/perf.data" -p "$pids" -- sleep 8 2>/dev/null
+  fi
 fi
 wait "$job"
 python3 -c "import json,sys;t=open(sys.argv[1]).read();j=json.loads(t[t.index('{'):])['jobs'][0];print('IOPS read',round(j['read']['iops']),'write',round(j['write']['iops']))" "$work/fio.json"
-if [ -z "${NOPERF:-}" ]; then
+if [ -z "${NOPERF:-}" ] && [ -z "${STAT:-}" ]; then
   perf script -i "$work/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --title "$(basename "$out" .svg): $*" >"$out"
   echo "wrote $out"
 fi
