@@ -40,6 +40,10 @@ common=(--ioengine=libiscsi --filename="$url" --initiator=iqn.2026-11.io.rainio:
 "$fio" --name=fill "${common[@]}" --rw=write --bs=1M --iodepth=8 >/dev/null
 "$fio" --name=job "${common[@]}" --time_based --runtime=12 "$@" --output-format=json >"$work/fio.json" 2>/dev/null &
 job=$!
+# CPU ticks of `up` and its controllers (utime + stime), to report CPU per I/O: steadier than
+# IOPS on a shared machine.
+ticks() { for p in "$up" $(pgrep -P "$up"); do awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null; done | awk '{s += $1} END {print s + 0}'; }
+t0=$(ticks)
 sleep 2
 if [ -z "${NOPERF:-}" ]; then
   pids=$(echo "$up" $(pgrep -P "$up") | tr ' ' ',')
@@ -50,8 +54,10 @@ if [ -z "${NOPERF:-}" ]; then
     perf record -F 999 -g -o "$work/perf.data" -p "$pids" -- sleep 8 2>/dev/null
   fi
 fi
+while kill -0 "$job" 2>/dev/null && [ "$(ps -o etimes= -p "$job" | tr -d ' ')" -lt 12 ]; do sleep 0.2; done
+t1=$(ticks)
 wait "$job"
-python3 -c "import json,sys;t=open(sys.argv[1]).read();j=json.loads(t[t.index('{'):])['jobs'][0];print('IOPS read',round(j['read']['iops']),'write',round(j['write']['iops']))" "$work/fio.json"
+python3 -c "import json,sys;t=open(sys.argv[1]).read();j=json.loads(t[t.index('{'):])['jobs'][0];r,w=j['read']['iops'],j['write']['iops'];ios=(r+w)*12;cpu=(int(sys.argv[2])-int(sys.argv[3]))/float(sys.argv[4]);print('IOPS read',round(r),'write',round(w),'| appliance CPU us per I/O',round(cpu*1e6/ios,1) if ios else '-')" "$work/fio.json" "$t1" "$t0" "$(getconf CLK_TCK)"
 if [ -z "${NOPERF:-}" ] && [ -z "${STAT:-}" ]; then
   perf script -i "$work/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --title "$(basename "$out" .svg): $*" >"$out"
   echo "wrote $out"
