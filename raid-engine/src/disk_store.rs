@@ -22,7 +22,14 @@
 //!   carry a checksum per 4 KiB sector of the payload, so a ranged read checks just the
 //!   sectors it returns; format 1 headers (one payload checksum) are still read.
 //! - A write decides its slot from the two headers and checks the payload of the copy it
-//!   leaves in place: a torn copy behind a good header is never kept over a good one.
+//!   leaves in place, unless that copy was written or checked whole since the open (torn
+//!   copies only come from before it): a torn copy behind a good header is never kept over a
+//!   good one. Headers are cached in memory ([`HeadCache`]), sound because the store is its
+//!   device's only writer; any checksum failure drops the chunk from the cache.
+//! - A patch checks the base's sectors under its range before applying it (no damage sealed
+//!   under a new checksum). One made from the copy in the other slot records where the two
+//!   differ (format 3), so the next patch from it updates that older slot in place, writing
+//!   only those sectors and its own; a torn in-place write fails its sector checksums.
 //! - A write returns once it is on stable storage (`RWF_DSYNC`); writes to one chunk are
 //!   serialised (read the two headers, pick the slot, write).
 //! - The superblock is checked at open: wrong magic, format, chunk size or checksum refuses
