@@ -24,7 +24,7 @@
 //! - A write decides its slot from the two headers and checks the payload of the copy it
 //!   leaves in place, unless that copy was written or checked whole since the open (torn
 //!   copies only come from before it): a torn copy behind a good header is never kept over a
-//!   good one. Headers are cached in memory ([`HeadCache`]), sound because the store is its
+//!   good one. Headers are cached in memory (`HeadCache`), sound because the store is its
 //!   device's only writer; any checksum failure drops the chunk from the cache.
 //! - A patch checks the base's sectors under its range before applying it (no damage sealed
 //!   under a new checksum). One made from the copy in the other slot records where the two
