@@ -8,8 +8,9 @@
 # loopback ports, fills 256 MiB of the volume, runs the fio job (libiscsi engine, the fio that
 # scripts/bench.sh builds) for 12 s, records `perf record -g` of `up` and its controllers for
 # 8 s in the middle, and folds the stacks into OUT.svg. Prints the job's IOPS. NOPERF=1 only
-# measures; STAT=EVENTS counts perf events instead of sampling. APPLIANCE=PATH runs that binary instead of building one (for A/B runs of two
-# builds). Installs what it needs when missing: perf (Debian linux-perf) and inferno (cargo).
+# measures; STAT=EVENTS counts perf events instead of sampling; either way it also prints
+# the appliance's CPU microseconds per I/O. APPLIANCE=PATH runs that binary instead of
+# building one (for A/B runs of two builds). Installs what it needs when missing: perf (Debian linux-perf) and inferno (cargo).
 # Stops only the processes it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -18,8 +18,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio::sync::watch;
 
-/// mimalloc: per-thread free lists instead of glibc's consolidating heap, which showed up at
-/// about a tenth of the cluster's CPU on its write path (docs/benchmarks.md).
+/// mimalloc: per-thread free lists instead of glibc's consolidating heap, whose internals
+/// (`unlink_chunk`, `_int_malloc`, `malloc_consolidate`) showed up at 5-12% of the cluster's
+/// write-path profile (docs/benchmarks.md).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

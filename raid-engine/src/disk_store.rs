@@ -569,12 +569,7 @@ impl DiskShardStore {
         };
         let mut bufs = Vec::with_capacity(pieces.len());
         for (slot, n) in pieces {
-            let b = self
-                .dev
-                .read_into(self.slot_offset(index, slot), self.dev.pool().take(n).await)
-                .await
-                .map_err(|e| ShardError::Io(e.to_string()))?;
-            bufs.push(b);
+            bufs.push(self.read_at(self.slot_offset(index, slot), n).await?);
         }
         let slots = bufs.iter().flat_map(|b| b.as_slice().chunks(len));
         for (slot, s) in (0..2u64).zip(slots) {
@@ -595,6 +590,14 @@ impl DiskShardStore {
         }
         out.sort_by_key(|(_, h, _)| std::cmp::Reverse(h.seq));
         Ok(out)
+    }
+
+    /// Reads `n` bytes at `at` of the device.
+    async fn read_at(&self, at: u64, n: usize) -> Result<PooledBuf, ShardError> {
+        self.dev
+            .read_into(at, self.dev.pool().take(n).await)
+            .await
+            .map_err(|e| ShardError::Io(e.to_string()))
     }
 
     /// Counts a copy of chunk `index` that failed its checks, and drops what the header
@@ -639,14 +642,7 @@ impl DiskShardStore {
         index: u64,
         slot: u64,
     ) -> Result<Option<Header>, ShardError> {
-        let b = self
-            .dev
-            .read_into(
-                self.slot_offset(index, slot),
-                self.dev.pool().take(PAGE).await,
-            )
-            .await
-            .map_err(|e| ShardError::Io(e.to_string()))?;
+        let b = self.read_at(self.slot_offset(index, slot), PAGE).await?;
         let page = &b.as_slice()[..PAGE];
         match get_header(page) {
             Some(h) if h.addr == *addr && h.data_len as usize <= self.chunk => Ok(Some(h)),
@@ -700,30 +696,18 @@ impl DiskShardStore {
         Ok(self.known(addr, index).await?.heads_for(addr))
     }
 
-    /// Slot `slot`'s payload when it verifies against its header `h` (a damaged one counts
+    /// Whether slot `slot`'s payload verifies against its header `h` (a damaged one counts
     /// as a checksum failure).
-    async fn read_payload(
-        &self,
-        index: u64,
-        slot: u64,
-        h: &Header,
-    ) -> Result<Option<Vec<u8>>, ShardError> {
+    async fn payload_checks(&self, index: u64, slot: u64, h: &Header) -> Result<bool, ShardError> {
         let n = h.data_len as usize;
-        let b = self
-            .dev
-            .read_into(
-                self.slot_offset(index, slot) + PAGE as u64,
-                self.dev.pool().take(n.div_ceil(SECTOR) * SECTOR).await,
-            )
-            .await
-            .map_err(|e| ShardError::Io(e.to_string()))?;
-        let data = &b.as_slice()[..n];
-        if payload_ok(h, data) {
+        let at = self.slot_offset(index, slot) + PAGE as u64;
+        let b = self.read_at(at, n.div_ceil(SECTOR) * SECTOR).await?;
+        if payload_ok(h, &b.as_slice()[..n]) {
             self.heads.checked(index, slot, h.seq);
-            Ok(Some(data.to_vec()))
+            Ok(true)
         } else {
             self.damaged(index);
-            Ok(None)
+            Ok(false)
         }
     }
 
@@ -755,19 +739,20 @@ impl DiskShardStore {
                 return Ok(target);
             };
             let (slot, h, checked) = &heads[i];
-            if *checked || self.read_payload(index, *slot, h).await?.is_some() {
+            if *checked || self.payload_checks(index, *slot, h).await? {
                 return Ok(target);
             }
             heads.remove(i);
         }
     }
 
-    /// The header of a new copy `meta` (its payload, `data`, described by `sector_crcs`).
+    /// The header of a new copy `meta` (its payload, `len` bytes, described by
+    /// `sector_crcs`).
     fn new_header(
         &self,
         addr: ChunkAddr,
         meta: Chunk,
-        data: &[u8],
+        len: usize,
         sector_crcs: Vec<u32>,
     ) -> Header {
         Header {
@@ -777,13 +762,10 @@ impl DiskShardStore {
             acked: meta.acked,
             cols: meta.cols,
             acked_cols: meta.acked_cols,
-            data_len: data.len() as u32,
-            // Only an empty payload has no sectors (and so a format 1 header).
-            data_crc: if sector_crcs.is_empty() {
-                crc32c::crc32c(data)
-            } else {
-                0
-            },
+            data_len: len as u32,
+            // Not kept in format 2 and 3; only an empty payload has no sectors and so a
+            // format 1 header, whose whole-payload checksum (of no bytes) is 0 as well.
+            data_crc: 0,
             sector_crcs,
             diff: None,
         }
@@ -828,16 +810,17 @@ impl DiskShardStore {
     ) -> Result<(), ShardError> {
         let data = std::mem::take(&mut chunk.data);
         let crcs = sector_crcs(&data);
-        let header = self.new_header(addr, chunk, &data, crcs);
+        let header = self.new_header(addr, chunk, data.len(), crcs);
         let mut b = self
             .dev
             .pool()
             .take(PAGE + data.len().div_ceil(SECTOR) * SECTOR)
             .await;
         let o = b.as_mut_slice();
-        o.fill(0);
+        o[..PAGE].fill(0);
         put_header(&header, &mut o[..PAGE]);
         o[PAGE..PAGE + data.len()].copy_from_slice(&data);
+        o[PAGE + data.len()..].fill(0);
         self.write_buf(k, slot, header, b).await
     }
 
@@ -904,11 +887,7 @@ impl ShardStore for DiskShardStore {
                     (off / SECTOR, (off + len).div_ceil(SECTOR))
                 };
                 let at = self.slot_offset(index, slot) + (PAGE + s0 * SECTOR) as u64;
-                let b = self
-                    .dev
-                    .read_into(at, self.dev.pool().take((s1 - s0) * SECTOR).await)
-                    .await
-                    .map_err(|e| ShardError::Io(e.to_string()))?;
+                let b = self.read_at(at, (s1 - s0) * SECTOR).await?;
                 let bytes = b.as_slice();
                 let ok = if h.sector_crcs.is_empty() {
                     payload_ok(&h, &bytes[..data_len])
@@ -994,9 +973,6 @@ impl ShardStore for DiskShardStore {
                 .choose_slot(index, addr.pos, heads.clone(), &meta)
                 .await?;
             let replaced = heads.iter().find(|(s, _, _)| *s == target);
-            let sector_ok = |h: &Header, data: &[u8], s: usize| {
-                crc32c::crc32c(&data[..SECTOR.min(len - s * SECTOR)]) == h.sector_crcs[s]
-            };
             // The sectors to write besides the patched ones, when the replaced copy can be
             // brought up to date in place.
             let catch_up = match (&base, replaced) {
@@ -1010,57 +986,40 @@ impl ShardStore for DiskShardStore {
                 _ => None,
             };
             if let (Some((bs, bh, _)), Some(bits)) = (&base, catch_up) {
-                // Sectors to write: those the base differs in, and the patched ones.
+                // Sectors to write: those the base differs in, and the patched ones; read
+                // from the base and checked, one buffer per run.
                 let write: Vec<usize> = (0..sectors)
                     .filter(|&s| touched.contains(&s) || bits[s / 8] & (1 << (s % 8)) != 0)
                     .collect();
-                let mut b = self.dev.pool().take(size).await;
+                let mut bufs = Vec::with_capacity(2);
                 for run in runs(&write) {
-                    let n = (run.end - run.start) * SECTOR;
-                    let got = self
-                        .dev
-                        .read_into(
-                            self.slot_offset(index, *bs) + (PAGE + run.start * SECTOR) as u64,
-                            self.dev.pool().take(n).await,
-                        )
-                        .await
-                        .map_err(|e| ShardError::Io(e.to_string()))?;
-                    for s in run.clone() {
-                        let from = &got.as_slice()[(s - run.start) * SECTOR..];
-                        if !sector_ok(bh, from, s) {
-                            self.damaged(index);
-                            return Err(ShardError::Mismatch(format!(
-                                "no copy matching {:?} (sector {s} damaged)",
-                                patch.base
-                            )));
-                        }
-                    }
-                    b.as_mut_slice()[PAGE + run.start * SECTOR..][..n]
-                        .copy_from_slice(&got.as_slice()[..n]);
-                }
-                let o = b.as_mut_slice();
-                let old = patch.apply_to(&mut o[PAGE..PAGE + len])?;
-                let mut crcs = bh.sector_crcs.clone();
-                for s in touched.clone() {
-                    crcs[s] =
-                        crc32c::crc32c(&o[PAGE + s * SECTOR..PAGE + len.min((s + 1) * SECTOR)]);
-                }
-                let mut header = self.new_header(addr, meta, &o[PAGE..PAGE + len], crcs);
-                header.diff = Some((bh.seq, bitmap(sectors, touched)));
-                for run in runs(&write) {
-                    let n = (run.end - run.start) * SECTOR;
-                    let mut w = self.dev.pool().take(n).await;
-                    w.as_mut_slice()
-                        .copy_from_slice(&o[PAGE + run.start * SECTOR..][..n]);
-                    if let Err(e) = self
-                        .dev
-                        .write_from(
-                            self.slot_offset(index, target) + (PAGE + run.start * SECTOR) as u64,
-                            w,
-                            true,
-                        )
-                        .await
+                    let at = self.slot_offset(index, *bs) + (PAGE + run.start * SECTOR) as u64;
+                    let got = self.read_at(at, run.len() * SECTOR).await?;
+                    if let Some(s) = run
+                        .clone()
+                        .find(|&s| !sector_ok(bh, got.as_slice(), run.start, s, len))
                     {
+                        self.damaged(index);
+                        return Err(ShardError::Mismatch(format!(
+                            "no copy matching {:?} (sector {s} damaged)",
+                            patch.base
+                        )));
+                    }
+                    bufs.push((run, got));
+                }
+                // The patched sectors are consecutive: one run holds them all.
+                let (run, b) = bufs
+                    .iter_mut()
+                    .find(|(r, _)| r.contains(&touched.start))
+                    .expect("the patched sectors are among those written");
+                let old = patch.apply_to(b.as_mut_slice(), run.start * SECTOR)?;
+                let mut crcs = bh.sector_crcs.clone();
+                recompute_crcs(&mut crcs, b.as_slice(), run.start, touched.clone(), len);
+                let mut header = self.new_header(addr, meta, len, crcs);
+                header.diff = Some((bh.seq, bitmap(sectors, touched)));
+                for (run, b) in bufs {
+                    let at = self.slot_offset(index, target) + (PAGE + run.start * SECTOR) as u64;
+                    if let Err(e) = self.dev.write_from(at, b, true).await {
                         self.heads.forget(index);
                         return Err(ShardError::Io(e.to_string()));
                     }
@@ -1080,19 +1039,10 @@ impl ShardStore for DiskShardStore {
                     z
                 }
                 Some((slot, h, checked)) => {
-                    let got = self
-                        .dev
-                        .read_into(
-                            self.slot_offset(index, *slot),
-                            self.dev.pool().take(size).await,
-                        )
-                        .await
-                        .map_err(|e| ShardError::Io(e.to_string()))?;
+                    let got = self.read_at(self.slot_offset(index, *slot), size).await?;
                     let data = &got.as_slice()[PAGE..PAGE + len];
                     let ok = if *checked && !h.sector_crcs.is_empty() {
-                        touched
-                            .clone()
-                            .all(|s| sector_ok(h, &data[s * SECTOR..], s))
+                        touched.clone().all(|s| sector_ok(h, data, 0, s, len))
                     } else {
                         payload_ok(h, data)
                     };
@@ -1110,21 +1060,19 @@ impl ShardStore for DiskShardStore {
                 }
             };
             let o = b.as_mut_slice();
-            let old = patch.apply_to(&mut o[PAGE..PAGE + len])?;
+            let old = patch.apply_to(&mut o[PAGE..PAGE + len], 0)?;
             let data = &o[PAGE..PAGE + len];
             // The base's sector checksums hold outside the patched range (format 1 bases
             // have none: all are computed).
             let crcs = match &base {
                 Some((_, h, _)) if !h.sector_crcs.is_empty() => {
                     let mut crcs = h.sector_crcs.clone();
-                    for s in touched.clone() {
-                        crcs[s] = crc32c::crc32c(&data[s * SECTOR..len.min((s + 1) * SECTOR)]);
-                    }
+                    recompute_crcs(&mut crcs, data, 0, touched.clone(), len);
                     crcs
                 }
                 _ => sector_crcs(data),
             };
-            let mut header = self.new_header(addr, meta, data, crcs);
+            let mut header = self.new_header(addr, meta, len, crcs);
             if let Some((bs, bh, _)) = &base {
                 if *bs != target && !header.sector_crcs.is_empty() {
                     // Made from the copy kept: the next patch can catch this slot up.
@@ -1136,6 +1084,28 @@ impl ShardStore for DiskShardStore {
             self.write_buf(k, target, header, b).await?;
             Ok(old)
         })
+    }
+}
+
+/// Whether sector `s` of a payload of `len` bytes matches its checksum in `h`; `data` holds
+/// the payload from sector `first` on.
+fn sector_ok(h: &Header, data: &[u8], first: usize, s: usize, len: usize) -> bool {
+    let at = (s - first) * SECTOR;
+    crc32c::crc32c(&data[at..at + SECTOR.min(len - s * SECTOR)]) == h.sector_crcs[s]
+}
+
+/// Recomputes `crcs[s]` for the sectors `touched` of a payload of `len` bytes; `data` holds
+/// the payload from sector `first` on.
+fn recompute_crcs(
+    crcs: &mut [u32],
+    data: &[u8],
+    first: usize,
+    touched: std::ops::Range<usize>,
+    len: usize,
+) {
+    for s in touched {
+        let at = (s - first) * SECTOR;
+        crcs[s] = crc32c::crc32c(&data[at..at + SECTOR.min(len - s * SECTOR)]);
     }
 }
 

@@ -242,7 +242,7 @@ impl Patch {
                     .data
             }
         };
-        let old = self.apply_to(&mut data)?;
+        let old = self.apply_to(&mut data, 0)?;
         Ok((Chunk { data, ..self.head }, old))
     }
 
@@ -264,16 +264,21 @@ impl Patch {
         Ok(off..end)
     }
 
-    /// Applies the patch's bytes to `data` (the base copy's payload, `chunk_len` bytes) in
-    /// place; returns the bytes replaced ([`PatchOp::Replace`]; empty for [`PatchOp::Xor`]).
+    /// Applies the patch's bytes in place to `data`, the base copy's payload from byte `at`
+    /// of the chunk on (the whole payload with `at` 0); returns the bytes replaced
+    /// ([`PatchOp::Replace`]; empty for [`PatchOp::Xor`]).
     ///
     /// # Errors
     /// [`ShardError::Mismatch`] when the range does not fit `data`.
-    pub fn apply_to(&self, data: &mut [u8]) -> Result<Vec<u8>, ShardError> {
+    pub fn apply_to(&self, data: &mut [u8], at: usize) -> Result<Vec<u8>, ShardError> {
         let r = self.range()?;
-        let Some(target) = data.get_mut(r.clone()) else {
+        let Some(target) = r
+            .start
+            .checked_sub(at)
+            .and_then(|from| data.get_mut(from..from + r.len()))
+        else {
             return Err(ShardError::Mismatch(format!(
-                "range {r:?} outside a {}-byte copy",
+                "range {r:?} outside {} bytes from {at}",
                 data.len()
             )));
         };
