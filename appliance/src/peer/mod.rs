@@ -144,17 +144,34 @@ fn halves<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(s: S) -> Halves {
     (Box::new(rd), Box::new(wr))
 }
 
-/// Writes what `rx` delivers, coalescing frames that are already queued into one flush (a TLS
-/// stream only sends a record once flushed).
+/// Below this many bytes queued, the writer yields once before flushing, so frames that tasks
+/// woken at the same time are about to queue (the patches and replies of concurrent small
+/// writes) leave in the same `write`. Measured on 4 KiB writes at QD32 over three controllers:
+/// 3.5 -> 1.4 socket writes per host write; larger frames gain nothing from waiting.
+const GATHER_BELOW: usize = 16 << 10;
+
+/// Writes what `rx` delivers, gathering the frames queued meanwhile into one flush (the
+/// buffered socket under it sends them with one `write`; a TLS stream sends records once
+/// flushed).
 async fn write_loop(mut wr: Box<dyn AsyncWrite + Send + Unpin>, mut rx: mpsc::Receiver<Vec<u8>>) {
     while let Some(bytes) = rx.recv().await {
+        let mut queued = bytes.len();
         if wr.write_all(&bytes).await.is_err() {
             return;
         }
-        while let Ok(more) = rx.try_recv() {
-            if wr.write_all(&more).await.is_err() {
-                return;
+        let mut yielded = false;
+        loop {
+            while let Ok(more) = rx.try_recv() {
+                queued += more.len();
+                if wr.write_all(&more).await.is_err() {
+                    return;
+                }
             }
+            if yielded || queued >= GATHER_BELOW {
+                break;
+            }
+            tokio::task::yield_now().await;
+            yielded = true;
         }
         if wr.flush().await.is_err() {
             return;
