@@ -5,7 +5,7 @@
 #   e.g. scripts/profile.sh 1 docs/flame-single-read4k-qd32.svg --rw=randread --bs=4k --iodepth=32
 #
 # Starts `appliance up --controllers CONTROLLERS` (release build) with its data in /dev/shm on
-# loopback ports, fills 256 MiB of the volume, runs the fio job (libiscsi engine, the fio that
+# loopback ports, fills 256 MiB of the volume (SIZE=1G: that much, as scripts/bench.sh does), runs the fio job (libiscsi engine, the fio that
 # scripts/bench.sh builds) for 12 s, records `perf record -g` of `up` and its controllers for
 # 8 s in the middle, and folds the stacks into OUT.svg. Prints the job's IOPS. NOPERF=1 only
 # measures; STAT=EVENTS counts perf events instead of sampling; either way it also prints
@@ -37,7 +37,7 @@ trap cleanup EXIT
 for _ in $(seq 60); do grep -q 'Press Ctrl-C' "$work/up.log" 2>/dev/null && break; sleep 0.5; done
 sleep 2
 url="iscsi\\://127.0.0.1\\:$port/iqn.2026-11.io.rainio\\:appliance/0"
-common=(--ioengine=libiscsi --filename="$url" --initiator=iqn.2026-11.io.rainio:profile --direct=1 --size=256M)
+common=(--ioengine=libiscsi --filename="$url" --initiator=iqn.2026-11.io.rainio:profile --direct=1 --size="${SIZE:-256M}")
 "$fio" --name=fill "${common[@]}" --rw=write --bs=1M --iodepth=8 >/dev/null
 "$fio" --name=job "${common[@]}" --time_based --runtime=12 "$@" --output-format=json >"$work/fio.json" 2>/dev/null &
 job=$!

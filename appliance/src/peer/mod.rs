@@ -100,37 +100,40 @@ fn tune(stream: TcpStream) -> Sock {
     tokio::io::BufStream::with_capacity(SOCKET_BUFFER, SOCKET_BUFFER, stream)
 }
 
-/// Reads frames from `rd` into `buf`, returning the next one; `Ok(None)` at a clean end.
-async fn read_frame<R: AsyncReadExt + Unpin>(
-    rd: &mut R,
-    buf: &mut Vec<u8>,
-) -> Result<Option<Frame>, String> {
-    loop {
-        match wire::decode_frame(buf) {
-            Ok(Some((f, n))) => {
-                buf.drain(..n);
-                return Ok(Some(f));
-            }
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-        // Never read past the end of the frame being assembled (the header bounds it).
-        let want = wire::frame_len(buf).map_or(wire::HEADER_LEN, |n| n) - buf.len();
-        let start = buf.len();
-        buf.resize(start + want.clamp(1, 64 << 10), 0);
-        let got = rd
-            .read(&mut buf[start..])
-            .await
-            .map_err(|e| e.to_string())?;
-        buf.truncate(start + got);
-        if got == 0 {
-            return if buf.is_empty() {
+/// Reads the next frame from `rd`; `Ok(None)` at a clean end (between frames). The header is
+/// checked before any payload byte is taken, and the payload is read straight into the
+/// frame's own buffer (never zero-filled first, never copied again).
+async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Frame>, String> {
+    let mut head = [0u8; wire::HEADER_LEN];
+    let mut got = 0;
+    while got < head.len() {
+        let n = rd.read(&mut head[got..]).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return if got == 0 {
                 Ok(None)
             } else {
                 Err("connection closed in the middle of a frame".into())
             };
         }
+        got += n;
     }
+    let head = wire::decode_head(&head).map_err(|e| e.to_string())?;
+    let len = head.payload_len();
+    let mut payload = Vec::with_capacity(len);
+    while payload.len() < len {
+        let want = (len - payload.len()) as u64;
+        let n = (&mut *rd)
+            .take(want)
+            .read_buf(&mut payload)
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed in the middle of a frame".into());
+        }
+    }
+    head.with_payload(payload)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// The two halves of a connection, plain or TLS.
@@ -243,9 +246,8 @@ async fn serve_conn(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(write_loop(wr, rx));
     let permits = Arc::new(Semaphore::new(limits.max_in_flight));
-    let mut buf = Vec::new();
     let result = loop {
-        let f = match read_frame(&mut rd, &mut buf).await {
+        let f = match read_frame(&mut rd).await {
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
@@ -407,9 +409,8 @@ impl PeerClient {
         let c3 = conn.clone();
         let addr = self.addr;
         tokio::spawn(async move {
-            let mut buf = Vec::new();
             loop {
-                match read_frame(&mut rd, &mut buf).await {
+                match read_frame(&mut rd).await {
                     Ok(Some(f)) => {
                         let waiter = c3.pending.lock().expect("pending").remove(&f.request_id);
                         if let Some(w) = waiter {
@@ -659,6 +660,60 @@ mod tests {
         assert_eq!(n, 0);
         let c = PeerClient::new(1, a, limits());
         c.call(5, Request::Heartbeat).await.unwrap();
+    }
+
+    /// Frames split at every byte boundary read back whole; a stream that ends inside a
+    /// header or a payload is an error, one that ends between frames a clean end; a corrupted
+    /// payload is refused.
+    #[tokio::test]
+    async fn read_frame_takes_whole_frames_only() {
+        let mut bytes = Vec::new();
+        let frames: Vec<Frame> = (0..3u8)
+            .map(|i| Frame {
+                kind: 1,
+                sender: 7,
+                epoch: 3,
+                request_id: u64::from(i),
+                payload: vec![i; usize::from(i) * 1000],
+            })
+            .collect();
+        for f in &frames {
+            wire::encode_frame(f, &mut bytes);
+        }
+        // A reader that hands out one byte per read.
+        let (mut tx, mut rx) = tokio::io::duplex(1);
+        let w = tokio::spawn({
+            let bytes = bytes.clone();
+            async move { tx.write_all(&bytes).await }
+        });
+        for f in &frames {
+            assert_eq!(read_frame(&mut rx).await.unwrap().as_ref(), Some(f));
+        }
+        w.await.unwrap().unwrap();
+        assert_eq!(read_frame(&mut rx).await.unwrap(), None);
+        let h = wire::HEADER_LEN;
+        for cut in [1, h - 1, h + 1, 2 * h + 10, bytes.len() - 1] {
+            let mut r = &bytes[..cut];
+            let mut got = Vec::new();
+            loop {
+                match read_frame(&mut r).await {
+                    Ok(Some(f)) => got.push(f),
+                    Ok(None) => panic!("cut at {cut}: a truncated stream ended cleanly"),
+                    Err(e) => {
+                        assert!(e.contains("middle of a frame"), "cut at {cut}: {e}");
+                        break;
+                    }
+                }
+            }
+            assert!(got.len() < frames.len());
+        }
+        let mut bad = bytes.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let mut r = &bad[..];
+        read_frame(&mut r).await.unwrap();
+        read_frame(&mut r).await.unwrap();
+        assert!(read_frame(&mut r).await.unwrap_err().contains("checksum"));
     }
 
     fn chunk(fill: u8) -> Chunk {

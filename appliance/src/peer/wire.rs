@@ -16,7 +16,7 @@
 //! | 36-39 | CRC32C of bytes 0-35 |
 //!
 //! Integers are big-endian. Invariants:
-//! - [`decode_frame`] decides from the 40-byte header alone whether a frame is acceptable (magic,
+//! - [`decode_head`] (and [`decode_frame`] through it) decides from the 40-byte header alone whether a frame is acceptable (magic,
 //!   version, header CRC, payload length at most [`MAX_PAYLOAD`]), so a hostile peer cannot make
 //!   it buffer more than one bounded frame; it never panics on any input (fuzzed).
 //! - A payload whose CRC does not match is refused before it is parsed.
@@ -178,16 +178,53 @@ pub fn encode_frame(f: &Frame, out: &mut Vec<u8>) {
     out.extend_from_slice(&f.payload);
 }
 
-/// Decodes one frame from the front of `buf`: `Ok(Some((frame, consumed)))`, `Ok(None)` when
-/// more bytes are needed, or the reason the stream is unusable.
+/// A frame header that passed every check [`decode_head`] makes; the payload's checksum is
+/// checked by [`FrameHead::with_payload`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHead {
+    kind: u8,
+    sender: u32,
+    epoch: u64,
+    request_id: u64,
+    len: usize,
+    payload_crc: u32,
+}
+
+impl FrameHead {
+    /// Payload length, at most [`MAX_PAYLOAD`].
+    #[must_use]
+    pub fn payload_len(&self) -> usize {
+        self.len
+    }
+
+    /// The frame, once `payload` (exactly [`FrameHead::payload_len`] bytes) matches the
+    /// header's checksum.
+    ///
+    /// # Errors
+    /// [`WireError::PayloadCrc`], or [`WireError::Malformed`] for a payload of another length.
+    pub fn with_payload(self, payload: Vec<u8>) -> Result<Frame, WireError> {
+        if payload.len() != self.len {
+            return Err(WireError::Malformed("frame payload length"));
+        }
+        if crc32c::crc32c(&payload) != self.payload_crc {
+            return Err(WireError::PayloadCrc);
+        }
+        Ok(Frame {
+            kind: self.kind,
+            sender: self.sender,
+            epoch: self.epoch,
+            request_id: self.request_id,
+            payload,
+        })
+    }
+}
+
+/// Checks a frame's 40-byte header alone (magic, version, header checksum, payload length
+/// bound), so a reader knows how many payload bytes to take before it takes any.
 ///
 /// # Errors
-/// [`WireError`] for anything but a well-formed frame.
-pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
-    if buf.len() < HEADER_LEN {
-        return Ok(None);
-    }
-    let h = &buf[..HEADER_LEN];
+/// [`WireError`] for a header that is not acceptable.
+pub fn decode_head(h: &[u8; HEADER_LEN]) -> Result<FrameHead, WireError> {
     let magic: [u8; 4] = h[0..4].try_into().expect("4 bytes");
     if magic != MAGIC {
         return Err(WireError::Magic(magic));
@@ -202,24 +239,32 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
     if len as usize > MAX_PAYLOAD {
         return Err(WireError::TooLarge(len));
     }
-    let total = HEADER_LEN + len as usize;
+    Ok(FrameHead {
+        kind: h[5],
+        sender: be32(&h[8..12]),
+        epoch: be64(&h[12..20]),
+        request_id: be64(&h[20..28]),
+        len: len as usize,
+        payload_crc: be32(&h[32..36]),
+    })
+}
+
+/// Decodes one frame from the front of `buf`: `Ok(Some((frame, consumed)))`, `Ok(None)` when
+/// more bytes are needed, or the reason the stream is unusable.
+///
+/// # Errors
+/// [`WireError`] for anything but a well-formed frame.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
+    let Some(h) = buf.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let head = decode_head(h)?;
+    let total = HEADER_LEN + head.len;
     if buf.len() < total {
         return Ok(None);
     }
-    let payload = &buf[HEADER_LEN..total];
-    if crc32c::crc32c(payload) != be32(&h[32..36]) {
-        return Err(WireError::PayloadCrc);
-    }
-    Ok(Some((
-        Frame {
-            kind: h[5],
-            sender: be32(&h[8..12]),
-            epoch: be64(&h[12..20]),
-            request_id: be64(&h[20..28]),
-            payload: payload.to_vec(),
-        },
-        total,
-    )))
+    let frame = head.with_payload(buf[HEADER_LEN..total].to_vec())?;
+    Ok(Some((frame, total)))
 }
 
 /// The total size of the frame starting at `buf`, once its header is there (for bounded reads).
