@@ -1306,12 +1306,15 @@ impl Engine {
         let first = start / cb;
         let last = (end - 1) / cb;
         // A write inside one column of a row every position holds patches it: the column's
-        // old bytes are read, and only the new bytes and the parity change travel.
+        // old bytes are read, and only the new bytes and the parity change travel; unless
+        // whole chunks move fewer bytes between controllers (a whole column written where
+        // the other columns are held here).
         let delta = first == last
             && meta.behind == 0
             && meta.unknown == 0
             && start.is_multiple_of(DELTA_ALIGN)
-            && end.is_multiple_of(DELTA_ALIGN);
+            && end.is_multiple_of(DELTA_ALIGN)
+            && self.patching_is_cheaper(vol, span.extent, first, end - start);
         let patched = if delta {
             self.commit_delta(
                 view,
@@ -1361,6 +1364,26 @@ impl Engine {
             });
         }
         Ok(())
+    }
+
+    /// Whether a write of `len` bytes inside data column `c` of a row of `extent` moves no
+    /// more bytes between controllers as patches (the new bytes to the column's holder and
+    /// the old ones back, a parity delta to each parity holder) than as whole chunks (the
+    /// other data columns read, and the column, the rest of a partly written column, and
+    /// every parity column written whole). Holders that are this controller cost nothing:
+    /// its own store is reached without the network. Both paths make the same copies, so
+    /// this only chooses the cheaper one; ties go to patches, which also touch fewer bytes
+    /// on the holders' disks.
+    fn patching_is_cheaper(&self, vol: &Vol, extent: u64, c: usize, len: usize) -> bool {
+        let set = &vol.meta.placement[extent as usize];
+        let (k, cb) = (vol.k(), vol.chunk());
+        let remote = |pos: usize| usize::from(set.get(pos).is_some_and(|&h| h != self.id));
+        let parity: usize = (k..set.len()).map(remote).sum();
+        let patch = 2 * len * remote(c) + len * parity;
+        let others: usize = (0..k).filter(|&d| d != c).map(remote).sum();
+        let rest = if len < cb { cb * remote(c) } else { 0 };
+        let whole = cb * (others + remote(c) + parity) + rest;
+        patch <= whole
     }
 
     /// Writes `bytes` into the row by writing whole chunks: the touched data columns (old

@@ -6,108 +6,15 @@
 //! `ClusterEnv` whose metadata calls succeed and whose clock is tokio's; one holder can be told
 //! to stop answering reads.
 
-use raid_engine::cluster::{
-    ClusterEnv, ClusterView, ControllerState, IntentMark, RowIntent, VolError, VolumeMeta,
-};
+mod common;
+
+use common::Env;
+use raid_engine::cluster::{ClusterView, ControllerState, VolumeMeta};
 use raid_engine::codec::CodecKind;
 use raid_engine::engine::Engine;
-use raid_engine::layout::{ControllerId, Geometry, Layout};
-use raid_engine::shard::{
-    BoxFut, Chunk, ChunkAddr, MemShardStore, ShardError, ShardStore, VolumeId,
-};
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use raid_engine::layout::{Geometry, Layout};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-#[derive(Debug, Default)]
-struct Env {
-    stores: BTreeMap<ControllerId, Arc<MemShardStore>>,
-    /// A controller whose chunk reads never answer (0: none).
-    silent: AtomicU32,
-}
-
-impl ClusterEnv for Env {
-    fn read_chunk(
-        &self,
-        to: ControllerId,
-        _epoch: u64,
-        addr: ChunkAddr,
-    ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
-        let silent = self.silent.load(Ordering::SeqCst) == to;
-        Box::pin(async move {
-            if silent {
-                std::future::pending::<()>().await;
-            }
-            self.stores[&to].read(addr).await
-        })
-    }
-    fn write_chunk(
-        &self,
-        to: ControllerId,
-        _epoch: u64,
-        addr: ChunkAddr,
-        chunk: Chunk,
-    ) -> BoxFut<'_, Result<(), ShardError>> {
-        Box::pin(async move { self.stores[&to].write(addr, chunk).await })
-    }
-    fn forward_write(
-        &self,
-        to: ControllerId,
-        _: u64,
-        _: VolumeId,
-        _: u64,
-        _: Vec<u8>,
-    ) -> BoxFut<'_, Result<(), VolError>> {
-        Box::pin(async move { Err(VolError::Peer(format!("no controller {to} here"))) })
-    }
-    fn forward_read(
-        &self,
-        to: ControllerId,
-        _: u64,
-        _: VolumeId,
-        _: u64,
-        _: u64,
-    ) -> BoxFut<'_, Result<Vec<u8>, VolError>> {
-        Box::pin(async move { Err(VolError::Peer(format!("no controller {to} here"))) })
-    }
-    fn mark_intent(&self, _: IntentMark, _: u64, _: u64) -> BoxFut<'_, Result<(), VolError>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn clear_intent(&self, _: IntentMark, _: u64, _: u64) -> BoxFut<'_, Result<(), VolError>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn intents(&self, _: VolumeId) -> Vec<IntentMark> {
-        Vec::new()
-    }
-    fn row_intent(&self, _: VolumeId, _: u64, _: u32) -> RowIntent {
-        RowIntent::default()
-    }
-    fn record_repair(
-        &self,
-        _: VolumeId,
-        _: u64,
-        _: u32,
-        _: Vec<u64>,
-        _: u64,
-        _: u64,
-    ) -> BoxFut<'_, Result<(), VolError>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn record_served(
-        &self,
-        _: VolumeId,
-        _: u64,
-        _: u32,
-        _: u64,
-        _: u64,
-    ) -> BoxFut<'_, Result<(), VolError>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn sleep(&self, d: Duration) -> BoxFut<'_, ()> {
-        Box::pin(tokio::time::sleep(d))
-    }
-}
 
 const CHUNK: usize = 4096;
 
@@ -119,12 +26,7 @@ fn data(b: u64) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_silent_holder_is_hedged_by_decoding_from_the_others() {
-    let env = Arc::new(Env {
-        stores: (1..=3)
-            .map(|i| (i, Arc::new(MemShardStore::default())))
-            .collect(),
-        silent: AtomicU32::new(0),
-    });
+    let env = Env::new(3, 1);
     let view = ClusterView {
         epoch: 1,
         controllers: (1..=3).map(|i| (i, ControllerState::Up)).collect(),

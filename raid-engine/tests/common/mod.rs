@@ -1,0 +1,175 @@
+//! The smallest real environment for engine tests: in-memory shard stores behind a
+//! `ClusterEnv` whose metadata calls succeed and whose clock is tokio's. It counts the chunk
+//! bytes that cross between controllers (calls to a holder other than `local`), and one holder
+//! can be told to stop answering reads.
+
+#![allow(dead_code)] // each test file uses part of it
+
+use raid_engine::cluster::{ClusterEnv, IntentMark, RowIntent, VolError};
+use raid_engine::layout::ControllerId;
+use raid_engine::shard::{
+    BoxFut, Chunk, ChunkAddr, MemShardStore, Patch, RangeRead, ShardError, ShardStore, VolumeId,
+};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+pub struct Env {
+    pub stores: BTreeMap<ControllerId, Arc<MemShardStore>>,
+    /// A controller whose chunk reads never answer (0: none).
+    pub silent: AtomicU32,
+    /// The controller whose engine runs the test: its own store is not across the network.
+    pub local: ControllerId,
+    /// Chunk bytes sent to or received from other controllers than `local`.
+    pub remote_bytes: AtomicU64,
+}
+
+impl Env {
+    /// `n` controllers (ids 1..=n) with empty stores; the engine under test is `local`.
+    pub fn new(n: u32, local: ControllerId) -> Arc<Self> {
+        Arc::new(Self {
+            stores: (1..=n)
+                .map(|i| (i, Arc::new(MemShardStore::default())))
+                .collect(),
+            local,
+            ..Self::default()
+        })
+    }
+
+    /// Another view of `env`'s stores, for an engine on controller `local`.
+    pub fn with_stores(env: &Self, local: ControllerId) -> Arc<Self> {
+        Arc::new(Self {
+            stores: env.stores.clone(),
+            local,
+            ..Self::default()
+        })
+    }
+
+    fn count(&self, to: ControllerId, bytes: usize) {
+        if to != self.local {
+            self.remote_bytes.fetch_add(bytes as u64, Ordering::SeqCst);
+        }
+    }
+}
+
+fn data_len(copies: &[Chunk]) -> usize {
+    copies.iter().map(|c| c.data.len()).sum()
+}
+
+impl ClusterEnv for Env {
+    fn read_chunk(
+        &self,
+        to: ControllerId,
+        _epoch: u64,
+        addr: ChunkAddr,
+    ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
+        let silent = self.silent.load(Ordering::SeqCst) == to;
+        Box::pin(async move {
+            if silent {
+                std::future::pending::<()>().await;
+            }
+            let got = self.stores[&to].read(addr).await?;
+            self.count(to, data_len(&got));
+            Ok(got)
+        })
+    }
+    fn read_range(
+        &self,
+        to: ControllerId,
+        _epoch: u64,
+        addr: ChunkAddr,
+        read: RangeRead,
+    ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
+        let silent = self.silent.load(Ordering::SeqCst) == to;
+        Box::pin(async move {
+            if silent {
+                std::future::pending::<()>().await;
+            }
+            let got = self.stores[&to].read_range(addr, read).await?;
+            self.count(to, data_len(&got));
+            Ok(got)
+        })
+    }
+    fn write_chunk(
+        &self,
+        to: ControllerId,
+        _epoch: u64,
+        addr: ChunkAddr,
+        chunk: Chunk,
+    ) -> BoxFut<'_, Result<(), ShardError>> {
+        self.count(to, chunk.data.len());
+        Box::pin(async move { self.stores[&to].write(addr, chunk).await })
+    }
+    fn patch_chunk(
+        &self,
+        to: ControllerId,
+        _epoch: u64,
+        addr: ChunkAddr,
+        patch: Patch,
+    ) -> BoxFut<'_, Result<Vec<u8>, ShardError>> {
+        self.count(to, patch.head.data.len());
+        Box::pin(async move {
+            let old = self.stores[&to].patch(addr, patch).await?;
+            self.count(to, old.len());
+            Ok(old)
+        })
+    }
+    fn forward_write(
+        &self,
+        to: ControllerId,
+        _: u64,
+        _: VolumeId,
+        _: u64,
+        _: Vec<u8>,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(async move { Err(VolError::Peer(format!("no controller {to} here"))) })
+    }
+    fn forward_read(
+        &self,
+        to: ControllerId,
+        _: u64,
+        _: VolumeId,
+        _: u64,
+        _: u64,
+    ) -> BoxFut<'_, Result<Vec<u8>, VolError>> {
+        Box::pin(async move { Err(VolError::Peer(format!("no controller {to} here"))) })
+    }
+    fn mark_intent(&self, _: IntentMark, _: u64, _: u64) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn clear_intent(&self, _: IntentMark, _: u64, _: u64) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn intents(&self, _: VolumeId) -> Vec<IntentMark> {
+        Vec::new()
+    }
+    fn row_intent(&self, _: VolumeId, _: u64, _: u32) -> RowIntent {
+        RowIntent::default()
+    }
+    fn record_repair(
+        &self,
+        _: VolumeId,
+        _: u64,
+        _: u32,
+        _: Vec<u64>,
+        _: u64,
+        _: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn record_served(
+        &self,
+        _: VolumeId,
+        _: u64,
+        _: u32,
+        _: u64,
+        _: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn sleep(&self, d: Duration) -> BoxFut<'_, ()> {
+        Box::pin(tokio::time::sleep(d))
+    }
+}
