@@ -267,25 +267,12 @@ async fn serve_conn(
         let handler = handler.clone();
         let tx = tx.clone();
         tasks.spawn(async move {
-            let body = match handler.handle(f.sender, f.epoch, req).await {
-                Ok(r) => r.encode(),
-                Err(e) => {
-                    let mut b = Vec::new();
-                    wire::put_error(&mut b, &e);
-                    b
-                }
-            };
-            let mut out = Vec::with_capacity(wire::HEADER_LEN + body.len());
-            wire::encode_frame(
-                &Frame {
-                    kind: f.kind | REPLY,
-                    sender: me,
-                    epoch: f.epoch,
-                    request_id: f.request_id,
-                    payload: body,
-                },
-                &mut out,
-            );
+            let mut out = wire::frame_start();
+            match handler.handle(f.sender, f.epoch, req).await {
+                Ok(r) => r.encode_into(&mut out),
+                Err(e) => wire::put_error(&mut out, &e),
+            }
+            wire::seal_frame(&mut out, f.kind | REPLY, me, f.epoch, f.request_id);
             let _ = tx.send(out).await;
             drop(permit);
         });
@@ -442,18 +429,9 @@ impl PeerClient {
             .expect("semaphore never closed");
         let conn = self.connection().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (kind, body) = req.encode();
-        let mut out = Vec::with_capacity(wire::HEADER_LEN + body.len());
-        wire::encode_frame(
-            &Frame {
-                kind: kind as u8,
-                sender: self.me,
-                epoch,
-                request_id: id,
-                payload: body,
-            },
-            &mut out,
-        );
+        let mut out = wire::frame_start();
+        let kind = req.encode_into(&mut out);
+        wire::seal_frame(&mut out, kind as u8, self.me, epoch, id);
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().expect("pending").insert(id, tx);
         // However this call ends (answered, timed out, or dropped because a hedged read won

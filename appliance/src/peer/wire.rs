@@ -162,20 +162,40 @@ pub enum WireError {
 /// # Panics
 /// If the payload exceeds [`MAX_PAYLOAD`] (a bug in the caller).
 pub fn encode_frame(f: &Frame, out: &mut Vec<u8>) {
-    assert!(f.payload.len() <= MAX_PAYLOAD, "payload over the limit");
     let start = out.len();
-    out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
-    out.push(f.kind);
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&f.sender.to_be_bytes());
-    out.extend_from_slice(&f.epoch.to_be_bytes());
-    out.extend_from_slice(&f.request_id.to_be_bytes());
-    out.extend_from_slice(&(f.payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&f.payload).to_be_bytes());
-    let hcrc = crc32c::crc32c(&out[start..start + 36]);
-    out.extend_from_slice(&hcrc.to_be_bytes());
+    out.resize(start + HEADER_LEN, 0);
     out.extend_from_slice(&f.payload);
+    seal_frame(&mut out[start..], f.kind, f.sender, f.epoch, f.request_id);
+}
+
+/// An empty frame: room for the header, which [`seal_frame`] fills once the payload has been
+/// appended (so a body is encoded once, in place, not copied behind a header).
+#[must_use]
+pub fn frame_start() -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER_LEN + 64);
+    v.resize(HEADER_LEN, 0);
+    v
+}
+
+/// Fills the header of the frame in `frame` (header room, then the payload).
+///
+/// # Panics
+/// If `frame` is shorter than a header or its payload exceeds [`MAX_PAYLOAD`] (a bug in the
+/// caller).
+pub fn seal_frame(frame: &mut [u8], kind: u8, sender: u32, epoch: u64, request_id: u64) {
+    let (h, payload) = frame.split_at_mut(HEADER_LEN);
+    assert!(payload.len() <= MAX_PAYLOAD, "payload over the limit");
+    h[0..4].copy_from_slice(&MAGIC);
+    h[4] = VERSION;
+    h[5] = kind;
+    h[6..8].copy_from_slice(&0u16.to_be_bytes());
+    h[8..12].copy_from_slice(&sender.to_be_bytes());
+    h[12..20].copy_from_slice(&epoch.to_be_bytes());
+    h[20..28].copy_from_slice(&request_id.to_be_bytes());
+    h[28..32].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+    h[32..36].copy_from_slice(&crc32c::crc32c(payload).to_be_bytes());
+    let hcrc = crc32c::crc32c(&h[..36]);
+    h[36..40].copy_from_slice(&hcrc.to_be_bytes());
 }
 
 /// A frame header that passed every check [`decode_head`] makes; the payload's checksum is
@@ -566,33 +586,39 @@ impl Request {
     /// Kind and body.
     pub fn encode(&self) -> (Kind, Vec<u8>) {
         let mut out = Vec::new();
-        let kind = match self {
+        let kind = self.encode_into(&mut out);
+        (kind, out)
+    }
+
+    /// Appends the body to `out` (after a frame's header room, see [`frame_start`]); the kind.
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Kind {
+        match self {
             Self::ReadChunk(a) => {
-                put_addr(&mut out, a);
+                put_addr(out, a);
                 Kind::ReadChunk
             }
             Self::WriteChunk(a, c) => {
-                put_addr(&mut out, a);
-                put_chunk(&mut out, c);
+                put_addr(out, a);
+                put_chunk(out, c);
                 Kind::WriteChunk
             }
             Self::ReadRange(a, rr) => {
-                put_addr(&mut out, a);
-                put_want(&mut out, &rr.want);
+                put_addr(out, a);
+                put_want(out, &rr.want);
                 out.extend_from_slice(&rr.off.to_be_bytes());
                 out.extend_from_slice(&rr.len.to_be_bytes());
                 Kind::ReadRange
             }
             Self::PatchChunk(a, p) => {
-                put_addr(&mut out, a);
-                put_want(&mut out, &p.base);
+                put_addr(out, a);
+                put_want(out, &p.base);
                 out.extend_from_slice(&p.chunk_len.to_be_bytes());
                 out.extend_from_slice(&p.off.to_be_bytes());
                 out.push(match p.op {
                     PatchOp::Replace => 0,
                     PatchOp::Xor => 1,
                 });
-                put_chunk(&mut out, &p.head);
+                put_chunk(out, &p.head);
                 Kind::PatchChunk
             }
             Self::ForwardWrite {
@@ -602,7 +628,7 @@ impl Request {
             } => {
                 out.extend_from_slice(&volume.to_be_bytes());
                 out.extend_from_slice(&offset.to_be_bytes());
-                put_bytes(&mut out, data);
+                put_bytes(out, data);
                 Kind::ForwardWrite
             }
             Self::ForwardRead {
@@ -627,11 +653,10 @@ impl Request {
             Self::Heartbeat => Kind::Heartbeat,
             Self::Meta(op, body) => {
                 out.push(*op as u8);
-                put_bytes(&mut out, body);
+                put_bytes(out, body);
                 Kind::Meta
             }
-        };
-        (kind, out)
+        }
     }
 
     /// Parses a request frame's kind and payload.
@@ -725,33 +750,40 @@ pub enum Reply {
 impl Reply {
     /// The reply body (status byte included).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![0];
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends the body (status byte included) to `out` (after a frame's header room, see
+    /// [`frame_start`]).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.push(0);
         match self {
             Self::Copies(cs) => {
                 out.push(cs.len() as u8);
                 for c in cs {
-                    put_chunk(&mut out, c);
+                    put_chunk(out, c);
                 }
             }
             Self::Done => {}
-            Self::Data(d) => put_bytes(&mut out, d),
+            Self::Data(d) => put_bytes(out, d),
             Self::Answer(ReadAnswer::Data(d)) => {
                 out.push(0);
-                put_bytes(&mut out, d);
+                put_bytes(out, d);
             }
             Self::Answer(ReadAnswer::Located(parts)) => {
                 out.push(1);
                 out.extend_from_slice(&(parts.len() as u32).to_be_bytes());
                 for p in parts {
                     out.extend_from_slice(&p.holder.to_be_bytes());
-                    put_addr(&mut out, &p.addr);
-                    put_want(&mut out, &p.read.want);
+                    put_addr(out, &p.addr);
+                    put_want(out, &p.read.want);
                     out.extend_from_slice(&p.read.off.to_be_bytes());
                     out.extend_from_slice(&p.read.len.to_be_bytes());
                 }
             }
         }
-        out
     }
 
     /// Parses the success body of a reply to a request of `kind`.
@@ -897,7 +929,12 @@ mod tests {
                 encode_frame(&Frame { kind: kind as u8, sender: 1, epoch: v, request_id: off, payload: body }, &mut out);
                 let (f, n) = decode_frame(&out).unwrap().unwrap();
                 prop_assert_eq!(n, out.len());
-                prop_assert_eq!(Request::decode(f.kind, &f.payload).unwrap(), req);
+                prop_assert_eq!(Request::decode(f.kind, &f.payload).unwrap(), req.clone());
+                // Encoded in place behind the header's room: the same bytes.
+                let mut inplace = frame_start();
+                prop_assert_eq!(req.encode_into(&mut inplace), kind);
+                seal_frame(&mut inplace, kind as u8, 1, v, off);
+                prop_assert_eq!(&inplace, &out);
             }
             for (kind, reply) in [
                 (Kind::ReadChunk, Reply::Copies(vec![chunk(v, len), chunk(v + 1, len)])),
@@ -913,7 +950,14 @@ mod tests {
             ] {
                 let body = reply.encode();
                 let r = get_status(&body).unwrap().unwrap();
-                prop_assert_eq!(Reply::decode(kind, r).unwrap(), reply);
+                prop_assert_eq!(Reply::decode(kind, r).unwrap(), reply.clone());
+                let mut framed = frame_start();
+                reply.encode_into(&mut framed);
+                seal_frame(&mut framed, kind as u8 | REPLY, 2, v, off);
+                let (f, n) = decode_frame(&framed).unwrap().unwrap();
+                prop_assert_eq!(n, framed.len());
+                prop_assert_eq!((f.kind, f.sender, f.epoch, f.request_id), (kind as u8 | REPLY, 2, v, off));
+                prop_assert_eq!(&f.payload, &body);
             }
         }
 
