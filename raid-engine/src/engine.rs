@@ -595,7 +595,12 @@ impl Engine {
                     part.len()
                 )));
             }
-            out.extend_from_slice(&part);
+            if out.is_empty() && n == len {
+                // The whole read in one extent (the common case): no copy.
+                out = part;
+            } else {
+                out.extend_from_slice(&part);
+            }
         }
         Ok(out)
     }
@@ -621,7 +626,10 @@ impl Engine {
                 .find(|c| c.data.len() == len)
                 .map(|c| c.data)
         });
-        let got = futures::future::join_all(reads).await;
+        let mut got = futures::future::join_all(reads).await;
+        if got.len() == 1 {
+            return got.pop().flatten();
+        }
         let mut out = Vec::with_capacity(parts.iter().map(|p| p.read.len as usize).sum());
         for part in got {
             out.extend_from_slice(&part?);
@@ -819,8 +827,17 @@ impl Engine {
                 Ok::<_, VolError>((span.request_offset as usize, need, cols))
             }
         });
+        let mut rows = futures::future::join_all(rows).await;
+        if let [Ok((_, need, cols))] = rows.as_mut_slice() {
+            if let [(c, range)] = need.as_slice() {
+                if range.len() as u64 == len {
+                    // One column range is the whole read: its buffer is the answer.
+                    return Ok(cols[*c].take().expect("requested column"));
+                }
+            }
+        }
         let mut out = vec![0u8; len as usize];
-        for row in futures::future::join_all(rows).await {
+        for row in rows {
             let (mut at, need, mut cols) = row?;
             for (c, _) in need {
                 let part = cols[c].take().expect("requested column");
