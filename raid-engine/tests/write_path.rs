@@ -36,7 +36,7 @@ async fn a_write_inside_one_column_takes_the_path_that_moves_fewer_bytes() {
         size_bytes: g.extent_bytes(),
         geometry: g,
     };
-    let meta = VolumeMeta::rotated(1, layout.clone(), &[1, 2, 3]).unwrap();
+    let meta = VolumeMeta::rotated(1, layout, &[1, 2, 3]).unwrap();
     assert_eq!(
         meta.placement[0][0], 1,
         "controller 1 leads and holds column 0"
@@ -96,7 +96,7 @@ async fn a_write_inside_one_column_takes_the_path_that_moves_fewer_bytes() {
         };
         let at = if down == 1 { 2 } else { 1 };
         let env = Env::with_stores(&env, at);
-        let meta = VolumeMeta::rotated(1, layout.clone(), &[1, 2, 3]).unwrap();
+        let meta = VolumeMeta::rotated(1, layout, &[1, 2, 3]).unwrap();
         let engine = Engine::new(at, env.stores[&at].clone(), env.clone(), view);
         engine.add_volume(meta).unwrap();
         assert_eq!(
