@@ -9,10 +9,6 @@
 mod common;
 
 use common::Env;
-use raid_engine::cluster::{ClusterView, ControllerState, VolumeMeta};
-use raid_engine::codec::CodecKind;
-use raid_engine::engine::Engine;
-use raid_engine::layout::{Geometry, Layout};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -27,21 +23,9 @@ fn data(b: u64) -> Vec<u8> {
 #[tokio::test]
 async fn a_silent_holder_is_hedged_by_decoding_from_the_others() {
     let env = Env::new(3, 1);
-    let view = ClusterView {
-        epoch: 1,
-        controllers: (1..=3).map(|i| (i, ControllerState::Up)).collect(),
-    };
-    let g = Geometry::new(2, 1, CHUNK as u32, 64, CodecKind::GfMatrix, None).unwrap();
-    let layout = Layout {
-        size_bytes: g.extent_bytes(),
-        geometry: g,
-    };
-    let meta = VolumeMeta::rotated(1, layout, &[1, 2, 3]).unwrap();
     // Controller 1 leads extent 0 (the only one): it serves every read here.
-    assert_eq!(meta.placement[0][0], 1);
-    let data_holder = meta.placement[0][1];
-    let engine = Engine::new(1, env.stores[&1].clone(), env.clone(), view);
-    engine.add_volume(meta).unwrap();
+    let engine = common::engine(&env, 1, common::view(1, None), CHUNK);
+    let data_holder = 2;
     let row = 2 * CHUNK as u64;
     for r in 0..64 {
         engine.write(1, r * row, &data(r)).await.unwrap();

@@ -10,10 +10,6 @@
 mod common;
 
 use common::Env;
-use raid_engine::cluster::{ClusterView, ControllerState, VolumeMeta};
-use raid_engine::codec::CodecKind;
-use raid_engine::engine::Engine;
-use raid_engine::layout::{Geometry, Layout};
 use std::sync::atomic::Ordering;
 
 const CHUNK: usize = 16 << 10;
@@ -27,22 +23,7 @@ fn bytes(len: usize, seed: u8) -> Vec<u8> {
 #[tokio::test]
 async fn a_write_inside_one_column_takes_the_path_that_moves_fewer_bytes() {
     let env = Env::new(3, 1);
-    let view = ClusterView {
-        epoch: 1,
-        controllers: (1..=3).map(|i| (i, ControllerState::Up)).collect(),
-    };
-    let g = Geometry::new(2, 1, CHUNK as u32, 64, CodecKind::GfMatrix, None).unwrap();
-    let layout = Layout {
-        size_bytes: g.extent_bytes(),
-        geometry: g,
-    };
-    let meta = VolumeMeta::rotated(1, layout, &[1, 2, 3]).unwrap();
-    assert_eq!(
-        meta.placement[0][0], 1,
-        "controller 1 leads and holds column 0"
-    );
-    let engine = Engine::new(1, env.stores[&1].clone(), env.clone(), view);
-    engine.add_volume(meta).unwrap();
+    let engine = common::engine(&env, 1, common::view(1, None), CHUNK);
     let row = 2 * CHUNK;
     let mut model = bytes(row, 1);
     engine.write(1, 0, &model).await.unwrap();
@@ -81,24 +62,9 @@ async fn a_write_inside_one_column_takes_the_path_that_moves_fewer_bytes() {
     // The parity is right: with either data holder's controller down, an engine that
     // loads the row afresh decodes the same bytes from the other column and the parity.
     for down in [1, 2] {
-        let view = ClusterView {
-            epoch: 2,
-            controllers: (1..=3)
-                .map(|i| {
-                    let state = if i == down {
-                        ControllerState::Down
-                    } else {
-                        ControllerState::Up
-                    };
-                    (i, state)
-                })
-                .collect(),
-        };
         let at = if down == 1 { 2 } else { 1 };
         let env = Env::with_stores(&env, at);
-        let meta = VolumeMeta::rotated(1, layout, &[1, 2, 3]).unwrap();
-        let engine = Engine::new(at, env.stores[&at].clone(), env.clone(), view);
-        engine.add_volume(meta).unwrap();
+        let engine = common::engine(&env, at, common::view(2, Some(down)), CHUNK);
         assert_eq!(
             engine.read(1, 0, row as u64).await.unwrap(),
             model,

@@ -5,8 +5,13 @@
 
 #![allow(dead_code)] // each test file uses part of it
 
-use raid_engine::cluster::{ClusterEnv, IntentMark, RowIntent, VolError};
+use raid_engine::cluster::{
+    ClusterEnv, ClusterView, ControllerState, IntentMark, RowIntent, VolError, VolumeMeta,
+};
+use raid_engine::codec::CodecKind;
+use raid_engine::engine::Engine;
 use raid_engine::layout::ControllerId;
+use raid_engine::layout::{Geometry, Layout};
 use raid_engine::shard::{
     BoxFut, Chunk, ChunkAddr, MemShardStore, Patch, RangeRead, ShardError, ShardStore, VolumeId,
 };
@@ -52,6 +57,43 @@ impl Env {
             self.remote_bytes.fetch_add(bytes as u64, Ordering::SeqCst);
         }
     }
+}
+
+/// Controllers 1-3 at `epoch`, all up but `down`.
+pub fn view(epoch: u64, down: Option<ControllerId>) -> ClusterView {
+    ClusterView {
+        epoch,
+        controllers: (1..=3)
+            .map(|i| {
+                let state = if Some(i) == down {
+                    ControllerState::Down
+                } else {
+                    ControllerState::Up
+                };
+                (i, state)
+            })
+            .collect(),
+    }
+}
+
+/// An engine on controller `at` of `env` at `view`, serving volume 1: one extent of k=2, m=1
+/// rows of `chunk`-byte columns, placed over controllers 1-3 so that controller 1 leads it
+/// (while up) and holds column 0, and controller 2 holds column 1.
+pub fn engine(env: &Arc<Env>, at: ControllerId, view: ClusterView, chunk: usize) -> Engine {
+    let g = Geometry::new(2, 1, chunk as u32, 64, CodecKind::GfMatrix, None).unwrap();
+    let layout = Layout {
+        size_bytes: g.extent_bytes(),
+        geometry: g,
+    };
+    let meta = VolumeMeta::rotated(1, layout, &[1, 2, 3]).unwrap();
+    assert_eq!(
+        meta.placement[0],
+        [1, 2, 3],
+        "the placement these tests assume"
+    );
+    let engine = Engine::new(at, env.stores[&at].clone(), env.clone(), view);
+    engine.add_volume(meta).unwrap();
+    engine
 }
 
 fn data_len(copies: &[Chunk]) -> usize {
