@@ -186,21 +186,24 @@ impl Harness {
     }
 
     async fn write(&self, via: u32, b: u64, gen: u8) -> Result<(), String> {
-        self.nodes[&via]
-            .engine
-            .write(VOL, b * BLOCK as u64, &block(gen, b))
-            .await
-            .map_err(|e| e.to_string())
+        let e = &self.nodes[&via].engine;
+        let mut got = e.write(VOL, b * BLOCK as u64, &block(gen, b)).await;
+        for _ in 0..100 {
+            if !retried(&got) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            got = e.write(VOL, b * BLOCK as u64, &block(gen, b)).await;
+        }
+        got.map_err(|e| e.to_string())
     }
 
     async fn check_all(&self, via: u32, want: &BTreeMap<u64, u8>) {
         let e = &self.nodes[&via].engine;
         for (&b, &gen) in want {
-            // A membership change during the read refuses it (the host sees NOT READY and
-            // retries); retry likewise, for a while.
             let mut got = e.read(VOL, b * BLOCK as u64, BLOCK as u64).await;
             for _ in 0..100 {
-                if !matches!(got, Err(raid_engine::cluster::VolError::Epoch { .. })) {
+                if !retried(&got) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -213,6 +216,17 @@ impl Harness {
             );
         }
     }
+}
+
+/// Refusals a host answers by retrying (the target reports NOT READY), and the test likewise:
+/// a membership change during the request, or a lease that lapsed because heartbeat answers
+/// were late on a loaded machine (the next answered round renews it). Both refuse before any
+/// chunk is read or written.
+fn retried<T>(r: &Result<T, raid_engine::cluster::VolError>) -> bool {
+    matches!(
+        r,
+        Err(raid_engine::cluster::VolError::Epoch { .. } | raid_engine::cluster::VolError::Fenced)
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
