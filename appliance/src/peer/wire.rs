@@ -287,11 +287,6 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
     Ok(Some((frame, total)))
 }
 
-/// The total size of the frame starting at `buf`, once its header is there (for bounded reads).
-pub fn frame_len(buf: &[u8]) -> Option<usize> {
-    (buf.len() >= HEADER_LEN).then(|| HEADER_LEN + be32(&buf[28..32]) as usize)
-}
-
 fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes(b[..4].try_into().expect("4 bytes"))
 }

@@ -96,6 +96,24 @@ pub fn engine(env: &Arc<Env>, at: ControllerId, view: ClusterView, chunk: usize)
     engine
 }
 
+impl Env {
+    /// Holder `to`'s answer to a read: none while it was the silent one when asked; otherwise
+    /// `read`'s copies, their bytes counted.
+    async fn answer_read(
+        &self,
+        to: ControllerId,
+        silent: bool,
+        read: BoxFut<'_, Result<Vec<Chunk>, ShardError>>,
+    ) -> Result<Vec<Chunk>, ShardError> {
+        if silent {
+            std::future::pending::<()>().await;
+        }
+        let got = read.await?;
+        self.count(to, data_len(&got));
+        Ok(got)
+    }
+}
+
 fn data_len(copies: &[Chunk]) -> usize {
     copies.iter().map(|c| c.data.len()).sum()
 }
@@ -108,14 +126,7 @@ impl ClusterEnv for Env {
         addr: ChunkAddr,
     ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
         let silent = self.silent.load(Ordering::SeqCst) == to;
-        Box::pin(async move {
-            if silent {
-                std::future::pending::<()>().await;
-            }
-            let got = self.stores[&to].read(addr).await?;
-            self.count(to, data_len(&got));
-            Ok(got)
-        })
+        Box::pin(self.answer_read(to, silent, self.stores[&to].read(addr)))
     }
     fn read_range(
         &self,
@@ -125,14 +136,7 @@ impl ClusterEnv for Env {
         read: RangeRead,
     ) -> BoxFut<'_, Result<Vec<Chunk>, ShardError>> {
         let silent = self.silent.load(Ordering::SeqCst) == to;
-        Box::pin(async move {
-            if silent {
-                std::future::pending::<()>().await;
-            }
-            let got = self.stores[&to].read_range(addr, read).await?;
-            self.count(to, data_len(&got));
-            Ok(got)
-        })
+        Box::pin(self.answer_read(to, silent, self.stores[&to].read_range(addr, read)))
     }
     fn write_chunk(
         &self,
