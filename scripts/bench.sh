@@ -143,6 +143,8 @@ print(json.dumps({"target": t, "job": name, "round": rnd, "iops": r["iops"] + w[
   "mbs": (r["bw_bytes"] + w["bw_bytes"]) / 1e6, "mean_us": mean / 1000, "p99_us": p99 / 1000,
   "bytes": r["io_bytes"] + w["io_bytes"], "cpu_s": ticks / hz}))
 ' "$t" "$name" "$round" "$((after - before))" "$hz" "$work/fio.json" >>"$results"
+      # Progress: each measurement as it lands (the table comes at the end).
+      tail -n 1 "$results" | python3 -c 'import json, sys; r = json.loads(sys.stdin.read()); print("round %d %s %s: %.0f IOPS" % (r["round"], r["job"], r["target"], r["iops"]), file=sys.stderr)'
     done
   done
 done
