@@ -61,5 +61,7 @@ wait "$job"
 python3 -c "import json,sys;t=open(sys.argv[1]).read();j=json.loads(t[t.index('{'):])['jobs'][0];r,w=j['read']['iops'],j['write']['iops'];ios=(r+w)*12;cpu=(int(sys.argv[2])-int(sys.argv[3]))/float(sys.argv[4]);print('IOPS read',round(r),'write',round(w),'| appliance CPU us per I/O',round(cpu*1e6/ios,1) if ios else '-')" "$work/fio.json" "$t1" "$t0" "$(getconf CLK_TCK)"
 if [ -z "${NOPERF:-}" ] && [ -z "${STAT:-}" ]; then
   perf script -i "$work/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --title "$(basename "$out" .svg): $*" >"$out"
+  # KEEP_PERF=PATH keeps the samples (for perf report / annotate).
+  [ -z "${KEEP_PERF:-}" ] || cp "$work/perf.data" "$KEEP_PERF"
   echo "wrote $out"
 fi

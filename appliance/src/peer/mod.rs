@@ -1,4 +1,5 @@
-//! The peer transport: one framed, checksummed, pipelined TCP protocol between controllers.
+//! The peer transport: one framed, checksummed, pipelined TCP protocol between controllers
+//! (payloads are checked by their CRC32C on plain links, by TLS's record tags under TLS).
 //!
 //! It carries shard reads and writes, forwarded host I/O and heartbeats ([`wire::Request`]).
 //! [`PeerClient`] keeps one connection per peer, opened on first use and again after any
@@ -30,7 +31,7 @@ use tls::{Identity, PeerTls};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use wire::{Frame, Kind, RemoteError, Reply, Request, WireError, REPLY};
+use wire::{Frame, Kind, RemoteError, Reply, Request, Sum, WireError, REPLY};
 
 /// Bounds of the transport.
 #[derive(Debug, Clone, Copy)]
@@ -103,7 +104,10 @@ fn tune(stream: TcpStream) -> Sock {
 /// Reads the next frame from `rd`; `Ok(None)` at a clean end (between frames). The header is
 /// checked before any payload byte is taken, and the payload is read straight into the
 /// frame's own buffer (never zero-filled first, never copied again).
-async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Frame>, String> {
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    link_authenticates: bool,
+) -> Result<Option<Frame>, String> {
     let mut head = [0u8; wire::HEADER_LEN];
     let mut got = 0;
     while got < head.len() {
@@ -117,7 +121,7 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Option<Frame>, S
         }
         got += n;
     }
-    let head = wire::decode_head(&head).map_err(|e| e.to_string())?;
+    let head = wire::decode_head(&head, link_authenticates).map_err(|e| e.to_string())?;
     let len = head.payload_len();
     let mut payload = Vec::with_capacity(len);
     while payload.len() < len {
@@ -246,8 +250,13 @@ async fn serve_conn(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(write_loop(wr, rx));
     let permits = Arc::new(Semaphore::new(limits.max_in_flight));
+    // A TLS link authenticates every byte: payloads go without a CRC of their own both ways.
+    let sum = match identity {
+        Identity::Unauthenticated => Sum::Crc32c,
+        Identity::Certificate { .. } => Sum::Link,
+    };
     let result = loop {
-        let f = match read_frame(&mut rd).await {
+        let f = match read_frame(&mut rd, sum == Sum::Link).await {
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
@@ -272,7 +281,7 @@ async fn serve_conn(
                 Ok(r) => r.encode_into(&mut out),
                 Err(e) => wire::put_error(&mut out, &e),
             }
-            wire::seal_frame(&mut out, f.kind | REPLY, me, f.epoch, f.request_id);
+            wire::seal_frame(&mut out, f.kind | REPLY, me, f.epoch, f.request_id, sum);
             let _ = tx.send(out).await;
             drop(permit);
         });
@@ -287,6 +296,8 @@ async fn serve_conn(
 #[derive(Debug)]
 struct Conn {
     tx: mpsc::Sender<Vec<u8>>,
+    /// What vouches for payloads on this link (the link itself under TLS).
+    sum: Sum,
     pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
     dead: AtomicBool,
 }
@@ -383,8 +394,14 @@ impl PeerClient {
             }
         };
         let (tx, rx) = mpsc::channel::<Vec<u8>>(self.limits.max_in_flight);
+        let sum = if self.tls.is_some() {
+            Sum::Link
+        } else {
+            Sum::Crc32c
+        };
         let conn = Arc::new(Conn {
             tx,
+            sum,
             pending: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
         });
@@ -397,7 +414,7 @@ impl PeerClient {
         let addr = self.addr;
         tokio::spawn(async move {
             loop {
-                match read_frame(&mut rd).await {
+                match read_frame(&mut rd, sum == Sum::Link).await {
                     Ok(Some(f)) => {
                         let waiter = c3.pending.lock().expect("pending").remove(&f.request_id);
                         if let Some(w) = waiter {
@@ -431,7 +448,7 @@ impl PeerClient {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut out = wire::frame_start();
         let kind = req.encode_into(&mut out);
-        wire::seal_frame(&mut out, kind as u8, self.me, epoch, id);
+        wire::seal_frame(&mut out, kind as u8, self.me, epoch, id, conn.sum);
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().expect("pending").insert(id, tx);
         // However this call ends (answered, timed out, or dropped because a hedged read won
@@ -665,16 +682,16 @@ mod tests {
             async move { tx.write_all(&bytes).await }
         });
         for f in &frames {
-            assert_eq!(read_frame(&mut rx).await.unwrap().as_ref(), Some(f));
+            assert_eq!(read_frame(&mut rx, false).await.unwrap().as_ref(), Some(f));
         }
         w.await.unwrap().unwrap();
-        assert_eq!(read_frame(&mut rx).await.unwrap(), None);
+        assert_eq!(read_frame(&mut rx, false).await.unwrap(), None);
         let h = wire::HEADER_LEN;
         for cut in [1, h - 1, h + 1, 2 * h + 10, bytes.len() - 1] {
             let mut r = &bytes[..cut];
             let mut got = Vec::new();
             loop {
-                match read_frame(&mut r).await {
+                match read_frame(&mut r, false).await {
                     Ok(Some(f)) => got.push(f),
                     Ok(None) => panic!("cut at {cut}: a truncated stream ended cleanly"),
                     Err(e) => {
@@ -689,9 +706,9 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         let mut r = &bad[..];
-        read_frame(&mut r).await.unwrap();
-        read_frame(&mut r).await.unwrap();
-        assert!(read_frame(&mut r).await.unwrap_err().contains("checksum"));
+        read_frame(&mut r, false).await.unwrap();
+        read_frame(&mut r, false).await.unwrap();
+        assert!(read_frame(&mut r, false).await.unwrap_err().contains("checksum"));
     }
 
     fn chunk(fill: u8) -> Chunk {
