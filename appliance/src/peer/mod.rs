@@ -708,7 +708,10 @@ mod tests {
         let mut r = &bad[..];
         read_frame(&mut r, false).await.unwrap();
         read_frame(&mut r, false).await.unwrap();
-        assert!(read_frame(&mut r, false).await.unwrap_err().contains("checksum"));
+        assert!(read_frame(&mut r, false)
+            .await
+            .unwrap_err()
+            .contains("checksum"));
     }
 
     fn chunk(fill: u8) -> Chunk {

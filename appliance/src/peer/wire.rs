@@ -213,14 +213,7 @@ pub fn frame_start() -> Vec<u8> {
 /// # Panics
 /// If `frame` is shorter than a header or its payload exceeds [`MAX_PAYLOAD`] (a bug in the
 /// caller).
-pub fn seal_frame(
-    frame: &mut [u8],
-    kind: u8,
-    sender: u32,
-    epoch: u64,
-    request_id: u64,
-    sum: Sum,
-) {
+pub fn seal_frame(frame: &mut [u8], kind: u8, sender: u32, epoch: u64, request_id: u64, sum: Sum) {
     let (h, payload) = frame.split_at_mut(HEADER_LEN);
     assert!(payload.len() <= MAX_PAYLOAD, "payload over the limit");
     h[0..4].copy_from_slice(&MAGIC);
@@ -292,10 +285,7 @@ impl FrameHead {
 ///
 /// # Errors
 /// [`WireError`] for a header that is not acceptable.
-pub fn decode_head(
-    h: &[u8; HEADER_LEN],
-    link_authenticates: bool,
-) -> Result<FrameHead, WireError> {
+pub fn decode_head(h: &[u8; HEADER_LEN], link_authenticates: bool) -> Result<FrameHead, WireError> {
     let magic: [u8; 4] = h[0..4].try_into().expect("4 bytes");
     if magic != MAGIC {
         return Err(WireError::Magic(magic));
@@ -957,7 +947,10 @@ mod tests {
         // A TLS link takes it: the record's tag has checked these bytes already.
         let h = decode_head(head, true).unwrap();
         let got = h.with_payload(f[HEADER_LEN..].to_vec()).unwrap();
-        assert_eq!((got.kind, got.sender, got.payload.as_slice()), (2, 7, &b"payload"[..]));
+        assert_eq!(
+            (got.kind, got.sender, got.payload.as_slice()),
+            (2, 7, &b"payload"[..])
+        );
         // A checksummed frame is still checked on a TLS link.
         let mut c = frame_start();
         c.extend_from_slice(b"payload");
