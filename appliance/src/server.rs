@@ -671,6 +671,7 @@ impl Shared {
         let mut dc = disk_io::DeviceConfig::file(file.clone(), store_bytes(chunk, &[slots]));
         dc.engine = self.cfg.engine;
         dc.direct = self.cfg.direct;
+        dc.reserve = true;
         let dev = Arc::new(disk_io::Device::open(&dc).map_err(|e| e.to_string())?);
         let store = Arc::new(
             DiskShardStore::open(dev, chunk, &[slots], false)
@@ -1216,6 +1217,9 @@ async fn start_cluster(
         disk_io::DeviceConfig::file(cfg.data_dir.join("shards.img"), store_bytes(chunk, &slots));
     dc.engine = cfg.engine;
     dc.direct = cfg.direct;
+    // The store's space is reserved when it is created: a full file system refuses the
+    // volume now instead of failing its writes later (and no chunk write allocates blocks).
+    dc.reserve = true;
     let dev = Arc::new(disk_io::Device::open(&dc).map_err(|e| e.to_string())?);
     let store = DiskShardStore::open(dev, chunk, &slots, false)
         .await

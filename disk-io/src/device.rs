@@ -67,6 +67,11 @@ pub struct DeviceConfig {
     pub queue_depth: u32,
     /// Bytes of aligned buffers this device's pool may hand out at once.
     pub pool_bytes: usize,
+    /// For files: reserve the whole size on the file system when opening (`fallocate`), so a
+    /// full file system refuses the device now rather than failing writes later, and no
+    /// write pays for allocating its blocks. File systems that cannot reserve space leave
+    /// the file sparse, with a warning.
+    pub reserve: bool,
 }
 
 impl DeviceConfig {
@@ -79,6 +84,7 @@ impl DeviceConfig {
             engine: EngineChoice::Auto,
             queue_depth: QUEUE_DEPTH_DEFAULT,
             pool_bytes: 256 * 1024 * 1024,
+            reserve: false,
         }
     }
 }
@@ -193,6 +199,9 @@ impl Device {
             if let Some(want) = cfg.size_bytes {
                 if meta.len() < want {
                     file.set_len(want).map_err(open_err)?;
+                }
+                if cfg.reserve {
+                    reserve(&file, &cfg.path, want)?;
                 }
             }
         }
@@ -492,6 +501,38 @@ impl Device {
     }
 }
 
+/// Allocates `[0, len)` of `file` on its file system (blocks already allocated, and their
+/// data, are left as they are).
+fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
+    let Ok(n) = libc::off_t::try_from(len) else {
+        return Err(IoError::NoSpace {
+            path: path.to_owned(),
+            need: len,
+        });
+    };
+    // SAFETY: fallocate on a descriptor this function borrows for the call; it reads and
+    // writes no memory of ours.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, n) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EFBIG) => Err(IoError::NoSpace {
+            path: path.to_owned(),
+            need: len,
+        }),
+        Some(libc::EOPNOTSUPP) => {
+            tracing::warn!(path = %path.display(), "the file system cannot reserve space (no fallocate): the file stays sparse, so writes may fail later if it fills up");
+            Ok(())
+        }
+        _ => Err(IoError::Open {
+            path: path.to_owned(),
+            source: e,
+        }),
+    }
+}
+
 fn open_file(path: &Path, direct: bool) -> std::io::Result<(File, bool)> {
     let mut opts = OpenOptions::new();
     opts.read(true).write(true).create(true).truncate(false);
@@ -516,6 +557,50 @@ fn open_file(path: &Path, direct: bool) -> std::io::Result<(File, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes the file system has allocated to `path`.
+    fn allocated(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[tokio::test]
+    async fn reserve_allocates_the_whole_file_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev.img");
+        let mut cfg = DeviceConfig::file(&path, 8 << 20);
+        cfg.pool_bytes = 1 << 20;
+        {
+            let dev = Device::open(&cfg).unwrap();
+            let mut w = dev.pool().take(4096).await;
+            w.as_mut_slice().fill(0x5a);
+            dev.write_from(4096, w, true).await.unwrap();
+        }
+        // Sparse without reserving: only what was written is allocated.
+        assert!(allocated(&path) < 1 << 20, "{} bytes", allocated(&path));
+        cfg.reserve = true;
+        let dev = Device::open(&cfg).unwrap();
+        assert!(allocated(&path) >= 8 << 20, "{} bytes", allocated(&path));
+        let r = dev.read_into(0, dev.pool().take(8192).await).await.unwrap();
+        assert!(r.as_slice()[..4096].iter().all(|&b| b == 0));
+        assert!(r.as_slice()[4096..].iter().all(|&b| b == 0x5a));
+    }
+
+    #[test]
+    fn reserving_more_than_the_file_system_holds_names_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.img");
+        let f = File::create(&path).unwrap();
+        // Far beyond any test machine's disk (and over what off_t holds).
+        for len in [1u64 << 60, u64::MAX] {
+            let e = reserve(&f, &path, len).unwrap_err();
+            assert!(
+                matches!(e, IoError::NoSpace { need, .. } if need == len),
+                "{e}"
+            );
+            assert!(e.to_string().contains("file system is full"), "{e}");
+        }
+    }
 
     async fn roundtrip(engine: EngineChoice) {
         let dir = tempfile::tempdir().unwrap();

@@ -46,6 +46,14 @@ pub enum IoError {
     /// The engine's thread is gone (the device is shutting down).
     #[error("the I/O engine has stopped (device closed or its thread died)")]
     EngineStopped,
+    /// The file system could not reserve the file's whole size.
+    #[error("cannot reserve {need} bytes for {path}: the file system is full (free space there, move the data dir to a larger file system, or make the volumes smaller)")]
+    NoSpace {
+        /// The file.
+        path: PathBuf,
+        /// Bytes it needs.
+        need: u64,
+    },
 }
 
 /// Result alias for this crate.
