@@ -57,13 +57,40 @@ pub fn binary() -> PathBuf {
     p
 }
 
-/// A free loopback port (bound then released; good enough for tests).
+/// A free loopback port for a listener a test starts later: bound once to check it is free,
+/// then released. Taken below the kernel's ephemeral range (`ip_local_port_range` starts at
+/// 32768 by default) so that no outgoing connection of the many a cluster test makes can be
+/// given it as its source port in the meantime (which made a controller started later fail
+/// to listen), and never handed out twice by one test process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind loopback")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    const LOW: u64 = 20_000;
+    const SPAN: u64 = 12_000;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()) << 20;
+    for _ in 0..10_000 {
+        // splitmix64 of (seed, sequence): spread over the range, different per process.
+        let mut z = seed.wrapping_add(
+            SEQ.fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let port = (LOW + (z ^ (z >> 31)) % SPAN) as u16;
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if given.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        given.push(port);
+        return port;
+    }
+    panic!("no free loopback port between {LOW} and {}", LOW + SPAN);
 }
 
 impl Appliance {
