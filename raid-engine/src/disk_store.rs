@@ -111,7 +111,8 @@ pub struct DiskShardStore {
 /// describes was written, or checked whole, since the store was opened.
 #[derive(Debug, Clone)]
 struct SlotState {
-    head: Header,
+    /// Shared, so the cache hands out headers without copying their vectors.
+    head: Arc<Header>,
     checked: bool,
 }
 
@@ -124,7 +125,7 @@ struct Known {
 
 impl Known {
     /// The slots' headers for `addr`, newest first, with their checked flags.
-    fn heads_for(&self, addr: &ChunkAddr) -> Vec<(u64, Header, bool)> {
+    fn heads_for(&self, addr: &ChunkAddr) -> Vec<(u64, Arc<Header>, bool)> {
         let mut heads: Vec<_> = (0..2u64)
             .filter_map(|slot| {
                 let st = self.slots[slot as usize].as_ref()?;
@@ -679,7 +680,7 @@ impl DiskShardStore {
                 self.read_header(addr, index, slot)
                     .await?
                     .map(|head| SlotState {
-                        head,
+                        head: Arc::new(head),
                         checked: false,
                     });
         }
@@ -692,7 +693,7 @@ impl DiskShardStore {
         &self,
         addr: &ChunkAddr,
         index: u64,
-    ) -> Result<Vec<(u64, Header, bool)>, ShardError> {
+    ) -> Result<Vec<(u64, Arc<Header>, bool)>, ShardError> {
         Ok(self.known(addr, index).await?.heads_for(addr))
     }
 
@@ -720,7 +721,7 @@ impl DiskShardStore {
         &self,
         index: u64,
         pos: u8,
-        mut heads: Vec<(u64, Header, bool)>,
+        mut heads: Vec<(u64, Arc<Header>, bool)>,
         incoming: &Chunk,
     ) -> Result<u64, ShardError> {
         loop {
@@ -792,7 +793,7 @@ impl DiskShardStore {
             return Err(ShardError::Io(e.to_string()));
         }
         k.slots[slot as usize] = Some(SlotState {
-            head: header,
+            head: Arc::new(header),
             checked: true,
         });
         self.heads.put(k);
@@ -836,12 +837,12 @@ impl DiskShardStore {
     }
 }
 
-fn to_chunk(h: Header, data: Vec<u8>) -> Chunk {
+fn to_chunk(h: &Header, data: Vec<u8>) -> Chunk {
     Chunk {
         version: h.version,
-        cols: h.cols,
+        cols: h.cols.clone(),
         acked: h.acked,
-        acked_cols: h.acked_cols,
+        acked_cols: h.acked_cols.clone(),
         data,
     }
 }
@@ -853,7 +854,7 @@ impl ShardStore for DiskShardStore {
                 .read_slots(&addr)
                 .await?
                 .into_iter()
-                .map(|(_, h, data)| to_chunk(h, data))
+                .map(|(_, h, data)| to_chunk(&h, data))
                 .collect())
         })
     }
@@ -902,7 +903,7 @@ impl ShardStore for DiskShardStore {
                     continue;
                 }
                 let data = bytes[off - s0 * SECTOR..][..len].to_vec();
-                out.push(to_chunk(h, data));
+                out.push(to_chunk(&h, data));
             }
             Ok(out)
         })
