@@ -49,6 +49,25 @@ impl Ctrl {
 
 impl Drop for Ctrl {
     fn drop(&mut self) {
+        // A failing test shows how each controller's log ended (and whether its process was
+        // still running): the temp dir, and the log with it, is gone once the test is over.
+        if std::thread::panicking() {
+            let exited = match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => format!("exited: {status}"),
+                Some(_) => "running".to_string(),
+                None => "not running (never started or stopped by the test)".to_string(),
+            };
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            eprintln!(
+                "---- controller with peer port {} ({exited}), last {} log lines:",
+                self.peer,
+                tail.len()
+            );
+            for line in tail.iter().rev() {
+                eprintln!("  {line}");
+            }
+        }
         self.kill9();
     }
 }
