@@ -82,6 +82,9 @@ cargo test -p tests --test linux_guest 2>&1 | tee target/test-output.log || stat
 
 log "unit, property, integration and conformance tests"
 cargo test --workspace -- --skip stock_linux_initiator 2>&1 | tee -a target/test-output.log || status=$?
+
+log "the device and shard store tests again with their files on tmpfs (the mapped path)"
+TMPDIR=/dev/shm cargo test -p disk-io -p raid-engine --lib 2>&1 | tee -a target/test-output.log || status=$?
 # One closing line over every cargo test binary (the last binaries are doc tests with 0 tests).
 awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "\ntotal: %d passed, %d failed, %d ignored\n", p, f, i }' target/test-output.log
 exit "$status"

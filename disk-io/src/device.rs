@@ -8,8 +8,12 @@
 //! task, for requests up to [`INLINE_MAX_BYTES`]: such I/O is a memory copy that never waits
 //! for a device, and tmpfs cannot do non-blocking I/O, so io_uring would hand every request to
 //! an io-wq kernel thread and back (two thread switches per I/O, the largest cost of a QD1
-//! read in the profile; docs/benchmarks.md). Larger requests still go to the engine, so a
-//! 1 MiB copy runs beside the network work instead of in its task.
+//! read in the profile; docs/benchmarks.md). A reserved file ([`DeviceConfig::reserve`]: no
+//! holes) is mapped for that ([`crate::mapped`]): an inline request is one copy, without a
+//! system call or page-cache lookups (`pread` and `pwrite` for other files, and if the mapping
+//! fails). Memory is the only storage such a file has, so a FUA write
+//! there needs no sync. Larger requests still go to the engine, so a 1 MiB copy runs beside
+//! the network work instead of in its task.
 //!
 //! Invariants:
 //! - Every request is aligned to [`IO_ALIGN_BYTES`] in offset and length and lies inside the
@@ -137,6 +141,8 @@ pub struct Device {
     health: crate::health::DeviceHealth,
     /// On a memory file system and opened with [`EngineChoice::Auto`]: small requests inline.
     inline: bool,
+    /// The file mapped, for inline requests (`None`: they use `pread`/`pwrite`).
+    map: Option<crate::mapped::Mapping>,
 }
 
 /// Largest request done inline on a memory-backed file (see the module doc): a shard store
@@ -169,6 +175,7 @@ impl std::fmt::Debug for Device {
             .field("engine", &self.engine_kind())
             .field("direct", &self.direct)
             .field("inline", &self.inline)
+            .field("mapped", &self.map.is_some())
             .finish()
     }
 }
@@ -209,6 +216,21 @@ impl Device {
         let size_bytes = size - size % IO_ALIGN_BYTES as u64;
         let regular_file = meta.is_file();
         let inline = cfg.engine == EngineChoice::Auto && regular_file && memory_backed(&file);
+        // Only a reserved file is mapped: it has no holes, and a read through a shared mapping
+        // of a tmpfs hole would allocate the page (a `pread` of it does not), undoing thin
+        // provisioning and growing memory on reads.
+        let map = if inline && cfg.reserve {
+            match usize::try_from(size).map(|n| crate::mapped::Mapping::new(&file, n)) {
+                Ok(Ok(m)) => Some(m),
+                Ok(Err(e)) => {
+                    tracing::warn!(path = %cfg.path.display(), error = %e, "cannot map the memory-backed file; its small requests use pread/pwrite");
+                    None
+                }
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
         let file = Arc::new(file);
         let engine = match cfg.engine {
             EngineChoice::Threads => Engine::Threads(threads::ThreadEngine::start(
@@ -246,6 +268,7 @@ impl Device {
             pool: BufferPool::new(cfg.pool_bytes.max(IO_SIZE_MAX_BYTES)),
             health: crate::health::DeviceHealth::default(),
             inline,
+            map,
         };
         tracing::info!(path = %dev.path.display(), size_bytes, engine = ?dev.engine_kind(), direct, memory_inline = inline, "backing device open");
         Ok(dev)
@@ -331,7 +354,14 @@ impl Device {
         self.check(offset, buf.len())?;
         let t0 = std::time::Instant::now();
         let result = if self.inline_fits(buf.len()) {
-            std::os::unix::fs::FileExt::read_exact_at(&*self.file, buf.as_mut_slice(), offset)
+            match &self.map {
+                Some(m) => m.read(offset, buf.as_mut_slice()),
+                None => std::os::unix::fs::FileExt::read_exact_at(
+                    &*self.file,
+                    buf.as_mut_slice(),
+                    offset,
+                ),
+            }
         } else {
             let c = self
                 .submit(Op::Read {
@@ -359,8 +389,14 @@ impl Device {
         self.check(offset, buf.len())?;
         let t0 = std::time::Instant::now();
         let result = if self.inline_fits(buf.len()) {
-            std::os::unix::fs::FileExt::write_all_at(&*self.file, buf.as_slice(), offset)
-                .and_then(|()| if fua { self.file.sync_data() } else { Ok(()) })
+            match &self.map {
+                // Memory is this file's only storage: the copy is the write, FUA or not.
+                Some(m) => m.write(offset, buf.as_slice()),
+                None => {
+                    std::os::unix::fs::FileExt::write_all_at(&*self.file, buf.as_slice(), offset)
+                        .and_then(|()| if fua { self.file.sync_data() } else { Ok(()) })
+                }
+            }
         } else {
             let c = self
                 .submit(Op::Write {
@@ -667,8 +703,19 @@ mod tests {
         let dir = tempfile::tempdir_in(shm).unwrap();
         let mut cfg = DeviceConfig::file(dir.path().join("m.img"), 4 << 20);
         cfg.pool_bytes = 4 << 20;
+        let sparse = Device::open(&cfg).unwrap();
+        assert!(
+            sparse.is_inline() && sparse.map.is_none(),
+            "a sparse file is not mapped"
+        );
+        drop(sparse);
+        cfg.reserve = true;
         let dev = Device::open(&cfg).unwrap();
         assert!(dev.is_inline(), "tmpfs is recognised as memory-backed");
+        assert!(
+            dev.map.is_some(),
+            "a reserved one is mapped for its inline requests"
+        );
         // A large write goes through the engine; small reads of it are inline.
         let mut big = dev.pool().take(1 << 20).await;
         for (i, b) in big.as_mut_slice().iter_mut().enumerate() {

@@ -16,6 +16,7 @@ pub mod constants;
 mod device;
 mod error;
 pub mod health;
+mod mapped;
 mod threads;
 mod uring;
 

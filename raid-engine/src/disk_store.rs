@@ -1145,6 +1145,7 @@ mod tests {
     fn device(dir: &tempfile::TempDir) -> Arc<Device> {
         let mut cfg = DeviceConfig::file(dir.path().join("shards.img"), store_bytes(4096, &VOLS));
         cfg.pool_bytes = 8 << 20;
+        cfg.reserve = true; // as the appliance opens stores (mapped on tmpfs)
         Arc::new(Device::open(&cfg).unwrap())
     }
 
@@ -1334,6 +1335,8 @@ mod tests {
                     store_bytes(CHUNK16, &VOLS),
                 );
                 cfg.pool_bytes = 8 << 20;
+                cfg.reserve = true;
+        cfg.reserve = true; // as the appliance opens stores (mapped on tmpfs)
                 let dev = Arc::new(Device::open(&cfg).unwrap());
                 let mut disk = DiskShardStore::open(dev.clone(), CHUNK16, &VOLS, false).await.unwrap();
                 let mem = MemShardStore::default();
@@ -1409,6 +1412,7 @@ mod tests {
         let mut cfg =
             DeviceConfig::file(dir.path().join("shards.img"), store_bytes(CHUNK16, &VOLS));
         cfg.pool_bytes = 8 << 20;
+        cfg.reserve = true; // as the appliance opens stores (mapped on tmpfs)
         let dev = Arc::new(Device::open(&cfg).unwrap());
         let mut disk = DiskShardStore::open(dev.clone(), CHUNK16, &VOLS, false)
             .await
@@ -1470,6 +1474,7 @@ mod tests {
         let cb = 4 * SECTOR;
         let mut cfg = DeviceConfig::file(dir.path().join("shards.img"), store_bytes(cb, &VOLS));
         cfg.pool_bytes = 8 << 20;
+        cfg.reserve = true; // as the appliance opens stores (mapped on tmpfs)
         let dev = Arc::new(Device::open(&cfg).unwrap());
         let s = DiskShardStore::open(dev.clone(), cb, &VOLS, false)
             .await
