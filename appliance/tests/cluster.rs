@@ -187,28 +187,16 @@ impl Harness {
 
     async fn write(&self, via: u32, b: u64, gen: u8) -> Result<(), String> {
         let e = &self.nodes[&via].engine;
-        let mut got = e.write(VOL, b * BLOCK as u64, &block(gen, b)).await;
-        for _ in 0..100 {
-            if !retried(&got) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            got = e.write(VOL, b * BLOCK as u64, &block(gen, b)).await;
-        }
-        got.map_err(|e| e.to_string())
+        let data = block(gen, b);
+        retrying(|| e.write(VOL, b * BLOCK as u64, &data))
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn check_all(&self, via: u32, want: &BTreeMap<u64, u8>) {
         let e = &self.nodes[&via].engine;
         for (&b, &gen) in want {
-            let mut got = e.read(VOL, b * BLOCK as u64, BLOCK as u64).await;
-            for _ in 0..100 {
-                if !retried(&got) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                got = e.read(VOL, b * BLOCK as u64, BLOCK as u64).await;
-            }
+            let got = retrying(|| e.read(VOL, b * BLOCK as u64, BLOCK as u64)).await;
             assert_eq!(
                 got.as_deref().map_err(|e| e.to_string()),
                 Ok(&block(gen, b)[..]),
@@ -218,15 +206,24 @@ impl Harness {
     }
 }
 
-/// Refusals a host answers by retrying (the target reports NOT READY), and the test likewise:
-/// a membership change during the request, or a lease that lapsed because heartbeat answers
-/// were late on a loaded machine (the next answered round renews it). Both refuse before any
-/// chunk is read or written.
-fn retried<T>(r: &Result<T, raid_engine::cluster::VolError>) -> bool {
-    matches!(
-        r,
-        Err(raid_engine::cluster::VolError::Epoch { .. } | raid_engine::cluster::VolError::Fenced)
-    )
+/// Runs `op` again (every 20 ms, for up to 2 s) while it is refused the way a host answers by
+/// retrying (the target reports NOT READY): a membership change during the request, or a lease
+/// that lapsed because heartbeat answers were late on a loaded machine (the next answered round
+/// renews it). Both refuse before any chunk is read or written.
+async fn retrying<T, F>(mut op: impl FnMut() -> F) -> Result<T, raid_engine::cluster::VolError>
+where
+    F: std::future::Future<Output = Result<T, raid_engine::cluster::VolError>>,
+{
+    use raid_engine::cluster::VolError;
+    let mut got = op().await;
+    for _ in 0..100 {
+        if !matches!(got, Err(VolError::Epoch { .. } | VolError::Fenced)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        got = op().await;
+    }
+    got
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -201,25 +201,25 @@ impl Device {
             }
         }
         let (mut file, direct) = open_file(&cfg.path, cfg.direct).map_err(open_err)?;
+        // Whether the whole file is allocated (no holes), as `reserve` made it.
+        let mut reserved = false;
         let meta = file.metadata().map_err(open_err)?;
         if meta.is_file() {
             if let Some(want) = cfg.size_bytes {
                 if meta.len() < want {
                     file.set_len(want).map_err(open_err)?;
                 }
-                if cfg.reserve {
-                    reserve(&file, &cfg.path, want)?;
-                }
+                reserved = cfg.reserve && reserve(&file, &cfg.path, want)?;
             }
         }
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         let size_bytes = size - size % IO_ALIGN_BYTES as u64;
         let regular_file = meta.is_file();
         let inline = cfg.engine == EngineChoice::Auto && regular_file && memory_backed(&file);
-        // Only a reserved file is mapped: it has no holes, and a read through a shared mapping
-        // of a tmpfs hole would allocate the page (a `pread` of it does not), undoing thin
-        // provisioning and growing memory on reads.
-        let map = if inline && cfg.reserve {
+        // Only a file reserved whole is mapped: it has no holes, and a read through a shared
+        // mapping of a hole would allocate the page (a `pread` of it does not), undoing thin
+        // provisioning and growing memory on reads (ramfs, which cannot reserve, stays unmapped).
+        let map = if inline && reserved {
             match usize::try_from(size).map(|n| crate::mapped::Mapping::new(&file, n)) {
                 Ok(Ok(m)) => Some(m),
                 Ok(Err(e)) => {
@@ -538,8 +538,8 @@ impl Device {
 }
 
 /// Allocates `[0, len)` of `file` on its file system (blocks already allocated, and their
-/// data, are left as they are).
-fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
+/// data, are left as they are); `false` when the file system cannot reserve space.
+fn reserve(file: &File, path: &Path, len: u64) -> Result<bool> {
     let Ok(n) = libc::off_t::try_from(len) else {
         return Err(IoError::NoSpace {
             path: path.to_owned(),
@@ -550,7 +550,7 @@ fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
     // writes no memory of ours.
     let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, n) };
     if r == 0 {
-        return Ok(());
+        return Ok(true);
     }
     let e = std::io::Error::last_os_error();
     match e.raw_os_error() {
@@ -560,7 +560,7 @@ fn reserve(file: &File, path: &Path, len: u64) -> Result<()> {
         }),
         Some(libc::EOPNOTSUPP) => {
             tracing::warn!(path = %path.display(), "the file system cannot reserve space (no fallocate): the file stays sparse, so writes may fail later if it fills up");
-            Ok(())
+            Ok(false)
         }
         _ => Err(IoError::Open {
             path: path.to_owned(),

@@ -20,7 +20,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::RwLock;
+use std::sync::{PoisonError, RwLock};
 
 /// Bytes per stripe of the lock table.
 const STRIPE_SHIFT: u32 = 16;
@@ -78,18 +78,32 @@ impl Mapping {
     }
 
     /// The lock indexes of the stripes `[offset, offset + len)` touches, ascending and
-    /// distinct (the order every copy takes them in, so no two copies deadlock).
-    fn stripes(&self, offset: usize, len: usize) -> Vec<usize> {
+    /// distinct (the order every copy takes them in, so no two copies deadlock), without
+    /// allocating: the stripes are consecutive, so their locks are one range of the table or,
+    /// where they wrap around its end, two.
+    fn stripes(offset: usize, len: usize) -> impl Iterator<Item = usize> {
         let first = offset >> STRIPE_SHIFT;
         let last = (offset + len.max(1) - 1) >> STRIPE_SHIFT;
-        let mut v: Vec<usize> = (first..=last).map(|s| s % LOCKS).collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+        let (a, b) = (first % LOCKS, last % LOCKS);
+        let (low, high) = if last - first + 1 >= LOCKS {
+            (0..LOCKS, 0..0)
+        } else if a <= b {
+            (a..b + 1, 0..0)
+        } else {
+            (0..b + 1, a..LOCKS)
+        };
+        low.chain(high)
     }
 
-    fn check(&self, offset: u64, len: usize) -> std::io::Result<usize> {
-        usize::try_from(offset)
+    /// Checks that `[offset, offset + len)` lies inside the mapping, then takes its stripes'
+    /// locks with `lock` (shared or exclusive); the offset as an index, and the guards.
+    fn locked<'a, G>(
+        &'a self,
+        offset: u64,
+        len: usize,
+        lock: impl Fn(&'a RwLock<()>) -> G,
+    ) -> std::io::Result<(usize, Vec<G>)> {
+        let at = usize::try_from(offset)
             .ok()
             .filter(|&o| o.checked_add(len).is_some_and(|e| e <= self.len))
             .ok_or_else(|| {
@@ -100,17 +114,18 @@ impl Mapping {
                         self.len
                     ),
                 )
-            })
+            })?;
+        let held = Self::stripes(at, len)
+            .map(|i| lock(&self.locks[i]))
+            .collect();
+        Ok((at, held))
     }
 
     /// Copies `buf.len()` bytes at `offset` of the file into `buf`.
     pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let at = self.check(offset, buf.len())?;
-        let stripes = self.stripes(at, buf.len());
-        let _held: Vec<_> = stripes
-            .iter()
-            .map(|&i| self.locks[i].read().unwrap_or_else(|e| e.into_inner()))
-            .collect();
+        let (at, _held) = self.locked(offset, buf.len(), |l| {
+            l.read().unwrap_or_else(PoisonError::into_inner)
+        })?;
         // SAFETY: `at + buf.len() <= self.len` (checked), so the source lies inside the live
         // mapping; `buf` is a distinct, exclusively borrowed allocation; no thread writes
         // these mapped bytes meanwhile (their stripes are held shared).
@@ -122,12 +137,9 @@ impl Mapping {
 
     /// Copies `buf` into the file at `offset`.
     pub(crate) fn write(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
-        let at = self.check(offset, buf.len())?;
-        let stripes = self.stripes(at, buf.len());
-        let _held: Vec<_> = stripes
-            .iter()
-            .map(|&i| self.locks[i].write().unwrap_or_else(|e| e.into_inner()))
-            .collect();
+        let (at, _held) = self.locked(offset, buf.len(), |l| {
+            l.write().unwrap_or_else(PoisonError::into_inner)
+        })?;
         // SAFETY: the destination lies inside the live mapping (checked); `buf` is a
         // distinct allocation; no other thread of this process reads or writes these mapped
         // bytes meanwhile (their stripes are held exclusively).
@@ -194,12 +206,22 @@ mod tests {
 
     #[test]
     fn stripes_are_ascending_and_distinct() {
-        let (_d, _f, m) = mapped(1 << 20);
-        assert_eq!(m.stripes(0, 4096), vec![0]);
-        assert_eq!(m.stripes(65535, 2), vec![0, 1]);
+        let s = |off: usize, len: usize| Mapping::stripes(off, len).collect::<Vec<_>>();
+        assert_eq!(s(0, 4096), vec![0]);
+        assert_eq!(s(65535, 2), vec![0, 1]);
         // Wrapping onto the lock table: stripe 256 is lock 0 again.
-        let s = m.stripes(255 << STRIPE_SHIFT, 2 << STRIPE_SHIFT);
-        assert_eq!(s, vec![0, 255]);
+        assert_eq!(s(255 << STRIPE_SHIFT, 2 << STRIPE_SHIFT), vec![0, 255]);
+        // More stripes than locks: every lock once.
+        assert_eq!(
+            s(3 << STRIPE_SHIFT, 300 << STRIPE_SHIFT),
+            (0..LOCKS).collect::<Vec<_>>()
+        );
+        for off in [0, 4096, 17 << STRIPE_SHIFT, 250 << STRIPE_SHIFT] {
+            for len in [1, 65536, 300_000, 9 << STRIPE_SHIFT] {
+                let v = s(off, len);
+                assert!(v.windows(2).all(|w| w[0] < w[1]), "{off} {len}: {v:?}");
+            }
+        }
     }
 
     #[test]

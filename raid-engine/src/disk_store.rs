@@ -1335,8 +1335,7 @@ mod tests {
                     store_bytes(CHUNK16, &VOLS),
                 );
                 cfg.pool_bytes = 8 << 20;
-                cfg.reserve = true;
-        cfg.reserve = true; // as the appliance opens stores (mapped on tmpfs)
+                cfg.reserve = true; // as the appliance opens stores (mapped on tmpfs)
                 let dev = Arc::new(Device::open(&cfg).unwrap());
                 let mut disk = DiskShardStore::open(dev.clone(), CHUNK16, &VOLS, false).await.unwrap();
                 let mem = MemShardStore::default();
