@@ -148,6 +148,17 @@ impl Vol {
     fn width(&self) -> usize {
         self.meta.layout.geometry.width()
     }
+    /// The data columns a row span touches: (column, first byte in the chunk, bytes).
+    fn span_columns(&self, span: &RowSpan) -> impl Iterator<Item = (usize, u32, u32)> {
+        let cb = self.chunk();
+        let start = span.offset_in_row as usize;
+        let end = start + span.len as usize;
+        (start / cb..=(end - 1) / cb).map(move |c| {
+            let from = start.max(c * cb) - c * cb;
+            let to = end.min((c + 1) * cb) - c * cb;
+            (c, from as u32, (to - from) as u32)
+        })
+    }
     fn chunk(&self) -> usize {
         self.meta.layout.geometry.chunk_bytes as usize
     }
@@ -654,7 +665,6 @@ impl Engine {
         len: u64,
     ) -> Result<ReadAnswer> {
         let (view, vol) = self.as_primary(epoch, volume, offset, len)?;
-        let cb = vol.chunk();
         let mut parts = Vec::new();
         let mut healthy = true;
         for span in vol.meta.layout.spans(offset, len) {
@@ -662,16 +672,12 @@ impl Engine {
             let _row = vol.rows.lock(g, g + 1).await;
             self.still(epoch)?;
             let meta = self.row_meta(&view, &vol, span.extent, span.row).await?;
-            let start = span.offset_in_row as usize;
-            let end = start + span.len as usize;
-            for c in start / cb..=(end - 1) / cb {
+            for (c, from, n) in vol.span_columns(&span) {
                 let holder = vol.meta.placement[span.extent as usize][c];
                 if meta.is_behind(c) || meta.is_unknown(c) || !view.reachable(holder) {
                     healthy = false;
                     break;
                 }
-                let from = start.max(c * cb) - c * cb;
-                let to = end.min((c + 1) * cb) - c * cb;
                 parts.push(ReadPart {
                     holder,
                     addr: Self::addr(&vol, span.extent, span.row, c),
@@ -681,8 +687,8 @@ impl Engine {
                         } else {
                             Want::Version(meta.want(c))
                         },
-                        off: from as u32,
-                        len: (to - from) as u32,
+                        off: from,
+                        len: n,
                     },
                 });
             }
@@ -801,7 +807,6 @@ impl Engine {
         len: u64,
     ) -> Result<Vec<u8>> {
         let (view, vol) = self.as_primary(epoch, volume, offset, len)?;
-        let cb = vol.chunk();
         // Rows are read concurrently, each under its own lock; each needs only the byte
         // ranges of the columns it covers.
         let rows = vol.meta.layout.spans(offset, len).into_iter().map(|span| {
@@ -811,15 +816,9 @@ impl Engine {
                 let _row = vol.rows.lock(g, g + 1).await;
                 self.still(epoch)?;
                 let meta = self.row_meta(view, vol, span.extent, span.row).await?;
-                let start = span.offset_in_row as usize;
-                let end = start + span.len as usize;
-                let need: Vec<(usize, Range<usize>)> = (start / cb..=(end - 1) / cb)
-                    .map(|c| {
-                        (
-                            c,
-                            start.max(c * cb) - c * cb..end.min((c + 1) * cb) - c * cb,
-                        )
-                    })
+                let need: Vec<(usize, Range<usize>)> = vol
+                    .span_columns(&span)
+                    .map(|(c, from, n)| (c, from as usize..(from + n) as usize))
                     .collect();
                 let cols = self
                     .read_cols(view, vol, span.extent, span.row, &meta, &need)
