@@ -376,6 +376,29 @@ impl Device {
         Ok(buf)
     }
 
+    /// Reads `len` bytes at `offset` into a new vector, for callers that hand the bytes on
+    /// (a shard sent to a peer): a mapped file copies once, straight into the vector; any
+    /// other goes through a pooled buffer, as [`Self::read_into`] does, and copies out of it.
+    ///
+    /// # Errors
+    /// As [`Self::read_into`].
+    pub async fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        match &self.map {
+            Some(m) if self.inline_fits(len) => {
+                self.check(offset, len)?;
+                let t0 = std::time::Instant::now();
+                let mut out = Vec::new();
+                let result = m.read_vec(offset, len).map(|v| out = v);
+                self.finish(crate::health::IoOp::Read, offset, t0, result)?;
+                Ok(out)
+            }
+            _ => {
+                let buf = self.read_into(offset, self.pool.take(len).await).await?;
+                Ok(buf.as_slice().to_vec())
+            }
+        }
+    }
+
     /// Writes `buf` at `offset`; with `fua` the data is on stable storage on return.
     ///
     /// # Errors
@@ -620,6 +643,7 @@ mod tests {
         let r = dev.read_into(0, dev.pool().take(8192).await).await.unwrap();
         assert!(r.as_slice()[..4096].iter().all(|&b| b == 0));
         assert!(r.as_slice()[4096..].iter().all(|&b| b == 0x5a));
+        assert_eq!(dev.read_vec(0, 8192).await.unwrap(), r.as_slice());
     }
 
     #[test]
@@ -661,7 +685,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.as_slice(), &expect[..]);
+        assert_eq!(dev.read_vec(4096, 8192).await.unwrap(), expect);
         // Misaligned and out-of-range requests never reach the kernel.
+        assert!(matches!(
+            dev.read_vec(4096, 100).await,
+            Err(IoError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            dev.read_vec(1 << 20, 4096).await,
+            Err(IoError::OutOfRange { .. })
+        ));
         assert!(matches!(
             dev.read_into(100, dev.pool().take(4096).await).await,
             Err(IoError::Misaligned { .. })

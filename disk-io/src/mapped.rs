@@ -135,6 +135,24 @@ impl Mapping {
         Ok(())
     }
 
+    /// Copies `len` bytes at `offset` of the file into a new vector: one copy, and no zeroing
+    /// of the vector first.
+    pub(crate) fn read_vec(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let (at, _held) = self.locked(offset, len, |l| {
+            l.read().unwrap_or_else(PoisonError::into_inner)
+        })?;
+        let mut v = Vec::with_capacity(len);
+        // SAFETY: `at + len <= self.len` (checked), so the source lies inside the live
+        // mapping; `v` is a distinct allocation with room for `len` bytes, all of which the
+        // copy initializes before `set_len` exposes them; no thread writes these mapped bytes
+        // meanwhile (their stripes are held shared).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(at), v.as_mut_ptr(), len);
+            v.set_len(len);
+        }
+        Ok(v)
+    }
+
     /// Copies `buf` into the file at `offset`.
     pub(crate) fn write(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
         let (at, _held) = self.locked(offset, buf.len(), |l| {
@@ -190,6 +208,8 @@ mod tests {
         let mut r = vec![0u8; 200];
         m.read((1 << 20) - 200, &mut r).unwrap();
         assert!(r[..100].iter().all(|&x| x == 0) && r[100..].iter().all(|&x| x == 9));
+        assert_eq!(m.read_vec((1 << 20) - 200, 200).unwrap(), r);
+        assert_eq!(m.read_vec(4096, 8192).unwrap(), b);
     }
 
     #[test]
@@ -201,6 +221,9 @@ mod tests {
         assert!(m.write(65536, &b).is_err());
         assert!(m.write(u64::MAX, &b).is_err());
         assert!(m.read(0, &mut []).is_ok());
+        assert!(m.read_vec(65536 - 4095, 4096).is_err());
+        assert!(m.read_vec(u64::MAX, 1).is_err());
+        assert_eq!(m.read_vec(65536, 0).unwrap(), Vec::<u8>::new());
         assert!(Mapping::new(&_f, 0).is_err());
     }
 
