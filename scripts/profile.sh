@@ -34,8 +34,8 @@ port=34560
 up=$!
 cleanup() { kill "$up" 2>/dev/null || true; wait "$up" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-for _ in $(seq 60); do grep -q 'Press Ctrl-C' "$work/up.log" 2>/dev/null && break; sleep 0.5; done
-sleep 2
+# `up` prints this once the volume is served.
+for _ in $(seq 120); do grep -q 'Press Ctrl-C' "$work/up.log" 2>/dev/null && break; sleep 0.5; done
 url="iscsi\\://127.0.0.1\\:$port/iqn.2026-11.io.rainio\\:appliance/0"
 common=(--ioengine=libiscsi --filename="$url" --initiator=iqn.2026-11.io.rainio:profile --direct=1 --size="${SIZE:-256M}")
 "$fio" --name=fill "${common[@]}" --rw=write --bs=1M --iodepth=8 >/dev/null

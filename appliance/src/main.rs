@@ -486,8 +486,8 @@ fn up_cluster(
             }
         }
     }
-    // Ready when every portal accepts connections (the volume is served once the cluster
-    // has formed; initiators retry until then).
+    // Every portal accepts connections first (a controller that cannot bind or start is
+    // reported here), then the cluster forms and serves the volume (below).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     for (_, cfg) in &configs {
         while std::net::TcpStream::connect(cfg.listen[0]).is_err() {
@@ -505,6 +505,13 @@ fn up_cluster(
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+    }
+    // Up means served: every controller sees every controller up, is not fenced, and holds
+    // every configured volume. Before then a host that logs in gets NOT READY.
+    if let Err(e) = wait_served(&configs, deadline, &mut children) {
+        eprintln!("error: {e}; see {}/c*/appliance.log", data_dir.display());
+        stop_all(&mut children);
+        return ExitCode::FAILURE;
     }
     let cfg0 = &configs[0].1;
     println!("appliance cluster is up: {n} controllers, k={k} m={m}");
@@ -644,6 +651,85 @@ fn pki(dir: &std::path::Path, ids: &[u32]) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Waits until every controller of `up` serves its volumes (see [`served`]), polling each one's
+/// status over the peer protocol as the operator (`appliance status` does the same); gives up
+/// at `deadline` or when a controller exits, naming what it last saw.
+fn wait_served(
+    configs: &[(std::path::PathBuf, Config)],
+    deadline: std::time::Instant,
+    children: &mut [std::process::Child],
+) -> Result<(), String> {
+    use appliance::peer::wire::{MetaOp, Reply, Request};
+    let rt = small_runtime().ok_or("no runtime")?;
+    let mut clients = Vec::new();
+    for (_, cfg) in configs {
+        let Some(cl) = &cfg.cluster else { continue };
+        let addr = cl.peers[&cl.id];
+        let client =
+            appliance::peer::PeerClient::new(0, addr, appliance::peer::PeerLimits::default());
+        let client = match &cl.pki {
+            Some(pki) => client.with_tls(
+                &appliance::peer::tls::PeerTls::load(pki, 0).map_err(|e| e.to_string())?,
+                Some(cl.id),
+            ),
+            None => client,
+        };
+        clients.push((cl.id, client, cfg.volumes.len()));
+    }
+    let mut said = false;
+    let mut last: String;
+    for (id, client, volumes) in &clients {
+        loop {
+            let reply = rt.block_on(async {
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    client.call(0, Request::Meta(MetaOp::Status, Vec::new())),
+                )
+                .await
+            });
+            let report = match reply {
+                Ok(Ok(Reply::Data(d))) => serde_json::from_slice(&d).ok(),
+                _ => None,
+            };
+            match report {
+                Some(r) if served(&r, clients.len(), *volumes) => break,
+                Some(r) => {
+                    last = format!(
+                        "controller {id} saw epoch {}, {} volume(s), fenced {}, controllers {:?}",
+                        r.epoch,
+                        r.volumes.len(),
+                        r.fenced,
+                        r.controllers
+                    );
+                }
+                None => last = format!("controller {id} did not answer its status"),
+            }
+            if !said {
+                println!("waiting for the controllers to form the cluster and serve the volume...");
+                said = true;
+            }
+            if std::time::Instant::now() > deadline
+                || children
+                    .iter_mut()
+                    .any(|c| matches!(c.try_wait(), Ok(Some(_))))
+            {
+                return Err(format!("the cluster did not start serving ({last})"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a controller's status shows it serving: `controllers` controllers, all up, this one
+/// not fenced, and at least `volumes` volumes in its engine.
+fn served(r: &appliance::node::StatusReport, controllers: usize, volumes: usize) -> bool {
+    !r.fenced
+        && r.controllers.len() == controllers
+        && r.controllers.iter().all(|(_, s)| s == "up")
+        && r.volumes.len() >= volumes
 }
 
 /// `appliance status`: asks one controller over the peer protocol and prints its view.

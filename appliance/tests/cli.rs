@@ -140,26 +140,20 @@ fn up_starts_a_three_controller_cluster_with_one_disk_through_every_portal() {
             .join("appliance.toml")
             .exists());
     }
-    // SendTargets through any portal lists every controller's portal, each its own TPGT, and
-    // the LUN answers through each (libiscsi's iscsi-ls, installed by the test command).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = Command::new("iscsi-ls")
-            .args(["-s", &format!("iscsi://127.0.0.1:{}", base + 1)])
-            .output()
-            .expect("iscsi-ls (libiscsi-bin) is installed by scripts/test.sh");
-        let ls = String::from_utf8_lossy(&out.stdout).to_string();
-        let ok = (0..3u16).all(|i| ls.contains(&format!("127.0.0.1:{},{}", base + i, i + 1)))
-            && ls.matches("Lun:0").count() == 3;
-        if ok {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "iscsi-ls never showed the cluster:\n{ls}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    // `up` says the cluster is up only once it serves the volume: right away, SendTargets
+    // through any portal lists every controller's portal, each its own TPGT, and the LUN
+    // answers through each (libiscsi's iscsi-ls, installed by the test command).
+    let out = Command::new("iscsi-ls")
+        .args(["-s", &format!("iscsi://127.0.0.1:{}", base + 1)])
+        .output()
+        .expect("iscsi-ls (libiscsi-bin) is installed by scripts/test.sh");
+    let ls = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        (0..3u16).all(|i| ls.contains(&format!("127.0.0.1:{},{}", base + i, i + 1)))
+            && ls.matches("Lun:0").count() == 3,
+        "the LUN was not served through every portal when `up` said it was up:\n{ls}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // `appliance status` through any controller's peer address shows all three up.
     assert!(
         text.contains(&format!(
