@@ -76,10 +76,9 @@ start_up() { # name controllers -> sets up_port, up_pid
   up_port=$(ports_block)
   target/release/appliance up --controllers "$2" --data-dir "$work/$1" --listen "127.0.0.1:$up_port" --api "127.0.0.1:$((up_port + 2000))" >"$work/$1.out" 2>&1 &
   up_pid=$!; pids+=("$up_pid")
-  wait_port "$up_port"
-  # Every controller of a cluster serves before the run starts.
-  for i in $(seq 0 $(($2 - 1))); do wait_port $((up_port + i)); done
-  sleep 3
+  # `up` prints its banner once every controller serves the volume.
+  for _ in $(seq 240); do grep -q 'Press Ctrl-C' "$work/$1.out" && break; sleep 0.5; done
+  grep -q 'Press Ctrl-C' "$work/$1.out" || { echo "error: appliance up ($1) did not come up in 120 s:" >&2; cat "$work/$1.out" >&2; exit 1; }
 }
 targets=(tgt)
 for t in ${BENCH_TARGETS:-single cluster}; do [ "$t" = tgt ] || targets+=("$t"); done
