@@ -399,34 +399,6 @@ impl Device {
         }
     }
 
-    /// Whether the file is mapped (a reserved file on tmpfs or ramfs; see [`Self::copy_within`]).
-    pub fn is_mapped(&self) -> bool {
-        self.map.is_some()
-    }
-
-    /// Copies `len` bytes of the device at `from` to `to` (ranges that do not overlap), in one
-    /// copy on a mapped file, as durable as a write there is on return. `Ok(false)`, copying
-    /// nothing, on any other device: the caller reads and writes through a buffer instead.
-    ///
-    /// # Errors
-    /// Misaligned, out-of-range or overlapping ranges ([`IoError::Overlap`]), refused before
-    /// any byte moves.
-    pub async fn copy_within(&self, from: u64, to: u64, len: usize) -> Result<bool> {
-        let Some(m) = &self.map else {
-            return Ok(false);
-        };
-        self.check(from, len)?;
-        self.check(to, len)?;
-        let n = len as u64;
-        if from < to + n && to < from + n {
-            return Err(IoError::Overlap { from, to, len });
-        }
-        let t0 = std::time::Instant::now();
-        let result = m.copy_within(from, to, len);
-        self.finish(crate::health::IoOp::Write, to, t0, result)?;
-        Ok(true)
-    }
-
     /// Writes `buf` at `offset`; with `fua` the data is on stable storage on return.
     ///
     /// # Errors
@@ -672,20 +644,6 @@ mod tests {
         assert!(r.as_slice()[..4096].iter().all(|&b| b == 0));
         assert!(r.as_slice()[4096..].iter().all(|&b| b == 0x5a));
         assert_eq!(dev.read_vec(0, 8192).await.unwrap(), r.as_slice());
-        // Mapped (a reserved file on tmpfs, as with TMPDIR=/dev/shm): copies within the file.
-        let copied = dev.copy_within(0, 1 << 20, 8192).await.unwrap();
-        assert_eq!(copied, dev.is_mapped());
-        if copied {
-            assert_eq!(dev.read_vec(1 << 20, 8192).await.unwrap(), r.as_slice());
-            assert!(matches!(
-                dev.copy_within(0, 4096, 8192).await,
-                Err(IoError::Overlap { .. })
-            ));
-            assert!(matches!(
-                dev.copy_within(100, 1 << 21, 4096).await,
-                Err(IoError::Misaligned { .. })
-            ));
-        }
     }
 
     #[test]
@@ -728,8 +686,6 @@ mod tests {
             .unwrap();
         assert_eq!(r.as_slice(), &expect[..]);
         assert_eq!(dev.read_vec(4096, 8192).await.unwrap(), expect);
-        // Only a mapped file copies within itself; the others say so and change nothing.
-        assert!(!dev.copy_within(4096, 1 << 19, 8192).await.unwrap() || dev.is_mapped());
         // Misaligned and out-of-range requests never reach the kernel.
         assert!(matches!(
             dev.read_vec(4096, 100).await,

@@ -33,16 +33,6 @@ pub enum IoError {
         /// Required alignment.
         align: usize,
     },
-    /// A copy within the device whose source and destination overlap (a caller's bug).
-    #[error("copy of {len} bytes from offset {from} to {to}: the ranges overlap")]
-    Overlap {
-        /// Source offset.
-        from: u64,
-        /// Destination offset.
-        to: u64,
-        /// Byte length.
-        len: usize,
-    },
     /// The request runs past the end of the device.
     #[error("request offset {offset} length {len} runs past the device end {size}")]
     OutOfRange {

@@ -153,60 +153,6 @@ impl Mapping {
         Ok(v)
     }
 
-    /// Copies `len` bytes of the file at `from` to `to` (ranges that do not overlap): one
-    /// copy, where a read and a write through a buffer make two. The destination's stripes
-    /// are locked exclusively and the source's (others) shared, all in ascending order, as
-    /// every copy takes them.
-    pub(crate) fn copy_within(&self, from: u64, to: u64, len: usize) -> std::io::Result<()> {
-        let inside = |o: u64| {
-            usize::try_from(o)
-                .ok()
-                .filter(|&o| o.checked_add(len).is_some_and(|e| e <= self.len))
-        };
-        let (Some(src), Some(dst)) = (inside(from), inside(to)) else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "{len} bytes from {from} to {to} run past the mapping's {} bytes",
-                    self.len
-                ),
-            ));
-        };
-        if src < dst + len && dst < src + len {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{len} bytes from {from} to {to} overlap"),
-            ));
-        }
-        let mut locks: Vec<(usize, bool)> = Self::stripes(src, len)
-            .map(|i| (i, false))
-            .chain(Self::stripes(dst, len).map(|i| (i, true)))
-            .collect();
-        // Ascending; a lock both ranges need is taken once, exclusively.
-        locks.sort_unstable_by_key(|&(i, exclusive)| (i, !exclusive));
-        locks.dedup_by_key(|&mut (i, _)| i);
-        let (mut shared, mut exclusive) = (Vec::new(), Vec::new());
-        for &(i, excl) in &locks {
-            let l = &self.locks[i];
-            if excl {
-                exclusive.push(l.write().unwrap_or_else(PoisonError::into_inner));
-            } else {
-                shared.push(l.read().unwrap_or_else(PoisonError::into_inner));
-            }
-        }
-        // SAFETY: both ranges lie inside the live mapping and do not overlap (checked); no
-        // other thread of this process writes the source or touches the destination
-        // meanwhile (their stripes are held shared and exclusively).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(src),
-                self.ptr.as_ptr().add(dst),
-                len,
-            );
-        }
-        Ok(())
-    }
-
     /// Copies `buf` into the file at `offset`.
     pub(crate) fn write(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
         let (at, _held) = self.locked(offset, buf.len(), |l| {
@@ -279,30 +225,6 @@ mod tests {
         assert!(m.read_vec(u64::MAX, 1).is_err());
         assert_eq!(m.read_vec(65536, 0).unwrap(), Vec::<u8>::new());
         assert!(Mapping::new(&_f, 0).is_err());
-    }
-
-    #[test]
-    fn copies_within_the_file_move_the_bytes_once_and_refuse_bad_ranges() {
-        use std::os::unix::fs::FileExt;
-        let size = (LOCKS + 4) << STRIPE_SHIFT;
-        let (_d, f, m) = mapped(size);
-        let pattern: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
-        m.write(4096, &pattern).unwrap();
-        m.copy_within(4096, 200_000, pattern.len()).unwrap();
-        let mut b = vec![0u8; pattern.len()];
-        f.read_exact_at(&mut b, 200_000).unwrap();
-        assert_eq!(b, pattern);
-        // Source and destination on the same lock (one table's length apart): taken once.
-        let far = (LOCKS << STRIPE_SHIFT) as u64;
-        m.copy_within(4096, far + 8192, 4096).unwrap();
-        assert_eq!(m.read_vec(far + 8192, 4096).unwrap(), pattern[..4096]);
-        // Overlapping or out-of-range copies are refused and change nothing.
-        let before = m.read_vec(0, size).unwrap();
-        assert!(m.copy_within(4096, 8192, 8192).is_err());
-        assert!(m.copy_within(8192, 4096, 8192).is_err());
-        assert!(m.copy_within(0, size as u64 - 100, 4096).is_err());
-        assert!(m.copy_within(u64::MAX, 0, 1).is_err());
-        assert_eq!(m.read_vec(0, size).unwrap(), before);
     }
 
     #[test]

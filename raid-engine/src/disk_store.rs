@@ -105,7 +105,6 @@ pub struct DiskShardStore {
     checksum_failures: AtomicU64,
     heads: HeadCache,
     caught_up: AtomicU64,
-    copied: AtomicU64,
 }
 
 /// A valid slot header as this process last saw it on disk, and whether the copy it
@@ -536,7 +535,6 @@ impl DiskShardStore {
             checksum_failures: AtomicU64::new(0),
             heads: HeadCache::new(capacity),
             caught_up: AtomicU64::new(0),
-            copied: AtomicU64::new(0),
         })
     }
 
@@ -626,12 +624,6 @@ impl DiskShardStore {
     /// that differ) since the store was opened.
     pub fn patches_in_place(&self) -> u64 {
         self.caught_up.load(Ordering::Relaxed)
-    }
-
-    /// Patches made by copying the base slot to slot within a mapped store (see
-    /// `patch_by_copy`) since the store was opened.
-    pub fn patches_by_copy(&self) -> u64 {
-        self.copied.load(Ordering::Relaxed)
     }
 
     /// The device the store is on.
@@ -1075,13 +1067,6 @@ impl ShardStore for DiskShardStore {
                 self.caught_up.fetch_add(1, Ordering::Relaxed);
                 return Ok(old);
             }
-            if let Some((bs, bh, true)) = &base {
-                if self.dev.is_mapped() && !bh.sector_crcs.is_empty() && *bs != target {
-                    return self
-                        .patch_by_copy(addr, &patch, k, (*bs, bh), target, meta, touched)
-                        .await;
-                }
-            }
             // The whole base slot (or zeros) into the buffer the new copy is written from.
             let mut b = match &base {
                 None => {
@@ -1135,75 +1120,6 @@ impl ShardStore for DiskShardStore {
             self.write_buf(k, target, header, b).await?;
             Ok(old)
         })
-    }
-}
-
-impl DiskShardStore {
-    /// A patch whose replaced slot cannot be caught up sector by sector (the first patch
-    /// after a whole-chunk write), on a mapped store: the base's payload is copied slot to
-    /// slot in memory, then the patched sectors and the header are written, so the chunk is
-    /// copied once where a read and a write through a buffer copy it twice. The target's
-    /// header is cleared first (on the device and in the header cache), so neither a reader
-    /// nor a restart after a crash takes the half-made slot for the older copy it held. The
-    /// caller holds the chunk's lock; `base` was checked whole and has sector checksums.
-    #[allow(clippy::too_many_arguments)]
-    async fn patch_by_copy(
-        &self,
-        addr: ChunkAddr,
-        patch: &Patch,
-        mut k: Known,
-        (bs, bh): (u64, &Header),
-        target: u64,
-        meta: Chunk,
-        touched: std::ops::Range<usize>,
-    ) -> Result<Vec<u8>, ShardError> {
-        let index = k.index;
-        let len = patch.chunk_len as usize;
-        let sectors = len.div_ceil(SECTOR);
-        let from = self.slot_offset(index, bs) + PAGE as u64;
-        let to = self.slot_offset(index, target) + PAGE as u64;
-        let at = touched.start * SECTOR;
-        let mut b = self
-            .read_at(from + at as u64, touched.len() * SECTOR)
-            .await?;
-        if let Some(s) = touched
-            .clone()
-            .find(|&s| !sector_ok(bh, b.as_slice(), touched.start, s, len))
-        {
-            self.damaged(index);
-            return Err(ShardError::Mismatch(format!(
-                "no copy matching {:?} (sector {s} damaged)",
-                patch.base
-            )));
-        }
-        let old = patch.apply_to(b.as_mut_slice(), at)?;
-        let mut crcs = bh.sector_crcs.clone();
-        recompute_crcs(&mut crcs, b.as_slice(), touched.start, touched.clone(), len);
-        let mut header = self.new_header(addr, meta, len, crcs);
-        header.diff = Some((bh.seq, bitmap(sectors, touched)));
-        k.slots[target as usize] = None;
-        self.heads.put(k.clone());
-        let mut zero = self.dev.pool().take(PAGE).await;
-        zero.as_mut_slice().fill(0);
-        let steps = async {
-            self.dev
-                .write_from(self.slot_offset(index, target), zero, true)
-                .await?;
-            if !self.dev.copy_within(from, to, sectors * SECTOR).await? {
-                return Err(disk_io::IoError::EngineStopped);
-            }
-            self.dev.write_from(to + at as u64, b, true).await.map(drop)
-        };
-        if let Err(e) = steps.await {
-            self.heads.forget(index);
-            return Err(ShardError::Io(e.to_string()));
-        }
-        let mut hb = self.dev.pool().take(PAGE).await;
-        hb.as_mut_slice().fill(0);
-        put_header(&header, hb.as_mut_slice());
-        self.write_buf(k, target, header, hb).await?;
-        self.copied.fetch_add(1, Ordering::Relaxed);
-        Ok(old)
     }
 }
 
@@ -1568,19 +1484,11 @@ mod tests {
                 mem.read(addr(0)).await.unwrap(),
                 "after version {v}"
             );
-            if v == 2 {
-                // The first patch after the whole write: copied slot to slot when the store
-                // is mapped (TMPDIR on tmpfs), through a buffer otherwise.
-                assert_eq!(disk.patches_by_copy(), u64::from(dev.is_mapped()));
-            }
         }
         // Since the reopen (versions 12 to 20): the first reads its base whole (checking
         // it), the other eight write in place.
         assert_eq!(disk.patches_in_place(), 8);
         assert_eq!(disk.checksum_failures(), 0);
-        // After the reopen the first base was not yet checked: it was read whole to check
-        // it, not copied slot to slot.
-        assert_eq!(disk.patches_by_copy(), 0);
     }
 
     fn poke(dir: &tempfile::TempDir, off: u64, bytes: &[u8]) {
