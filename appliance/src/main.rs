@@ -653,6 +653,24 @@ fn pki(dir: &std::path::Path, ids: &[u32]) -> ExitCode {
     }
 }
 
+/// A peer client speaking as the operator (id 0) to `addr`: with the operator certificate of
+/// the cluster CA in `pki` (checking, when `peer` is given, that the server is that
+/// controller), or plaintext without one (`cluster.tls = false`).
+fn operator_client(
+    addr: std::net::SocketAddr,
+    pki: Option<&std::path::Path>,
+    peer: Option<u32>,
+) -> Result<appliance::peer::PeerClient, String> {
+    let client = appliance::peer::PeerClient::new(0, addr, appliance::peer::PeerLimits::default());
+    Ok(match pki {
+        Some(dir) => client.with_tls(
+            &appliance::peer::tls::PeerTls::load(dir, 0).map_err(|e| e.to_string())?,
+            peer,
+        ),
+        None => client,
+    })
+}
+
 /// Waits until every controller of `up` serves its volumes (see [`served`]), polling each one's
 /// status over the peer protocol as the operator (`appliance status` does the same); gives up
 /// at `deadline` or when a controller exits, naming what it last saw.
@@ -666,16 +684,7 @@ fn wait_served(
     let mut clients = Vec::new();
     for (_, cfg) in configs {
         let Some(cl) = &cfg.cluster else { continue };
-        let addr = cl.peers[&cl.id];
-        let client =
-            appliance::peer::PeerClient::new(0, addr, appliance::peer::PeerLimits::default());
-        let client = match &cl.pki {
-            Some(pki) => client.with_tls(
-                &appliance::peer::tls::PeerTls::load(pki, 0).map_err(|e| e.to_string())?,
-                Some(cl.id),
-            ),
-            None => client,
-        };
+        let client = operator_client(cl.peers[&cl.id], cl.pki.as_deref(), Some(cl.id))?;
         clients.push((cl.id, client, cfg.volumes.len()));
     }
     let mut said = false;
@@ -742,16 +751,12 @@ fn status(peer: &str, json: bool, pki: &std::path::Path) -> ExitCode {
     let Some(rt) = small_runtime() else {
         return ExitCode::FAILURE;
     };
-    let client = appliance::peer::PeerClient::new(0, addr, appliance::peer::PeerLimits::default());
-    let client = if pki == std::path::Path::new("none") {
-        client
-    } else {
-        match appliance::peer::tls::PeerTls::load(pki, 0) {
-            Ok(t) => client.with_tls(&t, None),
-            Err(e) => {
-                eprintln!("error: {e}\n(pass --pki with the cluster's certificate directory, or --pki none for a cluster with cluster.tls = false)");
-                return ExitCode::FAILURE;
-            }
+    let pki = (pki != std::path::Path::new("none")).then_some(pki);
+    let client = match operator_client(addr, pki, None) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}\n(pass --pki with the cluster's certificate directory, or --pki none for a cluster with cluster.tls = false)");
+            return ExitCode::FAILURE;
         }
     };
     let reply = rt.block_on(client.call(0, Request::Meta(MetaOp::Status, Vec::new())));
