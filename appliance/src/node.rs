@@ -952,6 +952,25 @@ impl ClusterEnv for NodeEnv {
     fn sleep(&self, d: Duration) -> BoxFut<'_, ()> {
         Box::pin(tokio::time::sleep(d))
     }
+    fn read_lease_ttl(&self) -> Option<Duration> {
+        read_lease(&self.timers)
+    }
+    fn wait_until(&self, t: std::time::Instant) -> BoxFut<'_, ()> {
+        Box::pin(tokio::time::sleep_until(t.into()))
+    }
+    fn revoke_leases(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        volume: VolumeId,
+        extent: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        Box::pin(async move {
+            self.forward_call(to, epoch, Request::RevokeLeases { volume, extent })
+                .await
+                .map(|_| ())
+        })
+    }
     fn record_repair(
         &self,
         volume: VolumeId,
@@ -1630,6 +1649,20 @@ async fn scrub_loop(schedule: ScrubSchedule, engine: Weak<Engine>, env: Arc<Node
 /// Rows copied per step of a move; progress is committed to the log after each.
 const MOVE_BATCH: u32 = 64;
 
+/// The longest read lease (raid_engine::lease): a controller that does not lead an extent
+/// reads its rows from their holders without asking the primary for this long.
+const READ_LEASE_MAX: Duration = Duration::from_secs(1);
+
+/// How long read leases last with these timers: at most [`READ_LEASE_MAX`] and at most the
+/// gap between a controller's own lease running out and the others declaring it down, so the
+/// read leases a failed primary granted have run out by the time its extents get a new
+/// primary. It is also how long a controller that newly leads an extent (or restarted) waits
+/// before serving it, and the longest a write waits for a lessee that does not answer its
+/// revocation. `None` (no read leases) when that gap is zero.
+fn read_lease(t: &MembershipTimers) -> Option<Duration> {
+    Some(READ_LEASE_MAX.min(t.down_after.saturating_sub(t.lease))).filter(|d| !d.is_zero())
+}
+
 /// Copies the rows of moved positions (rebuild) whose extents this controller leads, batch by
 /// batch, recording each batch in the metadata log; pauses after each batch so the copies
 /// take at most `share` of the time.
@@ -2075,7 +2108,7 @@ impl PeerHandler for Handler {
                     len,
                 } => self
                     .engine
-                    .primary_locate(epoch, volume, offset, u64::from(len))
+                    .primary_locate(sender, epoch, volume, offset, u64::from(len))
                     .await
                     .map(Reply::Answer)
                     .map_err(vol_remote),
@@ -2086,6 +2119,11 @@ impl PeerHandler for Handler {
                         == raid_engine::cluster::ControllerState::Down =>
                 {
                     Err(RemoteError::Fenced)
+                }
+                // Dropping leases is always safe, whatever the epoch.
+                Request::RevokeLeases { volume, extent } => {
+                    self.engine.revoke_leases(volume, extent);
+                    Ok(Reply::Done)
                 }
                 Request::Heartbeat => Ok(Reply::Done),
                 Request::Meta(op, body) => {

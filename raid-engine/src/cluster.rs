@@ -194,6 +194,23 @@ pub struct ReadPart {
     pub read: RangeRead,
 }
 
+/// A read lease: rows of one extent whose copies the asking controller may read from their
+/// holders without asking the primary, until `ttl` has passed since it sent the request that
+/// brought the lease (its own clock; the primary counts from the grant, which is later). The
+/// primary revokes the lease ([`ClusterEnv::revoke_leases`]) or waits it out before it
+/// acknowledges a write of the extent, so a leased read never returns bytes a write
+/// acknowledged before the read began has replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadLease {
+    /// The extent the rows belong to.
+    pub extent: u64,
+    /// How long the lease lasts, in milliseconds.
+    pub ttl_ms: u32,
+    /// The rows granted, each with the copy of every data column in order
+    /// ([`Want::Version`], or [`Want::Zero`] for a column never written).
+    pub rows: Vec<(u32, Vec<Want>)>,
+}
+
 /// A primary's answer to a host read forwarded by another controller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadAnswer {
@@ -201,8 +218,9 @@ pub enum ReadAnswer {
     Data(Vec<u8>),
     /// Where they are, in request order: the asking controller reads them from their holders
     /// itself (so bytes held elsewhere than at the primary cross the network once), falling
-    /// back to asking for [`ReadAnswer::Data`] when a copy has changed meanwhile.
-    Located(Vec<ReadPart>),
+    /// back to asking for [`ReadAnswer::Data`] when a copy has changed meanwhile; with a
+    /// lease on these and the following rows of the extent, when the primary grants one.
+    Located(Vec<ReadPart>, Option<ReadLease>),
 }
 
 /// The engine's window on the cluster: peers and the replicated write-intent log.
@@ -342,5 +360,41 @@ pub trait ClusterEnv: Send + Sync + fmt::Debug {
     fn sleep(&self, d: std::time::Duration) -> BoxFut<'_, ()> {
         let _ = d;
         Box::pin(std::future::pending())
+    }
+    /// How long read leases last ([`ReadLease`]); `None` (the default) grants none. An
+    /// environment that returns `Some` must also provide [`ClusterEnv::now`],
+    /// [`ClusterEnv::wait_until`] and [`ClusterEnv::revoke_leases`].
+    fn read_lease_ttl(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// How long after a change of an extent no read lease is granted on it (so extents that
+    /// are written as well as read pay no revocations); the default is the lease period.
+    fn read_lease_quiet(&self) -> Option<std::time::Duration> {
+        self.read_lease_ttl()
+    }
+    /// The clock read leases are counted on (monotonic).
+    fn now(&self) -> std::time::Instant {
+        std::time::Instant::now()
+    }
+    /// Resolves once [`ClusterEnv::now`] has reached `t`. The default resolves at once: it is
+    /// only called when [`ClusterEnv::read_lease_ttl`] is `Some`.
+    fn wait_until(&self, t: std::time::Instant) -> BoxFut<'_, ()> {
+        let _ = t;
+        Box::pin(std::future::ready(()))
+    }
+    /// Asks controller `to` to drop its read leases on `extent` of `volume`; `Ok` once it has
+    /// (it reads those rows through the primary from then on). The default fails, so the
+    /// primary waits the leases out.
+    fn revoke_leases(
+        &self,
+        to: ControllerId,
+        epoch: u64,
+        volume: VolumeId,
+        extent: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        let _ = (epoch, volume, extent);
+        Box::pin(std::future::ready(Err(VolError::Peer(format!(
+            "controller {to}: no way to revoke read leases"
+        )))))
     }
 }

@@ -37,11 +37,12 @@
 //!   that missed it is marked in the write-intent log.
 
 use crate::cluster::{
-    ClusterEnv, ClusterView, ControllerState, IntentMark, ReadAnswer, ReadPart, VolError,
-    VolumeMeta,
+    ClusterEnv, ClusterView, ControllerState, IntentMark, ReadAnswer, ReadLease, ReadPart,
+    VolError, VolumeMeta,
 };
 use crate::codec::{new_codec, ErasureCodec, DELTA_ALIGN};
 use crate::layout::{ControllerId, RowSpan};
+use crate::lease::{Grants, Held, Lessee, READAHEAD_ROWS};
 use crate::range_lock::RangeLock;
 use crate::shard::{
     Chunk, ChunkAddr, Patch, PatchOp, RangeRead, ShardError, ShardStore, VolumeId, Want,
@@ -128,8 +129,27 @@ impl RowMeta {
 /// A row this controller leads: its volume, extent and row.
 type LedRow = (Arc<Vol>, u64, u32);
 
-/// Row states known in one epoch: `(epoch, (extent, row) -> state)`.
-type RowCache = (u64, HashMap<(u64, u32), RowMeta>);
+/// Row states known in one epoch, and the read leases granted on the extents (kept across
+/// epochs; see [`crate::lease`]). One lock, so a grant reads the states it names atomically
+/// with registering the lessee, and a write changes a state atomically with taking the
+/// lessees it must revoke.
+#[derive(Debug, Default)]
+struct RowCache {
+    epoch: u64,
+    rows: HashMap<(u64, u32), RowMeta>,
+    grants: Grants,
+}
+
+impl RowCache {
+    /// The row states of `epoch` (those of an older epoch are dropped).
+    fn rows_of(&mut self, epoch: u64) -> Option<&mut HashMap<(u64, u32), RowMeta>> {
+        if self.epoch < epoch {
+            self.epoch = epoch;
+            self.rows.clear();
+        }
+        (self.epoch == epoch).then_some(&mut self.rows)
+    }
+}
 
 #[derive(Debug)]
 struct Vol {
@@ -196,6 +216,12 @@ pub struct EngineStats {
     pub patched_writes: u64,
     /// Host reads whose primary located the bytes, read here from their holders.
     pub located_reads: u64,
+    /// Host reads served under a read lease (no round trip to the primary).
+    pub leased_reads: u64,
+    /// Read leases this controller granted as a primary.
+    pub leases_granted: u64,
+    /// Lessees asked to drop their leases before a change was acknowledged.
+    pub leases_revoked: u64,
 }
 
 /// Recent chunk read latencies, and the hedging threshold derived from them: twice their
@@ -291,6 +317,11 @@ pub struct Engine {
     next_version: AtomicU64,
     stats: Mutex<EngineStats>,
     latency: ReadLatency,
+    /// Read leases this controller holds as a lessee.
+    held: Mutex<Held>,
+    /// When this engine started (on the lease clock): what it granted before a restart is
+    /// unknown, so it serves as primary only a lease period later.
+    started: std::time::Instant,
 }
 
 /// The first version a primary may use in `epoch`.
@@ -312,6 +343,7 @@ impl Engine {
         view: ClusterView,
     ) -> Self {
         let epoch = view.epoch;
+        let started = env.now();
         Self {
             id,
             store,
@@ -326,6 +358,8 @@ impl Engine {
             next_version: AtomicU64::new(0),
             stats: Mutex::new(EngineStats::default()),
             latency: ReadLatency::default(),
+            held: Mutex::default(),
+            started,
         }
     }
 
@@ -350,7 +384,7 @@ impl Engine {
             meta,
             codec,
             rows: Arc::default(),
-            cache: Arc::new(Mutex::new((0, HashMap::new()))),
+            cache: Arc::default(),
         });
         self.lock().volumes.insert(vol.meta.id, vol);
         Ok(())
@@ -391,7 +425,8 @@ impl Engine {
             return;
         }
         self.seen_epoch.fetch_max(view.epoch, Ordering::SeqCst);
-        g.view = Arc::new(view);
+        let old_view = std::mem::replace(&mut g.view, Arc::new(view));
+        let old_vols = g.volumes.clone();
         for (id, placement) in placements {
             let Some(old) = g.volumes.get(id) else {
                 continue;
@@ -418,6 +453,40 @@ impl Engine {
                 cache: old.cache.clone(),
             });
             g.volumes.insert(*id, vol);
+        }
+        self.gate_takeovers(&old_view, &old_vols, &g.view, &g.volumes);
+    }
+
+    /// After a view change: every extent this controller leads now but did not lead in the
+    /// view before (or every extent, when epochs were skipped: a view in between may have
+    /// had another primary) waits one lease period before primary work, since the leases
+    /// another primary granted are unknown here.
+    fn gate_takeovers(
+        &self,
+        old_view: &ClusterView,
+        old_vols: &HashMap<VolumeId, Arc<Vol>>,
+        view: &ClusterView,
+        vols: &HashMap<VolumeId, Arc<Vol>>,
+    ) {
+        let Some(ttl) = self.env.read_lease_ttl() else {
+            return;
+        };
+        let until = self.env.now() + ttl;
+        let skipped = view.epoch != old_view.epoch + 1;
+        for (id, vol) in vols {
+            let old = old_vols.get(id);
+            let mut c = vol.cache.lock().expect("row cache");
+            for (e, set) in vol.meta.placement.iter().enumerate() {
+                if view.primary(set) != Some(self.id) {
+                    continue;
+                }
+                let led =
+                    old.is_some_and(|o| old_view.primary(&o.meta.placement[e]) == Some(self.id));
+                if skipped || !led {
+                    let g = c.grants.extent(e as u64);
+                    g.gate = Some(g.gate.map_or(until, |t| t.max(until)));
+                }
+            }
         }
     }
 
@@ -579,25 +648,39 @@ impl Engine {
                 .ok_or(VolError::NoPrimary(e))?;
             let part = if primary == self.id {
                 self.primary_read(view.epoch, volume, off, n).await?
+            } else if let Some(d) = self.read_leased(&view, &vol, e, off, n).await {
+                d
             } else {
+                let key = (volume, e);
+                let ticket = self.held.lock().expect("leases").ticket(key);
+                let sent = self.env.now();
                 match self
                     .env
                     .forward_locate(primary, view.epoch, volume, off, n)
                     .await?
                 {
                     ReadAnswer::Data(d) => d,
-                    ReadAnswer::Located(parts) => match self.read_located(&view, &parts).await {
-                        Some(d) => {
-                            self.stats.lock().expect("stats").located_reads += 1;
-                            d
+                    ReadAnswer::Located(parts, lease) => {
+                        if let Some(l) = lease.filter(|l| l.extent == e) {
+                            self.held
+                                .lock()
+                                .expect("leases")
+                                .install(volume, view.epoch, ticket, sent, &l);
                         }
-                        // A copy changed since the primary located it: ask for the bytes.
-                        None => {
-                            self.env
-                                .forward_read(primary, view.epoch, volume, off, n)
-                                .await?
+                        match self.read_located(&view, &parts).await {
+                            Some(d) => {
+                                self.stats.lock().expect("stats").located_reads += 1;
+                                d
+                            }
+                            // A copy changed since the primary located it: ask for the bytes.
+                            None => {
+                                self.held.lock().expect("leases").forget(key);
+                                self.env
+                                    .forward_read(primary, view.epoch, volume, off, n)
+                                    .await?
+                            }
                         }
-                    },
+                    }
                 }
             };
             if part.len() as u64 != n {
@@ -659,19 +742,27 @@ impl Engine {
     /// See [`VolError`].
     pub async fn primary_locate(
         &self,
+        asker: ControllerId,
         epoch: u64,
         volume: VolumeId,
         offset: u64,
         len: u64,
     ) -> Result<ReadAnswer> {
         let (view, vol) = self.as_primary(epoch, volume, offset, len)?;
+        self.lease_gate(&view, &vol, offset, len).await?;
         let mut parts = Vec::new();
+        let mut rows: Option<(u64, Range<u32>)> = None;
         let mut healthy = true;
         for span in vol.meta.layout.spans(offset, len) {
             let g = vol.global_row(span.extent, span.row);
             let _row = vol.rows.lock(g, g + 1).await;
             self.still(epoch)?;
             let meta = self.row_meta(&view, &vol, span.extent, span.row).await?;
+            rows = match rows {
+                None => Some((span.extent, span.row..span.row + 1)),
+                Some((e, r)) if e == span.extent => Some((e, r.start..span.row + 1)),
+                other => other,
+            };
             for (c, from, n) in vol.span_columns(&span) {
                 let holder = vol.meta.placement[span.extent as usize][c];
                 if meta.is_behind(c) || meta.is_unknown(c) || !view.reachable(holder) {
@@ -700,7 +791,8 @@ impl Engine {
             .iter()
             .any(|p| p.holder != self.id && p.read.want != Want::Zero);
         if healthy && elsewhere {
-            return Ok(ReadAnswer::Located(parts));
+            let lease = rows.and_then(|(e, r)| self.grant(&view, &vol, asker, e, r));
+            return Ok(ReadAnswer::Located(parts, lease));
         }
         self.primary_read(epoch, volume, offset, len)
             .await
@@ -770,6 +862,8 @@ impl Engine {
         data: &[u8],
     ) -> Result<()> {
         let (view, vol) = self.as_primary(epoch, volume, offset, data.len() as u64)?;
+        self.lease_gate(&view, &vol, offset, data.len() as u64)
+            .await?;
         // Rows are independent (each under its own lock): a multi-row write commits them
         // concurrently, so its latency is one row's, not the sum.
         let rows = vol
@@ -807,6 +901,7 @@ impl Engine {
         len: u64,
     ) -> Result<Vec<u8>> {
         let (view, vol) = self.as_primary(epoch, volume, offset, len)?;
+        self.lease_gate(&view, &vol, offset, len).await?;
         // Rows are read concurrently, each under its own lock; each needs only the byte
         // ranges of the columns it covers.
         let rows = vol.meta.layout.spans(offset, len).into_iter().map(|span| {
@@ -942,10 +1037,7 @@ impl Engine {
     ) -> Result<RowMeta> {
         {
             let mut c = vol.cache.lock().expect("row cache");
-            if c.0 != view.epoch {
-                *c = (view.epoch, HashMap::new());
-            }
-            if let Some(m) = c.1.get(&(extent, row)) {
+            if let Some(m) = c.rows_of(view.epoch).and_then(|r| r.get(&(extent, row))) {
                 return Ok(m.clone());
             }
         }
@@ -956,15 +1048,219 @@ impl Engine {
 
     fn forget_row(&self, view: &ClusterView, vol: &Vol, extent: u64, row: u32) {
         let mut c = vol.cache.lock().expect("row cache");
-        if c.0 == view.epoch {
-            c.1.remove(&(extent, row));
+        if let Some(rows) = c.rows_of(view.epoch) {
+            rows.remove(&(extent, row));
         }
     }
 
     fn cache_row(&self, view: &ClusterView, vol: &Vol, extent: u64, row: u32, meta: &RowMeta) {
         let mut c = vol.cache.lock().expect("row cache");
-        if c.0 == view.epoch {
-            c.1.insert((extent, row), meta.clone());
+        if let Some(rows) = c.rows_of(view.epoch) {
+            rows.insert((extent, row), meta.clone());
+        }
+    }
+
+    /// A write of the row has ended (`new`: the state it committed, to serve from now on;
+    /// `None`: what the row holds is for a reload to settle). Returns the extent's lessees,
+    /// whose leases must be gone before the write is answered: they are taken under the same
+    /// lock as the state changes, so a grant either names the new state or is taken here.
+    fn row_changed(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        row: u32,
+        new: Option<&RowMeta>,
+    ) -> Vec<Lessee> {
+        let mut c = vol.cache.lock().expect("row cache");
+        if let Some(rows) = c.rows_of(view.epoch) {
+            match new {
+                Some(m) => rows.insert((extent, row), m.clone()),
+                None => rows.remove(&(extent, row)),
+            };
+        }
+        if self.env.read_lease_ttl().is_none() {
+            return Vec::new();
+        }
+        c.grants.extent(extent).take_for_change(self.env.now())
+    }
+
+    /// Has every lessee in `lessees` drop its lease on `extent`: asked (concurrently), or,
+    /// when one does not answer first, its lease waited out.
+    async fn revoke(
+        &self,
+        view: &ClusterView,
+        volume: VolumeId,
+        extent: u64,
+        lessees: Vec<Lessee>,
+    ) {
+        if lessees.is_empty() {
+            return;
+        }
+        self.stats.lock().expect("stats").leases_revoked += lessees.len() as u64;
+        let calls = lessees.into_iter().map(|l| async move {
+            if l.id == self.id {
+                self.revoke_leases(volume, extent);
+                return;
+            }
+            let ask = self.env.revoke_leases(l.id, view.epoch, volume, extent);
+            let out = self.env.wait_until(l.until);
+            futures::pin_mut!(ask, out);
+            if let futures::future::Either::Left((Err(_), _)) =
+                futures::future::select(ask, out.as_mut()).await
+            {
+                out.await;
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    /// Drops this controller's read leases on `extent` of `volume` (the primary revokes
+    /// them); replies to requests sent before this carry no lease that would be installed.
+    pub fn revoke_leases(&self, volume: VolumeId, extent: u64) {
+        self.held.lock().expect("leases").revoke((volume, extent));
+    }
+
+    /// Waits, before primary work on `[offset, offset+len)` in `view`'s epoch, until no
+    /// read lease of an older epoch on those extents can be in use: this controller's own
+    /// older lessees are revoked (or waited out), and an extent it newly leads (or any, right
+    /// after it started) waits one lease period, since others' grants are unknown to it.
+    async fn lease_gate(&self, view: &ClusterView, vol: &Vol, offset: u64, len: u64) -> Result<()> {
+        let Some(ttl) = self.env.read_lease_ttl() else {
+            return Ok(());
+        };
+        for (e, ..) in Self::extent_parts(vol, offset, len) {
+            let (older, wait) = {
+                let mut c = vol.cache.lock().expect("row cache");
+                let g = c.grants.extent(e);
+                if g.ready >= view.epoch {
+                    continue;
+                }
+                let now = self.env.now();
+                let older = g.take_older(view.epoch, now);
+                let wait = g
+                    .gate
+                    .into_iter()
+                    .chain([self.started + ttl])
+                    .max()
+                    .filter(|t| *t > now);
+                (older, wait)
+            };
+            self.revoke(view, vol.meta.id, e, older).await;
+            if let Some(t) = wait {
+                self.env.wait_until(t).await;
+            }
+            self.still(view.epoch)?;
+            let mut c = vol.cache.lock().expect("row cache");
+            let g = c.grants.extent(e);
+            g.ready = g.ready.max(view.epoch);
+        }
+        Ok(())
+    }
+
+    /// A lease for controller `asker` on rows `rows` of `extent` (which it asked to read)
+    /// and up to [`READAHEAD_ROWS`] rows after them: the rows whose state is known here,
+    /// with every data column current at a reachable holder. `None` when leases are off,
+    /// the extent changed within a lease period, or no row qualifies.
+    fn grant(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        asker: ControllerId,
+        extent: u64,
+        rows: Range<u32>,
+    ) -> Option<ReadLease> {
+        let ttl = self.env.read_lease_ttl()?;
+        let k = vol.k();
+        let set = &vol.meta.placement[extent as usize];
+        if asker == self.id || !set[..k].iter().all(|h| view.reachable(*h)) {
+            return None;
+        }
+        let quiet = self.env.read_lease_quiet().unwrap_or(ttl);
+        let now = self.env.now();
+        let mut c = vol.cache.lock().expect("row cache");
+        if c.epoch != view.epoch || !c.grants.extent(extent).may_grant(view.epoch, now, quiet) {
+            return None;
+        }
+        let last = rows
+            .end
+            .saturating_add(READAHEAD_ROWS)
+            .min(vol.meta.layout.geometry.rows_per_extent);
+        let granted: Vec<(u32, Vec<Want>)> = (rows.start..last)
+            .filter_map(|r| {
+                let m = c.rows.get(&(extent, r))?;
+                (0..k)
+                    .map(|col| {
+                        if m.is_behind(col) || m.is_unknown(col) {
+                            None
+                        } else if m.is_zero(col) {
+                            Some(Want::Zero)
+                        } else {
+                            Some(Want::Version(m.want(col)))
+                        }
+                    })
+                    .collect::<Option<Vec<Want>>>()
+                    .map(|w| (r, w))
+            })
+            .collect();
+        if granted.is_empty() {
+            return None;
+        }
+        c.grants.extent(extent).grant(asker, view.epoch, now + ttl);
+        drop(c);
+        self.stats.lock().expect("stats").leases_granted += 1;
+        Some(ReadLease {
+            extent,
+            ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
+            rows: granted,
+        })
+    }
+
+    /// A host read of `[off, off+n)` inside `extent` served under this controller's read
+    /// lease, when it holds one for every row and every copy named is still there.
+    async fn read_leased(
+        &self,
+        view: &ClusterView,
+        vol: &Vol,
+        extent: u64,
+        off: u64,
+        n: u64,
+    ) -> Option<Vec<u8>> {
+        self.env.read_lease_ttl()?;
+        let spans = vol.meta.layout.spans(off, n);
+        let key = (vol.meta.id, extent);
+        let wants = self.held.lock().expect("leases").rows(
+            key,
+            view.epoch,
+            spans.iter().map(|s| s.row),
+            self.env.now(),
+        )?;
+        let mut parts = Vec::new();
+        for (span, wants) in spans.iter().zip(&wants) {
+            if span.extent != extent {
+                return None;
+            }
+            for (c, from, len) in vol.span_columns(span) {
+                parts.push(ReadPart {
+                    holder: vol.meta.placement[extent as usize][c],
+                    addr: Self::addr(vol, extent, span.row, c),
+                    read: RangeRead {
+                        want: wants[c].clone(),
+                        off: from,
+                        len,
+                    },
+                });
+            }
+        }
+        match self.read_located(view, &parts).await {
+            Some(d) => {
+                self.stats.lock().expect("stats").leased_reads += 1;
+                Some(d)
+            }
+            None => {
+                self.held.lock().expect("leases").forget(key);
+                None
+            }
         }
     }
 
@@ -1355,8 +1651,10 @@ impl Engine {
             Ok(new) => new,
             Err(e) => {
                 // Some chunks may have landed: what the row holds now is for a reload to
-                // settle, not the state cached before this write.
-                self.forget_row(view, vol, span.extent, span.row);
+                // settle, not the state cached before this write (a reload may settle on
+                // this write, so read leases go too).
+                let lessees = self.row_changed(view, vol, span.extent, span.row, None);
+                self.revoke(view, vol.meta.id, span.extent, lessees).await;
                 return Err(e);
             }
         };
@@ -1366,13 +1664,17 @@ impl Engine {
             new.acked = new.content();
             new.acked_cols = new.cols.clone();
         }
-        if holding >= vol.k() {
-            self.cache_row(view, vol, span.extent, span.row, &new);
-        } else {
-            // Too few copies to decode the new state: the next access reloads the row and
-            // settles on the newest state that can be decoded (this write or the one before).
-            self.forget_row(view, vol, span.extent, span.row);
-        }
+        // With too few copies to decode the new state, the next access reloads the row and
+        // settles on the newest state that can be decoded (this write or the one before).
+        let lessees = self.row_changed(
+            view,
+            vol,
+            span.extent,
+            span.row,
+            (holding >= vol.k()).then_some(&new),
+        );
+        // No lessee may read the old state once the write is answered.
+        self.revoke(view, vol.meta.id, span.extent, lessees).await;
         if holding < quorum {
             return Err(VolError::NoQuorum {
                 have: holding,

@@ -26,6 +26,7 @@ pub mod codec;
 pub mod disk_store;
 pub mod engine;
 pub mod layout;
+pub mod lease;
 pub mod range_lock;
 pub mod shard;
 

@@ -116,6 +116,10 @@ pub struct SimReport {
     pub patched_writes: u64,
     /// Forwarded reads answered with where the bytes are, and read from their holders.
     pub located_reads: u64,
+    /// Forwarded reads served under a read lease, without asking the primary.
+    pub leased_reads: u64,
+    /// Lessees asked to drop their leases before a write was answered.
+    pub leases_revoked: u64,
     /// Controllers marked out (their positions rebuilt on the others).
     pub marked_out: u64,
     /// Chunks copied to new holders by moves.
@@ -126,6 +130,19 @@ pub struct SimReport {
     pub planned_moves: u64,
     /// Controllers drained (their positions moved away while they served), then out.
     pub drained: u64,
+}
+
+impl SimReport {
+    /// Adds one engine's counters.
+    fn absorb(&mut self, s: &raid_engine::engine::EngineStats) {
+        self.resynced += s.resync_chunks;
+        self.moved += s.moved_chunks;
+        self.degraded_reads += s.degraded_reads;
+        self.patched_writes += s.patched_writes;
+        self.located_reads += s.located_reads;
+        self.leased_reads += s.leased_reads;
+        self.leases_revoked += s.leases_revoked;
+    }
 }
 
 type Reply<T> = oneshot::Sender<T>;
@@ -175,6 +192,8 @@ enum Msg {
         u64,
         Reply<Result<(), VolError>>,
     ),
+    /// Drop the read leases on an extent.
+    Revoke(ControllerId, u64, Reply<Result<(), VolError>>),
     /// Record a repair decision: row, chosen columns, abandoned-up-to version, epoch.
     Repair(
         (VolumeId, u64, u32),
@@ -210,7 +229,20 @@ struct Meta {
 struct Shared {
     queue: Arc<Mutex<Vec<Pending>>>,
     meta: Arc<Mutex<Meta>>,
+    clock: Arc<Mutex<Clock>>,
 }
+
+/// Simulated time for read leases: one millisecond per scheduler step, from a fixed base.
+struct Clock {
+    base: std::time::Instant,
+    tick: u64,
+    /// Waits: (tick to fire at, waker), in the order they were made.
+    timers: Vec<(u64, Reply<()>)>,
+}
+
+/// How long read leases last in the simulation, in steps (operations take tens of steps, so
+/// leases are used, revoked and run out).
+const LEASE_TICKS: u64 = 100;
 
 /// One controller's window on the simulated cluster.
 struct SimEnv {
@@ -244,6 +276,42 @@ fn unreachable_vol(to: ControllerId) -> VolError {
 }
 
 impl ClusterEnv for SimEnv {
+    fn read_lease_ttl(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_millis(LEASE_TICKS))
+    }
+    /// Leases are granted right after writes too, so revocations race with reads and writes
+    /// as often as possible.
+    fn read_lease_quiet(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::ZERO)
+    }
+    fn now(&self) -> std::time::Instant {
+        let c = self.shared.clock.lock().expect("clock");
+        c.base + std::time::Duration::from_millis(c.tick)
+    }
+    fn wait_until(&self, t: std::time::Instant) -> BoxFut<'_, ()> {
+        let mut c = self.shared.clock.lock().expect("clock");
+        let at = u64::try_from(
+            t.saturating_duration_since(c.base)
+                .as_nanos()
+                .div_ceil(1_000_000),
+        )
+        .expect("simulated time fits");
+        if at <= c.tick {
+            return Box::pin(std::future::ready(()));
+        }
+        let (tx, rx) = oneshot::channel();
+        c.timers.push((at, tx));
+        Box::pin(rx.map(|_| ()))
+    }
+    fn revoke_leases(
+        &self,
+        to: ControllerId,
+        _epoch: u64,
+        _volume: VolumeId,
+        extent: u64,
+    ) -> BoxFut<'_, Result<(), VolError>> {
+        self.send(|r| Msg::Revoke(to, extent, r), Err(unreachable_vol(to)))
+    }
     fn read_chunk(
         &self,
         to: ControllerId,
@@ -502,6 +570,10 @@ pub struct Sim {
     /// A controller being drained during the faulty phase (its positions move batch by
     /// batch; out once none is left).
     draining: Option<ControllerId>,
+    /// The controller and first block of the last host operation: some operations follow
+    /// it (same controller, nearby blocks), as a host's sequential I/O does, so read leases
+    /// are used and revoked.
+    last_op: Option<(ControllerId, u64)>,
     /// Controllers crashed and not yet restarted, or isolated, or not yet up again.
     blocks: u64,
 }
@@ -541,6 +613,11 @@ impl Sim {
                 moves: BTreeMap::new(),
                 out: BTreeSet::new(),
             })),
+            clock: Arc::new(Mutex::new(Clock {
+                base: std::time::Instant::now(),
+                tick: 0,
+                timers: Vec::new(),
+            })),
         };
         let mut sim = Self {
             cfg,
@@ -559,6 +636,7 @@ impl Sim {
             report: SimReport::default(),
             trace: Vec::new(),
             draining: None,
+            last_op: None,
         };
         for id in ids {
             sim.new_node(id, 1);
@@ -1070,13 +1148,20 @@ impl Sim {
                     let _ = r.send(e.primary_read(epoch, VOLUME, off, len).await);
                 });
             }
+            Msg::Revoke(to, extent, r) => {
+                if drop || !self.connected(p.from, to) {
+                    return;
+                }
+                self.nodes[&to].engine.revoke_leases(VOLUME, extent);
+                let _ = r.send(Ok(()));
+            }
             Msg::FwdLocate(to, epoch, off, len, r) => {
                 if drop || !self.connected(p.from, to) {
                     return;
                 }
                 let e = self.nodes[&to].engine.clone();
                 self.spawn_on(to, async move {
-                    let _ = r.send(e.primary_locate(epoch, VOLUME, off, len).await);
+                    let _ = r.send(e.primary_locate(p.from, epoch, VOLUME, off, len).await);
                 });
             }
             Msg::Served(key, content, epoch, r) => {
@@ -1171,11 +1256,17 @@ impl Sim {
 
     fn issue_host_op(&mut self) {
         let ids: Vec<ControllerId> = self.nodes.keys().copied().collect();
-        let via = ids[self.rng.below(ids.len() as u64) as usize];
-        if !self.nodes[&via].alive {
+        let (via, first) = match self.last_op {
+            Some((via, b)) if self.rng.pct(40) => (via, (b + self.rng.below(24)) % self.blocks),
+            _ => (
+                ids[self.rng.below(ids.len() as u64) as usize],
+                self.rng.below(self.blocks),
+            ),
+        };
+        if !self.nodes.get(&via).is_some_and(|n| n.alive) {
             return;
         }
-        let first = self.rng.below(self.blocks);
+        self.last_op = Some((via, first));
         let max = (self.blocks - first).min(40);
         let blocks = 1 + self.rng.below(max);
         let engine = self.nodes[&via].engine.clone();
@@ -1310,6 +1401,9 @@ impl Sim {
 
     fn restart(&mut self, id: ControllerId) {
         self.log(format!("restart {id}"));
+        // The crashed engine's counters count too.
+        let s = self.nodes[&id].engine.stats();
+        self.report.absorb(&s);
         let store = self.nodes[&id].store.clone();
         let engine = self.start_engine(id, store);
         let n = self.nodes.get_mut(&id).expect("node");
@@ -1482,8 +1576,26 @@ impl Sim {
         }
     }
 
-    fn step(&mut self, faults: bool) {
+    /// Advances simulated time by one step and fires the waits that are due.
+    fn tick(&mut self) {
         self.now += 1;
+        let due: Vec<Reply<()>> = {
+            let mut c = self.shared.clock.lock().expect("clock");
+            c.tick = self.now;
+            let now = self.now;
+            let (due, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut c.timers)
+                .into_iter()
+                .partition(|(at, _)| *at <= now);
+            c.timers = wait;
+            due.into_iter().map(|(_, r)| r).collect()
+        };
+        for r in due {
+            let _ = r.send(());
+        }
+    }
+
+    fn step(&mut self, faults: bool) {
+        self.tick();
         let r = self.rng.below(100);
         if r < 12 && self.in_flight < self.cfg.max_in_flight && faults {
             self.issue_host_op();
@@ -1595,12 +1707,7 @@ impl Sim {
         }
         self.report.epoch = self.shared.meta.lock().expect("meta").view.epoch;
         for n in self.nodes.values() {
-            let s = n.engine.stats();
-            self.report.resynced += s.resync_chunks;
-            self.report.moved += s.moved_chunks;
-            self.report.degraded_reads += s.degraded_reads;
-            self.report.patched_writes += s.patched_writes;
-            self.report.located_reads += s.located_reads;
+            self.report.absorb(&n.engine.stats());
         }
         self.report
     }
@@ -1758,10 +1865,11 @@ impl Sim {
     /// Reads every block through a random live controller; returns each block's write id.
     fn read_all(&mut self, when: &str) -> Vec<u64> {
         let mut out = Vec::new();
-        let per = 64u64;
         let mut first = 0;
         while first < self.blocks {
-            let n = per.min(self.blocks - first);
+            // Reads of 1 to 64 blocks: consecutive reads share rows and extents, so read
+            // leases are taken and used.
+            let n = (1 + self.rng.below(64)).min(self.blocks - first);
             let live: Vec<ControllerId> = self
                 .nodes
                 .iter()
@@ -1781,7 +1889,7 @@ impl Sim {
                 if slot.borrow().is_some() {
                     break;
                 }
-                self.now += 1;
+                self.tick();
                 self.deliver(false);
             }
             let r = slot.borrow_mut().take();

@@ -23,6 +23,7 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
     let mut degraded = 0;
     let mut patched = 0;
     let mut located = 0;
+    let (mut leased, mut revoked) = (0, 0);
     let (mut marked_out, mut moved, mut planned) = (0, 0, 0);
     let mut drained_among_faults = 0;
     for seed in seeds(default_seeds) {
@@ -41,6 +42,8 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
         degraded += r.degraded_reads;
         patched += r.patched_writes;
         located += r.located_reads;
+        leased += r.leased_reads;
+        revoked += r.leases_revoked;
         marked_out += r.marked_out;
         moved += r.moved;
         planned += r.planned_moves;
@@ -61,6 +64,11 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64) {
         located > 0,
         "no forwarded read was located and read from the holders"
     );
+    assert!(
+        leased > 0,
+        "no forwarded read was served under a read lease"
+    );
+    assert!(revoked > 0, "no write revoked a read lease");
     assert!(planned > 0, "no rebalance or drain moved anything");
     eprintln!("drains among the faults: {drained_among_faults}");
     (marked_out, moved)

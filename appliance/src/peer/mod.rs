@@ -486,6 +486,7 @@ impl PeerClient {
             Kind::ForwardWrite => "forward-write",
             Kind::ForwardRead => "forward-read",
             Kind::ForwardLocate => "forward-locate",
+            Kind::RevokeLeases => "revoke-leases",
             Kind::Heartbeat => "heartbeat",
             Kind::Meta => "meta",
         }

@@ -25,7 +25,7 @@
 //!   authenticate, so no frame is ever taken unchecked.
 //! - Every message parser checks every length against what remains and against its own limit.
 
-use raid_engine::cluster::{ReadAnswer, ReadPart};
+use raid_engine::cluster::{ReadAnswer, ReadLease, ReadPart};
 use raid_engine::shard::{Chunk, ChunkAddr, Patch, PatchOp, RangeRead, Want};
 
 /// Frame header size.
@@ -34,8 +34,9 @@ pub const HEADER_LEN: usize = 40;
 pub const MAX_PAYLOAD: usize = (4 << 20) + 4096;
 const MAGIC: [u8; 4] = *b"RNPF";
 /// 2: ranged chunk reads, patches and located reads (kinds 7, 8 and 9). 3: payloads on TLS
-/// links carry no CRC of their own ([`FLAG_LINK_SUM`]).
-const VERSION: u8 = 3;
+/// links carry no CRC of their own ([`FLAG_LINK_SUM`]). 4: read leases (a located answer may
+/// carry one; kind 10 revokes them).
+const VERSION: u8 = 4;
 /// Header flag: the payload has no CRC of its own; the link (TLS) authenticates it.
 pub const FLAG_LINK_SUM: u16 = 1;
 
@@ -55,6 +56,8 @@ const MAX_COLS: usize = raid_engine::codec::SHARDS_MAX;
 const MAX_TEXT: usize = 1024;
 /// Most parts in a located read (a 4 MiB read in 4 KiB chunks is 1024).
 const MAX_PARTS: usize = 4096;
+/// Most rows one read lease may name.
+const MAX_LEASE_ROWS: usize = 4096;
 
 /// Request kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +81,8 @@ pub enum Kind {
     PatchChunk = 8,
     /// A host read for the primary, which may answer with where the bytes are.
     ForwardLocate = 9,
+    /// The primary asks a lessee to drop its read leases on an extent.
+    RevokeLeases = 10,
 }
 
 /// What a [`Kind::Meta`] request carries (its body is JSON, produced and checked by openraft's
@@ -128,6 +133,7 @@ impl Kind {
             7 => Self::ReadRange,
             8 => Self::PatchChunk,
             9 => Self::ForwardLocate,
+            10 => Self::RevokeLeases,
             _ => return None,
         })
     }
@@ -345,7 +351,7 @@ fn be64(b: &[u8]) -> u64 {
 }
 
 /// A bounds-checked reader over a message body.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Reader<'a> {
     buf: &'a [u8],
     what: &'static str,
@@ -496,6 +502,37 @@ fn get_want(r: &mut Reader<'_>) -> Result<Want, WireError> {
     })
 }
 
+/// A read lease: rows of an extent with the copy of each data column (a version, or zeros).
+fn get_lease(r: &mut Reader<'_>) -> Result<ReadLease, WireError> {
+    let bad = WireError::Malformed("read lease");
+    let extent = r.u64()?;
+    let ttl_ms = r.u32()?;
+    let n = r.u32()? as usize;
+    if n > MAX_LEASE_ROWS {
+        return Err(bad);
+    }
+    let mut rows = Vec::with_capacity(n);
+    for _ in 0..n {
+        let row = r.u32()?;
+        let cols = r.u8()? as usize;
+        if cols == 0 || cols > MAX_COLS {
+            return Err(bad);
+        }
+        let wants = (0..cols)
+            .map(|_| match get_want(r)? {
+                w @ (Want::Zero | Want::Version(_)) => Ok(w),
+                _ => Err(WireError::Malformed("read lease")),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.push((row, wants));
+    }
+    Ok(ReadLease {
+        extent,
+        ttl_ms,
+        rows,
+    })
+}
+
 /// Error answers a peer can give, carried in a reply with status 1.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RemoteError {
@@ -621,6 +658,13 @@ pub enum Request {
         /// Length.
         len: u32,
     },
+    /// Drop the read leases on an extent.
+    RevokeLeases {
+        /// Volume.
+        volume: u32,
+        /// Extent.
+        extent: u64,
+    },
     /// Liveness.
     Heartbeat,
     /// Metadata log traffic.
@@ -695,6 +739,11 @@ impl Request {
                     Kind::ForwardLocate
                 }
             }
+            Self::RevokeLeases { volume, extent } => {
+                out.extend_from_slice(&volume.to_be_bytes());
+                out.extend_from_slice(&extent.to_be_bytes());
+                Kind::RevokeLeases
+            }
             Self::Heartbeat => Kind::Heartbeat,
             Self::Meta(op, body) => {
                 out.push(*op as u8);
@@ -768,6 +817,10 @@ impl Request {
                     }
                 }
             }
+            Kind::RevokeLeases => Self::RevokeLeases {
+                volume: r.u32()?,
+                extent: r.u64()?,
+            },
             Kind::Heartbeat => Self::Heartbeat,
             Kind::Meta => {
                 let op = MetaOp::from_u8(r.u8()?).ok_or(WireError::Malformed("meta op"))?;
@@ -817,7 +870,7 @@ impl Reply {
                 out.push(0);
                 put_bytes(out, d);
             }
-            Self::Answer(ReadAnswer::Located(parts)) => {
+            Self::Answer(ReadAnswer::Located(parts, lease)) => {
                 out.push(1);
                 out.extend_from_slice(&(parts.len() as u32).to_be_bytes());
                 for p in parts {
@@ -826,6 +879,22 @@ impl Reply {
                     put_want(out, &p.read.want);
                     out.extend_from_slice(&p.read.off.to_be_bytes());
                     out.extend_from_slice(&p.read.len.to_be_bytes());
+                }
+                match lease {
+                    None => out.push(0),
+                    Some(l) => {
+                        out.push(1);
+                        out.extend_from_slice(&l.extent.to_be_bytes());
+                        out.extend_from_slice(&l.ttl_ms.to_be_bytes());
+                        out.extend_from_slice(&(l.rows.len() as u32).to_be_bytes());
+                        for (row, wants) in &l.rows {
+                            out.extend_from_slice(&row.to_be_bytes());
+                            out.push(wants.len() as u8);
+                            for w in wants {
+                                put_want(out, w);
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -848,7 +917,9 @@ impl Reply {
                         .collect::<Result<_, _>>()?,
                 )
             }
-            Kind::WriteChunk | Kind::ForwardWrite | Kind::Heartbeat => Self::Done,
+            Kind::WriteChunk | Kind::ForwardWrite | Kind::Heartbeat | Kind::RevokeLeases => {
+                Self::Done
+            }
             Kind::ForwardRead | Kind::Meta | Kind::PatchChunk => {
                 Self::Data(r.bytes(MAX_PAYLOAD)?.to_vec())
             }
@@ -871,7 +942,12 @@ impl Reply {
                             },
                         });
                     }
-                    ReadAnswer::Located(parts)
+                    let lease = match r.u8()? {
+                        0 => None,
+                        1 => Some(get_lease(&mut r)?),
+                        _ => return Err(WireError::Malformed("read lease")),
+                    };
+                    ReadAnswer::Located(parts, lease)
                 }
                 _ => return Err(WireError::Malformed("located read")),
             }),
@@ -998,6 +1074,7 @@ mod tests {
                 Request::ForwardWrite { volume: vol, offset: off, data: vec![7; len] },
                 Request::ForwardRead { volume: vol, offset: off, len: len as u32 },
                 Request::ForwardLocate { volume: vol, offset: off, len: len as u32 },
+                Request::RevokeLeases { volume: vol, extent: off },
                 Request::Heartbeat,
                 Request::Meta(MetaOp::Vote, vec![b'{'; len]),
             ];
@@ -1023,7 +1100,16 @@ mod tests {
                 (Kind::ForwardLocate, Reply::Answer(ReadAnswer::Located(vec![
                     ReadPart { holder: 3, addr, read: RangeRead { want: Want::Version(v), off: 512, len: len as u32 } },
                     ReadPart { holder: 1, addr, read: RangeRead { want: Want::Zero, off: 0, len: 4096 } },
-                ]))),
+                ], None))),
+                (Kind::ForwardLocate, Reply::Answer(ReadAnswer::Located(
+                    vec![ReadPart { holder: 2, addr, read: RangeRead { want: Want::Version(v), off: 0, len: len as u32 } }],
+                    Some(ReadLease {
+                        extent: off,
+                        ttl_ms: len as u32,
+                        rows: (0..(len % 40) as u32).map(|r| (r, vec![Want::Version(v + u64::from(r)), Want::Zero])).collect(),
+                    }),
+                ))),
+                (Kind::RevokeLeases, Reply::Done),
                 (Kind::ForwardRead, Reply::Data(vec![3; len])),
             ] {
                 let body = reply.encode();
@@ -1045,7 +1131,9 @@ mod tests {
             let _ = decode_frame(&bytes);
             let _ = Request::decode(kind, &bytes);
             if let Ok(Ok(r)) = get_status(&bytes) {
-                let _ = Reply::decode(Kind::ReadChunk, r);
+                for kind in (1..=u8::MAX).filter_map(Kind::from_u8) {
+                    let _ = Reply::decode(kind, r.clone());
+                }
             }
         }
     }
