@@ -396,3 +396,49 @@ async fn scrub_rewrites_parity_that_disagrees_with_its_data() {
     assert_eq!(again.parity_rewritten, 0, "{again:?}");
     h.check_all(2, &want).await;
 }
+
+/// Read leases over the real peer protocol: a controller that does not lead an extent reads
+/// it without asking the primary once leased, and a write through a third controller revokes
+/// the lease before it is answered, so the next read sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_lease_is_used_and_a_write_through_another_controller_revokes_it() {
+    let mut h = Harness::new().await;
+    h.nodes[&1].initialize(&[1, 2, 3]).await.unwrap();
+    for id in 1..=3 {
+        h.wait_state(id, ControllerState::Up).await;
+    }
+    h.wait_volume().await;
+    // Extent 0 is placed on [1, 2, 3]: controller 1 leads it, and block 1 (column 1 of row 0)
+    // is held by controller 2, which reads it: the primary answers with where the block is
+    // (a located read, which may carry a lease), not with the bytes.
+    let v = volume();
+    assert_eq!(v.placement[0], vec![1, 2, 3]);
+    h.write(1, 1, 1).await.unwrap();
+    // No lease is granted on an extent written within the last lease period (0.5 s here).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let read2 = |h: &Harness| {
+        let e = h.nodes[&2].engine.clone();
+        async move {
+            retrying(|| e.read(VOL, BLOCK as u64, BLOCK as u64))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(read2(&h).await, block(1, 1));
+    let leased = h.nodes[&2].engine.stats().leased_reads;
+    assert_eq!(read2(&h).await, block(1, 1));
+    assert_eq!(
+        h.nodes[&2].engine.stats().leased_reads,
+        leased + 1,
+        "the second read did not use the lease the first one brought"
+    );
+    // A write through controller 3 goes to the primary, which revokes 2's lease first.
+    let revoked = h.nodes[&1].engine.stats().leases_revoked;
+    h.write(3, 1, 2).await.unwrap();
+    assert_eq!(h.nodes[&1].engine.stats().leases_revoked, revoked + 1);
+    assert_eq!(
+        read2(&h).await,
+        block(2, 1),
+        "a read after the write saw the old data"
+    );
+}
