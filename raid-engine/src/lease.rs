@@ -134,10 +134,13 @@ pub struct Held {
     extents: HashMap<(VolumeId, u64), HeldExtent>,
     /// Revocations received per extent: a reply sent before the last one carries no lease.
     revoked: HashMap<(VolumeId, u64), u64>,
+    /// Installs since rows that ran out were last swept.
+    since_sweep: u32,
 }
 
-/// Past this many rows held for one extent, rows that ran out are pruned on the next install.
-const PRUNE_ABOVE: usize = 4096;
+/// Every this many installs, rows that ran out are dropped from every extent (a sequential
+/// reader of a large volume would otherwise leave a lease record per row behind).
+const SWEEP_EVERY: u32 = 256;
 
 impl Held {
     /// Taken before asking the primary; [`Held::install`] needs it.
@@ -173,13 +176,23 @@ impl Held {
             held.epoch = epoch;
             held.rows.clear();
         }
-        if held.rows.len() > PRUNE_ABOVE {
-            held.rows.retain(|_, (_, d)| *d > sent);
-        }
         for (row, wants) in &lease.rows {
             held.rows.insert(*row, (wants.clone(), deadline));
         }
+        self.since_sweep += 1;
+        if self.since_sweep >= SWEEP_EVERY {
+            self.since_sweep = 0;
+            self.extents.retain(|_, h| {
+                h.rows.retain(|_, (_, d)| *d > sent);
+                !h.rows.is_empty()
+            });
+        }
         true
+    }
+
+    /// Rows held (live or run out but not yet swept), for tests.
+    pub fn rows_held(&self) -> usize {
+        self.extents.values().map(|h| h.rows.len()).sum()
     }
 
     /// The copies of `rows` of an extent, if every one is leased in `epoch` and not run out
@@ -274,6 +287,25 @@ mod tests {
         assert!(h.install(1, 7, t, t0, &lease(2, 1000, &[1])));
         assert!(h.rows((1, 2), 7, [0], t0).is_none());
         assert!(h.rows((1, 2), 7, [1], t0).is_some());
+    }
+
+    #[test]
+    fn rows_that_ran_out_are_swept_from_every_extent() {
+        let t0 = Instant::now();
+        let mut h = Held::default();
+        // A sequential reader: one extent after another, each leased once.
+        for e in 0..u64::from(SWEEP_EVERY) * 4 {
+            let sent = t0 + Duration::from_millis(e * 10);
+            let t = h.ticket((1, e));
+            assert!(h.install(1, 5, t, sent, &lease(e, 100, &[0, 1, 2, 3])));
+        }
+        // Leases of 100 ms, one install every 10 ms: at most the last sweep period's worth
+        // (SWEEP_EVERY installs of 4 rows) plus those still live are kept, not all 4096 rows.
+        assert!(
+            h.rows_held() <= (SWEEP_EVERY as usize + 10) * 4,
+            "{} rows held",
+            h.rows_held()
+        );
     }
 
     #[test]
