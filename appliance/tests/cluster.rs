@@ -402,7 +402,7 @@ async fn scrub_rewrites_parity_that_disagrees_with_its_data() {
 /// the lease before it is answered, so the next read sees it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_lease_is_used_and_a_write_through_another_controller_revokes_it() {
-    let mut h = Harness::new().await;
+    let h = Harness::new().await;
     h.nodes[&1].initialize(&[1, 2, 3]).await.unwrap();
     for id in 1..=3 {
         h.wait_state(id, ControllerState::Up).await;
