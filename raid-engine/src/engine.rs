@@ -1046,11 +1046,12 @@ impl Engine {
         Ok(meta)
     }
 
-    fn forget_row(&self, view: &ClusterView, vol: &Vol, extent: u64, row: u32) {
-        let mut c = vol.cache.lock().expect("row cache");
-        if let Some(rows) = c.rows_of(view.epoch) {
-            rows.remove(&(extent, row));
-        }
+    /// Drops the row's cached state (its next access loads it again, which may settle on
+    /// another state: a write that failed may be rolled forward), and first has the extent's
+    /// lessees drop their leases, which may name the state dropped.
+    async fn forget_row(&self, view: &ClusterView, vol: &Vol, extent: u64, row: u32) {
+        let lessees = self.row_changed(view, vol, extent, row, None);
+        self.revoke(view, vol.meta.id, extent, lessees).await;
     }
 
     fn cache_row(&self, view: &ClusterView, vol: &Vol, extent: u64, row: u32, meta: &RowMeta) {
@@ -2080,7 +2081,7 @@ impl Engine {
         let g = vol.global_row(extent, row);
         let guard = vol.rows.lock(g, g + 1).await;
         self.still(view.epoch)?;
-        self.forget_row(view, vol, extent, row);
+        self.forget_row(view, vol, extent, row).await;
         match self.row_meta(view, vol, extent, row).await {
             Ok(meta) => Ok((guard, Some(meta))),
             Err(e @ VolError::Epoch { .. }) => Err(e),
@@ -2310,7 +2311,7 @@ impl Engine {
                 self.still(view.epoch)?;
                 let mut meta = self.row_meta(view, vol, extent, row).await?;
                 if meta.is_unknown(pos) {
-                    self.forget_row(view, vol, extent, row);
+                    self.forget_row(view, vol, extent, row).await;
                     meta = self.row_meta(view, vol, extent, row).await?;
                 }
                 if !meta.is_behind(pos) && !meta.is_unknown(pos) {
@@ -2354,7 +2355,7 @@ impl Engine {
         let mut meta = self.row_meta(view, vol, mark.extent, mark.row).await?;
         if meta.is_unknown(pos) {
             // Did not answer at load: ask again before deciding anything.
-            self.forget_row(view, vol, mark.extent, mark.row);
+            self.forget_row(view, vol, mark.extent, mark.row).await;
             meta = self.row_meta(view, vol, mark.extent, mark.row).await?;
             if meta.is_unknown(pos) {
                 return Err(VolError::Peer(format!(

@@ -1717,8 +1717,11 @@ impl Sim {
             self.pool.run_until_stalled();
             self.settle_host_ops();
             let empty = self.shared.queue.lock().expect("queue").is_empty();
+            // A task may be waiting for time to pass (a read lease to run out) while it holds a
+            // row lock: time goes on until no wait is left.
+            let waiting = !self.shared.clock.lock().expect("clock").timers.is_empty();
             // Commands cut off by a crash wait in limbo until the controller is declared gone.
-            if empty && self.in_flight == self.limbo.borrow().len() {
+            if empty && !waiting && self.in_flight == self.limbo.borrow().len() {
                 return;
             }
             self.step(false);
