@@ -108,6 +108,17 @@ impl RowMeta {
             None => self.cols.iter().all(|&v| v == 0),
         }
     }
+    /// The copy of data column `pos` a reader may take from its holder without decoding
+    /// (zeros, or the state's version); `None` when the position is behind or did not answer.
+    fn current_copy(&self, pos: usize) -> Option<Want> {
+        if self.is_behind(pos) || self.is_unknown(pos) {
+            None
+        } else if self.is_zero(pos) {
+            Some(Want::Zero)
+        } else {
+            Some(Want::Version(self.want(pos)))
+        }
+    }
     /// The payload of a valid copy, if any.
     fn pick(&self, pos: usize, copies: &[Chunk], len: usize) -> Option<Vec<u8>> {
         if self.is_zero(pos) {
@@ -218,8 +229,6 @@ pub struct EngineStats {
     pub located_reads: u64,
     /// Host reads served under a read lease (no round trip to the primary).
     pub leased_reads: u64,
-    /// Read leases this controller granted as a primary.
-    pub leases_granted: u64,
     /// Lessees asked to drop their leases before a change was acknowledged.
     pub leases_revoked: u64,
 }
@@ -751,37 +760,22 @@ impl Engine {
         let (view, vol) = self.as_primary(epoch, volume, offset, len)?;
         self.lease_gate(&view, &vol, offset, len).await?;
         let mut parts = Vec::new();
-        let mut rows: Option<(u64, Range<u32>)> = None;
         let mut healthy = true;
-        for span in vol.meta.layout.spans(offset, len) {
+        let spans = vol.meta.layout.spans(offset, len);
+        for span in &spans {
             let g = vol.global_row(span.extent, span.row);
             let _row = vol.rows.lock(g, g + 1).await;
             self.still(epoch)?;
             let meta = self.row_meta(&view, &vol, span.extent, span.row).await?;
-            rows = match rows {
-                None => Some((span.extent, span.row..span.row + 1)),
-                Some((e, r)) if e == span.extent => Some((e, r.start..span.row + 1)),
-                other => other,
-            };
-            for (c, from, n) in vol.span_columns(&span) {
-                let holder = vol.meta.placement[span.extent as usize][c];
-                if meta.is_behind(c) || meta.is_unknown(c) || !view.reachable(holder) {
+            for (c, from, n) in vol.span_columns(span) {
+                let copy = meta
+                    .current_copy(c)
+                    .filter(|_| view.reachable(vol.meta.placement[span.extent as usize][c]));
+                let Some(want) = copy else {
                     healthy = false;
                     break;
-                }
-                parts.push(ReadPart {
-                    holder,
-                    addr: Self::addr(&vol, span.extent, span.row, c),
-                    read: RangeRead {
-                        want: if meta.is_zero(c) {
-                            Want::Zero
-                        } else {
-                            Want::Version(meta.want(c))
-                        },
-                        off: from,
-                        len: n,
-                    },
-                });
+                };
+                parts.push(Self::part(&vol, span, c, want, from, n));
             }
             if !healthy {
                 break;
@@ -791,7 +785,13 @@ impl Engine {
             .iter()
             .any(|p| p.holder != self.id && p.read.want != Want::Zero);
         if healthy && elsewhere {
-            let lease = rows.and_then(|(e, r)| self.grant(&view, &vol, asker, e, r));
+            // A lease covers one extent: the rows this read spans, when it spans one.
+            let lease = match (spans.first(), spans.last()) {
+                (Some(a), Some(b)) if a.extent == b.extent => {
+                    self.grant(&view, &vol, asker, a.extent, a.row..b.row + 1)
+                }
+                _ => None,
+            };
             return Ok(ReadAnswer::Located(parts, lease));
         }
         self.primary_read(epoch, volume, offset, len)
@@ -940,6 +940,19 @@ impl Engine {
             }
         }
         Ok(out)
+    }
+
+    /// Bytes `[from, from+len)` of data column `c` of `span`'s row, copy `want`, at its holder.
+    fn part(vol: &Vol, span: &RowSpan, c: usize, want: Want, from: u32, len: u32) -> ReadPart {
+        ReadPart {
+            holder: vol.meta.placement[span.extent as usize][c],
+            addr: Self::addr(vol, span.extent, span.row, c),
+            read: RangeRead {
+                want,
+                off: from,
+                len,
+            },
+        }
     }
 
     fn addr(vol: &Vol, extent: u64, row: u32, pos: usize) -> ChunkAddr {
@@ -1099,11 +1112,8 @@ impl Engine {
             return;
         }
         self.stats.lock().expect("stats").leases_revoked += lessees.len() as u64;
+        // A primary never leases to itself (see `grant`), so every lessee is a peer.
         let calls = lessees.into_iter().map(|l| async move {
-            if l.id == self.id {
-                self.revoke_leases(volume, extent);
-                return;
-            }
             let ask = self.env.revoke_leases(l.id, view.epoch, volume, extent);
             let out = self.env.wait_until(l.until);
             futures::pin_mut!(ask, out);
@@ -1190,26 +1200,14 @@ impl Engine {
         let granted: Vec<(u32, Vec<Want>)> = (rows.start..last)
             .filter_map(|r| {
                 let m = c.rows.get(&(extent, r))?;
-                (0..k)
-                    .map(|col| {
-                        if m.is_behind(col) || m.is_unknown(col) {
-                            None
-                        } else if m.is_zero(col) {
-                            Some(Want::Zero)
-                        } else {
-                            Some(Want::Version(m.want(col)))
-                        }
-                    })
-                    .collect::<Option<Vec<Want>>>()
-                    .map(|w| (r, w))
+                let wants: Option<Vec<Want>> = (0..k).map(|col| m.current_copy(col)).collect();
+                wants.map(|w| (r, w))
             })
             .collect();
         if granted.is_empty() {
             return None;
         }
         c.grants.extent(extent).grant(asker, view.epoch, now + ttl);
-        drop(c);
-        self.stats.lock().expect("stats").leases_granted += 1;
         Some(ReadLease {
             extent,
             ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
@@ -1242,15 +1240,7 @@ impl Engine {
                 return None;
             }
             for (c, from, len) in vol.span_columns(span) {
-                parts.push(ReadPart {
-                    holder: vol.meta.placement[extent as usize][c],
-                    addr: Self::addr(vol, extent, span.row, c),
-                    read: RangeRead {
-                        want: wants[c].clone(),
-                        off: from,
-                        len,
-                    },
-                });
+                parts.push(Self::part(vol, span, c, wants[c].clone(), from, len));
             }
         }
         match self.read_located(view, &parts).await {
@@ -1654,8 +1644,7 @@ impl Engine {
                 // Some chunks may have landed: what the row holds now is for a reload to
                 // settle, not the state cached before this write (a reload may settle on
                 // this write, so read leases go too).
-                let lessees = self.row_changed(view, vol, span.extent, span.row, None);
-                self.revoke(view, vol.meta.id, span.extent, lessees).await;
+                self.forget_row(view, vol, span.extent, span.row).await;
                 return Err(e);
             }
         };

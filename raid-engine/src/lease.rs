@@ -101,8 +101,9 @@ impl ExtentGrants {
         older
     }
 
-    /// Lessees recorded (live or not), for tests.
-    pub fn lessees(&self) -> &[Lessee] {
+    /// Lessees recorded (live or not).
+    #[cfg(test)]
+    fn lessees(&self) -> &[Lessee] {
         &self.lessees
     }
 }
@@ -190,8 +191,9 @@ impl Held {
         true
     }
 
-    /// Rows held (live or run out but not yet swept), for tests.
-    pub fn rows_held(&self) -> usize {
+    /// Rows held (live or run out but not yet swept).
+    #[cfg(test)]
+    fn rows_held(&self) -> usize {
         self.extents.values().map(|h| h.rows.len()).sum()
     }
 

@@ -503,6 +503,20 @@ fn get_want(r: &mut Reader<'_>) -> Result<Want, WireError> {
 }
 
 /// A read lease: rows of an extent with the copy of each data column (a version, or zeros).
+fn put_lease(out: &mut Vec<u8>, l: &ReadLease) {
+    out.extend_from_slice(&l.extent.to_be_bytes());
+    out.extend_from_slice(&l.ttl_ms.to_be_bytes());
+    out.extend_from_slice(&(l.rows.len() as u32).to_be_bytes());
+    for (row, wants) in &l.rows {
+        out.extend_from_slice(&row.to_be_bytes());
+        out.push(wants.len() as u8);
+        for w in wants {
+            put_want(out, w);
+        }
+    }
+}
+
+/// Parses what [`put_lease`] wrote.
 fn get_lease(r: &mut Reader<'_>) -> Result<ReadLease, WireError> {
     let bad = WireError::Malformed("read lease");
     let extent = r.u64()?;
@@ -884,16 +898,7 @@ impl Reply {
                     None => out.push(0),
                     Some(l) => {
                         out.push(1);
-                        out.extend_from_slice(&l.extent.to_be_bytes());
-                        out.extend_from_slice(&l.ttl_ms.to_be_bytes());
-                        out.extend_from_slice(&(l.rows.len() as u32).to_be_bytes());
-                        for (row, wants) in &l.rows {
-                            out.extend_from_slice(&row.to_be_bytes());
-                            out.push(wants.len() as u8);
-                            for w in wants {
-                                put_want(out, w);
-                            }
-                        }
+                        put_lease(out, l);
                     }
                 }
             }
