@@ -5,10 +5,10 @@
 //! parts that instruction runs an order of magnitude slower when the destination lies a few
 //! bytes past the source modulo 4096: measured here (EPYC, family 25 model 17) 2.5-3.1 GB/s
 //! instead of 17-37 GB/s for 4-64 KiB copies with the destination 5 bytes ahead, and 15 instead
-//! of 21 GB/s at 48 bytes. The data path makes exactly such copies on every read it serves:
-//! rustls copies each 16 KiB of plaintext into a record buffer behind a 5-byte record header,
-//! and the iSCSI Data-In copies the data behind a 48-byte header. In the cluster's 64 KiB read
-//! profile `memmove` was 25% of the controllers' samples, 13% in rustls's record copy alone.
+//! of 21 GB/s at 48 bytes. The data path makes such copies on every read it serves: rustls
+//! copies each 16 KiB of plaintext into a record buffer behind a 5-byte record header (and the
+//! iSCSI Data-In copies the data behind a 48-byte header). In the cluster's 64 KiB read profile
+//! `memmove` was 25% of the controllers' samples, 13% in rustls's record copy alone.
 //! glibc's own fix for this (skipping `rep movsb` at short distances) is enabled only for
 //! Intel processors in that release, and its `hwcaps` switch for it changed nothing here; the
 //! tunable that moves `rep movsb`'s threshold above every size does (vector copies at every
@@ -56,8 +56,8 @@ pub fn tunables(current: Option<&str>) -> Option<String> {
 }
 
 /// Restarts this process with the tunable when it runs on an affected CPU (module doc);
-/// returns only when no restart was needed or it failed (the error, to log once logging is
-/// up).
+/// returns only when no restart was needed or it failed (then with what to tell the
+/// operator).
 pub fn restart_if_needed() -> Option<String> {
     if !cfg!(all(
         target_os = "linux",

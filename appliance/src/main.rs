@@ -154,12 +154,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // A data-path process on an AMD CPU with FSRM restarts itself once with glibc's `rep
     // movsb` threshold raised (appliance::copy_tuning): 64 KiB copies at short distances ran
-    // at a tenth of their speed. The controllers `up` starts inherit the setting.
-    let copy_tuning = if matches!(cli.cmd, Cmd::Run { .. } | Cmd::Up { .. }) {
-        appliance::copy_tuning::restart_if_needed()
-    } else {
-        None
-    };
+    // at a tenth of their speed. The controllers `up` starts inherit the setting. Logging is
+    // not up yet: a failed restart is said on stderr (a controller's log under `up`).
+    if matches!(cli.cmd, Cmd::Run { .. } | Cmd::Up { .. }) {
+        if let Some(e) = appliance::copy_tuning::restart_if_needed() {
+            eprintln!("warning: {e}");
+        }
+    }
     let (cfg, banner) = match cli.cmd {
         Cmd::Status { peer, json, pki } => return status(&peer, json, &pki),
         Cmd::Pki { dir, controllers } => return pki(&dir, &controllers),
@@ -239,9 +240,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cfg.log_level);
-    if let Some(e) = copy_tuning {
-        tracing::warn!("{e}");
-    } else if std::env::var_os(appliance::copy_tuning::MARK).is_some() {
+    if std::env::var_os(appliance::copy_tuning::MARK).is_some() {
         tracing::info!(
             tunable = appliance::copy_tuning::TUNABLE,
             "restarted with glibc's rep movsb threshold raised (AMD CPU with FSRM: copies at short distances are slow with it)"
