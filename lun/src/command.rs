@@ -89,6 +89,17 @@ impl DataIn {
             Self::Read(r) => r.copy_to(at, out),
         }
     }
+    /// Appends `len` bytes from offset `at` to `out`.
+    ///
+    /// # Panics
+    /// If the range lies outside the data.
+    pub fn extend_into(&self, at: usize, len: usize, out: &mut Vec<u8>) {
+        match self {
+            Self::None => assert!(len == 0 && at == 0),
+            Self::Bytes(b) => out.extend_from_slice(&b[at..at + len]),
+            Self::Read(r) => r.extend_into(at, len, out),
+        }
+    }
 }
 
 /// How a command ended.

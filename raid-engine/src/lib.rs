@@ -90,15 +90,31 @@ impl ReadData {
     /// # Panics
     /// If the range is outside the data.
     pub fn copy_to(&self, at: usize, out: &mut [u8]) {
-        assert!(at + out.len() <= self.len);
+        let mut done = 0;
+        self.slices(at, out.len(), |s| {
+            out[done..done + s.len()].copy_from_slice(s);
+            done += s.len();
+        });
+    }
+    /// Appends `len` bytes starting at `at` to `out` (no zero-filling of `out` first).
+    ///
+    /// # Panics
+    /// If the range is outside the data.
+    pub fn extend_into(&self, at: usize, len: usize, out: &mut Vec<u8>) {
+        out.reserve(len);
+        self.slices(at, len, |s| out.extend_from_slice(s));
+    }
+    /// Hands `f` the bytes `[at, at + len)` in order, as the slices they are stored in.
+    fn slices(&self, at: usize, len: usize, mut f: impl FnMut(&[u8])) {
+        assert!(at + len <= self.len);
         if let Some(v) = &self.owned {
-            out.copy_from_slice(&v[at..at + out.len()]);
+            f(&v[at..at + len]);
             return;
         }
         let mut pos = self.start + at;
         let mut done = 0;
         for b in &self.bufs {
-            if done == out.len() {
+            if done == len {
                 break;
             }
             let s = b.as_slice();
@@ -106,12 +122,12 @@ impl ReadData {
                 pos -= s.len();
                 continue;
             }
-            let n = (s.len() - pos).min(out.len() - done);
-            out[done..done + n].copy_from_slice(&s[pos..pos + n]);
+            let n = (s.len() - pos).min(len - done);
+            f(&s[pos..pos + n]);
             done += n;
             pos = 0;
         }
-        assert_eq!(done, out.len());
+        assert_eq!(done, len);
     }
     /// The bytes as one vector (copies; tests and small replies).
     pub fn to_vec(&self) -> Vec<u8> {
@@ -376,6 +392,37 @@ mod tests {
         cfg.pool_bytes = 64 << 20;
         let dev = Arc::new(Device::open(&cfg).unwrap());
         LocalVolume::new(dev, 8192, size).unwrap()
+    }
+
+    #[tokio::test]
+    async fn read_data_hands_out_the_bytes_across_its_buffers() {
+        // A read longer than one device I/O spans two pooled buffers; every window, whether
+        // copied into a slice or appended to a vector, must be the bytes written there.
+        let dir = tempfile::tempdir().unwrap();
+        let size = 40u64 << 20;
+        let v = volume(&dir, size);
+        let pattern: Vec<u8> = (0..24u32 << 20).map(|i| (i % 251) as u8).collect();
+        v.write(0, &pattern, false).await.unwrap();
+        let (off, len) = (1000usize, IO_SIZE_MAX_BYTES + 5000);
+        let r = v.read(off as u64, len).await.unwrap();
+        let want = &pattern[off..off + len];
+        let edge = IO_SIZE_MAX_BYTES - off;
+        for (at, n) in [
+            (0, 10),
+            (edge - 7, 20),
+            (edge, 9),
+            (len - 3, 3),
+            (0, len),
+            (5, 0),
+        ] {
+            let mut copied = vec![0xee; n];
+            r.copy_to(at, &mut copied);
+            assert_eq!(copied, want[at..at + n], "copy_to({at}, {n})");
+            let mut appended = vec![1, 2, 3];
+            r.extend_into(at, n, &mut appended);
+            assert_eq!(appended[..3], [1, 2, 3]);
+            assert_eq!(appended[3..], want[at..at + n], "extend_into({at}, {n})");
+        }
     }
 
     #[tokio::test]

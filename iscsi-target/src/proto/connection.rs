@@ -1439,8 +1439,8 @@ impl Connection {
                         self.out.extend_from_slice(&super::digest::to_wire(crc));
                     }
                     let d0 = self.out.len();
+                    outcome.data_in.extend_into(off, n, &mut self.out);
                     self.out.resize(d0 + pdu::pad4(n), 0);
-                    outcome.data_in.copy_to(off, &mut self.out[d0..d0 + n]);
                     if self.digests.data {
                         let crc = super::digest::crc32c(&self.out[d0..]);
                         self.out.extend_from_slice(&super::digest::to_wire(crc));
