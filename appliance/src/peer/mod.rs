@@ -31,7 +31,7 @@ use tls::{Identity, PeerTls};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use wire::{Frame, Kind, RemoteError, Reply, Request, Sum, WireError, REPLY};
+use wire::{Frame, Kind, Outgoing, RemoteError, Reply, Request, Sum, WireError, REPLY};
 
 /// Bounds of the transport.
 #[derive(Debug, Clone, Copy)]
@@ -160,17 +160,17 @@ const GATHER_BELOW: usize = 16 << 10;
 /// Writes what `rx` delivers, gathering the frames queued meanwhile into one flush (the
 /// buffered socket under it sends them with one `write`; a TLS stream sends records once
 /// flushed).
-async fn write_loop(mut wr: Box<dyn AsyncWrite + Send + Unpin>, mut rx: mpsc::Receiver<Vec<u8>>) {
-    while let Some(bytes) = rx.recv().await {
-        let mut queued = bytes.len();
-        if wr.write_all(&bytes).await.is_err() {
+async fn write_loop(mut wr: Box<dyn AsyncWrite + Send + Unpin>, mut rx: mpsc::Receiver<Outgoing>) {
+    while let Some(frame) = rx.recv().await {
+        let mut queued = frame.len();
+        if write_frame(&mut wr, &frame).await.is_err() {
             return;
         }
         let mut yielded = false;
         loop {
             while let Ok(more) = rx.try_recv() {
                 queued += more.len();
-                if wr.write_all(&more).await.is_err() {
+                if write_frame(&mut wr, &more).await.is_err() {
                     return;
                 }
             }
@@ -184,6 +184,17 @@ async fn write_loop(mut wr: Box<dyn AsyncWrite + Send + Unpin>, mut rx: mpsc::Re
             return;
         }
     }
+}
+
+async fn write_frame(
+    wr: &mut Box<dyn AsyncWrite + Send + Unpin>,
+    frame: &Outgoing,
+) -> std::io::Result<()> {
+    wr.write_all(&frame.head).await?;
+    if !frame.bulk.is_empty() {
+        wr.write_all(&frame.bulk).await?;
+    }
+    Ok(())
 }
 
 /// Serves peer connections from `listener`; with `tls`, only clients with a certificate of
@@ -246,7 +257,7 @@ async fn serve_conn(
     handler: Arc<dyn PeerHandler>,
     limits: PeerLimits,
 ) -> Result<(), String> {
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(limits.max_in_flight);
+    let (tx, rx) = mpsc::channel::<Outgoing>(limits.max_in_flight);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(write_loop(wr, rx));
     let permits = Arc::new(Semaphore::new(limits.max_in_flight));
@@ -276,12 +287,11 @@ async fn serve_conn(
         let handler = handler.clone();
         let tx = tx.clone();
         tasks.spawn(async move {
-            let mut out = wire::frame_start();
-            match handler.handle(f.sender, f.epoch, req).await {
-                Ok(r) => r.encode_into(&mut out),
-                Err(e) => wire::put_error(&mut out, &e),
-            }
-            wire::seal_frame(&mut out, f.kind | REPLY, me, f.epoch, f.request_id, sum);
+            let (kind, epoch, id) = (f.kind | REPLY, f.epoch, f.request_id);
+            let out = match handler.handle(f.sender, f.epoch, req).await {
+                Ok(r) => r.into_frame(kind, me, epoch, id, sum),
+                Err(e) => Reply::error_frame(&e, kind, me, epoch, id, sum),
+            };
             let _ = tx.send(out).await;
             drop(permit);
         });
@@ -295,7 +305,7 @@ async fn serve_conn(
 
 #[derive(Debug)]
 struct Conn {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Outgoing>,
     /// What vouches for payloads on this link (the link itself under TLS).
     sum: Sum,
     pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
@@ -393,7 +403,7 @@ impl PeerClient {
                 halves(s)
             }
         };
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(self.limits.max_in_flight);
+        let (tx, rx) = mpsc::channel::<Outgoing>(self.limits.max_in_flight);
         let sum = if self.tls.is_some() {
             Sum::Link
         } else {
@@ -446,9 +456,7 @@ impl PeerClient {
             .expect("semaphore never closed");
         let conn = self.connection().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut out = wire::frame_start();
-        let kind = req.encode_into(&mut out);
-        wire::seal_frame(&mut out, kind as u8, self.me, epoch, id, conn.sum);
+        let (kind, out) = req.into_frame(self.me, epoch, id, conn.sum);
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().expect("pending").insert(id, tx);
         // However this call ends (answered, timed out, or dropped because a hedged read won
@@ -589,7 +597,7 @@ mod tests {
                     cols: vec![u64::from(i) + 1],
                     acked: 0,
                     acked_cols: Vec::new(),
-                    data: vec![i as u8; 4096],
+                    data: vec![i as u8; size(i)],
                 };
                 c.call(5, Request::WriteChunk(addr(i), chunk)).await
             }
@@ -606,7 +614,7 @@ mod tests {
                 panic!("copies expected")
             };
             assert_eq!(cs.len(), 1);
-            assert_eq!(cs[0].data, vec![i as u8; 4096]);
+            assert_eq!(cs[0].data, vec![i as u8; size(i)]);
         }
         assert_eq!(
             c.call(4, Request::Heartbeat).await,
@@ -715,13 +723,22 @@ mod tests {
             .contains("checksum"));
     }
 
+    /// Sizes on both sides of [`wire::BULK_MIN`]: frames sent whole and as head and bulk.
+    fn size(i: u32) -> usize {
+        if i.is_multiple_of(2) {
+            4096
+        } else {
+            (64 << 10) + i as usize
+        }
+    }
+
     fn chunk(fill: u8) -> Chunk {
         Chunk {
             version: 1,
             cols: vec![1],
             acked: 0,
             acked_cols: Vec::new(),
-            data: vec![fill; 4096],
+            data: vec![fill; size(u32::from(fill))],
         }
     }
 
@@ -748,7 +765,7 @@ mod tests {
         let Reply::Copies(cs) = c.call(5, Request::ReadChunk(addr(7))).await.unwrap() else {
             panic!("copies expected")
         };
-        assert_eq!(cs[0].data, vec![7u8; 4096]);
+        assert_eq!(cs[0].data, vec![7u8; size(7)]);
         // Refused, and nothing they sent is written: a certificate of another CA, no TLS at
         // all, a valid certificate of controller 3 whose frames claim controller 1.
         let refused = [

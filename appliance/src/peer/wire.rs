@@ -220,23 +220,97 @@ pub fn frame_start() -> Vec<u8> {
 /// If `frame` is shorter than a header or its payload exceeds [`MAX_PAYLOAD`] (a bug in the
 /// caller).
 pub fn seal_frame(frame: &mut [u8], kind: u8, sender: u32, epoch: u64, request_id: u64, sum: Sum) {
+    seal_parts(frame, &[], kind, sender, epoch, request_id, sum);
+}
+
+/// [`seal_frame`] for a frame whose payload is `frame`'s bytes after the header followed by
+/// `bulk`.
+fn seal_parts(
+    frame: &mut [u8],
+    bulk: &[u8],
+    kind: u8,
+    sender: u32,
+    epoch: u64,
+    request_id: u64,
+    sum: Sum,
+) {
     let (h, payload) = frame.split_at_mut(HEADER_LEN);
-    assert!(payload.len() <= MAX_PAYLOAD, "payload over the limit");
+    let len = payload.len() + bulk.len();
+    assert!(len <= MAX_PAYLOAD, "payload over the limit");
     h[0..4].copy_from_slice(&MAGIC);
     h[4] = VERSION;
     h[5] = kind;
     let (flags, crc) = match sum {
-        Sum::Crc32c => (0, crc32c::crc32c(payload)),
+        Sum::Crc32c => (0, crc32c::crc32c_append(crc32c::crc32c(payload), bulk)),
         Sum::Link => (FLAG_LINK_SUM, 0),
     };
     h[6..8].copy_from_slice(&flags.to_be_bytes());
     h[8..12].copy_from_slice(&sender.to_be_bytes());
     h[12..20].copy_from_slice(&epoch.to_be_bytes());
     h[20..28].copy_from_slice(&request_id.to_be_bytes());
-    h[28..32].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+    h[28..32].copy_from_slice(&(len as u32).to_be_bytes());
     h[32..36].copy_from_slice(&crc.to_be_bytes());
     let hcrc = crc32c::crc32c(&h[..36]);
     h[36..40].copy_from_slice(&hcrc.to_be_bytes());
+}
+
+/// A sealed frame to send: `head` then `bulk` on the wire. `bulk` holds the bytes of the
+/// message's last field when there are at least [`BULK_MIN`] of them (a chunk's data, a
+/// forwarded write's data, a read's answer), moved out of the message instead of copied behind
+/// the header; otherwise it is empty and `head` is the whole frame.
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    /// Header and body up to (and including the length of) the bulk field.
+    pub head: Vec<u8>,
+    /// The bulk field's bytes.
+    pub bulk: Vec<u8>,
+}
+
+/// A last field shorter than this is copied into the frame's head: under TLS each of head and
+/// bulk becomes its own record(s), which costs more than copying a few KiB.
+pub const BULK_MIN: usize = 16 << 10;
+
+impl Outgoing {
+    /// The frame's length on the wire.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.head.len() + self.bulk.len()
+    }
+
+    /// Whether the frame is empty (never, once sealed).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Seals `head` (header room, then a body whose last field, the bulk field, was encoded
+    /// empty: its 4-byte length of 0 ends `head`) with `bulk` as that field's bytes.
+    fn seal(
+        mut head: Vec<u8>,
+        bulk: Vec<u8>,
+        kind: u8,
+        sender: u32,
+        epoch: u64,
+        request_id: u64,
+        sum: Sum,
+    ) -> Self {
+        if !bulk.is_empty() {
+            let at = head.len() - 4;
+            debug_assert_eq!(head[at..], [0; 4], "the bulk field ends the body");
+            head[at..].copy_from_slice(&(bulk.len() as u32).to_be_bytes());
+        }
+        seal_parts(&mut head, &bulk, kind, sender, epoch, request_id, sum);
+        Self { head, bulk }
+    }
+}
+
+/// Takes `field` out when it is long enough to go as a frame's bulk.
+fn take_bulk(field: &mut Vec<u8>, min: usize) -> Vec<u8> {
+    if field.len() >= min.max(1) {
+        std::mem::take(field)
+    } else {
+        Vec::new()
+    }
 }
 
 /// A frame header that passed every check [`decode_head`] makes; the payload's checksum is
@@ -693,6 +767,40 @@ impl Request {
         (kind, out)
     }
 
+    /// The request as a sealed frame, its bulk data moved, not copied ([`Outgoing`]); and its
+    /// kind.
+    #[must_use]
+    pub fn into_frame(
+        self,
+        sender: u32,
+        epoch: u64,
+        request_id: u64,
+        sum: Sum,
+    ) -> (Kind, Outgoing) {
+        self.into_frame_with(BULK_MIN, sender, epoch, request_id, sum)
+    }
+
+    fn into_frame_with(
+        mut self,
+        bulk_min: usize,
+        sender: u32,
+        epoch: u64,
+        request_id: u64,
+        sum: Sum,
+    ) -> (Kind, Outgoing) {
+        // The fields taken are the last ones the encoding writes (see `encode_into`).
+        let bulk = match &mut self {
+            Self::WriteChunk(_, c) => take_bulk(&mut c.data, bulk_min),
+            Self::PatchChunk(_, p) => take_bulk(&mut p.head.data, bulk_min),
+            Self::ForwardWrite { data, .. } => take_bulk(data, bulk_min),
+            _ => Vec::new(),
+        };
+        let mut head = frame_start();
+        let kind = self.encode_into(&mut head);
+        let out = Outgoing::seal(head, bulk, kind as u8, sender, epoch, request_id, sum);
+        (kind, out)
+    }
+
     /// Appends the body to `out` (after a frame's header room, see [`frame_start`]); the kind.
     pub fn encode_into(&self, out: &mut Vec<u8>) -> Kind {
         match self {
@@ -865,6 +973,57 @@ impl Reply {
         let mut out = Vec::new();
         self.encode_into(&mut out);
         out
+    }
+
+    /// The reply as a sealed frame of `kind` (the request's kind with [`REPLY`]), its bulk
+    /// data moved, not copied ([`Outgoing`]).
+    #[must_use]
+    pub fn into_frame(
+        self,
+        kind: u8,
+        sender: u32,
+        epoch: u64,
+        request_id: u64,
+        sum: Sum,
+    ) -> Outgoing {
+        self.into_frame_with(BULK_MIN, kind, sender, epoch, request_id, sum)
+    }
+
+    fn into_frame_with(
+        mut self,
+        bulk_min: usize,
+        kind: u8,
+        sender: u32,
+        epoch: u64,
+        request_id: u64,
+        sum: Sum,
+    ) -> Outgoing {
+        // The fields taken are the last ones the encoding writes (see `encode_into`).
+        let bulk = match &mut self {
+            Self::Copies(cs) => cs
+                .last_mut()
+                .map_or_else(Vec::new, |c| take_bulk(&mut c.data, bulk_min)),
+            Self::Data(d) | Self::Answer(ReadAnswer::Data(d)) => take_bulk(d, bulk_min),
+            Self::Done | Self::Answer(ReadAnswer::Located(..)) => Vec::new(),
+        };
+        let mut head = frame_start();
+        self.encode_into(&mut head);
+        Outgoing::seal(head, bulk, kind, sender, epoch, request_id, sum)
+    }
+
+    /// An error reply as a sealed frame of `kind`.
+    #[must_use]
+    pub fn error_frame(
+        e: &RemoteError,
+        kind: u8,
+        sender: u32,
+        epoch: u64,
+        request_id: u64,
+        sum: Sum,
+    ) -> Outgoing {
+        let mut head = frame_start();
+        put_error(&mut head, e);
+        Outgoing::seal(head, Vec::new(), kind, sender, epoch, request_id, sum)
     }
 
     /// Appends the body (status byte included) to `out` (after a frame's header room, see
@@ -1095,6 +1254,10 @@ mod tests {
                 prop_assert_eq!(req.encode_into(&mut inplace), kind);
                 seal_frame(&mut inplace, kind as u8, 1, v, off, Sum::Crc32c);
                 prop_assert_eq!(&inplace, &out);
+                // Sent as head and bulk (any non-empty last field taken): the same bytes.
+                let (k, parts) = req.clone().into_frame_with(0, 1, v, off, Sum::Crc32c);
+                prop_assert_eq!(k, kind);
+                prop_assert_eq!([parts.head, parts.bulk].concat(), out);
             }
             for (kind, reply) in [
                 (Kind::ReadChunk, Reply::Copies(vec![chunk(v, len), chunk(v + 1, len)])),
@@ -1127,6 +1290,13 @@ mod tests {
                 prop_assert_eq!(n, framed.len());
                 prop_assert_eq!((f.kind, f.sender, f.epoch, f.request_id), (kind as u8 | REPLY, 2, v, off));
                 prop_assert_eq!(&f.payload, &body);
+                let parts = reply.clone().into_frame_with(0, kind as u8 | REPLY, 2, v, off, Sum::Crc32c);
+                prop_assert_eq!(parts.bulk.len(), match &reply {
+                    Reply::Copies(cs) => cs.last().map_or(0, |c| c.data.len()),
+                    Reply::Data(d) | Reply::Answer(ReadAnswer::Data(d)) => d.len(),
+                    _ => 0,
+                });
+                prop_assert_eq!([parts.head, parts.bulk].concat(), framed);
             }
         }
 
