@@ -31,7 +31,7 @@ use tls::{Identity, PeerTls};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use wire::{Frame, Kind, Outgoing, RemoteError, Reply, Request, Sum, WireError, REPLY};
+use wire::{Envelope, Frame, Kind, Outgoing, RemoteError, Reply, Request, Sum, WireError, REPLY};
 
 /// Bounds of the transport.
 #[derive(Debug, Clone, Copy)]
@@ -287,10 +287,15 @@ async fn serve_conn(
         let handler = handler.clone();
         let tx = tx.clone();
         tasks.spawn(async move {
-            let (kind, epoch, id) = (f.kind | REPLY, f.epoch, f.request_id);
+            let env = Envelope {
+                sender: me,
+                epoch: f.epoch,
+                request_id: f.request_id,
+                sum,
+            };
             let out = match handler.handle(f.sender, f.epoch, req).await {
-                Ok(r) => r.into_frame(kind, me, epoch, id, sum),
-                Err(e) => Reply::error_frame(&e, kind, me, epoch, id, sum),
+                Ok(r) => r.into_frame(f.kind | REPLY, env),
+                Err(e) => Reply::error_frame(&e, f.kind | REPLY, env),
             };
             let _ = tx.send(out).await;
             drop(permit);
@@ -456,7 +461,12 @@ impl PeerClient {
             .expect("semaphore never closed");
         let conn = self.connection().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (kind, out) = req.into_frame(self.me, epoch, id, conn.sum);
+        let (kind, out) = req.into_frame(Envelope {
+            sender: self.me,
+            epoch,
+            request_id: id,
+            sum: conn.sum,
+        });
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().expect("pending").insert(id, tx);
         // However this call ends (answered, timed out, or dropped because a hedged read won

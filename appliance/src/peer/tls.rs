@@ -371,27 +371,25 @@ mod tests {
             PeerTls::load(d.path(), 1).unwrap(),
             PeerTls::load(d.path(), 2).unwrap(),
         );
-        let mut client =
-            rustls::ClientConnection::new(one.client.clone(), server_name(Some(2))).unwrap();
-        let mut server = rustls::ServerConnection::new(two.server.clone()).unwrap();
+        let mut client = rustls::Connection::from(
+            rustls::ClientConnection::new(one.client.clone(), server_name(Some(2))).unwrap(),
+        );
+        let mut server =
+            rustls::Connection::from(rustls::ServerConnection::new(two.server.clone()).unwrap());
         // The handshake in memory: each side's records handed to the other until both are done.
-        for _ in 0..10 {
+        let hand = |from: &mut rustls::Connection, to: &mut rustls::Connection| {
             let mut wire = Vec::new();
-            while client.wants_write() {
-                client.write_tls(&mut wire).unwrap();
+            while from.wants_write() {
+                from.write_tls(&mut wire).unwrap();
             }
             if !wire.is_empty() {
-                server.read_tls(&mut &wire[..]).unwrap();
-                server.process_new_packets().unwrap();
+                to.read_tls(&mut &wire[..]).unwrap();
+                to.process_new_packets().unwrap();
             }
-            let mut back = Vec::new();
-            while server.wants_write() {
-                server.write_tls(&mut back).unwrap();
-            }
-            if !back.is_empty() {
-                client.read_tls(&mut &back[..]).unwrap();
-                client.process_new_packets().unwrap();
-            }
+        };
+        for _ in 0..10 {
+            hand(&mut client, &mut server);
+            hand(&mut server, &mut client);
             if !client.is_handshaking() && !server.is_handshaking() {
                 break;
             }

@@ -50,6 +50,20 @@ pub enum Sum {
     /// cluster's 64 KiB read CPU).
     Link,
 }
+/// Who sends a frame, in which epoch, for which request, and what vouches for its payload:
+/// everything in a header but the kind and the length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Envelope {
+    /// The sender's controller id.
+    pub sender: u32,
+    /// The sender's epoch.
+    pub epoch: u64,
+    /// The request id (a reply echoes its request's).
+    pub request_id: u64,
+    /// What vouches for the payload.
+    pub sum: Sum,
+}
+
 /// Reply bit of [`Frame::kind`].
 pub const REPLY: u8 = 0x80;
 const MAX_COLS: usize = raid_engine::codec::SHARDS_MAX;
@@ -220,20 +234,24 @@ pub fn frame_start() -> Vec<u8> {
 /// If `frame` is shorter than a header or its payload exceeds [`MAX_PAYLOAD`] (a bug in the
 /// caller).
 pub fn seal_frame(frame: &mut [u8], kind: u8, sender: u32, epoch: u64, request_id: u64, sum: Sum) {
-    seal_parts(frame, &[], kind, sender, epoch, request_id, sum);
+    let env = Envelope {
+        sender,
+        epoch,
+        request_id,
+        sum,
+    };
+    seal_parts(frame, &[], kind, env);
 }
 
 /// [`seal_frame`] for a frame whose payload is `frame`'s bytes after the header followed by
 /// `bulk`.
-fn seal_parts(
-    frame: &mut [u8],
-    bulk: &[u8],
-    kind: u8,
-    sender: u32,
-    epoch: u64,
-    request_id: u64,
-    sum: Sum,
-) {
+fn seal_parts(frame: &mut [u8], bulk: &[u8], kind: u8, env: Envelope) {
+    let Envelope {
+        sender,
+        epoch,
+        request_id,
+        sum,
+    } = env;
     let (h, payload) = frame.split_at_mut(HEADER_LEN);
     let len = payload.len() + bulk.len();
     assert!(len <= MAX_PAYLOAD, "payload over the limit");
@@ -285,21 +303,13 @@ impl Outgoing {
 
     /// Seals `head` (header room, then a body whose last field, the bulk field, was encoded
     /// empty: its 4-byte length of 0 ends `head`) with `bulk` as that field's bytes.
-    fn seal(
-        mut head: Vec<u8>,
-        bulk: Vec<u8>,
-        kind: u8,
-        sender: u32,
-        epoch: u64,
-        request_id: u64,
-        sum: Sum,
-    ) -> Self {
+    fn seal(mut head: Vec<u8>, bulk: Vec<u8>, kind: u8, env: Envelope) -> Self {
         if !bulk.is_empty() {
             let at = head.len() - 4;
             debug_assert_eq!(head[at..], [0; 4], "the bulk field ends the body");
             head[at..].copy_from_slice(&(bulk.len() as u32).to_be_bytes());
         }
-        seal_parts(&mut head, &bulk, kind, sender, epoch, request_id, sum);
+        seal_parts(&mut head, &bulk, kind, env);
         Self { head, bulk }
     }
 }
@@ -770,24 +780,11 @@ impl Request {
     /// The request as a sealed frame, its bulk data moved, not copied ([`Outgoing`]); and its
     /// kind.
     #[must_use]
-    pub fn into_frame(
-        self,
-        sender: u32,
-        epoch: u64,
-        request_id: u64,
-        sum: Sum,
-    ) -> (Kind, Outgoing) {
-        self.into_frame_with(BULK_MIN, sender, epoch, request_id, sum)
+    pub fn into_frame(self, env: Envelope) -> (Kind, Outgoing) {
+        self.into_frame_with(BULK_MIN, env)
     }
 
-    fn into_frame_with(
-        mut self,
-        bulk_min: usize,
-        sender: u32,
-        epoch: u64,
-        request_id: u64,
-        sum: Sum,
-    ) -> (Kind, Outgoing) {
+    fn into_frame_with(mut self, bulk_min: usize, env: Envelope) -> (Kind, Outgoing) {
         // The fields taken are the last ones the encoding writes (see `encode_into`).
         let bulk = match &mut self {
             Self::WriteChunk(_, c) => take_bulk(&mut c.data, bulk_min),
@@ -797,8 +794,7 @@ impl Request {
         };
         let mut head = frame_start();
         let kind = self.encode_into(&mut head);
-        let out = Outgoing::seal(head, bulk, kind as u8, sender, epoch, request_id, sum);
-        (kind, out)
+        (kind, Outgoing::seal(head, bulk, kind as u8, env))
     }
 
     /// Appends the body to `out` (after a frame's header room, see [`frame_start`]); the kind.
@@ -978,26 +974,11 @@ impl Reply {
     /// The reply as a sealed frame of `kind` (the request's kind with [`REPLY`]), its bulk
     /// data moved, not copied ([`Outgoing`]).
     #[must_use]
-    pub fn into_frame(
-        self,
-        kind: u8,
-        sender: u32,
-        epoch: u64,
-        request_id: u64,
-        sum: Sum,
-    ) -> Outgoing {
-        self.into_frame_with(BULK_MIN, kind, sender, epoch, request_id, sum)
+    pub fn into_frame(self, kind: u8, env: Envelope) -> Outgoing {
+        self.into_frame_with(BULK_MIN, kind, env)
     }
 
-    fn into_frame_with(
-        mut self,
-        bulk_min: usize,
-        kind: u8,
-        sender: u32,
-        epoch: u64,
-        request_id: u64,
-        sum: Sum,
-    ) -> Outgoing {
+    fn into_frame_with(mut self, bulk_min: usize, kind: u8, env: Envelope) -> Outgoing {
         // The fields taken are the last ones the encoding writes (see `encode_into`).
         let bulk = match &mut self {
             Self::Copies(cs) => cs
@@ -1008,22 +989,15 @@ impl Reply {
         };
         let mut head = frame_start();
         self.encode_into(&mut head);
-        Outgoing::seal(head, bulk, kind, sender, epoch, request_id, sum)
+        Outgoing::seal(head, bulk, kind, env)
     }
 
     /// An error reply as a sealed frame of `kind`.
     #[must_use]
-    pub fn error_frame(
-        e: &RemoteError,
-        kind: u8,
-        sender: u32,
-        epoch: u64,
-        request_id: u64,
-        sum: Sum,
-    ) -> Outgoing {
+    pub fn error_frame(e: &RemoteError, kind: u8, env: Envelope) -> Outgoing {
         let mut head = frame_start();
         put_error(&mut head, e);
-        Outgoing::seal(head, Vec::new(), kind, sender, epoch, request_id, sum)
+        Outgoing::seal(head, Vec::new(), kind, env)
     }
 
     /// Appends the body (status byte included) to `out` (after a frame's header room, see
@@ -1255,7 +1229,8 @@ mod tests {
                 seal_frame(&mut inplace, kind as u8, 1, v, off, Sum::Crc32c);
                 prop_assert_eq!(&inplace, &out);
                 // Sent as head and bulk (any non-empty last field taken): the same bytes.
-                let (k, parts) = req.clone().into_frame_with(0, 1, v, off, Sum::Crc32c);
+                let env = Envelope { sender: 1, epoch: v, request_id: off, sum: Sum::Crc32c };
+                let (k, parts) = req.clone().into_frame_with(0, env);
                 prop_assert_eq!(k, kind);
                 prop_assert_eq!([parts.head, parts.bulk].concat(), out);
             }
@@ -1290,7 +1265,8 @@ mod tests {
                 prop_assert_eq!(n, framed.len());
                 prop_assert_eq!((f.kind, f.sender, f.epoch, f.request_id), (kind as u8 | REPLY, 2, v, off));
                 prop_assert_eq!(&f.payload, &body);
-                let parts = reply.clone().into_frame_with(0, kind as u8 | REPLY, 2, v, off, Sum::Crc32c);
+                let env = Envelope { sender: 2, epoch: v, request_id: off, sum: Sum::Crc32c };
+                let parts = reply.clone().into_frame_with(0, kind as u8 | REPLY, env);
                 prop_assert_eq!(parts.bulk.len(), match &reply {
                     Reply::Copies(cs) => cs.last().map_or(0, |c| c.data.len()),
                     Reply::Data(d) | Reply::Answer(ReadAnswer::Data(d)) => d.len(),
