@@ -1,9 +1,9 @@
 //! Peer-transport bytes: a stream of frames and the request/reply bodies inside them. Nothing
 //! may panic, a frame is never accepted past the payload limit, and whatever decodes
-//! re-encodes to the same bytes.
+//! re-encodes to the same bytes, whole or as head and bulk.
 #![no_main]
 
-use appliance::peer::wire::{self, Frame, Kind, Reply, Request};
+use appliance::peer::wire::{self, Envelope, Frame, Kind, Reply, Request, Sum};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -28,12 +28,41 @@ fuzz_target!(|data: &[u8]| {
                 let (kind, body) = req.encode();
                 assert_eq!(kind as u8, f.kind);
                 assert_eq!(Request::decode(f.kind, &body).as_ref(), Ok(&req));
+                // Sent as head and bulk: the frame's own bytes again.
+                let env = Envelope {
+                    sender: f.sender,
+                    epoch: f.epoch,
+                    request_id: f.request_id,
+                    sum: Sum::Crc32c,
+                };
+                let (_, out) = req.into_frame(env);
+                assert_eq!([out.head, out.bulk].concat(), &rest[..n]);
             }
         } else if let (Some(kind), Ok(Ok(r))) = (
             Kind::from_u8(f.kind & !wire::REPLY),
             wire::get_status(&f.payload),
         ) {
-            let _ = Reply::decode(kind, r);
+            if let Ok(reply) = Reply::decode(kind, r) {
+                let env = Envelope {
+                    sender: f.sender,
+                    epoch: f.epoch,
+                    request_id: f.request_id,
+                    sum: Sum::Crc32c,
+                };
+                // Sent as head and bulk: the same bytes as encoded in place.
+                let mut whole = wire::frame_start();
+                reply.encode_into(&mut whole);
+                wire::seal_frame(
+                    &mut whole,
+                    f.kind,
+                    f.sender,
+                    f.epoch,
+                    f.request_id,
+                    Sum::Crc32c,
+                );
+                let out = reply.into_frame(f.kind, env);
+                assert_eq!([out.head, out.bulk].concat(), whole);
+            }
         }
         rest = &rest[n..];
         let _ = Frame::clone(&f);
