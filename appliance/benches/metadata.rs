@@ -5,14 +5,23 @@
 //!   other marks (the state machine's own cost), and the same pair serialized as metadata log
 //!   entries (JSON, as the log stores them).
 //! - `peer_frame/*`: encode and decode of one peer frame (header CRC, payload CRC32C) for a
-//!   heartbeat and for a write of a 4 KiB and a 64 KiB chunk.
+//!   heartbeat and for a write of a 4 KiB and a 64 KiB chunk; and a 64 KiB chunk's reply
+//!   framed for a TLS link, encoded in place behind the header (`reply_in_place`) or as head
+//!   and bulk with the data moved (`reply_head_bulk`, what the transport sends).
 
 use appliance::meta::{MetaCommand, MetaState, StoredState};
-use appliance::peer::wire::{decode_frame, encode_frame, Frame, Request};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use appliance::peer::wire::{
+    decode_frame, encode_frame, frame_start, seal_frame, Envelope, Frame, Reply, Request, Sum,
+    REPLY,
+};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use raid_engine::shard::{Chunk, ChunkAddr};
 use std::hint::black_box;
 use std::time::Duration;
+
+/// The appliance's allocator (see its main.rs), so allocations cost here what they cost there.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn write_intent(c: &mut Criterion) {
     let mut g = c.benchmark_group("write_intent");
@@ -128,6 +137,44 @@ fn peer_frame(c: &mut Criterion) {
             });
         });
     }
+    // A ranged read's answer on a TLS link (no payload CRC): the chunk is made outside the
+    // timing, and each encoding consumes it as the transport does.
+    let reply = || {
+        Reply::Copies(vec![Chunk {
+            version: 5,
+            cols: vec![5, 4],
+            acked: 4,
+            acked_cols: vec![4, 4],
+            data: vec![0x5a; 65536],
+        }])
+    };
+    let kind = 7 | REPLY;
+    g.throughput(Throughput::Bytes(65536));
+    g.bench_function("reply_in_place/64k", |b| {
+        b.iter_batched(
+            reply,
+            |r| {
+                let mut out = frame_start();
+                r.encode_into(&mut out);
+                seal_frame(&mut out, kind, 2, 7, 42, Sum::Link);
+                black_box((out, r))
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    let env = Envelope {
+        sender: 2,
+        epoch: 7,
+        request_id: 42,
+        sum: Sum::Link,
+    };
+    g.bench_function("reply_head_bulk/64k", |b| {
+        b.iter_batched(
+            reply,
+            |r| black_box(r.into_frame(kind, env)),
+            BatchSize::SmallInput,
+        );
+    });
     g.finish();
 }
 
