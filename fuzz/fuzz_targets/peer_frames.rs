@@ -23,18 +23,19 @@ fuzz_target!(|data: &[u8]| {
         let mut again = Vec::new();
         wire::encode_frame(&f, &mut again);
         assert_eq!(&again[..], &rest[..n]);
+        // How the frame re-sealed as head and bulk must address itself.
+        let env = Envelope {
+            sender: f.sender,
+            epoch: f.epoch,
+            request_id: f.request_id,
+            sum: Sum::Crc32c,
+        };
         if f.kind & wire::REPLY == 0 {
             if let Ok(req) = Request::decode(f.kind, &f.payload) {
                 let (kind, body) = req.encode();
                 assert_eq!(kind as u8, f.kind);
                 assert_eq!(Request::decode(f.kind, &body).as_ref(), Ok(&req));
                 // Sent as head and bulk: the frame's own bytes again.
-                let env = Envelope {
-                    sender: f.sender,
-                    epoch: f.epoch,
-                    request_id: f.request_id,
-                    sum: Sum::Crc32c,
-                };
                 let (_, out) = req.into_frame(env);
                 assert_eq!([out.head, out.bulk].concat(), &rest[..n]);
             }
@@ -43,12 +44,6 @@ fuzz_target!(|data: &[u8]| {
             wire::get_status(&f.payload),
         ) {
             if let Ok(reply) = Reply::decode(kind, r) {
-                let env = Envelope {
-                    sender: f.sender,
-                    epoch: f.epoch,
-                    request_id: f.request_id,
-                    sum: Sum::Crc32c,
-                };
                 // Sent as head and bulk: the same bytes as encoded in place.
                 let mut whole = wire::frame_start();
                 reply.encode_into(&mut whole);

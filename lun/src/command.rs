@@ -78,17 +78,6 @@ impl DataIn {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Copies `out.len()` bytes from offset `at`.
-    ///
-    /// # Panics
-    /// If the range lies outside the data.
-    pub fn copy_to(&self, at: usize, out: &mut [u8]) {
-        match self {
-            Self::None => assert!(out.is_empty() && at == 0),
-            Self::Bytes(b) => out.copy_from_slice(&b[at..at + out.len()]),
-            Self::Read(r) => r.copy_to(at, out),
-        }
-    }
     /// Appends `len` bytes from offset `at` to `out`.
     ///
     /// # Panics

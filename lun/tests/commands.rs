@@ -102,8 +102,8 @@ fn rw10(opcode: u8, lba: u32, blocks: u16) -> [u8; 10] {
 }
 
 fn bytes(o: &CommandOutcome) -> Vec<u8> {
-    let mut v = vec![0; o.data_in.len()];
-    o.data_in.copy_to(0, &mut v);
+    let mut v = Vec::new();
+    o.data_in.extend_into(0, o.data_in.len(), &mut v);
     v
 }
 

@@ -276,7 +276,7 @@ fn seal_parts(frame: &mut [u8], bulk: &[u8], kind: u8, env: Envelope) {
 /// message's last field when there are at least [`BULK_MIN`] of them (a chunk's data, a
 /// forwarded write's data, a read's answer), moved out of the message instead of copied behind
 /// the header; otherwise it is empty and `head` is the whole frame.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Outgoing {
     /// Header and body up to (and including the length of) the bulk field.
     pub head: Vec<u8>,
@@ -316,7 +316,7 @@ impl Outgoing {
 
 /// Takes `field` out when it is long enough to go as a frame's bulk.
 fn take_bulk(field: &mut Vec<u8>, min: usize) -> Vec<u8> {
-    if field.len() >= min.max(1) {
+    if field.len() >= min {
         std::mem::take(field)
     } else {
         Vec::new()
