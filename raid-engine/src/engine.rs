@@ -339,6 +339,18 @@ fn epoch_base(epoch: u64) -> u64 {
 }
 
 /// A chunk of zeros: the content of anything never written (version 0).
+/// The pieces of a read side by side in one buffer (no copy when there is one piece).
+fn join(mut pieces: Vec<Vec<u8>>) -> Vec<u8> {
+    if pieces.len() == 1 {
+        return pieces.pop().expect("one piece");
+    }
+    let mut out = Vec::with_capacity(pieces.iter().map(Vec::len).sum());
+    for p in pieces {
+        out.extend_from_slice(&p);
+    }
+    out
+}
+
 fn zeros(len: usize) -> Vec<u8> {
     vec![0; len]
 }
@@ -644,19 +656,35 @@ impl Engine {
         Ok(())
     }
 
-    /// A host read arriving at this controller.
+    /// A host read arriving at this controller, as one buffer (see [`Engine::read_segments`]).
     ///
     /// # Errors
     /// See [`VolError`].
     pub async fn read(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.read_segments(volume, offset, len).await.map(join)
+    }
+
+    /// A host read arriving at this controller: the bytes in order, as the buffers they came
+    /// in (a column range from a holder, a primary's answer), so a read that spans several
+    /// chunks is never copied just to put its pieces side by side.
+    ///
+    /// # Errors
+    /// See [`VolError`].
+    pub async fn read_segments(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Vec<u8>>> {
         let (view, vol) = self.host_entry(volume, offset, len)?;
-        let mut out = Vec::with_capacity(len as usize);
+        let mut out = Vec::new();
         for (e, off, n, _) in Self::extent_parts(&vol, offset, len) {
             let primary = view
                 .primary(&vol.meta.placement[e as usize])
                 .ok_or(VolError::NoPrimary(e))?;
             let part = if primary == self.id {
-                self.primary_read(view.epoch, volume, off, n).await?
+                self.primary_read_segments(view.epoch, volume, off, n)
+                    .await?
             } else if let Some(d) = self.read_leased(&view, &vol, e, off, n).await {
                 d
             } else {
@@ -668,7 +696,7 @@ impl Engine {
                     .forward_locate(primary, view.epoch, volume, off, n)
                     .await?
                 {
-                    ReadAnswer::Data(d) => d,
+                    ReadAnswer::Data(d) => vec![d],
                     ReadAnswer::Located(parts, lease) => {
                         if let Some(l) = lease.filter(|l| l.extent == e) {
                             self.held
@@ -684,33 +712,30 @@ impl Engine {
                             // A copy changed since the primary located it: ask for the bytes.
                             None => {
                                 self.held.lock().expect("leases").forget(key);
-                                self.env
-                                    .forward_read(primary, view.epoch, volume, off, n)
-                                    .await?
+                                vec![
+                                    self.env
+                                        .forward_read(primary, view.epoch, volume, off, n)
+                                        .await?,
+                                ]
                             }
                         }
                     }
                 }
             };
-            if part.len() as u64 != n {
+            let got: usize = part.iter().map(Vec::len).sum();
+            if got as u64 != n {
                 return Err(VolError::Peer(format!(
-                    "primary {primary} returned {} bytes for a {n}-byte read",
-                    part.len()
+                    "primary {primary} returned {got} bytes for a {n}-byte read"
                 )));
             }
-            if out.is_empty() && n == len {
-                // The whole read in one extent (the common case): no copy.
-                out = part;
-            } else {
-                out.extend_from_slice(&part);
-            }
+            out.extend(part);
         }
         Ok(out)
     }
 
-    /// Reads the parts a primary located, from their holders; `None` when any holder fails
-    /// or no longer has the copy named.
-    async fn read_located(&self, view: &ClusterView, parts: &[ReadPart]) -> Option<Vec<u8>> {
+    /// Reads the parts a primary located, from their holders, one buffer per part; `None`
+    /// when any holder fails or no longer has the copy named.
+    async fn read_located(&self, view: &ClusterView, parts: &[ReadPart]) -> Option<Vec<Vec<u8>>> {
         let reads = parts.iter().map(|p| async move {
             let len = p.read.len as usize;
             if p.read.want == Want::Zero {
@@ -729,15 +754,7 @@ impl Engine {
                 .find(|c| c.data.len() == len)
                 .map(|c| c.data)
         });
-        let mut got = futures::future::join_all(reads).await;
-        if got.len() == 1 {
-            return got.pop().flatten();
-        }
-        let mut out = Vec::with_capacity(parts.iter().map(|p| p.read.len as usize).sum());
-        for part in got {
-            out.extend_from_slice(&part?);
-        }
-        Some(out)
+        futures::future::join_all(reads).await.into_iter().collect()
     }
 
     /// The primary's answer to a host read another controller forwarded: where the bytes
@@ -889,7 +906,8 @@ impl Engine {
         Ok(())
     }
 
-    /// The primary's read of a range inside extents it leads.
+    /// The primary's read of a range inside extents it leads, as one buffer (a forwarded
+    /// read's answer).
     ///
     /// # Errors
     /// See [`VolError`].
@@ -900,6 +918,23 @@ impl Engine {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>> {
+        self.primary_read_segments(epoch, volume, offset, len)
+            .await
+            .map(join)
+    }
+
+    /// The primary's read of a range inside extents it leads: the column ranges in order, each
+    /// the buffer its holder answered with.
+    ///
+    /// # Errors
+    /// See [`VolError`].
+    pub async fn primary_read_segments(
+        &self,
+        epoch: u64,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Vec<u8>>> {
         let (view, vol) = self.as_primary(epoch, volume, offset, len)?;
         self.lease_gate(&view, &vol, offset, len).await?;
         // Rows are read concurrently, each under its own lock; each needs only the byte
@@ -915,29 +950,19 @@ impl Engine {
                     .span_columns(&span)
                     .map(|(c, from, n)| (c, from as usize..(from + n) as usize))
                     .collect();
-                let cols = self
+                let mut cols = self
                     .read_cols(view, vol, span.extent, span.row, &meta, &need)
                     .await?;
-                Ok::<_, VolError>((span.request_offset as usize, need, cols))
+                Ok::<_, VolError>(
+                    need.into_iter()
+                        .map(|(c, _)| cols[c].take().expect("requested column"))
+                        .collect::<Vec<_>>(),
+                )
             }
         });
-        let mut rows = futures::future::join_all(rows).await;
-        if let [Ok((_, need, cols))] = rows.as_mut_slice() {
-            if let [(c, range)] = need.as_slice() {
-                if range.len() as u64 == len {
-                    // One column range is the whole read: its buffer is the answer.
-                    return Ok(cols[*c].take().expect("requested column"));
-                }
-            }
-        }
-        let mut out = vec![0u8; len as usize];
-        for row in rows {
-            let (mut at, need, mut cols) = row?;
-            for (c, _) in need {
-                let part = cols[c].take().expect("requested column");
-                out[at..at + part.len()].copy_from_slice(&part);
-                at += part.len();
-            }
+        let mut out = Vec::new();
+        for row in futures::future::join_all(rows).await {
+            out.extend(row?);
         }
         Ok(out)
     }
@@ -1224,7 +1249,7 @@ impl Engine {
         extent: u64,
         off: u64,
         n: u64,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<Vec<Vec<u8>>> {
         self.env.read_lease_ttl()?;
         let spans = vol.meta.layout.spans(off, n);
         let key = (vol.meta.id, extent);

@@ -66,12 +66,13 @@ fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// Data read from a volume: a window into pooled aligned buffers (no copy), or bytes that
-/// came over the network.
+/// Data read from a volume: a window into pooled aligned buffers (no copy), or the buffers a
+/// cluster read's pieces came in, in order (never joined by a copy).
 #[derive(Debug)]
 pub struct ReadData {
     bufs: Vec<PooledBuf>,
-    owned: Option<Vec<u8>>,
+    /// A cluster read's pieces (`bufs` is then empty and `start` 0).
+    owned: Vec<Vec<u8>>,
     start: usize,
     len: usize,
 }
@@ -107,17 +108,14 @@ impl ReadData {
     /// Hands `f` the bytes `[at, at + len)` in order, as the slices they are stored in.
     fn slices(&self, at: usize, len: usize, mut f: impl FnMut(&[u8])) {
         assert!(at + len <= self.len);
-        if let Some(v) = &self.owned {
-            f(&v[at..at + len]);
-            return;
-        }
+        let pooled = self.bufs.iter().map(PooledBuf::as_slice);
+        let pieces = self.owned.iter().map(Vec::as_slice);
         let mut pos = self.start + at;
         let mut done = 0;
-        for b in &self.bufs {
+        for s in pooled.chain(pieces) {
             if done == len {
                 break;
             }
-            let s = b.as_slice();
             if pos >= s.len() {
                 pos -= s.len();
                 continue;
@@ -196,7 +194,7 @@ impl LocalVolume {
         }
         Ok(ReadData {
             bufs,
-            owned: None,
+            owned: Vec::new(),
             start: (offset - a0) as usize,
             len,
         })
@@ -425,6 +423,46 @@ mod tests {
         }
     }
 
+    #[test]
+    fn read_data_hands_out_a_cluster_reads_pieces_in_order() {
+        // A cluster read keeps the buffers its pieces came in (of any sizes, an empty one
+        // included); every window must be the bytes of the pieces side by side.
+        let sizes = [4096usize, 0, 65536, 1, 3000];
+        let mut whole = Vec::new();
+        let mut owned = Vec::new();
+        for (i, n) in sizes.into_iter().enumerate() {
+            let piece: Vec<u8> = (0..n).map(|b| (b * 7 + i * 31) as u8).collect();
+            whole.extend_from_slice(&piece);
+            owned.push(piece);
+        }
+        let r = ReadData {
+            bufs: Vec::new(),
+            owned,
+            start: 0,
+            len: whole.len(),
+        };
+        let len = whole.len();
+        for (at, n) in [
+            (0, len),
+            (0, 4096),
+            (4095, 2),
+            (4096, 65536),
+            (4096 + 65535, 2),
+            (4096 + 65536, 1),
+            (len - 3000, 3000),
+            (len, 0),
+            (100, len - 200),
+        ] {
+            let mut copied = vec![0xee; n];
+            r.copy_to(at, &mut copied);
+            assert_eq!(copied, whole[at..at + n], "copy_to({at}, {n})");
+            let mut appended = vec![9];
+            r.extend_into(at, n, &mut appended);
+            assert_eq!(appended[1..], whole[at..at + n], "extend_into({at}, {n})");
+        }
+        assert_eq!(r.to_vec(), whole);
+    }
+
     #[tokio::test]
     async fn compare_and_write_is_all_or_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -587,11 +625,11 @@ impl Volume {
         match self {
             Self::Local(v) => v.read(offset, len).await,
             Self::Cluster(c) => {
-                let data = c.engine.read(c.id, offset, len as u64).await?;
+                let pieces = c.engine.read_segments(c.id, offset, len as u64).await?;
                 Ok(ReadData {
                     bufs: Vec::new(),
-                    len: data.len(),
-                    owned: Some(data),
+                    len: pieces.iter().map(Vec::len).sum(),
+                    owned: pieces,
                     start: 0,
                 })
             }
