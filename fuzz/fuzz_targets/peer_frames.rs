@@ -1,6 +1,7 @@
 //! Peer-transport bytes: a stream of frames and the request/reply bodies inside them. Nothing
-//! may panic, a frame is never accepted past the payload limit, and whatever decodes
-//! re-encodes to the same bytes, whole or as head and bulk.
+//! may panic, a frame is never accepted past the payload limit, whatever decodes re-encodes to
+//! the same bytes, whole or as head and bulk, and a body read with its bulk apart decodes to
+//! the same message as the body whole, or not at all.
 #![no_main]
 
 use appliance::peer::wire::{self, Envelope, Frame, Kind, Reply, Request, Sum};
@@ -13,7 +14,8 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(head) = wire::decode_head(h, true) {
             let end = (wire::HEADER_LEN + head.payload_len()).min(data.len());
             if let Ok(f) = head.with_payload(data[wire::HEADER_LEN..end].to_vec()) {
-                assert!(f.payload.len() <= wire::MAX_PAYLOAD);
+                assert!(f.payload.len() + f.bulk.len() <= wire::MAX_PAYLOAD);
+                assert_eq!(f.bulk.len(), head.bulk_len());
             }
         }
     }
@@ -36,8 +38,12 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(kind as u8, f.kind);
                 assert_eq!(Request::decode(f.kind, &body).as_ref(), Ok(&req));
                 // Sent as head and bulk: the frame's own bytes again.
-                let (_, out) = req.into_frame(env);
+                let (_, out) = req.clone().into_frame(env);
                 assert_eq!([out.head, out.bulk].concat(), &rest[..n]);
+                // Over a TLS link the bulk is read apart: the same request.
+                let (_, out) = req.clone().into_frame(Envelope { sum: Sum::Link, ..env });
+                let back = over_link(&[out.head, out.bulk].concat());
+                assert_eq!(Request::decode_parts(back.kind, &back.payload, back.bulk), Ok(req));
             }
         } else if let (Some(kind), Ok(Ok(r))) = (
             Kind::from_u8(f.kind & !wire::REPLY),
@@ -55,8 +61,11 @@ fuzz_target!(|data: &[u8]| {
                     f.request_id,
                     Sum::Crc32c,
                 );
-                let out = reply.into_frame(f.kind, env);
+                let out = reply.clone().into_frame(f.kind, env);
                 assert_eq!([out.head, out.bulk].concat(), whole);
+                let out = reply.clone().into_frame(f.kind, Envelope { sum: Sum::Link, ..env });
+                let back = over_link(&[out.head, out.bulk].concat());
+                assert_eq!(wire::decode_reply(kind, back), Ok(Ok(reply)));
             }
         }
         rest = &rest[n..];
@@ -64,10 +73,29 @@ fuzz_target!(|data: &[u8]| {
     }
     // Bodies on their own (checksums would otherwise keep the fuzzer out), under every kind,
     // as requests and as replies, and wrapped in a valid frame.
-    for k in 0..=9u8 {
-        let _ = Request::decode(k, data);
-        if let (Some(kind), Ok(Ok(r))) = (Kind::from_u8(k), wire::get_status(data)) {
-            let _ = Reply::decode(kind, r);
+    // The first byte picks where the bulk starts.
+    let split = data.first().map_or(0, |&b| usize::from(b) % data.len().max(1));
+    let (front, back) = data.split_at(split);
+    for k in 0..=10u8 {
+        let whole = Request::decode(k, data);
+        if let Ok(parts) = Request::decode_parts(k, front, back.to_vec()) {
+            assert_eq!(whole, Ok(parts));
+        }
+        if let Some(kind) = Kind::from_u8(k) {
+            let whole = wire::get_status(data).map(|s| s.map(|r| Reply::decode(kind, r)));
+            let f = Frame {
+                kind: k | wire::REPLY,
+                sender: 1,
+                epoch: 2,
+                request_id: 3,
+                payload: front.to_vec(),
+                bulk: back.to_vec(),
+            };
+            match wire::decode_reply(kind, f) {
+                Ok(Ok(reply)) => assert_eq!(whole, Ok(Ok(Ok(reply)))),
+                Ok(Err(e)) => assert_eq!(whole, Ok(Err(e))),
+                Err(_) => {}
+            }
         }
     }
     if data.len() <= wire::MAX_PAYLOAD && !data.is_empty() {
@@ -78,6 +106,7 @@ fuzz_target!(|data: &[u8]| {
             epoch: 2,
             request_id: 3,
             payload: data[1..].to_vec(),
+            bulk: Vec::new(),
         };
         wire::encode_frame(&f, &mut framed);
         let (back, n) = wire::decode_frame(&framed)
@@ -86,3 +115,14 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!((back, n), (f, framed.len()));
     }
 });
+
+/// A sealed frame read as a TLS link's reader takes it (body and bulk apart).
+fn over_link(bytes: &[u8]) -> Frame {
+    let h = wire::decode_head(bytes.first_chunk().expect("header"), true).expect("header");
+    let body_end = wire::HEADER_LEN + h.payload_len() - h.bulk_len();
+    h.with_parts(
+        bytes[wire::HEADER_LEN..body_end].to_vec(),
+        bytes[body_end..].to_vec(),
+    )
+    .expect("frame")
+}

@@ -122,22 +122,29 @@ async fn read_frame<R: AsyncRead + Unpin>(
         got += n;
     }
     let head = wire::decode_head(&head, link_authenticates).map_err(|e| e.to_string())?;
-    let len = head.payload_len();
-    let mut payload = Vec::with_capacity(len);
-    while payload.len() < len {
-        let want = (len - payload.len()) as u64;
+    let bulk_len = head.bulk_len();
+    let payload = read_exact_vec(rd, head.payload_len() - bulk_len).await?;
+    let bulk = read_exact_vec(rd, bulk_len).await?;
+    head.with_parts(payload, bulk)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+/// The next `len` bytes of `rd` in a vector of their own (never zero-filled first).
+async fn read_exact_vec<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let want = (len - out.len()) as u64;
         let n = (&mut *rd)
             .take(want)
-            .read_buf(&mut payload)
+            .read_buf(&mut out)
             .await
             .map_err(|e| e.to_string())?;
         if n == 0 {
             return Err("connection closed in the middle of a frame".into());
         }
     }
-    head.with_payload(payload)
-        .map(Some)
-        .map_err(|e| e.to_string())
+    Ok(out)
 }
 
 /// The two halves of a connection, plain or TLS.
@@ -267,12 +274,13 @@ async fn serve_conn(
         Identity::Certificate { .. } => Sum::Link,
     };
     let result = loop {
-        let f = match read_frame(&mut rd, sum == Sum::Link).await {
+        let mut f = match read_frame(&mut rd, sum == Sum::Link).await {
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
-        let req = match Request::decode(f.kind, &f.payload) {
+        let bulk = std::mem::take(&mut f.bulk);
+        let req = match Request::decode_parts(f.kind, &f.payload, bulk) {
             Ok(r) => r,
             Err(e) => break Err(e.to_string()),
         };
@@ -488,10 +496,7 @@ impl PeerClient {
             conn.fail_all();
             return Err(WireError::Malformed("reply kind").into());
         }
-        match wire::get_status(&reply.payload)? {
-            Ok(r) => Ok(Reply::decode(kind, r)?),
-            Err(e) => Err(e.into()),
-        }
+        Ok(wire::decode_reply(kind, reply)??)
     }
 
     /// The kind of a request, for logs.
@@ -689,6 +694,7 @@ mod tests {
                 epoch: 3,
                 request_id: u64::from(i),
                 payload: vec![i; usize::from(i) * 1000],
+                bulk: Vec::new(),
             })
             .collect();
         for f in &frames {

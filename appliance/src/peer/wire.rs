@@ -12,7 +12,7 @@
 //! | 12-19 | sender's epoch |
 //! | 20-27 | request id (a reply echoes it) |
 //! | 28-31 | payload length |
-//! | 32-35 | CRC32C of the payload (0 with [`FLAG_LINK_SUM`]) |
+//! | 32-35 | CRC32C of the payload; with [`FLAG_LINK_SUM`], the length of its bulk (0: none) |
 //! | 36-39 | CRC32C of bytes 0-35 |
 //!
 //! Integers are big-endian. Invariants:
@@ -24,6 +24,13 @@
 //!   authenticates every byte; [`decode_head`] refuses such a frame on a link that does not
 //!   authenticate, so no frame is ever taken unchecked.
 //! - Every message parser checks every length against what remains and against its own limit.
+//! - A frame's *bulk* is the bytes of its message's last field (a chunk's data, a forwarded
+//!   write, a read's answer). The sender moves it behind the header instead of copying it
+//!   ([`Outgoing`]); on a TLS link the header names its length, so the reader takes it into a
+//!   buffer of its own ([`Frame::bulk`]) and the message decoder hands that buffer on as the
+//!   field's value, uncopied. A bulk the body does not end with, to the byte, is malformed
+//!   ([`Reader::end`]). Controllers from before the length was named wrote 0 there and ignore
+//!   it, so both read each other's frames.
 
 use raid_engine::cluster::{ReadAnswer, ReadLease, ReadPart};
 use raid_engine::shard::{Chunk, ChunkAddr, Patch, PatchOp, RangeRead, Want};
@@ -164,8 +171,11 @@ pub struct Frame {
     pub epoch: u64,
     /// Request id.
     pub request_id: u64,
-    /// Payload.
+    /// Payload (without its bulk, when the reader took one).
     pub payload: Vec<u8>,
+    /// The payload's last bytes, in a buffer of their own: the value of the message's last
+    /// field, which the header named (empty when it named none).
+    pub bulk: Vec<u8>,
 }
 
 /// Why bytes from a peer were refused. The connection is closed on any of them: a peer that
@@ -208,6 +218,7 @@ pub fn encode_frame(f: &Frame, out: &mut Vec<u8>) {
     let start = out.len();
     out.resize(start + HEADER_LEN, 0);
     out.extend_from_slice(&f.payload);
+    out.extend_from_slice(&f.bulk);
     seal_frame(
         &mut out[start..],
         f.kind,
@@ -260,7 +271,7 @@ fn seal_parts(frame: &mut [u8], bulk: &[u8], kind: u8, env: Envelope) {
     h[5] = kind;
     let (flags, crc) = match sum {
         Sum::Crc32c => (0, crc32c::crc32c_append(crc32c::crc32c(payload), bulk)),
-        Sum::Link => (FLAG_LINK_SUM, 0),
+        Sum::Link => (FLAG_LINK_SUM, bulk.len() as u32),
     };
     h[6..8].copy_from_slice(&flags.to_be_bytes());
     h[8..12].copy_from_slice(&sender.to_be_bytes());
@@ -334,6 +345,8 @@ pub struct FrameHead {
     len: usize,
     /// `None`: the link vouches for the payload ([`FLAG_LINK_SUM`]).
     payload_crc: Option<u32>,
+    /// How many of the payload's last bytes are its bulk (0 unless the link vouches).
+    bulk: usize,
 }
 
 impl FrameHead {
@@ -343,13 +356,33 @@ impl FrameHead {
         self.len
     }
 
+    /// How many of the payload's last bytes the sender named as its bulk, to be read into a
+    /// buffer of their own (at most [`FrameHead::payload_len`]).
+    #[must_use]
+    pub fn bulk_len(&self) -> usize {
+        self.bulk
+    }
+
     /// The frame, once `payload` (exactly [`FrameHead::payload_len`] bytes) matches the
     /// header's checksum (when the header has one; see [`decode_head`]).
     ///
     /// # Errors
     /// [`WireError::PayloadCrc`], or [`WireError::Malformed`] for a payload of another length.
-    pub fn with_payload(self, payload: Vec<u8>) -> Result<Frame, WireError> {
+    pub fn with_payload(self, mut payload: Vec<u8>) -> Result<Frame, WireError> {
         if payload.len() != self.len {
+            return Err(WireError::Malformed("frame payload length"));
+        }
+        let bulk = payload.split_off(self.len - self.bulk);
+        self.with_parts(payload, bulk)
+    }
+
+    /// [`FrameHead::with_payload`] for a payload read as its body (the first
+    /// `payload_len - bulk_len` bytes) and its bulk (the rest), each in its own buffer.
+    ///
+    /// # Errors
+    /// As [`FrameHead::with_payload`], and for parts of other lengths.
+    pub fn with_parts(self, payload: Vec<u8>, bulk: Vec<u8>) -> Result<Frame, WireError> {
+        if bulk.len() != self.bulk || payload.len() + bulk.len() != self.len {
             return Err(WireError::Malformed("frame payload length"));
         }
         if self
@@ -364,6 +397,7 @@ impl FrameHead {
             epoch: self.epoch,
             request_id: self.request_id,
             payload,
+            bulk,
         })
     }
 }
@@ -398,6 +432,10 @@ pub fn decode_head(h: &[u8; HEADER_LEN], link_authenticates: bool) -> Result<Fra
     if len as usize > MAX_PAYLOAD {
         return Err(WireError::TooLarge(len));
     }
+    let bulk = if by_link { be32(&h[32..36]) } else { 0 };
+    if bulk > len {
+        return Err(WireError::Malformed("frame bulk length"));
+    }
     Ok(FrameHead {
         kind: h[5],
         sender: be32(&h[8..12]),
@@ -405,6 +443,7 @@ pub fn decode_head(h: &[u8; HEADER_LEN], link_authenticates: bool) -> Result<Fra
         request_id: be64(&h[20..28]),
         len: len as usize,
         payload_crc: (!by_link).then(|| be32(&h[32..36])),
+        bulk: bulk as usize,
     })
 }
 
@@ -434,17 +473,29 @@ fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
 }
 
-/// A bounds-checked reader over a message body.
+/// A bounds-checked reader over a message body, and its frame's bulk (see the module doc).
 #[derive(Debug, Clone)]
 pub struct Reader<'a> {
     buf: &'a [u8],
     what: &'static str,
+    /// The frame's bulk until the body's last field takes it.
+    bulk: Option<Vec<u8>>,
 }
 
 impl<'a> Reader<'a> {
     /// Reads `buf`, naming `what` in errors.
     pub fn new(buf: &'a [u8], what: &'static str) -> Self {
-        Self { buf, what }
+        Self {
+            buf,
+            what,
+            bulk: None,
+        }
+    }
+    /// The body's last field is `bulk`, held apart from the body (an empty one is none).
+    #[must_use]
+    pub fn with_bulk(mut self, bulk: Vec<u8>) -> Self {
+        self.bulk = (!bulk.is_empty()).then_some(bulk);
+        self
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         if self.buf.len() < n {
@@ -474,9 +525,23 @@ impl<'a> Reader<'a> {
         }
         self.take(n)
     }
-    /// Fails unless everything was consumed.
-    pub fn end(&self) -> Result<(), WireError> {
+    /// [`Reader::bytes`] as an owned vector: the frame's bulk itself when this field is the
+    /// body's last and the bulk is exactly its length, else a copy of the bytes in the body.
+    pub fn bytes_vec(&mut self, max: usize) -> Result<Vec<u8>, WireError> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(WireError::Malformed(self.what));
+        }
         if self.buf.is_empty() {
+            if let Some(b) = self.bulk.take_if(|b| b.len() == n) {
+                return Ok(b);
+            }
+        }
+        Ok(self.take(n)?.to_vec())
+    }
+    /// Fails unless everything was consumed, the bulk included.
+    pub fn end(&self) -> Result<(), WireError> {
+        if self.buf.is_empty() && self.bulk.is_none() {
             Ok(())
         } else {
             Err(WireError::Malformed(self.what))
@@ -542,7 +607,7 @@ pub fn get_chunk(r: &mut Reader<'_>) -> Result<Chunk, WireError> {
         return Err(WireError::Malformed("chunk"));
     }
     let acked_cols = (0..na).map(|_| r.u64()).collect::<Result<_, _>>()?;
-    let data = r.bytes(MAX_PAYLOAD)?.to_vec();
+    let data = r.bytes_vec(MAX_PAYLOAD)?;
     Ok(Chunk {
         version,
         cols,
@@ -876,8 +941,17 @@ impl Request {
     /// # Errors
     /// [`WireError::Malformed`] for unknown kinds and bodies that do not parse exactly.
     pub fn decode(kind: u8, body: &[u8]) -> Result<Self, WireError> {
+        Self::decode_parts(kind, body, Vec::new())
+    }
+
+    /// [`Request::decode`] of a frame whose bulk was read apart from its body
+    /// ([`Frame::bulk`]); the bulk becomes the last field's value without a copy.
+    ///
+    /// # Errors
+    /// As [`Request::decode`], and for a bulk the body does not end with.
+    pub fn decode_parts(kind: u8, body: &[u8], bulk: Vec<u8>) -> Result<Self, WireError> {
         let kind = Kind::from_u8(kind).ok_or(WireError::Malformed("request kind"))?;
-        let mut r = Reader::new(body, "request");
+        let mut r = Reader::new(body, "request").with_bulk(bulk);
         let req = match kind {
             Kind::ReadChunk => Self::ReadChunk(get_addr(&mut r)?),
             Kind::WriteChunk => {
@@ -917,7 +991,7 @@ impl Request {
             Kind::ForwardWrite => Self::ForwardWrite {
                 volume: r.u32()?,
                 offset: r.u64()?,
-                data: r.bytes(MAX_PAYLOAD)?.to_vec(),
+                data: r.bytes_vec(MAX_PAYLOAD)?,
             },
             Kind::ForwardRead | Kind::ForwardLocate => {
                 let (volume, offset, len) = (r.u32()?, r.u64()?, r.u32()?);
@@ -942,7 +1016,7 @@ impl Request {
             Kind::Heartbeat => Self::Heartbeat,
             Kind::Meta => {
                 let op = MetaOp::from_u8(r.u8()?).ok_or(WireError::Malformed("meta op"))?;
-                Self::Meta(op, r.bytes(MAX_PAYLOAD)?.to_vec())
+                Self::Meta(op, r.bytes_vec(MAX_PAYLOAD)?)
             }
         };
         r.end()?;
@@ -1059,10 +1133,10 @@ impl Reply {
                 Self::Done
             }
             Kind::ForwardRead | Kind::Meta | Kind::PatchChunk => {
-                Self::Data(r.bytes(MAX_PAYLOAD)?.to_vec())
+                Self::Data(r.bytes_vec(MAX_PAYLOAD)?)
             }
             Kind::ForwardLocate => Self::Answer(match r.u8()? {
-                0 => ReadAnswer::Data(r.bytes(MAX_PAYLOAD)?.to_vec()),
+                0 => ReadAnswer::Data(r.bytes_vec(MAX_PAYLOAD)?),
                 1 => {
                     let n = r.u32()? as usize;
                     if n > MAX_PARTS {
@@ -1095,6 +1169,20 @@ impl Reply {
     }
 }
 
+/// Decodes a reply frame to a request of `kind`: its success body (the frame's bulk handed on
+/// as the last field's value) or the peer's error.
+///
+/// # Errors
+/// [`WireError::Malformed`] when the body does not parse, or an error reply comes with a bulk.
+pub fn decode_reply(kind: Kind, f: Frame) -> Result<Result<Reply, RemoteError>, WireError> {
+    let Frame { payload, bulk, .. } = f;
+    match get_status(&payload)? {
+        Ok(r) => Reply::decode(kind, r.with_bulk(bulk)).map(Ok),
+        Err(_) if !bulk.is_empty() => Err(WireError::Malformed("error reply")),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1110,6 +1198,84 @@ mod tests {
         }
     }
 
+    /// A frame sent as head and bulk, read back as a TLS link's reader takes it: the body,
+    /// then the bulk the header names, each into its own buffer.
+    fn read_link_frame(parts: &Outgoing) -> Frame {
+        let wire = [parts.head.as_slice(), &parts.bulk].concat();
+        let h = decode_head(wire.first_chunk().unwrap(), true).unwrap();
+        let body_end = HEADER_LEN + h.payload_len() - h.bulk_len();
+        let f = h
+            .with_parts(
+                wire[HEADER_LEN..body_end].to_vec(),
+                wire[body_end..].to_vec(),
+            )
+            .unwrap();
+        // The whole payload in one buffer gives the same frame.
+        assert_eq!(h.with_payload(wire[HEADER_LEN..].to_vec()).unwrap(), f);
+        f
+    }
+
+    /// The bytes of a request's last field, where it has one.
+    fn request_bulk(r: &Request) -> Option<&[u8]> {
+        match r {
+            Request::WriteChunk(_, c) => Some(&c.data),
+            Request::PatchChunk(_, p) => Some(&p.head.data),
+            Request::ForwardWrite { data, .. } | Request::Meta(_, data) => Some(data),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_bulk_must_be_the_bodys_last_field_exactly() {
+        let req = Request::ForwardWrite {
+            volume: 1,
+            offset: 4096,
+            data: vec![5; 100],
+        };
+        let (kind, body) = req.encode();
+        let at = body.len() - 100;
+        // The right split reads the message; one byte more or less in the bulk does not.
+        assert_eq!(
+            Request::decode_parts(kind as u8, &body[..at], body[at..].to_vec()).unwrap(),
+            req
+        );
+        for split in [at - 1, at + 1] {
+            assert!(
+                Request::decode_parts(kind as u8, &body[..split], body[split..].to_vec()).is_err()
+            );
+        }
+        // A bulk behind a message with no bytes field is refused.
+        let (kind, body) = Request::Heartbeat.encode();
+        assert!(Request::decode_parts(kind as u8, &body, vec![1]).is_err());
+        // An error reply with a bulk is refused; without one it is the peer's error.
+        let mut err = Vec::new();
+        put_error(&mut err, &RemoteError::Fenced);
+        let f = |bulk: Vec<u8>| Frame {
+            kind: 2 | REPLY,
+            sender: 1,
+            epoch: 1,
+            request_id: 1,
+            payload: err.clone(),
+            bulk,
+        };
+        assert!(decode_reply(Kind::WriteChunk, f(vec![0])).is_err());
+        assert_eq!(
+            decode_reply(Kind::WriteChunk, f(Vec::new())).unwrap(),
+            Err(RemoteError::Fenced)
+        );
+        // A header naming a bulk longer than its payload is refused from the header alone.
+        let mut h = frame_start();
+        h.extend_from_slice(b"abc");
+        seal_frame(&mut h, 2, 7, 3, 9, Sum::Link);
+        h[32..36].copy_from_slice(&4u32.to_be_bytes());
+        let c = crc32c::crc32c(&h[..36]);
+        h[36..40].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(
+            decode_head(h.first_chunk().unwrap(), true),
+            Err(WireError::Malformed("frame bulk length"))
+        );
+    }
+
     #[test]
     fn header_is_checked_before_the_payload_is_buffered() {
         let mut out = Vec::new();
@@ -1120,6 +1286,7 @@ mod tests {
                 epoch: 3,
                 request_id: 9,
                 payload: vec![1, 2, 3],
+                bulk: Vec::new(),
             },
             &mut out,
         );
@@ -1199,7 +1366,7 @@ mod tests {
     proptest! {
         /// Every request and reply survives encode/decode, inside a frame.
         #[test]
-        fn requests_and_replies_round_trip(v in 1u64..u64::MAX / 2, len in 0usize..5000, off in any::<u64>(), vol in any::<u32>()) {
+        fn requests_and_replies_round_trip(v in 1u64..u64::MAX / 2, len in 0usize..5000, off in any::<u64>(), vol in any::<u32>(), split_at in any::<usize>()) {
             let addr = ChunkAddr { volume: vol, extent: off, row: 3, pos: 2 };
             let reqs = [
                 Request::ReadChunk(addr),
@@ -1219,7 +1386,7 @@ mod tests {
             for req in reqs {
                 let (kind, body) = req.encode();
                 let mut out = Vec::new();
-                encode_frame(&Frame { kind: kind as u8, sender: 1, epoch: v, request_id: off, payload: body }, &mut out);
+                encode_frame(&Frame { kind: kind as u8, sender: 1, epoch: v, request_id: off, payload: body.clone(), bulk: Vec::new() }, &mut out);
                 let (f, n) = decode_frame(&out).unwrap().unwrap();
                 prop_assert_eq!(n, out.len());
                 prop_assert_eq!(Request::decode(f.kind, &f.payload).unwrap(), req.clone());
@@ -1233,6 +1400,24 @@ mod tests {
                 let (k, parts) = req.clone().into_frame_with(0, env);
                 prop_assert_eq!(k, kind);
                 prop_assert_eq!([parts.head, parts.bulk].concat(), out);
+                // On a TLS link the header names the bulk, and the reader's separate buffer
+                // becomes the field's value as it is (the same allocation).
+                let env = Envelope { sum: Sum::Link, ..env };
+                let (_, parts) = req.clone().into_frame_with(0, env);
+                let f = read_link_frame(&parts);
+                prop_assert_eq!(f.bulk.len(), parts.bulk.len());
+                let at = f.bulk.as_ptr();
+                let got = Request::decode_parts(f.kind, &f.payload, f.bulk).unwrap();
+                if !parts.bulk.is_empty() {
+                    prop_assert_eq!(request_bulk(&got).map(<[u8]>::as_ptr), Some(at));
+                }
+                prop_assert_eq!(got, req.clone());
+                // Any other split of the body is refused or reads the same message.
+                let split = split_at % (body.len() + 1);
+                let (front, back) = body.split_at(split);
+                if let Ok(other) = Request::decode_parts(kind as u8, front, back.to_vec()) {
+                    prop_assert_eq!(other, req.clone());
+                }
             }
             for (kind, reply) in [
                 (Kind::ReadChunk, Reply::Copies(vec![chunk(v, len), chunk(v + 1, len)])),
@@ -1273,6 +1458,16 @@ mod tests {
                     _ => 0,
                 });
                 prop_assert_eq!([parts.head, parts.bulk].concat(), framed);
+                let env = Envelope { sum: Sum::Link, ..env };
+                let parts = reply.clone().into_frame_with(0, kind as u8 | REPLY, env);
+                let f = read_link_frame(&parts);
+                prop_assert_eq!(f.bulk.len(), parts.bulk.len());
+                prop_assert_eq!(decode_reply(kind, f).unwrap().unwrap(), reply.clone());
+                let split = split_at % body.len().max(1);
+                let f = Frame { kind: kind as u8 | REPLY, sender: 2, epoch: v, request_id: off, payload: body[..split].to_vec(), bulk: body[split..].to_vec() };
+                if let Ok(other) = decode_reply(kind, f) {
+                    prop_assert_eq!(other.unwrap(), reply.clone());
+                }
             }
         }
 
