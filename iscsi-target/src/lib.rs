@@ -16,4 +16,4 @@ pub use config::{
     TargetInfo, Timers,
 };
 pub use proto::chap::{ChapConfig, ChapSecret};
-pub use proto::connection::{Connection, ConnectionError, Event};
+pub use proto::connection::{Connection, ConnectionError, Event, Transmit};

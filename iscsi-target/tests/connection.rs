@@ -81,6 +81,11 @@ impl H {
     fn out(&mut self) -> Vec<(Bhs, Vec<u8>)> {
         let mut buf = Vec::new();
         self.c.poll_transmit(&mut buf);
+        self.parse(&buf)
+    }
+
+    /// The PDUs in `buf` (digests checked as negotiated).
+    fn parse(&self, buf: &[u8]) -> Vec<(Bhs, Vec<u8>)> {
         let mut pdus = Vec::new();
         let mut pos = 0;
         // Login responses never carry digests; after login, the negotiated ones apply.
@@ -505,6 +510,60 @@ fn data_in_is_split_by_the_initiators_limit_and_status_collapsed() {
     let last = ins[2];
     assert!(last.has_status && last.final_ && last.overflow && last.residual == 2000);
     assert!(!ins[0].has_status);
+}
+
+#[test]
+fn large_data_in_goes_from_the_reads_buffers_with_the_same_bytes() {
+    // Two reads answered before the connection transmits: 150001 bytes (64 KiB, 64 KiB, then
+    // 18929 with 3 bytes of padding) and 70000 (64 KiB, then a 4464-byte tail copied behind its
+    // header). The vectored queue must give the very bytes the copying one does, with and
+    // without digests, and every PDU must carry its read's bytes.
+    for digests in [false, true] {
+        let mut sent = Vec::new();
+        for vectored in [false, true] {
+            let mut h = H::new(None);
+            let mut keys = vec![("MaxRecvDataSegmentLength", "65536")];
+            if digests {
+                keys.extend([("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")]);
+            }
+            h.login(&keys);
+            h.events();
+            let reads = [(8u32, 150_001u32), (9, 70_000)];
+            for (itt, len) in reads {
+                h.scsi(itt, 0x28, len, false, true, &[]);
+            }
+            assert_eq!(h.executed().len(), 2);
+            let pattern = |itt: u32, len: u32| -> Vec<u8> {
+                (0..len).map(|i| (i % 251) as u8 ^ itt as u8).collect()
+            };
+            for (itt, len) in reads {
+                h.c.handle_outcome(itt, good(pattern(itt, len)));
+            }
+            let raw: Vec<u8> = if vectored {
+                let mut t = iscsi_target::Transmit::default();
+                assert!(h.c.poll_transmit_vectored(&mut t));
+                let slices = t.io_slices();
+                // Headers, three segments by reference, padding and digests: many slices.
+                assert!(slices.len() > 5, "{} slices", slices.len());
+                slices.iter().flat_map(|s| s.iter().copied()).collect()
+            } else {
+                let mut b = Vec::new();
+                assert!(h.c.poll_transmit(&mut b));
+                b
+            };
+            let pdus = h.parse(&raw);
+            for (itt, len) in reads {
+                let got: Vec<u8> = pdus
+                    .iter()
+                    .filter(|(b, _)| matches!(b, Bhs::DataIn(d) if d.itt == itt))
+                    .flat_map(|(_, d)| d.iter().copied())
+                    .collect();
+                assert_eq!(got, pattern(itt, len), "itt {itt}, digests {digests}");
+            }
+            sent.push(raw);
+        }
+        assert_eq!(sent[0], sent[1], "digests {digests}");
+    }
 }
 
 #[test]

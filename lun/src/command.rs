@@ -89,6 +89,18 @@ impl DataIn {
             Self::Read(r) => r.extend_into(at, len, out),
         }
     }
+    /// Hands `f` the bytes `[at, at + len)` in order, as the slices they are held in (no
+    /// copy: a vectored send takes them from here).
+    ///
+    /// # Panics
+    /// If the range lies outside the data.
+    pub fn slices<'a>(&'a self, at: usize, len: usize, mut f: impl FnMut(&'a [u8])) {
+        match self {
+            Self::None => assert!(len == 0 && at == 0),
+            Self::Bytes(b) => f(&b[at..at + len]),
+            Self::Read(r) => r.slices(at, len, f),
+        }
+    }
 }
 
 /// How a command ended.

@@ -105,8 +105,12 @@ impl ReadData {
         out.reserve(len);
         self.slices(at, len, |s| out.extend_from_slice(s));
     }
-    /// Hands `f` the bytes `[at, at + len)` in order, as the slices they are stored in.
-    fn slices(&self, at: usize, len: usize, mut f: impl FnMut(&[u8])) {
+    /// Hands `f` the bytes `[at, at + len)` in order, as the slices they are stored in (for a
+    /// vectored send straight from the read's buffers).
+    ///
+    /// # Panics
+    /// If the range is outside the data.
+    pub fn slices<'a>(&'a self, at: usize, len: usize, mut f: impl FnMut(&'a [u8])) {
         assert!(at + len <= self.len);
         let pooled = self.bufs.iter().map(PooledBuf::as_slice);
         let pieces = self.owned.iter().map(Vec::as_slice);

@@ -26,7 +26,7 @@
 
 use crate::config::FabricConfig;
 use crate::constants::CONNECTIONS_MAX;
-use crate::proto::connection::{Connection, Event};
+use crate::proto::connection::{Connection, Event, Transmit};
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use lun::CommandOutcome;
@@ -242,7 +242,7 @@ impl Server {
         let mut info: Option<Arc<SessionInfo>> = None;
         let portal = sock.local_addr().unwrap_or(peer);
         let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-        let mut outbuf: Vec<u8> = Vec::new();
+        let mut outbuf = Transmit::default();
         let mut closing: Option<String> = None;
         let mut shutting_down = *shutdown.borrow();
         if shutting_down {
@@ -333,9 +333,9 @@ impl Server {
                     }
                 }
             }
-            if conn.poll_transmit(&mut outbuf) {
+            if conn.poll_transmit_vectored(&mut outbuf) {
                 let stall = Duration::from_millis(self.cfg.timers.nop_timeout_ms);
-                let write = tokio::time::timeout(stall, sock.write_all(&outbuf));
+                let write = tokio::time::timeout(stall, write_all_vectored(&mut sock, &outbuf));
                 match driving(write, &mut running, &mut ready).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
@@ -413,4 +413,19 @@ impl Server {
         }
         let _ = sock.shutdown().await;
     }
+}
+
+/// Writes every byte of `t` with vectored writes (large Data-In segments straight from the
+/// buffers they were read into), however many calls the socket takes.
+async fn write_all_vectored(sock: &mut TcpStream, t: &Transmit) -> std::io::Result<()> {
+    let mut slices = t.io_slices();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = sock.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
 }

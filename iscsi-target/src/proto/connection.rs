@@ -249,8 +249,62 @@ pub struct Connection {
     last_rx: Instant,
     login_deadline: Instant,
     shutdown_deadline: Option<Instant>,
+    /// Pieces queued for the peer before `out` (see [`Transmit`]).
+    tx: Vec<Piece>,
     out: Vec<u8>,
     events: VecDeque<Event>,
+}
+
+/// A Data-In data segment at least this long is sent from the read's own buffers (a vectored
+/// write) instead of being copied behind its header; shorter ones cost less to copy than an
+/// extra I/O vector.
+const VECTORED_MIN: usize = 16 << 10;
+
+/// One piece of what is queued for the peer.
+#[derive(Debug)]
+enum Piece {
+    /// Bytes built here (PDU headers, small data segments, padding, digests).
+    Bytes(Vec<u8>),
+    /// Bytes `[at, at + len)` of a command's Data-In, where the read left them.
+    Data {
+        data: Arc<lun::DataIn>,
+        at: usize,
+        len: usize,
+    },
+}
+
+/// Everything queued for the peer, in order, for one vectored write: bytes built by the
+/// connection and large Data-In segments by reference to the buffers they were read into
+/// ([`Connection::poll_transmit_vectored`]). Holding it keeps those buffers alive.
+#[derive(Debug, Default)]
+pub struct Transmit {
+    pieces: Vec<Piece>,
+}
+
+impl Transmit {
+    /// Whether nothing is queued.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+    /// The bytes, in order, as the slices they are held in (for `write_vectored`).
+    #[must_use]
+    pub fn io_slices(&self) -> Vec<std::io::IoSlice<'_>> {
+        let mut out = Vec::with_capacity(self.pieces.len());
+        for p in &self.pieces {
+            match p {
+                Piece::Bytes(b) => out.push(std::io::IoSlice::new(b)),
+                Piece::Data { data, at, len } => {
+                    data.slices(*at, *len, |s| out.push(std::io::IoSlice::new(s)));
+                }
+            }
+        }
+        out
+    }
+    /// Drops what was sent (and with it the references to read buffers).
+    pub fn clear(&mut self) {
+        self.pieces.clear();
+    }
 }
 
 impl Connection {
@@ -296,6 +350,7 @@ impl Connection {
             last_rx: now,
             login_deadline,
             shutdown_deadline: None,
+            tx: Vec::new(),
             out: Vec::new(),
             events: VecDeque::new(),
         }
@@ -386,15 +441,35 @@ impl Connection {
         Ok(pos)
     }
 
-    /// Moves every byte queued for the peer into `buf`. Returns whether anything was moved.
+    /// Moves every byte queued for the peer into `buf` (copying any Data-In held by
+    /// reference). Returns whether anything was moved.
     pub fn poll_transmit(&mut self, buf: &mut Vec<u8>) -> bool {
-        if self.out.is_empty() {
+        if self.out.is_empty() && self.tx.is_empty() {
             return false;
+        }
+        for p in self.tx.drain(..) {
+            match p {
+                Piece::Bytes(b) => buf.extend_from_slice(&b),
+                Piece::Data { data, at, len } => data.extend_into(at, len, buf),
+            }
         }
         if buf.is_empty() {
             std::mem::swap(buf, &mut self.out);
         } else {
             buf.append(&mut self.out);
+        }
+        true
+    }
+
+    /// Moves everything queued for the peer into `t`, large Data-In segments by reference
+    /// (no copy; see [`Transmit`]). Returns whether anything was moved.
+    pub fn poll_transmit_vectored(&mut self, t: &mut Transmit) -> bool {
+        if self.out.is_empty() && self.tx.is_empty() {
+            return false;
+        }
+        t.pieces.append(&mut self.tx);
+        if !self.out.is_empty() {
+            t.pieces.push(Piece::Bytes(std::mem::take(&mut self.out)));
         }
         true
     }
@@ -1382,7 +1457,15 @@ impl Connection {
         self.task_gone(itt);
     }
 
-    fn respond(&mut self, itt: u32, task: &Task, outcome: CommandOutcome) {
+    /// Queues bytes `[at, at + len)` of `data` by reference, after everything queued so far.
+    fn queue_data(&mut self, data: Arc<lun::DataIn>, at: usize, len: usize) {
+        if !self.out.is_empty() {
+            self.tx.push(Piece::Bytes(std::mem::take(&mut self.out)));
+        }
+        self.tx.push(Piece::Data { data, at, len });
+    }
+
+    fn respond(&mut self, itt: u32, task: &Task, mut outcome: CommandOutcome) {
         let edtl = u64::from(task.edtl);
         let good = outcome.status == lun::CommandStatus::Good;
         let status_byte = outcome.status.status_byte();
@@ -1405,6 +1488,7 @@ impl Connection {
             set_residual(outcome.data_in.len() as u64);
             let send_len = (outcome.data_in.len() as u64).min(edtl) as usize;
             if send_len > 0 {
+                let data = Arc::new(std::mem::take(&mut outcome.data_in));
                 let seg = self.params.initiator_mrdsl.max(512) as usize;
                 let burst = self.params.max_burst.max(512) as usize;
                 let mut off = 0usize;
@@ -1432,20 +1516,33 @@ impl Connection {
                     });
                     let mut h = [0u8; BHS_LEN];
                     bhs.encode(&mut h, 0, n as u32);
-                    let start = self.out.len();
                     self.out.extend_from_slice(&h);
                     if self.digests.header {
                         let crc = super::digest::crc32c(&h);
                         self.out.extend_from_slice(&super::digest::to_wire(crc));
                     }
-                    let d0 = self.out.len();
-                    outcome.data_in.extend_into(off, n, &mut self.out);
-                    self.out.resize(d0 + pdu::pad4(n), 0);
-                    if self.digests.data {
-                        let crc = super::digest::crc32c(&self.out[d0..]);
-                        self.out.extend_from_slice(&super::digest::to_wire(crc));
+                    let pad = pdu::pad4(n) - n;
+                    if n >= VECTORED_MIN {
+                        if self.digests.data {
+                            let mut crc = 0;
+                            data.slices(off, n, |s| crc = crc32c::crc32c_append(crc, s));
+                            let crc = crc32c::crc32c_append(crc, &[0; 3][..pad]);
+                            self.queue_data(Arc::clone(&data), off, n);
+                            self.out.resize(pad, 0);
+                            self.out.extend_from_slice(&super::digest::to_wire(crc));
+                        } else {
+                            self.queue_data(Arc::clone(&data), off, n);
+                            self.out.resize(pad, 0);
+                        }
+                    } else {
+                        let d0 = self.out.len();
+                        data.extend_into(off, n, &mut self.out);
+                        self.out.resize(d0 + n + pad, 0);
+                        if self.digests.data {
+                            let crc = super::digest::crc32c(&self.out[d0..]);
+                            self.out.extend_from_slice(&super::digest::to_wire(crc));
+                        }
                     }
-                    debug_assert!(self.out.len() > start);
                     data_sn += 1;
                     off += n;
                 }
