@@ -5,7 +5,7 @@
 //! | bytes | field |
 //! | --- | --- |
 //! | 0-3 | magic `RNPF` |
-//! | 4 | protocol version (1) |
+//! | 4 | protocol version (4) |
 //! | 5 | kind (request kinds below; a reply sets bit 7) |
 //! | 6-7 | flags: bit 0 [`FLAG_LINK_SUM`], the others 0 |
 //! | 8-11 | sender controller id |
