@@ -347,7 +347,7 @@ impl Server {
                         break;
                     }
                 }
-                outbuf.clear();
+                conn.recycle(&mut outbuf);
             }
             if let Some(reason) = &closing {
                 tracing::info!(%peer, reason = %reason, "connection closed");
@@ -418,6 +418,9 @@ impl Server {
 /// Writes every byte of `t` with vectored writes (large Data-In segments straight from the
 /// buffers they were read into), however many calls the socket takes.
 async fn write_all_vectored(sock: &mut TcpStream, t: &Transmit) -> std::io::Result<()> {
+    if let Some(bytes) = t.single() {
+        return sock.write_all(bytes).await;
+    }
     let mut slices = t.io_slices();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {

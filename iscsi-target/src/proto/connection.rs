@@ -252,6 +252,9 @@ pub struct Connection {
     /// Pieces queued for the peer before `out` (see [`Transmit`]).
     tx: Vec<Piece>,
     out: Vec<u8>,
+    /// Sent byte buffers kept for their capacity ([`Connection::recycle`]), so building
+    /// responses does not grow a fresh vector every time.
+    spare: Vec<Vec<u8>>,
     events: VecDeque<Event>,
 }
 
@@ -259,6 +262,10 @@ pub struct Connection {
 /// write) instead of being copied behind its header; shorter ones cost less to copy than an
 /// extra I/O vector.
 const VECTORED_MIN: usize = 16 << 10;
+
+/// Most sent buffers a connection keeps for reuse, and the largest it keeps.
+const SPARES: usize = 4;
+const SPARE_MAX: usize = 1 << 20;
 
 /// One piece of what is queued for the peer.
 #[derive(Debug)]
@@ -275,7 +282,8 @@ enum Piece {
 
 /// Everything queued for the peer, in order, for one vectored write: bytes built by the
 /// connection and large Data-In segments by reference to the buffers they were read into
-/// ([`Connection::poll_transmit_vectored`]). Holding it keeps those buffers alive.
+/// ([`Connection::poll_transmit_vectored`]). Holding it keeps those buffers alive until
+/// [`Connection::recycle`] takes it back after the write.
 #[derive(Debug, Default)]
 pub struct Transmit {
     pieces: Vec<Piece>,
@@ -286,6 +294,15 @@ impl Transmit {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.pieces.is_empty()
+    }
+    /// The bytes when they are one buffer built here (no Data-In by reference): the common
+    /// case, written without building I/O vectors.
+    #[must_use]
+    pub fn single(&self) -> Option<&[u8]> {
+        match self.pieces.as_slice() {
+            [Piece::Bytes(b)] => Some(b),
+            _ => None,
+        }
     }
     /// The bytes, in order, as the slices they are held in (for `write_vectored`).
     #[must_use]
@@ -300,10 +317,6 @@ impl Transmit {
             }
         }
         out
-    }
-    /// Drops what was sent (and with it the references to read buffers).
-    pub fn clear(&mut self) {
-        self.pieces.clear();
     }
 }
 
@@ -352,6 +365,7 @@ impl Connection {
             shutdown_deadline: None,
             tx: Vec::new(),
             out: Vec::new(),
+            spare: Vec::new(),
             events: VecDeque::new(),
         }
     }
@@ -469,9 +483,29 @@ impl Connection {
         }
         t.pieces.append(&mut self.tx);
         if !self.out.is_empty() {
-            t.pieces.push(Piece::Bytes(std::mem::take(&mut self.out)));
+            let out = self.take_out();
+            t.pieces.push(Piece::Bytes(out));
         }
         true
+    }
+
+    /// Takes back what `t` held once it was sent: its byte buffers are kept (emptied, up to
+    /// [`SPARES`] of them, none over [`SPARE_MAX`]) for the responses built next.
+    pub fn recycle(&mut self, t: &mut Transmit) {
+        for p in t.pieces.drain(..) {
+            if let Piece::Bytes(mut b) = p {
+                if self.spare.len() < SPARES && b.capacity() <= SPARE_MAX {
+                    b.clear();
+                    self.spare.push(b);
+                }
+            }
+        }
+    }
+
+    /// The bytes built so far, replaced by a kept buffer when there is one.
+    fn take_out(&mut self) -> Vec<u8> {
+        let fresh = self.spare.pop().unwrap_or_default();
+        std::mem::replace(&mut self.out, fresh)
     }
 
     /// The next event for the driver.
@@ -1460,7 +1494,8 @@ impl Connection {
     /// Queues bytes `[at, at + len)` of `data` by reference, after everything queued so far.
     fn queue_data(&mut self, data: Arc<lun::DataIn>, at: usize, len: usize) {
         if !self.out.is_empty() {
-            self.tx.push(Piece::Bytes(std::mem::take(&mut self.out)));
+            let out = self.take_out();
+            self.tx.push(Piece::Bytes(out));
         }
         self.tx.push(Piece::Data { data, at, len });
     }
@@ -1488,7 +1523,10 @@ impl Connection {
             set_residual(outcome.data_in.len() as u64);
             let send_len = (outcome.data_in.len() as u64).min(edtl) as usize;
             if send_len > 0 {
-                let data = Arc::new(std::mem::take(&mut outcome.data_in));
+                // Shared with the transmit queue only when some segment goes by reference.
+                let shared = (send_len >= VECTORED_MIN)
+                    .then(|| Arc::new(std::mem::take(&mut outcome.data_in)));
+                let data: &lun::DataIn = shared.as_deref().unwrap_or(&outcome.data_in);
                 let seg = self.params.initiator_mrdsl.max(512) as usize;
                 let burst = self.params.max_burst.max(512) as usize;
                 let mut off = 0usize;
@@ -1527,11 +1565,11 @@ impl Connection {
                             let mut crc = 0;
                             data.slices(off, n, |s| crc = crc32c::crc32c_append(crc, s));
                             let crc = crc32c::crc32c_append(crc, &[0; 3][..pad]);
-                            self.queue_data(Arc::clone(&data), off, n);
+                            self.queue_data(shared.clone().expect("shared when large"), off, n);
                             self.out.resize(pad, 0);
                             self.out.extend_from_slice(&super::digest::to_wire(crc));
                         } else {
-                            self.queue_data(Arc::clone(&data), off, n);
+                            self.queue_data(shared.clone().expect("shared when large"), off, n);
                             self.out.resize(pad, 0);
                         }
                     } else {
