@@ -1559,23 +1559,22 @@ impl Connection {
                         let crc = super::digest::crc32c(&h);
                         self.out.extend_from_slice(&super::digest::to_wire(crc));
                     }
-                    let pad = pdu::pad4(n) - n;
-                    if n >= VECTORED_MIN {
-                        if self.digests.data {
+                    let pad = &[0u8; 3][..pdu::pad4(n) - n];
+                    if let Some(by_ref) = shared.as_ref().filter(|_| n >= VECTORED_MIN) {
+                        let crc = self.digests.data.then(|| {
                             let mut crc = 0;
                             data.slices(off, n, |s| crc = crc32c::crc32c_append(crc, s));
-                            let crc = crc32c::crc32c_append(crc, &[0; 3][..pad]);
-                            self.queue_data(shared.clone().expect("shared when large"), off, n);
-                            self.out.resize(pad, 0);
+                            crc32c::crc32c_append(crc, pad)
+                        });
+                        self.queue_data(Arc::clone(by_ref), off, n);
+                        self.out.extend_from_slice(pad);
+                        if let Some(crc) = crc {
                             self.out.extend_from_slice(&super::digest::to_wire(crc));
-                        } else {
-                            self.queue_data(shared.clone().expect("shared when large"), off, n);
-                            self.out.resize(pad, 0);
                         }
                     } else {
                         let d0 = self.out.len();
                         data.extend_into(off, n, &mut self.out);
-                        self.out.resize(d0 + n + pad, 0);
+                        self.out.extend_from_slice(pad);
                         if self.digests.data {
                             let crc = super::digest::crc32c(&self.out[d0..]);
                             self.out.extend_from_slice(&super::digest::to_wire(crc));
