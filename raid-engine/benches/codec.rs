@@ -1,6 +1,7 @@
 //! Erasure coding: encode and reconstruct (1 and m lost data shards) for both codecs at
 //! (2,1), (3,2), (4,2), (8,3) with 4 KiB and 64 KiB chunks. Throughput counts the row's data
-//! bytes (k x chunk).
+//! bytes (k x chunk), except for the parity delta of a change to the last data column (a
+//! patched write's parity work), which counts the delta's bytes (one chunk).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use raid_engine::codec::{new_codec, CodecKind};
@@ -55,6 +56,12 @@ fn bench(c: &mut Criterion) {
                         })
                     });
                 }
+                g.throughput(Throughput::Bytes(chunk as u64));
+                let delta = &data[k - 1];
+                g.bench_function(id("parity_delta"), |b| {
+                    b.iter(|| codec.parity_delta(k - 1, black_box(delta)).unwrap())
+                });
+                g.throughput(Throughput::Bytes((k * chunk) as u64));
             }
         }
     }

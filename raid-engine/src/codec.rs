@@ -131,9 +131,7 @@ pub trait ErasureCodec: Send + Sync + fmt::Debug {
     /// [`DELTA_ALIGN`].
     fn parity_delta(&self, col: usize, delta: &[u8]) -> Result<Vec<Vec<u8>>, CodecError> {
         let (k, m) = (self.data_shards(), self.parity_shards());
-        if col >= k || delta.is_empty() || !delta.len().is_multiple_of(DELTA_ALIGN) {
-            return Err(CodecError::Shape { expected: k });
-        }
+        check_delta(k, col, delta)?;
         let zero = vec![0u8; delta.len()];
         let refs: Vec<&[u8]> = (0..k)
             .map(|c| if c == col { delta } else { zero.as_slice() })
@@ -142,6 +140,14 @@ pub trait ErasureCodec: Send + Sync + fmt::Debug {
         self.encode(&refs, &mut parity)?;
         Ok(parity)
     }
+}
+
+/// Refuses a parity delta of a column outside `0..k`, or empty or unaligned.
+fn check_delta(k: usize, col: usize, delta: &[u8]) -> Result<(), CodecError> {
+    if col >= k || delta.is_empty() || !delta.len().is_multiple_of(DELTA_ALIGN) {
+        return Err(CodecError::Shape { expected: k });
+    }
+    Ok(())
 }
 
 /// A codec of `kind` for `k` data and `m` parity shards.
@@ -306,6 +312,18 @@ impl ErasureCodec for GfMatrix {
         self.rs
             .encode_sep(data, parity)
             .map_err(|e| CodecError::Library(format!("{e:?}")))
+    }
+    /// Parity is linear in each column: a parity column's change is its coefficient for
+    /// `col` times the delta, one multiplication over the delta's bytes (the default encodes
+    /// a whole row of zeros around it). The library overwrites the parity for column 0 and
+    /// adds into it for the others, so it starts zeroed.
+    fn parity_delta(&self, col: usize, delta: &[u8]) -> Result<Vec<Vec<u8>>, CodecError> {
+        check_delta(self.k, col, delta)?;
+        let mut parity = vec![vec![0u8; delta.len()]; self.m];
+        self.rs
+            .encode_single_sep(col, delta, &mut parity)
+            .map_err(|e| CodecError::Library(format!("{e:?}")))?;
+        Ok(parity)
     }
     fn reconstruct(&self, shards: &mut [Option<Vec<u8>>]) -> Result<(), CodecError> {
         check_reconstruct(self.k, self.m, shards)?;
