@@ -118,11 +118,8 @@ fuzz_target!(|data: &[u8]| {
 
 /// A sealed frame read as a TLS link's reader takes it (body and bulk apart).
 fn over_link(bytes: &[u8]) -> Frame {
-    let h = wire::decode_head(bytes.first_chunk().expect("header"), true).expect("header");
-    let body_end = wire::HEADER_LEN + h.payload_len() - h.bulk_len();
-    h.with_parts(
-        bytes[wire::HEADER_LEN..body_end].to_vec(),
-        bytes[body_end..].to_vec(),
-    )
-    .expect("frame")
+    wire::decode_frame_on(bytes, true)
+        .expect("a sealed frame")
+        .expect("a whole frame")
+        .0
 }

@@ -338,7 +338,6 @@ fn epoch_base(epoch: u64) -> u64 {
     epoch << 32
 }
 
-/// A chunk of zeros: the content of anything never written (version 0).
 /// The pieces of a read side by side in one buffer (no copy when there is one piece).
 fn join(mut pieces: Vec<Vec<u8>>) -> Vec<u8> {
     if pieces.len() == 1 {
@@ -351,6 +350,7 @@ fn join(mut pieces: Vec<Vec<u8>>) -> Vec<u8> {
     out
 }
 
+/// A chunk of zeros: the content of anything never written (version 0).
 fn zeros(len: usize) -> Vec<u8> {
     vec![0; len]
 }

@@ -290,11 +290,6 @@ pub struct Transmit {
 }
 
 impl Transmit {
-    /// Whether nothing is queued.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.pieces.is_empty()
-    }
     /// The bytes when they are one buffer built here (no Data-In by reference): the common
     /// case, written without building I/O vectors.
     #[must_use]
