@@ -41,6 +41,7 @@ use crate::cluster::{
     VolError, VolumeMeta,
 };
 use crate::codec::{new_codec, ErasureCodec, DELTA_ALIGN};
+use crate::gather::{merge, Gather, Joined, Outcome};
 use crate::layout::{ControllerId, RowSpan};
 use crate::lease::{Grants, Held, Lessee, READAHEAD_ROWS};
 use crate::range_lock::RangeLock;
@@ -170,6 +171,10 @@ struct Vol {
     /// and cached row states span the change.
     rows: Arc<RangeLock>,
     cache: Arc<Mutex<RowCache>>,
+    /// Writes queued for rows another write of this volume is committing (see
+    /// [`crate::gather`]). Not carried to a replacing `Vol`: writes queued on the old one
+    /// finish there, and the row lock orders them with the new one's.
+    gather: Gather<Result<()>>,
 }
 
 impl Vol {
@@ -225,6 +230,9 @@ pub struct EngineStats {
     pub moved_chunks: u64,
     /// Row writes committed as patches (changed bytes and parity deltas, not whole chunks).
     pub patched_writes: u64,
+    /// Host writes committed together with another write of the same row (see
+    /// [`crate::gather`]), counted for each write taken into a leader's batch.
+    pub gathered_writes: u64,
     /// Host reads whose primary located the bytes, read here from their holders.
     pub located_reads: u64,
     /// Host reads served under a read lease (no round trip to the primary).
@@ -406,6 +414,7 @@ impl Engine {
             codec,
             rows: Arc::default(),
             cache: Arc::default(),
+            gather: Gather::default(),
         });
         self.lock().volumes.insert(vol.meta.id, vol);
         Ok(())
@@ -472,6 +481,7 @@ impl Engine {
                 codec,
                 rows: old.rows.clone(),
                 cache: old.cache.clone(),
+                gather: Gather::default(),
             });
             g.volumes.insert(*id, vol);
         }
@@ -891,12 +901,8 @@ impl Engine {
             .map(|span| {
                 let (view, vol) = (&view, &vol);
                 async move {
-                    let g = vol.global_row(span.extent, span.row);
-                    let _row = vol.rows.lock(g, g + 1).await;
-                    self.still(epoch)?;
-                    let meta = self.row_meta(view, vol, span.extent, span.row).await?;
                     let bytes = &data[span.request_offset as usize..][..span.len as usize];
-                    self.write_row(view, vol, span, meta, bytes).await
+                    self.gathered_write(epoch, view, vol, span, bytes).await
                 }
             });
         futures::future::join_all(rows)
@@ -904,6 +910,77 @@ impl Engine {
             .into_iter()
             .collect::<Result<Vec<()>>>()?;
         Ok(())
+    }
+
+    /// Writes `bytes` into `span`'s row, together with the writes that queue for the row
+    /// meanwhile (see [`crate::gather`]): the first write leads, yields once (unless it
+    /// fills the row) so writes already received can queue, takes the row lock and commits
+    /// its bytes and every queued write's, merged into runs, one row write per run; then
+    /// hands the turn to whatever queued since. A write queued behind a leader gets the
+    /// outcome of the run it was merged into. A write alone at this primary (queue depth 1)
+    /// does not yield: nothing could join it.
+    async fn gathered_write(
+        &self,
+        epoch: u64,
+        view: &ClusterView,
+        vol: &Vol,
+        span: RowSpan,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let g = vol.global_row(span.extent, span.row);
+        let at = span.offset_in_row as usize;
+        let active = vol.gather.enter();
+        let lead = match vol.gather.join((g, epoch), at, bytes) {
+            Joined::Lead(lead) => lead,
+            Joined::Wait(w) => match w.wait().await {
+                Some(Outcome::Done(r)) => return r,
+                Some(Outcome::Lead(lead)) => lead,
+                None => {
+                    return Err(VolError::Peer(
+                        "the write this one was committed with was cancelled; whether it landed is unknown".into(),
+                    ))
+                }
+            },
+        };
+        if bytes.len() < vol.k() * vol.chunk() && active.others() {
+            tokio::task::yield_now().await;
+        }
+        let _row = vol.rows.lock(g, g + 1).await;
+        let queued = lead.take();
+        if queued.is_empty() {
+            self.still(epoch)?;
+            let meta = self.row_meta(view, vol, span.extent, span.row).await?;
+            return self.write_row(view, vol, span, meta, bytes).await;
+        }
+        self.stats.lock().expect("stats").gathered_writes += queued.len() as u64;
+        let writes =
+            std::iter::once((at, bytes.to_vec(), None)).chain(queued.into_iter().map(|mut q| {
+                let b = std::mem::take(&mut q.bytes);
+                (q.at, b, Some(q))
+            }));
+        let mut own = Ok(());
+        for run in merge(writes) {
+            let span = RowSpan {
+                offset_in_row: run.at as u32,
+                len: run.bytes.len() as u32,
+                request_offset: 0,
+                ..span
+            };
+            let done = match self.still(epoch) {
+                Ok(()) => match self.row_meta(view, vol, span.extent, span.row).await {
+                    Ok(meta) => self.write_row(view, vol, span, meta, &run.bytes).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            for tag in run.tags {
+                match tag {
+                    Some(q) => q.answer(done.clone()),
+                    None => own = done.clone(),
+                }
+            }
+        }
+        own
     }
 
     /// The primary's read of a range inside extents it leads, as one buffer (a forwarded

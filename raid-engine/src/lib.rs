@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod codec;
 pub mod disk_store;
 pub mod engine;
+mod gather;
 pub mod layout;
 pub mod lease;
 pub mod range_lock;

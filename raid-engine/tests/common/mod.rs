@@ -16,7 +16,7 @@ use raid_engine::shard::{
     BoxFut, Chunk, ChunkAddr, MemShardStore, Patch, RangeRead, ShardError, ShardStore, VolumeId,
 };
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,9 @@ pub struct Env {
     pub local: ControllerId,
     /// Chunk bytes sent to or received from other controllers than `local`.
     pub remote_bytes: AtomicU64,
+    /// Chunk writes and patches to other controllers yield once before they are applied, as
+    /// a call across the network does not finish in the poll that sends it.
+    pub remote_yields: AtomicBool,
 }
 
 impl Env {
@@ -55,6 +58,13 @@ impl Env {
     fn count(&self, to: ControllerId, bytes: usize) {
         if to != self.local {
             self.remote_bytes.fetch_add(bytes as u64, Ordering::SeqCst);
+        }
+    }
+
+    /// Yields once for a call to another controller when told to (see `remote_yields`).
+    async fn cross(&self, to: ControllerId) {
+        if to != self.local && self.remote_yields.load(Ordering::SeqCst) {
+            tokio::task::yield_now().await;
         }
     }
 }
@@ -146,7 +156,10 @@ impl ClusterEnv for Env {
         chunk: Chunk,
     ) -> BoxFut<'_, Result<(), ShardError>> {
         self.count(to, chunk.data.len());
-        Box::pin(async move { self.stores[&to].write(addr, chunk).await })
+        Box::pin(async move {
+            self.cross(to).await;
+            self.stores[&to].write(addr, chunk).await
+        })
     }
     fn patch_chunk(
         &self,
@@ -157,6 +170,7 @@ impl ClusterEnv for Env {
     ) -> BoxFut<'_, Result<Vec<u8>, ShardError>> {
         self.count(to, patch.head.data.len());
         Box::pin(async move {
+            self.cross(to).await;
             let old = self.stores[&to].patch(addr, patch).await?;
             self.count(to, old.len());
             Ok(old)
