@@ -917,8 +917,9 @@ impl Engine {
     /// fills the row) so writes already received can queue, takes the row lock and commits
     /// its bytes and every queued write's, merged into runs, one row write per run; then
     /// hands the turn to whatever queued since. A write queued behind a leader gets the
-    /// outcome of the run it was merged into. A write alone at this primary (queue depth 1)
-    /// does not yield: nothing could join it.
+    /// outcome of the run it was merged into. Only a write that fills a column but not its row
+    /// yields, and only when other writes are in progress at this primary (at queue depth 1
+    /// nothing could join it).
     async fn gathered_write(
         &self,
         epoch: u64,
@@ -942,7 +943,12 @@ impl Engine {
                 }
             },
         };
-        if bytes.len() < vol.k() * vol.chunk() && active.others() {
+        // Waiting for company pays only for a write that fills a column but not the row: the
+        // rest of the row may be on its way. Smaller writes still gather with whatever
+        // queues while the row is being written.
+        let cb = vol.chunk();
+        let fills_column = at.div_ceil(cb) * cb + cb <= at + bytes.len();
+        if fills_column && bytes.len() < vol.k() * cb && active.others() {
             tokio::task::yield_now().await;
         }
         let _row = vol.rows.lock(g, g + 1).await;
