@@ -913,8 +913,8 @@ impl Engine {
     }
 
     /// Writes `bytes` into `span`'s row, together with the writes that queue for the row
-    /// meanwhile (see [`crate::gather`]): the first write leads, yields once (unless it
-    /// fills the row) so writes already received can queue, takes the row lock and commits
+    /// meanwhile (see [`crate::gather`]): the first write leads, may yield once so writes
+    /// already received can queue (below), takes the row lock and commits
     /// its bytes and every queued write's, merged into runs, one row write per run; then
     /// hands the turn to whatever queued since. A write queued behind a leader gets the
     /// outcome of the run it was merged into. Only a write that fills a column but not its row

@@ -10,6 +10,7 @@
 mod common;
 
 use common::Env;
+use raid_engine::engine::Engine;
 use std::sync::atomic::Ordering;
 
 const CHUNK: usize = 16 << 10;
@@ -77,6 +78,18 @@ async fn a_write_inside_one_column_takes_the_path_that_moves_fewer_bytes() {
     }
 }
 
+/// Issues `writes` (offset, bytes) together, in order, and applies them to `model` once each
+/// has succeeded.
+async fn write_together(engine: &Engine, model: &mut [u8], writes: &[(usize, Vec<u8>)]) {
+    let done =
+        futures::future::join_all(writes.iter().map(|(at, b)| engine.write(1, *at as u64, b)))
+            .await;
+    for (r, (at, b)) in done.into_iter().zip(writes) {
+        r.unwrap();
+        model[*at..at + b.len()].copy_from_slice(b);
+    }
+}
+
 /// Writes that queue for a row while another write of it is being committed are committed
 /// with it: the two halves of a row written concurrently cost the row's second column and its
 /// parity (what one whole-row write costs), not each column's own parity update (a delta for
@@ -99,13 +112,7 @@ async fn concurrent_writes_of_one_row_are_committed_together() {
 
     let writes = [other(39), (0, bytes(CHUNK, 40)), (CHUNK, bytes(CHUNK, 41))];
     let moved = env.remote_bytes.load(Ordering::SeqCst);
-    let done =
-        futures::future::join_all(writes.iter().map(|(at, b)| engine.write(1, *at as u64, b)))
-            .await;
-    for (r, (at, b)) in done.into_iter().zip(&writes) {
-        r.unwrap();
-        model[*at..at + b.len()].copy_from_slice(b);
-    }
+    write_together(&engine, &mut model, &writes).await;
     assert_eq!(engine.stats().gathered_writes, 1);
     assert_eq!(
         env.remote_bytes.load(Ordering::SeqCst) - moved,
@@ -125,13 +132,7 @@ async fn concurrent_writes_of_one_row_are_committed_together() {
         (0, bytes(4096, 54)),
     ];
     let before = engine.stats().gathered_writes;
-    let done =
-        futures::future::join_all(writes.iter().map(|(at, b)| engine.write(1, *at as u64, b)))
-            .await;
-    for (r, (at, b)) in done.into_iter().zip(&writes) {
-        r.unwrap();
-        model[*at..at + b.len()].copy_from_slice(b);
-    }
+    write_together(&engine, &mut model, &writes).await;
     assert_eq!(engine.stats().gathered_writes - before, 4);
     assert_eq!(engine.read(1, 0, model.len() as u64).await.unwrap(), model);
 
@@ -139,13 +140,7 @@ async fn concurrent_writes_of_one_row_are_committed_together() {
     // likely to follow): two 4 KiB writes issued together are committed one after the other.
     let writes = [other(55), (0, bytes(4096, 56)), (4096, bytes(4096, 57))];
     let before = engine.stats().gathered_writes;
-    let done =
-        futures::future::join_all(writes.iter().map(|(at, b)| engine.write(1, *at as u64, b)))
-            .await;
-    for (r, (at, b)) in done.into_iter().zip(&writes) {
-        r.unwrap();
-        model[*at..at + b.len()].copy_from_slice(b);
-    }
+    write_together(&engine, &mut model, &writes).await;
     assert_eq!(engine.stats().gathered_writes, before);
     assert_eq!(engine.read(1, 0, model.len() as u64).await.unwrap(), model);
 
