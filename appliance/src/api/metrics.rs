@@ -205,6 +205,33 @@ pub async fn render(st: &ApiState) -> String {
             &[("controller", &id)],
             f64::from(u8::from(s.fenced)),
         );
+        // The data path's own counters: which write and read paths the primary and the
+        // portal took (where a workload's CPU and network go).
+        let e = node.engine().stats();
+        o.family(
+            "rainio_engine_events_total",
+            "counter",
+            "Data path events at this controller: row writes committed as patches (patched_writes), host writes committed with another write of their row (gathered_writes), rows read by decoding (degraded_reads), reads also decoded because their holder was slow (hedged_reads, hedges_won), host reads served from located or leased chunks (located_reads, leased_reads), read leases revoked by writes (leases_revoked), rows found with a chunk behind (rows_behind_found), chunks copied by resync and by moves (resync_chunks, moved_chunks)",
+        );
+        for (event, n) in [
+            ("patched_writes", e.patched_writes),
+            ("gathered_writes", e.gathered_writes),
+            ("degraded_reads", e.degraded_reads),
+            ("hedged_reads", e.hedged_reads),
+            ("hedges_won", e.hedges_won),
+            ("located_reads", e.located_reads),
+            ("leased_reads", e.leased_reads),
+            ("leases_revoked", e.leases_revoked),
+            ("rows_behind_found", e.rows_behind_found),
+            ("resync_chunks", e.resync_chunks),
+            ("moved_chunks", e.moved_chunks),
+        ] {
+            o.sample(
+                "rainio_engine_events_total",
+                &[("controller", &id), ("event", event)],
+                n as f64,
+            );
+        }
         let names: std::collections::BTreeMap<u32, String> = node
             .volume_records()
             .into_values()
