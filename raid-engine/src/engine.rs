@@ -954,9 +954,7 @@ impl Engine {
         let _row = vol.rows.lock(g, g + 1).await;
         let queued = lead.take();
         if queued.is_empty() {
-            self.still(epoch)?;
-            let meta = self.row_meta(view, vol, span.extent, span.row).await?;
-            return self.write_row(view, vol, span, meta, bytes).await;
+            return self.load_and_write_row(epoch, view, vol, span, bytes).await;
         }
         self.stats.lock().expect("stats").gathered_writes += queued.len() as u64;
         let writes =
@@ -972,13 +970,9 @@ impl Engine {
                 request_offset: 0,
                 ..span
             };
-            let done = match self.still(epoch) {
-                Ok(()) => match self.row_meta(view, vol, span.extent, span.row).await {
-                    Ok(meta) => self.write_row(view, vol, span, meta, &run.bytes).await,
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            };
+            let done = self
+                .load_and_write_row(epoch, view, vol, span, &run.bytes)
+                .await;
             for tag in run.tags {
                 match tag {
                     Some(q) => q.answer(done.clone()),
@@ -987,6 +981,21 @@ impl Engine {
             }
         }
         own
+    }
+
+    /// Writes `bytes` into `span`'s row at the row's current state (row lock held), unless
+    /// the epoch moved on.
+    async fn load_and_write_row(
+        &self,
+        epoch: u64,
+        view: &ClusterView,
+        vol: &Vol,
+        span: RowSpan,
+        bytes: &[u8],
+    ) -> Result<()> {
+        self.still(epoch)?;
+        let meta = self.row_meta(view, vol, span.extent, span.row).await?;
+        self.write_row(view, vol, span, meta, bytes).await
     }
 
     /// The primary's read of a range inside extents it leads, as one buffer (a forwarded

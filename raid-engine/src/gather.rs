@@ -211,7 +211,7 @@ impl<T> Drop for Waiter<'_, T> {
     }
 }
 
-/// Merges writes, in arrival order, into the fewest runs that keep that order: each write
+/// Merges writes, in arrival order, into runs that keep that order: each write
 /// joins the run before it when their ranges overlap or touch (its bytes over the run's),
 /// else starts a new run. Writing the runs in order leaves the same bytes as writing the
 /// writes in order. Each run carries the tags of the writes in it.

@@ -282,31 +282,25 @@ fn cli_and_metrics_against_a_three_controller_cluster() {
         ),
         1.0
     );
-    // The data path's counters: of 40 chunk-sized writes one at a time, those into a row's
-    // column 0 are patched at the row's primary (whichever controller that is), and none is
-    // gathered (nothing else was in progress).
+    // The data path's counters, on every controller's /metrics (controller i + 1 answers on
+    // api + i): of 40 chunk-sized writes one at a time, those into a row's column 0 are
+    // patched at the row's primary, whichever controller that is. The gathered-writes counter
+    // is there, at 0: a write issued after the last one was answered never queues behind it.
     let engine = |event: &str| -> f64 {
-        let label = format!("event=\"{event}\"}}");
-        (0..3)
+        (0..3u16)
             .map(|i| {
-                let m = metrics(api + i);
-                m.lines()
-                    .filter(|l| l.starts_with("rainio_engine_events_total{") && l.contains(&label))
-                    .map(|l| {
-                        l.rsplit(' ')
-                            .next()
-                            .and_then(|v| v.parse::<f64>().ok())
-                            .expect("a sample")
-                    })
-                    .sum::<f64>()
+                let key = format!(
+                    "rainio_engine_events_total{{controller=\"{}\",event=\"{event}\"}}",
+                    i + 1
+                );
+                sample(&metrics(api + i), &key)
             })
             .sum()
     };
     assert!(
         engine("patched_writes") >= 10.0,
-        "patched writes: {}\n{}",
-        engine("patched_writes"),
-        metrics(api)
+        "patched writes: {}",
+        engine("patched_writes")
     );
     assert_eq!(engine("gathered_writes"), 0.0);
     rt.block_on(async move { ini.logout().await.ok() });
