@@ -179,13 +179,16 @@ PY
 )
 echo "$table"
 if [ "$record" = yes ]; then
+  # The machine's cost of a hop between processes, which sets the QD1 figures of the cluster
+  # (each hop between controllers is one) more than anything the targets do.
+  rtt=$(python3 scripts/loopback-rtt.py 20000)
   {
     echo
     echo "## $(date -u +%Y-%m-%d), end to end against tgt with fio's libiscsi engine (commit $(git rev-parse --short HEAD))"
     echo
     echo "    scripts/bench.sh $rounds $secs --record"
     echo
-    echo "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). tgt $(dpkg-query -W -f '${Version}' tgt), fio $("$fio" --version) with libiscsi $(dpkg-query -W -f '${Version}' libiscsi-dev). Each target serves a 1 GiB LU in /dev/shm, filled first; $rounds rounds of $secs s per job (1 s ramp), targets alternated within each job; figures are means over rounds; single = \`appliance up --controllers 1\`, cluster = \`appliance up\` (3 controllers, k=2, m=1, all on this machine). CPU s/GB counts every process of a target (tgtd; \`up\` and its controllers)."
+    echo "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo). tgt $(dpkg-query -W -f '${Version}' tgt), fio $("$fio" --version) with libiscsi $(dpkg-query -W -f '${Version}' libiscsi-dev). Each target serves a 1 GiB LU in /dev/shm, filled first; $rounds rounds of $secs s per job (1 s ramp), targets alternated within each job; figures are means over rounds; single = \`appliance up --controllers 1\`, cluster = \`appliance up\` (3 controllers, k=2, m=1, all on this machine). CPU s/GB counts every process of a target (tgtd; \`up\` and its controllers). \`scripts/loopback-rtt.py\`: $rtt."
     echo
     echo "$table"
   } >>docs/benchmarks.md
