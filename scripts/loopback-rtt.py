@@ -15,6 +15,7 @@ import time
 
 
 def measure(trips, cpu=None):
+    allowed = os.sched_getaffinity(0)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     srv = socket.socket()
@@ -47,8 +48,7 @@ def measure(trips, cpu=None):
     conn.close()
     srv.close()
     os.waitpid(child, 0)
-    if cpu is not None:
-        os.sched_setaffinity(0, range(os.cpu_count()))
+    os.sched_setaffinity(0, allowed)
     return dt / trips * 1e6
 
 

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 use tests::appliance::{binary, up};
 use tests::initiator::{write16, Initiator, LoginOptions};
 
@@ -80,6 +81,15 @@ fn sample(m: &str, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {key} in:\n{m}"))
 }
 
+/// Polls `check` every `pause` until it passes; fails with its last message after `secs`.
+fn eventually(secs: u64, pause: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while let Err(why) = check() {
+        assert!(Instant::now() < deadline, "{why}");
+        std::thread::sleep(pause);
+    }
+}
+
 #[test]
 fn cli_and_metrics_against_a_three_controller_cluster() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -88,8 +98,7 @@ fn cli_and_metrics_against_a_three_controller_cluster() {
     let pw = dir.join("admin-password");
 
     // Controllers, through controller 2's API: all three, up once the cluster has formed.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
+    eventually(120, Duration::from_millis(500), || {
         let o = cli(api + 1, &pw, &["controller", "list"]);
         assert!(o.status.success(), "{}", text(&o));
         let t = text(&o);
@@ -99,11 +108,11 @@ fn cli_and_metrics_against_a_three_controller_cluster() {
             "header, three controllers, footnote: {t}"
         );
         if t.lines().filter(|l| l.contains(" up ")).count() == 3 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("not all up: {t}"))
         }
-        assert!(std::time::Instant::now() < deadline, "not all up: {t}");
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
+    });
 
     // A volume through controller 3's API; listed through controller 1's, as JSON.
     let o = cli(
@@ -139,15 +148,10 @@ fn cli_and_metrics_against_a_three_controller_cluster() {
     };
     // The answering controller serves it on return; the others open their files a moment later.
     let three_files = || {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while shard_files() != 3 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "shard files: {}",
-                shard_files()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        eventually(30, Duration::from_millis(100), || match shard_files() {
+            3 => Ok(()),
+            n => Err(format!("shard files: {n}")),
+        });
     };
     three_files();
     let o = cli(
@@ -166,25 +170,21 @@ fn cli_and_metrics_against_a_three_controller_cluster() {
         &["volume", "delete", "data2", "--confirm", "data2"],
     );
     assert!(o.status.success(), "{}", text(&o));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while shard_files() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "shards of data2 left behind"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    eventually(30, Duration::from_millis(100), || match shard_files() {
+        0 => Ok(()),
+        _ => Err("shards of data2 left behind".into()),
+    });
     // Every controller applies the deletion from the log; the one that removed the last
     // file may not be the last to drop the volume from its list.
     for a in [api, api + 2] {
-        loop {
-            let o = cli(a, &pw, &["volume", "list", "--json"]);
-            if !text(&o).contains("data2") {
-                break;
+        eventually(30, Duration::from_millis(100), || {
+            let t = text(&cli(a, &pw, &["volume", "list", "--json"]));
+            if t.contains("data2") {
+                Err(t)
+            } else {
+                Ok(())
             }
-            assert!(std::time::Instant::now() < deadline, "{}", text(&o));
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        });
     }
     let o = cli(api, &pw, &["volume", "delete", "vol0", "--confirm", "vol0"]);
     assert!(text(&o).contains("config file"), "{}", text(&o));
@@ -297,11 +297,8 @@ fn cli_and_metrics_against_a_three_controller_cluster() {
             })
             .sum()
     };
-    assert!(
-        engine("patched_writes") >= 10.0,
-        "patched writes: {}",
-        engine("patched_writes")
-    );
+    let patched = engine("patched_writes");
+    assert!(patched >= 10.0, "patched writes: {patched}");
     assert_eq!(engine("gathered_writes"), 0.0);
     rt.block_on(async move { ini.logout().await.ok() });
     let o = cli(api, &pw, &["job", "list"]);
