@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const REQ: usize = 64;
+const USAGE: &str = "[--tls] [--peer] [--depth N] [--size B] [--secs S]";
 
 #[derive(Clone, Copy)]
 struct Opts {
@@ -67,9 +68,7 @@ fn parse() -> Result<Opts, String> {
             }
             "--size" => o.size = val("--size")?.parse().map_err(|e| format!("--size: {e}"))?,
             "--secs" => o.secs = val("--secs")?.parse().map_err(|e| format!("--secs: {e}"))?,
-            _ => return Err(format!(
-                "unknown argument {a:?}; use [--tls] [--peer] [--depth N] [--size B] [--secs S]"
-            )),
+            _ => return Err(format!("unknown argument {a:?}; use {USAGE}")),
         }
     }
     if o.depth == 0 || o.size == 0 {

@@ -442,3 +442,56 @@ async fn a_read_lease_is_used_and_a_write_through_another_controller_revokes_it(
         "a read after the write saw the old data"
     );
 }
+
+/// A leased read of a whole row at the controller holding the row's parity fetches one data
+/// chunk and decodes the other from its own parity copy, and after a write (which revokes the
+/// lease) the decoded bytes are the new ones, never the old parity's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_row_read_decodes_from_the_readers_own_parity() {
+    let h = Harness::new().await;
+    h.nodes[&1].initialize(&[1, 2, 3]).await.unwrap();
+    for id in 1..=3 {
+        h.wait_state(id, ControllerState::Up).await;
+    }
+    h.wait_volume().await;
+    // Row 0 of extent 0: column 0 (block 0) on controller 1, its primary; column 1 (block 1)
+    // on 2; parity on 3, which reads the row.
+    assert_eq!(volume().placement[0], vec![1, 2, 3]);
+    h.write(1, 0, 1).await.unwrap();
+    h.write(1, 1, 1).await.unwrap();
+    let read3 = |h: &Harness| {
+        let e = h.nodes[&3].engine.clone();
+        async move { retrying(|| e.read(VOL, 0, 2 * BLOCK as u64)).await.unwrap() }
+    };
+    let row = |gen0: u8, gen1: u8| [block(gen0, 0), block(gen1, 1)].concat();
+    // No lease is granted on an extent written within the last lease period (0.5 s here).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(read3(&h).await, row(1, 1));
+    let before = h.nodes[&3].engine.stats();
+    assert_eq!(read3(&h).await, row(1, 1));
+    let after = h.nodes[&3].engine.stats();
+    assert_eq!(after.leased_reads, before.leased_reads + 1, "{after:?}");
+    assert_eq!(
+        after.leased_rows_decoded,
+        before.leased_rows_decoded + 1,
+        "the leased read did not decode the row from controller 3's parity: {after:?}"
+    );
+    // Block 1 is the column decoded (the last one held elsewhere): change it, and block 0.
+    h.write(2, 1, 2).await.unwrap();
+    h.write(2, 0, 3).await.unwrap();
+    assert_eq!(
+        read3(&h).await,
+        row(3, 2),
+        "a read after the writes saw old data"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(read3(&h).await, row(3, 2));
+    let before = h.nodes[&3].engine.stats();
+    assert_eq!(read3(&h).await, row(3, 2));
+    let after = h.nodes[&3].engine.stats();
+    assert_eq!(
+        after.leased_rows_decoded,
+        before.leased_rows_decoded + 1,
+        "{after:?}"
+    );
+}

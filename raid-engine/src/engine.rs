@@ -237,8 +237,27 @@ pub struct EngineStats {
     pub located_reads: u64,
     /// Host reads served under a read lease (no round trip to the primary).
     pub leased_reads: u64,
+    /// Rows of leased reads decoded from this controller's own parity copy instead of
+    /// fetching a data chunk from another controller.
+    pub leased_rows_decoded: u64,
     /// Lessees asked to drop their leases before a change was acknowledged.
     pub leases_revoked: u64,
+}
+
+/// A piece of a leased read's answer: part `i` as read, or column `c` of decode `d`.
+enum Piece {
+    Part(usize),
+    Decoded(usize, usize),
+}
+
+/// A whole row of a leased read decoded with this controller's parity copy: the part read
+/// for each position (`None`: not read), the parity copy's part, the data column left out,
+/// and the part that reads it from its holder should the parity copy not be here.
+struct LocalDecode {
+    at: Vec<Option<usize>>,
+    parity: usize,
+    skip: usize,
+    fallback: ReadPart,
 }
 
 /// Recent chunk read latencies, and the hedging threshold derived from them: twice their
@@ -746,6 +765,12 @@ impl Engine {
     /// Reads the parts a primary located, from their holders, one buffer per part; `None`
     /// when any holder fails or no longer has the copy named.
     async fn read_located(&self, view: &ClusterView, parts: &[ReadPart]) -> Option<Vec<Vec<u8>>> {
+        self.read_parts(view, parts).await.into_iter().collect()
+    }
+
+    /// Each of `parts` (zeros for [`Want::Zero`]), or `None` where its holder is down, fails
+    /// or no longer has the copy named.
+    async fn read_parts(&self, view: &ClusterView, parts: &[ReadPart]) -> Vec<Option<Vec<u8>>> {
         let reads = parts.iter().map(|p| async move {
             let len = p.read.len as usize;
             if p.read.want == Want::Zero {
@@ -764,7 +789,7 @@ impl Engine {
                 .find(|c| c.data.len() == len)
                 .map(|c| c.data)
         });
-        futures::future::join_all(reads).await.into_iter().collect()
+        futures::future::join_all(reads).await
     }
 
     /// The primary's answer to a host read another controller forwarded: where the bytes
@@ -1334,6 +1359,14 @@ impl Engine {
 
     /// A host read of `[off, off+n)` inside `extent` served under this controller's read
     /// lease, when it holds one for every row and every copy named is still there.
+    ///
+    /// A whole row whose data this controller does not hold but one of whose parity chunks it
+    /// does is read with one chunk fewer from other controllers: the parity copy of the
+    /// leased state (the one computed from the column versions the lease names) is read
+    /// here and the last other-held data column decoded from it. A parity copy is valid for
+    /// a state exactly when its column vector is the state's, so the decoded bytes are the
+    /// leased state's; when the copy is not here (its parity is behind, or two newer writes
+    /// replaced it) that column is fetched from its holder after all.
     async fn read_leased(
         &self,
         view: &ClusterView,
@@ -1351,25 +1384,120 @@ impl Engine {
             spans.iter().map(|s| s.row),
             self.env.now(),
         )?;
+        let (k, cb) = (vol.k(), vol.chunk());
+        let set = &vol.meta.placement[extent as usize];
+        let own_parity = (k..vol.width()).find(|&p| set[p] == self.id);
         let mut parts = Vec::new();
+        // Per piece of the answer, in order: a part read as is, or a column of a decode.
+        let mut plan = Vec::new();
+        let mut decodes: Vec<LocalDecode> = Vec::new();
         for (span, wants) in spans.iter().zip(&wants) {
             if span.extent != extent {
                 return None;
             }
-            for (c, from, len) in vol.span_columns(span) {
-                parts.push(Self::part(vol, span, c, wants[c].clone(), from, len));
+            let cols: Vec<(usize, u32, u32)> = vol.span_columns(span).collect();
+            let whole = cols.len() == k
+                && cols
+                    .iter()
+                    .all(|&(_, from, len)| from == 0 && len as usize == cb);
+            let decode = own_parity.filter(|_| whole).and_then(|p| {
+                let skip = (0..k)
+                    .rev()
+                    .find(|&c| set[c] != self.id && wants[c] != Want::Zero)?;
+                Some((p, skip))
+            });
+            let Some((parity, skip)) = decode else {
+                for (c, from, len) in cols {
+                    plan.push(Piece::Part(parts.len()));
+                    parts.push(Self::part(vol, span, c, wants[c].clone(), from, len));
+                }
+                continue;
+            };
+            let mut at = vec![None; vol.width()];
+            for c in 0..k {
+                plan.push(Piece::Decoded(decodes.len(), c));
+                if c != skip {
+                    at[c] = Some(parts.len());
+                    parts.push(Self::part(vol, span, c, wants[c].clone(), 0, cb as u32));
+                }
+            }
+            // The parity copy of the leased state: computed from these column versions.
+            let cols_of_state = wants
+                .iter()
+                .map(|w| match w {
+                    Want::Version(v) => *v,
+                    _ => 0,
+                })
+                .collect();
+            at[parity] = Some(parts.len());
+            parts.push(ReadPart {
+                holder: self.id,
+                addr: Self::addr(vol, extent, span.row, parity),
+                read: RangeRead {
+                    want: Want::Cols(cols_of_state),
+                    off: 0,
+                    len: cb as u32,
+                },
+            });
+            decodes.push(LocalDecode {
+                parity: parts.len() - 1,
+                at,
+                skip,
+                fallback: Self::part(vol, span, skip, wants[skip].clone(), 0, cb as u32),
+            });
+        }
+        let mut got = self.read_parts(view, &parts).await;
+        let mut decoded = Vec::with_capacity(decodes.len());
+        let mut fetched = Vec::new();
+        for d in &decodes {
+            if got[d.parity].is_none() {
+                fetched.push(d.fallback.clone());
             }
         }
-        match self.read_located(view, &parts).await {
-            Some(d) => {
-                self.stats.lock().expect("stats").leased_reads += 1;
-                Some(d)
+        // In the order of `decodes`, one for each decode whose parity copy was not here.
+        let mut fetched = self.read_parts(view, &fetched).await.into_iter();
+        let mut from_parity = 0;
+        for d in decodes {
+            let parity_here = got[d.parity].is_some();
+            let mut shards: Vec<Option<Vec<u8>>> =
+                d.at.iter().map(|i| i.and_then(|i| got[i].take())).collect();
+            if !parity_here {
+                // The column comes from its holder instead.
+                shards[d.skip] = fetched.next().flatten();
+                if shards[..k].iter().any(Option::is_none) {
+                    return self.lease_failed(key);
+                }
+            } else {
+                if vol.codec.reconstruct(&mut shards).is_err() {
+                    return self.lease_failed(key);
+                }
+                from_parity += 1;
             }
-            None => {
-                self.held.lock().expect("leases").forget(key);
-                None
+            shards.truncate(k);
+            decoded.push(shards);
+        }
+        let mut out = Vec::with_capacity(plan.len());
+        for piece in plan {
+            let bytes = match piece {
+                Piece::Part(i) => got[i].take(),
+                Piece::Decoded(d, c) => decoded[d][c].take(),
+            };
+            match bytes {
+                Some(b) => out.push(b),
+                None => return self.lease_failed(key),
             }
         }
+        let mut st = self.stats.lock().expect("stats");
+        st.leased_reads += 1;
+        st.leased_rows_decoded += from_parity;
+        Some(out)
+    }
+
+    /// A leased read found a copy the lease names gone: the lease is dropped, and the read
+    /// goes to the primary.
+    fn lease_failed(&self, key: (VolumeId, u64)) -> Option<Vec<Vec<u8>>> {
+        self.held.lock().expect("leases").forget(key);
+        None
     }
 
     /// Reads every position and settles the row's current state (see the module doc).

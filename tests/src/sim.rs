@@ -118,6 +118,8 @@ pub struct SimReport {
     pub located_reads: u64,
     /// Forwarded reads served under a read lease, without asking the primary.
     pub leased_reads: u64,
+    /// Rows of leased reads decoded from the reader's own parity copy.
+    pub leased_rows_decoded: u64,
     /// Lessees asked to drop their leases before a write was answered.
     pub leases_revoked: u64,
     /// Controllers marked out (their positions rebuilt on the others).
@@ -141,6 +143,7 @@ impl SimReport {
         self.patched_writes += s.patched_writes;
         self.located_reads += s.located_reads;
         self.leased_reads += s.leased_reads;
+        self.leased_rows_decoded += s.leased_rows_decoded;
         self.leases_revoked += s.leases_revoked;
     }
 }

@@ -211,7 +211,7 @@ pub async fn render(st: &ApiState) -> String {
         o.family(
             "rainio_engine_events_total",
             "counter",
-            "Data path events at this controller: row writes committed as patches (patched_writes), host writes committed with another write of their row (gathered_writes), rows read by decoding (degraded_reads), reads also decoded because their holder was slow (hedged_reads, hedges_won), host reads served from located or leased chunks (located_reads, leased_reads), read leases revoked by writes (leases_revoked), rows found with a chunk behind (rows_behind_found), chunks copied by resync and by moves (resync_chunks, moved_chunks)",
+            "Data path events at this controller: row writes committed as patches (patched_writes), host writes committed with another write of their row (gathered_writes), rows read by decoding (degraded_reads), reads also decoded because their holder was slow (hedged_reads, hedges_won), host reads served from located or leased chunks (located_reads, leased_reads), rows of leased reads decoded from this controller's own parity copy instead of fetching a data chunk (leased_rows_decoded), read leases revoked by writes (leases_revoked), rows found with a chunk behind (rows_behind_found), chunks copied by resync and by moves (resync_chunks, moved_chunks)",
         );
         for (event, n) in [
             ("patched_writes", e.patched_writes),
@@ -221,6 +221,7 @@ pub async fn render(st: &ApiState) -> String {
             ("hedges_won", e.hedges_won),
             ("located_reads", e.located_reads),
             ("leased_reads", e.leased_reads),
+            ("leased_rows_decoded", e.leased_rows_decoded),
             ("leases_revoked", e.leases_revoked),
             ("rows_behind_found", e.rows_behind_found),
             ("resync_chunks", e.resync_chunks),
