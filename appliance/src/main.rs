@@ -721,11 +721,12 @@ fn wait_served(
                 Some(r) if served(&r, clients.len(), *volumes) => break,
                 Some(r) => {
                     last = format!(
-                        "controller {id} saw epoch {}, {} volume(s), fenced {}, controllers {:?}",
+                        "controller {id} saw epoch {}, {} volume(s), fenced {}, controllers {:?}, its ports report {:?}",
                         r.epoch,
                         r.volumes.len(),
                         r.fenced,
-                        r.controllers
+                        r.controllers,
+                        r.access_states
                     );
                 }
                 None => last = format!("controller {id} did not answer its status"),
@@ -748,12 +749,18 @@ fn wait_served(
 }
 
 /// Whether a controller's status shows it serving: `controllers` controllers, all up, this one
-/// not fenced, and at least `volumes` volumes in its engine.
+/// not fenced, at least `volumes` volumes in its engine, and its ports reporting every
+/// controller's port group active/optimized (until then a host's commands through them get
+/// NOT READY, "asymmetric access state transition").
 fn served(r: &appliance::node::StatusReport, controllers: usize, volumes: usize) -> bool {
     !r.fenced
         && r.controllers.len() == controllers
         && r.controllers.iter().all(|(_, s)| s == "up")
         && r.volumes.len() >= volumes
+        && r.access_states.len() == controllers
+        && r.access_states
+            .iter()
+            .all(|(_, s)| s == lun::alua::AccessState::ActiveOptimized.name())
 }
 
 /// `appliance status`: asks one controller over the peer protocol and prints its view.

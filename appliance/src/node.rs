@@ -269,6 +269,9 @@ pub struct NodeEnv {
     runtime_volumes: OnceLock<tokio::sync::mpsc::UnboundedSender<RuntimeVolume>>,
     /// This controller's live figures (I/O, sessions, portals) for status answers.
     live: OnceLock<LiveSource>,
+    /// The access states this controller's ports last reported for each controller's target
+    /// port group (`None` until [`Node::publish_access_states`] first set them).
+    published: Mutex<Option<BTreeMap<u16, lun::alua::AccessState>>>,
     /// Scrub progress and the last result.
     scrub: Mutex<ScrubStatus>,
     /// When the moves now in the log started to be watched here, and the rows copied then
@@ -1991,6 +1994,11 @@ pub struct StatusReport {
     /// Live figures from the server (I/O per volume, sessions, portals); `null` when none.
     #[serde(default)]
     pub live: serde_json::Value,
+    /// What this controller's ports report for each controller's target port group
+    /// ("active/optimized", "transitioning", "unavailable"); empty until it first set them.
+    /// A host's commands through a port run only where its group is active/optimized.
+    #[serde(default)]
+    pub access_states: Vec<(ControllerId, String)>,
     /// Scrub of the rows this controller leads: the running pass and the last result.
     #[serde(default)]
     pub scrub: ScrubStatus,
@@ -2053,6 +2061,14 @@ fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusRe
             voters: m.membership_config.membership().voter_ids().collect(),
         },
         live: env.live.get().map_or(serde_json::Value::Null, |f| f()),
+        access_states: env
+            .published
+            .lock()
+            .expect("published")
+            .iter()
+            .flatten()
+            .map(|(g, a)| (ControllerId::from(*g), a.name().to_string()))
+            .collect(),
         scrub: env.scrub.lock().expect("scrub").clone(),
         moves: env.moves_status(),
         moved_chunks: engine.stats().moved_chunks,
@@ -2191,6 +2207,7 @@ impl ControllerNode {
             timers: cfg.timers,
             runtime_volumes: OnceLock::new(),
             live: OnceLock::new(),
+            published: Mutex::new(None),
             scrub: Mutex::new(ScrubStatus::default()),
             move_watch: Mutex::new(None),
             migration: Mutex::new(None),
@@ -2321,19 +2338,18 @@ impl ControllerNode {
         use raid_engine::cluster::ControllerState as S;
         let engine = Arc::downgrade(&self.engine);
         let me = self.id;
-        let env = Arc::downgrade(&self.env);
+        let weak_env = Arc::downgrade(&self.env);
         self.tasks.push(tokio::spawn(async move {
             loop {
                 let Some(e) = engine.upgrade() else { break };
-                let Some(env) = env.upgrade() else { break };
+                let Some(env) = weak_env.upgrade() else { break };
                 let members: Vec<ControllerId> =
                     env.clients.ids().into_iter().chain([me]).collect();
                 let stored = env.applied.lock().expect("state").state.controllers.clone();
-                drop(env);
                 let view = e.view();
                 // A controller the log has not placed yet (before the cluster forms) is
                 // becoming ready: transitioning.
-                let states = members
+                let states: BTreeMap<u16, A> = members
                     .iter()
                     .map(|&id| {
                         let a = match view.controllers.get(&id) {
@@ -2358,6 +2374,7 @@ impl ControllerNode {
                     .collect();
                 drop(e);
                 let shown = format!("{states:?}");
+                let published = states.clone();
                 if alua.set_all(states) {
                     tracing::info!(
                         generation = alua.generation(),
@@ -2365,6 +2382,8 @@ impl ControllerNode {
                         "target port group access states changed"
                     );
                 }
+                *env.published.lock().expect("published") = Some(published);
+                drop(env);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }));

@@ -6,6 +6,40 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_appliance");
 
+/// A running `up`: stopped (SIGTERM, which stops its controllers too) when dropped, so a
+/// failed assertion does not leave the cluster running.
+struct Up(std::process::Child);
+
+impl Up {
+    fn start(cmd: &mut Command) -> Self {
+        Self(cmd.spawn().unwrap())
+    }
+}
+
+impl std::ops::Deref for Up {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Up {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `up`'s output up to its "Press Ctrl-C" line (or EOF, or the timeout).
 fn banner(child: &mut std::process::Child, within: Duration) -> String {
     let mut lines = Vec::new();
@@ -38,23 +72,23 @@ fn up_creates_a_config_prints_portal_and_iqn_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(BIN)
-        .args([
-            "up",
-            "--controllers",
-            "1",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--api",
-            &format!("127.0.0.1:{}", free_port()),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Up::start(
+        Command::new(BIN)
+            .args([
+                "up",
+                "--controllers",
+                "1",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--api",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
     let text = banner(&mut child, Duration::from_secs(20));
     assert!(
         text.contains("target IQN : iqn.2026-11.io.rainio:appliance"),
@@ -109,21 +143,21 @@ fn up_starts_a_three_controller_cluster_with_one_disk_through_every_portal() {
     let data = dir.path().join("data");
     let base = free_port_block();
     let listen = format!("127.0.0.1:{base}");
-    let mut child = Command::new(BIN)
-        .args([
-            "up",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--api",
-            &format!("127.0.0.1:{}", base + 2000),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Up::start(
+        Command::new(BIN)
+            .args([
+                "up",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                &listen,
+                "--api",
+                &format!("127.0.0.1:{}", base + 2000),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
     let text = banner(&mut child, Duration::from_secs(60));
     assert!(text.contains("3 controllers, k=2 m=1"), "{text}");
     for i in 0..3u16 {

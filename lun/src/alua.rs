@@ -41,6 +41,15 @@ impl AccessState {
             Self::Transitioning => 0xf,
         }
     }
+
+    /// The state's name as SPC-4 spells it, for status reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ActiveOptimized => "active/optimized",
+            Self::Unavailable => "unavailable",
+            Self::Transitioning => "transitioning",
+        }
+    }
 }
 
 /// The access states of all target port groups of a cluster, as one controller knows them.
