@@ -45,6 +45,18 @@ struct Harness {
 }
 
 impl Harness {
+    /// Three controllers formed into a cluster (the metadata leader brings every answering
+    /// controller up on its own), all up, the volume served.
+    async fn formed() -> Self {
+        let h = Self::new().await;
+        h.nodes[&1].initialize(&[1, 2, 3]).await.unwrap();
+        for id in 1..=3 {
+            h.wait_state(id, ControllerState::Up).await;
+        }
+        h.wait_volume().await;
+        h
+    }
+
     async fn new() -> Self {
         let mut listeners = BTreeMap::new();
         let mut peers: BTreeMap<u32, SocketAddr> = BTreeMap::new();
@@ -228,13 +240,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_controllers_write_around_a_stopped_one_and_resync_it() {
-    let mut h = Harness::new().await;
-    h.nodes[&1].initialize(&[1, 2, 3]).await.unwrap();
-    // The metadata leader brings every answering controller up on its own.
-    for id in 1..=3 {
-        h.wait_state(id, ControllerState::Up).await;
-    }
-    h.wait_volume().await;
+    let mut h = Harness::formed().await;
     let blocks = volume().layout.size_bytes / BLOCK as u64;
     let mut want = BTreeMap::new();
     // Healthy: every block written through a rotating controller, read through another.
@@ -300,12 +306,7 @@ async fn three_controllers_write_around_a_stopped_one_and_resync_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_whose_volume_differs_from_the_log_refuses_to_serve_it() {
-    let mut h = Harness::new().await;
-    h.nodes[&1].initialize(&[1, 2, 3]).await.unwrap();
-    for id in 1..=3 {
-        h.wait_state(id, ControllerState::Up).await;
-    }
-    h.wait_volume().await;
+    let mut h = Harness::formed().await;
     h.write(1, 0, 1).await.unwrap();
     // Controller 3 comes back with a different geometry for the same volume (k=1, m=2): the
     // log's record wins, so it must not serve the volume, and it says why.
@@ -355,12 +356,7 @@ async fn a_controller_whose_volume_differs_from_the_log_refuses_to_serve_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrub_rewrites_parity_that_disagrees_with_its_data() {
-    let h = Harness::new().await;
-    h.nodes[&1].initialize(&[1, 2, 3]).await.unwrap();
-    for id in 1..=3 {
-        h.wait_state(id, ControllerState::Up).await;
-    }
-    h.wait_volume().await;
+    let h = Harness::formed().await;
     let mut want = BTreeMap::new();
     for b in 0..8 {
         h.write(1, b, 3).await.unwrap();
@@ -402,12 +398,7 @@ async fn scrub_rewrites_parity_that_disagrees_with_its_data() {
 /// the lease before it is answered, so the next read sees it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_lease_is_used_and_a_write_through_another_controller_revokes_it() {
-    let h = Harness::new().await;
-    h.nodes[&1].initialize(&[1, 2, 3]).await.unwrap();
-    for id in 1..=3 {
-        h.wait_state(id, ControllerState::Up).await;
-    }
-    h.wait_volume().await;
+    let h = Harness::formed().await;
     // Extent 0 is placed on [1, 2, 3]: controller 1 leads it, and block 1 (column 1 of row 0)
     // is held by controller 2, which reads it: the primary answers with where the block is
     // (a located read, which may carry a lease), not with the bytes.
@@ -448,12 +439,7 @@ async fn a_read_lease_is_used_and_a_write_through_another_controller_revokes_it(
 /// lease) the decoded bytes are the new ones, never the old parity's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leased_row_read_decodes_from_the_readers_own_parity() {
-    let h = Harness::new().await;
-    h.nodes[&1].initialize(&[1, 2, 3]).await.unwrap();
-    for id in 1..=3 {
-        h.wait_state(id, ControllerState::Up).await;
-    }
-    h.wait_volume().await;
+    let h = Harness::formed().await;
     // Row 0 of extent 0: column 0 (block 0) on controller 1, its primary; column 1 (block 1)
     // on 2; parity on 3, which reads the row.
     assert_eq!(volume().placement[0], vec![1, 2, 3]);
