@@ -269,9 +269,9 @@ pub struct NodeEnv {
     runtime_volumes: OnceLock<tokio::sync::mpsc::UnboundedSender<RuntimeVolume>>,
     /// This controller's live figures (I/O, sessions, portals) for status answers.
     live: OnceLock<LiveSource>,
-    /// The access states this controller's ports last reported for each controller's target
-    /// port group (`None` until [`Node::publish_access_states`] first set them).
-    published: Mutex<Option<BTreeMap<u16, lun::alua::AccessState>>>,
+    /// The access states this controller's ports report (set by
+    /// [`ControllerNode::publish_access_states`]), for status answers.
+    alua: OnceLock<Arc<lun::alua::AccessStates>>,
     /// Scrub progress and the last result.
     scrub: Mutex<ScrubStatus>,
     /// When the moves now in the log started to be watched here, and the rows copied then
@@ -2061,14 +2061,12 @@ fn status_of(engine: &Engine, env: &NodeEnv, raft: &Raft<MetaTypes>) -> StatusRe
             voters: m.membership_config.membership().voter_ids().collect(),
         },
         live: env.live.get().map_or(serde_json::Value::Null, |f| f()),
-        access_states: env
-            .published
-            .lock()
-            .expect("published")
-            .iter()
-            .flatten()
-            .map(|(g, a)| (ControllerId::from(*g), a.name().to_string()))
-            .collect(),
+        access_states: env.alua.get().map_or_else(Vec::new, |a| {
+            a.snapshot()
+                .into_iter()
+                .map(|(g, a)| (ControllerId::from(g), a.name().to_string()))
+                .collect()
+        }),
         scrub: env.scrub.lock().expect("scrub").clone(),
         moves: env.moves_status(),
         moved_chunks: engine.stats().moved_chunks,
@@ -2207,7 +2205,7 @@ impl ControllerNode {
             timers: cfg.timers,
             runtime_volumes: OnceLock::new(),
             live: OnceLock::new(),
-            published: Mutex::new(None),
+            alua: OnceLock::new(),
             scrub: Mutex::new(ScrubStatus::default()),
             move_watch: Mutex::new(None),
             migration: Mutex::new(None),
@@ -2338,18 +2336,20 @@ impl ControllerNode {
         use raid_engine::cluster::ControllerState as S;
         let engine = Arc::downgrade(&self.engine);
         let me = self.id;
-        let weak_env = Arc::downgrade(&self.env);
+        let _ = self.env.alua.set(alua.clone());
+        let env = Arc::downgrade(&self.env);
         self.tasks.push(tokio::spawn(async move {
             loop {
                 let Some(e) = engine.upgrade() else { break };
-                let Some(env) = weak_env.upgrade() else { break };
+                let Some(env) = env.upgrade() else { break };
                 let members: Vec<ControllerId> =
                     env.clients.ids().into_iter().chain([me]).collect();
                 let stored = env.applied.lock().expect("state").state.controllers.clone();
+                drop(env);
                 let view = e.view();
                 // A controller the log has not placed yet (before the cluster forms) is
                 // becoming ready: transitioning.
-                let states: BTreeMap<u16, A> = members
+                let states = members
                     .iter()
                     .map(|&id| {
                         let a = match view.controllers.get(&id) {
@@ -2374,7 +2374,6 @@ impl ControllerNode {
                     .collect();
                 drop(e);
                 let shown = format!("{states:?}");
-                let published = states.clone();
                 if alua.set_all(states) {
                     tracing::info!(
                         generation = alua.generation(),
@@ -2382,8 +2381,6 @@ impl ControllerNode {
                         "target port group access states changed"
                     );
                 }
-                *env.published.lock().expect("published") = Some(published);
-                drop(env);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }));

@@ -89,6 +89,11 @@ impl AccessStates {
         changed
     }
 
+    /// Every group's state as last installed (empty before the first [`Self::set_all`]).
+    pub fn snapshot(&self) -> BTreeMap<u16, AccessState> {
+        self.states.read().expect("alua lock").clone()
+    }
+
     /// Advances on every change of any group's state.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)

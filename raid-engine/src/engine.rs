@@ -1395,11 +1395,7 @@ impl Engine {
             if span.extent != extent {
                 return None;
             }
-            let cols: Vec<(usize, u32, u32)> = vol.span_columns(span).collect();
-            let whole = cols.len() == k
-                && cols
-                    .iter()
-                    .all(|&(_, from, len)| from == 0 && len as usize == cb);
+            let whole = span.offset_in_row == 0 && span.len as usize == k * cb;
             let decode = own_parity.filter(|_| whole).and_then(|p| {
                 let skip = (0..k)
                     .rev()
@@ -1407,7 +1403,7 @@ impl Engine {
                 Some((p, skip))
             });
             let Some((parity, skip)) = decode else {
-                for (c, from, len) in cols {
+                for (c, from, len) in vol.span_columns(span) {
                     plan.push(Piece::Part(parts.len()));
                     parts.push(Self::part(vol, span, c, wants[c].clone(), from, len));
                 }

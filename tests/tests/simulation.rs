@@ -72,7 +72,6 @@ fn run(controllers: u32, k: usize, m: usize, default_seeds: u64) -> (u64, u64, u
         "no forwarded read was served under a read lease"
     );
     assert!(revoked > 0, "no write revoked a read lease");
-
     assert!(planned > 0, "no rebalance or drain moved anything");
     eprintln!("drains among the faults: {drained_among_faults}");
     (marked_out, moved, decoded)
